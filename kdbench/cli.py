@@ -1,0 +1,388 @@
+"""The ``kdbench`` command: thin commands over the library (parse, call, render)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  help="Benchmark knowledge-distillation methods on accuracy and feature-space geometry.")
+out = Console()  # results: stdout
+err = Console(stderr=True)  # progress, notes and errors: stderr
+
+
+def _errors(fn):
+    """Bad input -> one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .data import DataError
+        from .results import ResultsError
+        from .study import StudyError
+
+        try:
+            return fn(*args, **kwargs)
+        except (StudyError, DataError, ResultsError) as e:
+            err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/yellow]")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def _device(name: str):
+    import torch
+
+    from .study import StudyError
+    from .train import resolve_device
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise StudyError("--device cuda: CUDA is not available on this machine; allowed here: auto, cpu")
+    return resolve_device(name)
+
+
+def _epoch_progress(total: int, label: str):
+    """A rich progress bar over epochs whose description shows the latest metrics."""
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.fields[metrics]}"), console=err, transient=False)
+    task = progress.add_task(label, total=total, metrics="")
+
+    def report(row: dict):
+        shown = [f"loss {row['train_loss']:.3f}", f"val {row['val_top1']:.2f}%"]
+        if "val_geom_corr" in row:
+            shown.append(f"geom_corr {row['val_geom_corr']:.3f}")
+        progress.update(task, advance=1, metrics="  ".join(shown))
+
+    return progress, report
+
+
+def _teacher(data, dataset: str, arch: str | None, epochs: int | None, seed: int, retrain: bool = False):
+    from .study import check_value
+    from .train import DATASET_DEFAULTS, get_teacher
+
+    defaults = DATASET_DEFAULTS[dataset]
+    arch = arch or defaults["teacher"]
+    recipe = defaults["recipe"]
+    if epochs is not None:
+        recipe = dataclasses.replace(recipe, epochs=check_value("epochs", epochs, "--teacher-epochs"))
+    progress, report = _epoch_progress(recipe.epochs, f"teacher {arch}")
+    with progress:
+        teacher, hit = get_teacher(data, arch, recipe, seed, report=report, use_cache=not retrain)
+        if hit:
+            progress.update(progress.task_ids[0], visible=False)
+    m = teacher.meta
+    err.print(f"teacher {arch} on {dataset}: {'loaded from cache' if hit else 'trained and cached'} "
+              f"({m['path']}); test top-1 {m['test_top1']:.2f}%", highlight=False)
+    return teacher
+
+
+@app.command()
+@_errors
+def train(
+    dataset: Annotated[str, typer.Option(help="digits | synthetic | cifar10 | cifar100")] = "digits",
+    method: Annotated[str, typer.Option(help="baseline | kd | feature | geometry | geometry_only")] = "geometry",
+    student: Annotated[Optional[str], typer.Option(help="student model (default: the data set's)")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="teacher model (default: the data set's)")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="student epochs (default: the data set's recipe)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="batch size")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="peak learning rate (SGD, Nesterov momentum 0.9)")] = None,
+    seed: Annotated[int, typer.Option(help="training seed of the student")] = 0,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE for any term weight or recipe field, "
+                    "e.g. --set geometry=10 --set temperature=4 --set momentum=0.9 --set weight_decay=1e-4")] = None,
+    teacher_epochs: Annotated[Optional[int], typer.Option(help="teacher epochs (default: the data set's recipe)")] = None,
+    data_root: Annotated[Path, typer.Option(help="folder holding cifar-100-python/ or cifar-10-batches-py/")] = Path("data"),
+    download: Annotated[bool, typer.Option(help="download CIFAR into --data-root if missing")] = False,
+    device: Annotated[Device, typer.Option(help="auto: CUDA when present")] = Device.auto,
+    compile: Annotated[bool, typer.Option(help="torch.compile the student")] = False,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="write result.json and epochs.csv here")] = None,
+):
+    """Distill one student (training or loading the teacher first) and print its metrics.
+
+    Term weights and recipe fields: ce, kd, temperature, feature, geometry, momentum (centroid
+    momentum), epochs, batch_size, lr, sgd_momentum, weight_decay, schedule (cosine | step |
+    constant), warmup_epochs.
+    """
+    from . import results
+    from .data import load_data
+    from .models import MODELS
+    from .study import StudyError, apply_overrides, parse_sets
+    from .train import DATASET_DEFAULTS, METHODS, TrainConfig, distill
+
+    # Validate everything before any work (and before anything is written).
+    if dataset not in DATASET_DEFAULTS:
+        raise StudyError(f"--dataset {dataset!r} is unknown; allowed: {', '.join(DATASET_DEFAULTS)}")
+    if method not in METHODS:
+        raise StudyError(f"--method {method!r} is unknown; allowed: {', '.join(METHODS)}")
+    defaults = DATASET_DEFAULTS[dataset]
+    for flag, name in (("--student", student), ("--teacher", teacher)):
+        if name is not None and name not in MODELS:
+            raise StudyError(f"{flag} {name!r} is unknown; allowed: {', '.join(MODELS)}")
+    values = parse_sets(set_ or [])
+    values |= {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
+    m, recipe = apply_overrides(METHODS[method], defaults["recipe"], values, "--set")
+    if out_dir is not None and (out_dir / "result.json").exists():
+        raise StudyError(f"--out {out_dir}: already holds a result.json; choose another folder")
+    dev = _device(device.value)
+
+    data = load_data(dataset, data_root, 0, download, dev)
+    t = _teacher(data, dataset, teacher, teacher_epochs, 0) if set(m.terms) - {"ce"} else None
+    cfg = TrainConfig(student or defaults["student"], m, recipe, seed, compile)
+    progress, report = _epoch_progress(recipe.epochs, f"{cfg.student} · {m.name}")
+    with progress:
+        res = distill(cfg, data, t, report)
+    history = res.pop("history")
+    res.pop("model")
+    out.print(_summary_table(res, cfg, dataset))
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results.write_csv(out_dir / "epochs.csv", history)
+        results.write_json(out_dir / "result.json", {
+            "config": {"dataset": dataset, "student": cfg.student, "teacher": t.meta["arch"] if t else None,
+                       "method": dataclasses.asdict(m), "recipe": dataclasses.asdict(recipe), "seed": seed},
+            "teacher": {k: v for k, v in t.meta.items() if k != "path"} if t else None,
+            "environment": results.environment(str(dev)), "metrics": res})
+        err.print(f"wrote {out_dir / 'result.json'} and {out_dir / 'epochs.csv'}")
+
+
+def _summary_table(res: dict, cfg, dataset: str) -> Table:
+    t = Table(title=f"{cfg.student} on {dataset} · method {cfg.method.name} · seed {cfg.seed}", show_header=True)
+    t.add_column("metric")
+    t.add_column("val", justify="right")
+    t.add_column("test", justify="right")
+    for name, fmt in (("top1", "{:.2f} %"), ("geom_corr", "{:.4f}"), ("geom_err", "{:.4f}"), ("cka", "{:.4f}"),
+                      ("knn_top1", "{:.2f} %")):
+        v, te = res.get(f"val_{name}"), res.get(f"test_{name}")
+        if v is not None:
+            t.add_row(name + (" (last epoch)" if name == "top1" else ""), fmt.format(v), fmt.format(te))
+    t.add_row("top1 (best epoch)", "", f"{res['best_test_top1']:.2f} %")
+    t.add_row("parameters", "", f"{res['params']:,}")
+    t.add_row("train seconds", "", f"{res['train_seconds']:.1f}")
+    t.add_row("images / s", "", f"{res['images_per_second']:,.0f}")
+    return t
+
+
+@app.command()
+@_errors
+def teacher(
+    dataset: Annotated[str, typer.Option(help="digits | synthetic | cifar10 | cifar100")] = "digits",
+    arch: Annotated[Optional[str], typer.Option(help="teacher model (default: the data set's)")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="epochs (default: the data set's recipe)")] = None,
+    seed: Annotated[int, typer.Option(help="training seed")] = 0,
+    data_root: Annotated[Path, typer.Option(help="folder holding the CIFAR archives")] = Path("data"),
+    download: Annotated[bool, typer.Option(help="download CIFAR into --data-root if missing")] = False,
+    device: Annotated[Device, typer.Option(help="auto: CUDA when present")] = Device.auto,
+    retrain: Annotated[bool, typer.Option(help="train even if cached (and replace the cache entry)")] = False,
+):
+    """Train a teacher (or find it in the cache, $KDBENCH_CACHE or ~/.cache/kdbench) and print it."""
+    from .data import load_data
+    from .models import MODELS
+    from .study import StudyError
+    from .train import DATASET_DEFAULTS
+
+    if dataset not in DATASET_DEFAULTS:
+        raise StudyError(f"--dataset {dataset!r} is unknown; allowed: {', '.join(DATASET_DEFAULTS)}")
+    if arch is not None and arch not in MODELS:
+        raise StudyError(f"--arch {arch!r} is unknown; allowed: {', '.join(MODELS)}")
+    dev = _device(device.value)
+    data = load_data(dataset, data_root, 0, download, dev)
+    t = _teacher(data, dataset, arch, epochs, seed, retrain)
+    m = t.meta
+    table = Table(title=f"teacher {m['arch']} on {dataset}")
+    for c in ("val top-1 %", "test top-1 %", "best-epoch test top-1 %", "test kNN %", "params", "train s"):
+        table.add_column(c, justify="right")
+    table.add_row(f"{m['val_top1']:.2f}", f"{m['test_top1']:.2f}", f"{m['best_test_top1']:.2f}",
+                  f"{m['test_knn_top1']:.2f}", f"{m['params']:,}", f"{m['train_seconds']:.1f}")
+    out.print(table)
+
+
+@app.command()
+@_errors
+def studies():
+    """List the bundled studies, one line each."""
+    from .study import bundled_studies, load_study
+
+    t = Table(show_header=True, box=None)
+    for c in ("study", "kind", "trials", "data set", "teacher → student", "description"):
+        t.add_column(c)
+    for name, path in bundled_studies().items():
+        s = load_study(path)
+        t.add_row(name, "grid" if s.is_grid else f"search ({s.sampler})", str(s.trial_count()), s.dataset,
+                  f"{s.teacher} → {s.student}", s.description)
+    out.print(t)
+
+
+class _LiveView:
+    """The tune view, re-rendered on every refresh so the clock moves."""
+
+    def __init__(self, study):
+        self.study, self.state = study, None
+
+    def __rich__(self):
+        s = self.state
+        if s is None:
+            return "starting Ray…"
+        el = time.time() - s.started
+        done = sum(s.counts.values())
+        t = Table.grid(padding=(0, 2))
+        t.add_row(f"[bold]{self.study.name}[/bold]", f"{done}/{s.total} trials",
+                  f"running {s.running}", f"[green]completed {s.counts.get('completed', 0)}[/green]",
+                  f"[yellow]stopped early {s.counts.get('stopped', 0)}[/yellow]",
+                  f"[red]failed {s.counts.get('failed', 0)}[/red]", f"{el // 60:.0f}:{el % 60:04.1f}")
+        best = "  ".join(f"best val {k}: {v:.4g} ({tid})" for k, (v, tid) in s.best.items()) or "no full trial yet"
+        return Group(t, best)
+
+
+@app.command()
+@_errors
+def tune(
+    study: Annotated[str, typer.Argument(help="study file or bundled study name")] = "digits",
+    samples: Annotated[Optional[int], typer.Option(help="number of trials (searches)")] = None,
+    concurrency: Annotated[Optional[int], typer.Option(help="trials running at once")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="results folder (default results/<study>-<time>)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the interrupted run in --out")] = False,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (e.g. auto); default: a fresh local Ray")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="folder holding the CIFAR archives")] = None,
+    gpus_per_trial: Annotated[Optional[float], typer.Option(help="GPUs per trial; fractions share a GPU")] = None,
+    cpus_per_trial: Annotated[Optional[float], typer.Option(help="CPUs per trial")] = None,
+    verbose: Annotated[bool, typer.Option(help="show Ray's and Optuna's logs")] = False,
+):
+    """Search (or enumerate) a study's trials with Ray Tune + Optuna + ASHA; write a results folder."""
+    from .study import StudyError, find_study, load_study
+
+    s = load_study(find_study(study))
+    changes = {}
+    if samples is not None:
+        if s.is_grid:
+            raise StudyError(f"--samples: {s.path} is a grid study ({s.trial_count()} trials); allowed only for searches")
+        if samples < 1:
+            raise StudyError(f"--samples {samples}: allowed: >= 1")
+        changes["samples"] = samples
+    if concurrency is not None:
+        if concurrency < 1:
+            raise StudyError(f"--concurrency {concurrency}: allowed: >= 1")
+        changes["concurrency"] = concurrency
+    if cpus_per_trial is not None:
+        if cpus_per_trial <= 0:
+            raise StudyError(f"--cpus-per-trial {cpus_per_trial}: allowed: > 0")
+        changes["cpus_per_trial"] = cpus_per_trial
+    if gpus_per_trial is not None and not 0 <= gpus_per_trial <= 8:
+        raise StudyError(f"--gpus-per-trial {gpus_per_trial}: allowed: 0..8")
+    s = dataclasses.replace(s, **changes)
+    if resume and out_dir is None:
+        raise StudyError("--resume needs --out DIR (the folder of the run to continue)")
+    folder = out_dir or Path("results") / f"{s.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    from .search import run_study
+
+    view = _LiveView(s)
+    teacher_progress = {}
+
+    def on_teacher(row):
+        if "bar" not in teacher_progress:
+            teacher_progress["bar"], teacher_progress["report"] = _epoch_progress(s.teacher_recipe.epochs, f"teacher {s.teacher}")
+            teacher_progress["bar"].start()
+        teacher_progress["report"](row)
+
+    def on_teacher_ready(meta, hit):
+        if "bar" in teacher_progress:
+            teacher_progress["bar"].stop()
+        err.print(f"teacher {meta['arch']}: {'from cache' if hit else 'trained and cached'}, test top-1 "
+                  f"{meta['test_top1']:.2f}%", highlight=False)
+
+    err.print(f"study {s.name} ({s.path}): {s.trial_count()} trials, "
+              f"{'grid' if s.is_grid else s.sampler + ' sampler'}, concurrency {s.concurrency}"
+              f"{', ASHA' if s.asha else ''} → {folder}", highlight=False)
+    with Live(view, console=err, refresh_per_second=2, transient=False) as live:
+        def on_update(state):
+            view.state = state
+            live.refresh()
+        summary = run_study(s, folder, resume=resume, address=address,
+                            data_root=str(data_root) if data_root else None, gpus_per_trial=gpus_per_trial,
+                            verbose=verbose, on_update=on_update, on_teacher=on_teacher,
+                            on_teacher_ready=on_teacher_ready)
+    err.print(f"{summary['trials']} trials in {summary['seconds']:.0f} s → {summary['out']}")
+    _compare([Path(summary["out"])], ("method",), None, "table", False, top=10)
+
+
+@app.command()
+@_errors
+def compare(
+    folders: Annotated[Optional[list[Path]], typer.Argument(help="results folders (default: the most recent under results/)")] = None,
+    by: Annotated[str, typer.Option(help="group by these columns (comma-separated), e.g. method or method,geometry")] = "method",
+    plot: Annotated[Optional[Path], typer.Option(help="write the accuracy-vs-geometry plot (PNG) here")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table | md | csv | json")] = "table",
+    val: Annotated[bool, typer.Option("--val", help="use validation metrics instead of test")] = False,
+):
+    """Leaderboard (mean ± std over seeds), Pareto front, hypervolume and knee of results folders."""
+    from .results import ResultsError, find_latest
+
+    if fmt not in ("table", "md", "csv", "json"):
+        raise ResultsError(f"--format {fmt!r}: allowed: table, md, csv, json")
+    if not folders:
+        latest = find_latest("results")
+        if latest is None:
+            raise ResultsError("results/: no results folder found; run `kdbench tune` first or name a folder")
+        folders = [latest]
+    _compare(folders, tuple(c.strip() for c in by.split(",") if c.strip()), plot, fmt, val)
+
+
+def _compare(folders, by, plot, fmt, val, top: int | None = None):
+    from . import report
+    from .results import ResultsError
+
+    loaded = report.load_folders(folders, warn=lambda msg: err.print(f"[yellow]skipped:[/yellow] {msg}", highlight=False))
+    if not loaded:
+        raise ResultsError(f"{', '.join(map(str, folders))}: nothing readable")
+    df = report.trials_frame(loaded)
+    split = "val" if val else "test"
+    if df.empty:
+        err.print(f"{', '.join(f.name for f in loaded)}: no finished trials yet")
+        return
+    lb = report.leaderboard(df, loaded, by, split)
+    fr = report.front(df, split)
+    if fmt == "json":
+        sys.stdout.write(report.to_json(lb, fr) + "\n")
+    elif fmt == "csv":
+        sys.stdout.write(lb.to_csv(index=False))
+    elif fmt == "md":
+        sys.stdout.write(report.to_markdown(lb, by))
+    else:
+        shown = lb if top is None else lb.head(top)
+        out.print(report.leaderboard_table(shown, by, split, f"Leaderboard — {', '.join(f.name for f in loaded)}"))
+        out.print(report.front_table(fr, f"Pareto front ({split} top-1 vs {split} geom_corr), "
+                                         f"{len(fr.rows)} of {len(fr.points)} full-fidelity trials"))
+        counts = df["status"].value_counts().to_dict()
+        out.print("trials: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        for k, r in fr.best.items():
+            out.print(f"best {k}: {r['trial_id']} ({r.get('method')}) = {r[k]:.4g}", highlight=False)
+    if plot is not None:
+        report.plot_front(df, fr, loaded, plot)
+        err.print(f"wrote {plot}")
+
+
+def main():  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

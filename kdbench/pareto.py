@@ -1,0 +1,53 @@
+"""Pareto fronts of two maximised objectives: the non-dominated mask, the 2-D hypervolume, the knee."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["pareto_mask", "hypervolume_2d", "knee_index"]
+
+
+def pareto_mask(points: np.ndarray) -> np.ndarray:
+    """Boolean mask of the non-dominated rows of ``points`` ``(n, k)``, every objective maximised.
+
+    Row ``i`` is dominated when some row is ``>=`` on every objective and ``>`` on at least one.
+    Duplicates do not dominate each other: all copies of a non-dominated point are kept.
+    """
+    p = np.asarray(points, dtype=float)
+    if p.size == 0:
+        return np.zeros(len(p), dtype=bool)
+    ge = (p[:, None, :] >= p[None, :, :]).all(-1)  # ge[j, i]: row j >= row i everywhere
+    gt = (p[:, None, :] > p[None, :, :]).any(-1)
+    return ~(ge & gt).any(0)
+
+
+def hypervolume_2d(points: np.ndarray, reference: tuple[float, float]) -> float:
+    """Area dominated by ``points`` ``(n, 2)`` and bounded below by ``reference`` (both maximised).
+
+    Points not strictly better than the reference on both objectives add nothing.
+    """
+    p = np.asarray(points, dtype=float).reshape(-1, 2)
+    rx, ry = reference
+    p = p[(p[:, 0] > rx) & (p[:, 1] > ry)]
+    if len(p) == 0:
+        return 0.0
+    p = p[pareto_mask(p)]
+    p = p[np.lexsort((p[:, 1], -p[:, 0]))]  # x descending; along a front y then ascends
+    area, y_prev = 0.0, ry
+    for x, y in p:
+        if y > y_prev:
+            area += (x - rx) * (y - y_prev)
+            y_prev = y
+    return float(area)
+
+
+def knee_index(front: np.ndarray) -> int:
+    """Index (into ``front``) of the knee: the point nearest the utopia corner after scaling each
+    objective to [0, 1] over the front. With one point, that point.
+    """
+    f = np.asarray(front, dtype=float).reshape(-1, 2)
+    if len(f) == 0:
+        raise ValueError("an empty front has no knee")
+    lo, hi = f.min(0), f.max(0)
+    scaled = (f - lo) / np.where(hi > lo, hi - lo, 1.0)
+    return int(np.argmin(((1.0 - scaled) ** 2).sum(1)))

@@ -1,0 +1,350 @@
+"""``kdbench tune``: Ray Tune runs the trials, Optuna proposes them, ASHA stops the poor ones early.
+
+The only module that imports Ray. Flow: validated Study -> teacher (cache hit or trained once, in
+the driver) -> a Tuner whose trials each run ``distill()`` and report once per epoch -> a driver
+callback that keeps ``trials.csv``/``epochs.csv`` up to date (atomically) as each trial ends.
+
+Resume is kdbench's own: finished trials are read back from ``trials.csv``; the Optuna study is
+reloaded from ``optuna.db`` (for searches) or the finished grid points are skipped (for grids), and
+only the remaining trials run. Ray's experiment state lives in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+for _k, _v in {"RAY_AIR_NEW_OUTPUT": "0", "RAY_USAGE_STATS_ENABLED": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+               "RAY_DEDUP_LOGS": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "3600",
+               "RAY_CHDIR_TO_TRIAL_DIR": "0"}.items():
+    os.environ.setdefault(_k, _v)
+
+import optuna  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+
+from . import results  # noqa: E402
+from .data import load_data  # noqa: E402
+from .study import TUNABLE, Study, StudyError, apply_overrides  # noqa: E402
+from .train import Method, Recipe, TrainConfig, distill, get_teacher, load_teacher, resolve_device  # noqa: E402
+
+__all__ = ["run_study", "resolve_trial", "SearchState"]
+
+HYPERPARAMETERS = [f.name for f in dataclasses.fields(Method)] + [
+    f.name for f in dataclasses.fields(Recipe) if f.name != "epochs"]
+
+
+def resolve_trial(study: Study, config: dict) -> tuple[Method, Recipe, int]:
+    """A trial's config (method name, seed, sampled or fixed values) -> the Method, Recipe and seed it runs."""
+    base = study.methods[config.get("method", study.method)]
+    values = {k: v for k, v in config.items() if k in TUNABLE}
+    method, recipe = apply_overrides(base, study.recipe, values, f"{study.path}: trial")
+    return method, recipe, int(config.get("seed", study.seed))
+
+
+def _trial_configs_grid(study: Study) -> list[dict]:
+    return [{"point": i, "method": m, "seed": s, **dict(values)} for i, (m, s, values) in enumerate(study.grid)]
+
+
+class _Space:
+    """Optuna define-by-run space: the method (if searched) first, then the parameters that apply to it.
+
+    A class, not a closure: Ray pickles the searcher with its experiment state.
+    """
+
+    def __init__(self, study: Study):
+        self.study = study
+
+    def __call__(self, trial):
+        study, method = self.study, self.study.method
+        for p in study.space:
+            if p.name == "method":
+                method = trial.suggest_categorical("method", list(p.choices))
+        for p in study.space:
+            if p.name == "method" or (p.when and method not in p.when):
+                continue
+            if p.type == "categorical":
+                trial.suggest_categorical(p.name, list(p.choices))
+            elif p.type == "int":
+                trial.suggest_int(p.name, int(p.low), int(p.high))
+            else:
+                trial.suggest_float(p.name, p.low, p.high, log=p.type == "loguniform")
+        return {"method": method, "seed": study.seed}
+
+
+def _sampler(study: Study):
+    if study.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=study.seed, population_size=max(4, min(50, study.samples // 4)))
+    if study.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=study.seed)
+    return optuna.samplers.TPESampler(seed=study.seed)
+
+
+def _trainable(config: dict, study: Study, teacher_path: str, data_root: str, threads: int):
+    """One trial, in a Ray worker: load data and the cached teacher, distill, report every epoch."""
+    torch.set_num_threads(max(1, threads))
+    method, recipe, seed = resolve_trial(study, config)
+    device = resolve_device("auto")
+    data = load_data(study.dataset, data_root, study.split_seed, device=device)
+    teacher = load_teacher(teacher_path, data)
+    last_epoch = 0
+
+    def report(row: dict):
+        nonlocal last_epoch
+        last_epoch = row["epoch"]
+        tune.report({k: v for k, v in row.items()})
+
+    try:
+        distill(TrainConfig(study.student, method, recipe, seed), data, teacher, report)
+    except Exception as e:  # NaN loss, OOM, a bug: the trial is failed, with its reason; the search goes on
+        tune.report({"epoch": last_epoch, "failure": f"{type(e).__name__}: {e}"})
+
+
+@dataclass
+class SearchState:
+    """What the live view shows; updated by the driver callback."""
+
+    total: int
+    started: float = field(default_factory=time.time)
+    running: int = 0
+    counts: dict = field(default_factory=lambda: {"completed": 0, "stopped": 0, "failed": 0})
+    best: dict = field(default_factory=dict)  # objective -> (value, trial_id)
+    last: str = ""
+
+
+class FidelityAwareOptuna(OptunaSearch):
+    """OptunaSearch that tells Optuna a trial stopped before ``max_epochs`` as PRUNED, a failed one as FAIL.
+
+    Ray hands a trial stopped by ASHA to the searcher as complete with its truncated result; a
+    low-fidelity point must not steer the sampler or enter Optuna's Pareto set.
+    """
+
+    def __init__(self, *args, max_epochs: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_epochs = max_epochs
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if result is not None and result.get("failure"):
+            return super().on_trial_complete(trial_id, None, error=True)
+        if result is not None and result.get("epoch", 0) < self.max_epochs:
+            result = None  # -> PRUNED
+        return super().on_trial_complete(trial_id, result, error)
+
+
+def _make_searcher(study: Study, out: Path, max_epochs: int) -> FidelityAwareOptuna:
+    storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'optuna.db'}")
+    # Trials left RUNNING by an interrupted run will never report: mark them failed before resuming.
+    try:
+        old = optuna.load_study(study_name=study.name, storage=storage)
+        for t in old.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    except KeyError:
+        pass
+    metrics = [f"val_{o}" for o in study.objectives]
+    modes = ["min" if o == "geom_err" else "max" for o in study.objectives]
+    # metric/mode go to the searcher only: a TuneConfig metric would silently collapse it to one objective.
+    return FidelityAwareOptuna(space=_Space(study), metric=metrics, mode=modes, sampler=_sampler(study),
+                               study_name=study.name, storage=storage, max_epochs=max_epochs)
+
+
+def _trial_row(study: Study, trial, status: str, seconds: float) -> dict:
+    r = trial.last_result or {}
+    method, recipe, seed = resolve_trial(study, trial.config.get("trial", trial.config))
+    hp = {**dataclasses.asdict(method), **dataclasses.asdict(recipe)}
+    hp.pop("epochs")
+    hp["method"] = hp.pop("name")
+    row = {"trial_id": trial.trial_id, "status": status,
+           "fidelity": "full" if status == "completed" else "low",
+           "seed": seed, "epochs": r.get("epoch", 0), **hp}
+    if "point" in trial.config.get("trial", {}):
+        row["point"] = trial.config["trial"]["point"]
+    for k in results.TRIAL_COLUMNS:
+        if k not in row and k in r:
+            row[k] = r[k]
+    row["seconds"] = seconds
+    row["failure"] = r.get("failure", "")
+    return row
+
+
+def _callback(study: Study, out: Path, state: SearchState, rows: list, epochs: list, on_update):
+    class ResultsWriter(tune.Callback):
+        """Driver side: one epochs.csv row per report; one trials.csv row per finished trial, written at once."""
+
+        def __init__(self):
+            self.starts = {}
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.starts[trial.trial_id] = time.time()
+            state.running += 1
+            on_update(state)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "failure" in result:
+                return
+            row = {"trial_id": trial.trial_id, **{k: v for k, v in result.items()
+                                                  if k == "epoch" or k.startswith(("loss_", "train_", "val_", "test_", "lr", "best_"))}}
+            epochs.append(row)
+
+        def _finish(self, trial, status: str):
+            r = trial.last_result or {}
+            if status != "failed" and r.get("failure"):
+                status = "failed"
+            elif status != "failed":
+                status = "completed" if r.get("epoch", 0) >= study.max_epochs else "stopped"
+            row = _trial_row(study, trial, status, time.time() - self.starts.get(trial.trial_id, time.time()))
+            if status == "failed" and not row["failure"]:
+                row["failure"] = "the trial raised an error (see Ray's log with --verbose)"
+            rows.append(row)
+            results.write_csv(out / "epochs.csv", epochs)  # history first: a trials row never lacks it
+            results.write_csv(out / "trials.csv", rows, results.TRIAL_COLUMNS)
+            state.running = max(0, state.running - 1)
+            state.counts[status] += 1
+            if row["fidelity"] == "full":
+                for o in study.objectives:
+                    v = row.get(f"val_{o}")
+                    better = (lambda a, b: a < b) if o == "geom_err" else (lambda a, b: a > b)
+                    if v is not None and (o not in state.best or better(v, state.best[o][0])):
+                        state.best[o] = (v, trial.trial_id)
+            state.last = f"{trial.trial_id}: {status}"
+            on_update(state)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._finish(trial, "completed")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._finish(trial, "failed")
+
+    return ResultsWriter()
+
+
+def _read_done(out: Path) -> tuple[list, list]:
+    """Rows of a previous, interrupted run of this folder."""
+    def rows(name):
+        p = out / name
+        return results._read_csv(p).to_dict("records") if p.exists() and p.stat().st_size else []
+    return rows("trials.csv"), rows("epochs.csv")
+
+
+def _init_ray(address: str | None, verbose: bool):
+    if ray.is_initialized():
+        return False
+    kwargs = dict(include_dashboard=False, log_to_driver=verbose,
+                  logging_level=logging.INFO if verbose else logging.ERROR, configure_logging=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:  # never attach to a leftover local cluster by accident
+        ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
+    return True
+
+
+def run_study(study: Study, out: Path, *, resume: bool = False, address: str | None = None,
+              data_root: str | None = None, gpus_per_trial: float | None = None, verbose: bool = False,
+              on_update: Callable[[SearchState], None] = lambda s: None,
+              on_teacher: Callable[[dict], None] | None = None, on_teacher_ready=lambda meta, hit: None) -> dict:
+    """Run (or resume) ``study``, writing its results folder ``out``; return a summary.
+
+    Args:
+        study: validated study (``samples`` and ``concurrency`` already resolved).
+        out: results folder: created (fresh run) or continued (``resume``).
+        resume: continue a previous run in ``out`` (finished trials are neither lost nor rerun).
+        address: Ray cluster address (``auto``, ``ray://...``); a fresh local instance when None.
+        data_root: folder of the CIFAR archives (overrides the study's).
+        gpus_per_trial: GPUs per trial (fractions share one); None: the study's, else automatic.
+        verbose: let Ray and Optuna log.
+        on_update: called with the live SearchState whenever a trial starts or ends.
+        on_teacher: per-epoch report while the teacher trains (only on a cache miss).
+        on_teacher_ready: called with the teacher's metadata and whether it came from the cache.
+    """
+    out = Path(out).resolve()
+    if resume:
+        if not (out / "study.json").exists():
+            raise StudyError(f"--resume {out}: no study.json there; nothing to resume")
+    elif out.exists() and any(out.iterdir()):
+        raise StudyError(f"--out {out}: folder exists and is not empty; pass --resume to continue it, or another --out")
+    root = str(Path(data_root or study.data_root).expanduser().resolve())
+    device = resolve_device("auto")
+
+    # The teacher, once, before any trial: cache hit or trained here.
+    data = load_data(study.dataset, root, study.split_seed, device=device)
+    teacher, hit = get_teacher(data, study.teacher, study.teacher_recipe, study.teacher_seed, study.split_seed,
+                               report=on_teacher)
+    on_teacher_ready(teacher.meta, hit)
+    del data
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows, epochs = _read_done(out) if resume else ([], [])
+    done = len(rows)
+    meta = {"name": study.name, "kind": "grid" if study.is_grid else "search", "study": study.to_dict(),
+            "teacher": {k: v for k, v in teacher.meta.items() if k != "path"} | {"cache_hit": hit},
+            "environment": results.environment(str(device)), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "ended": None, "samples": study.trial_count(), "reference": dict(study.reference)}
+    if resume:
+        previous = results.read_folder(out).study
+        meta["started"] = previous.get("started", meta["started"])
+        meta["resumed"] = previous.get("resumed", 0) + 1
+    results.write_json(out / "study.json", meta)
+
+    state = SearchState(total=study.trial_count())
+    for r in rows:
+        state.counts[r["status"]] = state.counts.get(r["status"], 0) + 1
+    remaining = study.trial_count() - done
+    if remaining > 0:
+        _fit(study, out, teacher.meta["path"], root, rows, epochs, state, remaining, address, gpus_per_trial,
+             verbose, on_update)
+    meta["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    results.write_json(out / "study.json", meta)
+    return {"out": str(out), "trials": len(rows), "counts": dict(state.counts), "best": dict(state.best),
+            "seconds": time.time() - state.started}
+
+
+def _fit(study, out, teacher_path, root, rows, epochs, state, remaining, address, gpus_per_trial, verbose,
+         on_update):
+    if not verbose:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        for name in ("ray", "ray.tune", "ray.data", "ray.train"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    started_ray = _init_ray(address, verbose)
+    try:
+        gpus = gpus_per_trial if gpus_per_trial is not None else study.gpus_per_trial
+        if gpus is None:  # automatic: share each GPU among the concurrent trials
+            gpus = min(1.0, 1.0 / study.concurrency) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        trainable = tune.with_resources(
+            tune.with_parameters(_trainable, study=study, teacher_path=teacher_path, data_root=root,
+                                 threads=int(study.cpus_per_trial)),
+            {"cpu": study.cpus_per_trial, "gpu": gpus})
+        if study.is_grid:
+            finished = {int(r["point"]) for r in rows if "point" in r and r["point"] == r["point"]}
+            todo = [c for c in _trial_configs_grid(study) if c["point"] not in finished]
+            searcher, param_space, num_samples = None, {"trial": tune.grid_search(todo)}, 1
+        else:
+            searcher, param_space, num_samples = _make_searcher(study, out, study.max_epochs), {}, remaining
+        scheduler = None
+        if study.asha:
+            scheduler = tune.schedulers.ASHAScheduler(
+                time_attr="epoch", metric="val_top1", mode="max", max_t=study.max_epochs,
+                grace_period=study.grace_period, reduction_factor=study.reduction_factor)
+        scratch = Path(tempfile.mkdtemp(prefix="kdbench-ray-"))
+        try:
+            tuner = tune.Tuner(
+                trainable, param_space=param_space,
+                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
+                                            max_concurrent_trials=study.concurrency),
+                run_config=tune.RunConfig(name="ray", storage_path=str(scratch), verbose=1 if verbose else 0,
+                                          callbacks=[_callback(study, out, state, rows, epochs, on_update)],
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                          failure_config=tune.FailureConfig(max_failures=0)))
+            tuner.fit()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    finally:
+        if started_ray:
+            ray.shutdown()

@@ -1,0 +1,381 @@
+"""Study files (TOML) -> a frozen, validated :class:`Study`; ``--set key=value`` overrides.
+
+Validation happens once, here at the edge. Every error is a :class:`StudyError` whose message names
+the file, the key, the value and what is allowed; the CLI prints it as one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .data import DATASETS
+from .models import MODELS
+from .train import DATASET_DEFAULTS, METHODS, SCHEDULES, Method, Recipe
+
+__all__ = ["Study", "Param", "StudyError", "load_study", "find_study", "bundled_studies",
+           "apply_overrides", "check_value", "SAMPLERS", "OBJECTIVES"]
+
+SAMPLERS = ("tpe", "nsga2", "random")
+OBJECTIVES = ("top1", "geom_corr", "geom_err", "cka")  # searchable, measured on val each epoch
+PARAM_TYPES = ("uniform", "loguniform", "int", "categorical")
+STUDIES_DIR = Path(__file__).resolve().parent / "studies"
+
+
+class StudyError(ValueError):
+    """Bad configuration: names the file, the key, the value and what is allowed."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Single values: one table of rules serves study files, --set and the search space bounds
+
+_RULES = {  # field -> (minimum, maximum, minimum is exclusive); None = unbounded
+    "epochs": (1, None, False), "batch_size": (2, None, False), "lr": (0, None, True),
+    "sgd_momentum": (0, 1, False), "weight_decay": (0, None, False), "warmup_epochs": (0, None, False),
+    "temperature": (0, None, True), "momentum": (0, 0.999, False),
+}
+
+
+def _fields(cls) -> dict[str, str]:
+    return {f.name: f.type for f in dataclasses.fields(cls) if f.name != "name"}
+
+
+TUNABLE = {**_fields(Method), **_fields(Recipe)}  # every key --set and a search space may name
+
+
+def check_value(key: str, value, where: str):
+    """Coerce ``value`` to the type of field ``key`` (of Method or Recipe) and range-check it."""
+    kind = TUNABLE.get(key)
+    if kind is None:
+        raise StudyError(f"{where}: key {key!r} is unknown; allowed: {', '.join(TUNABLE)}")
+    if kind == "str":
+        if key == "schedule" and value not in SCHEDULES:
+            raise StudyError(f"{where}: {key} = {value!r}; allowed: {', '.join(SCHEDULES)}")
+        return str(value)
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        if kind == "int":
+            number = int(value) if not isinstance(value, float) or value.is_integer() else None
+            if number is None:
+                raise ValueError
+        else:
+            number = float(value)
+    except (TypeError, ValueError):
+        raise StudyError(f"{where}: {key} = {value!r}; allowed: a number ({kind})") from None
+    lo, hi, open_lo = _RULES.get(key, (0, None, False))  # term weights: >= 0
+    if number != number or (lo is not None and (number < lo or (open_lo and number == lo))) \
+            or (hi is not None and number > hi):
+        span = f"{'>' if open_lo else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+        raise StudyError(f"{where}: {key} = {value!r}; allowed: {span}")
+    return number
+
+
+def apply_overrides(method: Method, recipe: Recipe, values: dict, where: str) -> tuple[Method, Recipe]:
+    """Set any Method or Recipe field from ``values`` (validated)."""
+    m, r = {}, {}
+    for key, value in values.items():
+        v = check_value(key, value, where)
+        (m if key in _fields(Method) else r)[key] = v
+    return dataclasses.replace(method, **m), dataclasses.replace(recipe, **r)
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    """``["geometry=10", "lr=0.1"]`` -> ``{"geometry": "10", "lr": "0.1"}`` (checked later)."""
+    out = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key.strip():
+            raise StudyError(f"--set {p!r}: expected KEY=VALUE with KEY one of: {', '.join(TUNABLE)}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Study files
+
+
+@dataclass(frozen=True)
+class Param:
+    """One axis of a search space. ``when``: the methods it applies to (empty: all)."""
+
+    name: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple = ()
+    when: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Study:
+    """A validated study: what to train, how, and what to search or enumerate."""
+
+    name: str
+    path: str
+    description: str
+    dataset: str
+    data_root: str
+    split_seed: int
+    teacher: str
+    teacher_recipe: Recipe
+    teacher_seed: int
+    student: str
+    recipe: Recipe
+    methods: dict  # name -> Method: the presets with this study's overrides (and new combinations)
+    method: str  # the method a search starts from
+    seed: int
+    # search (sampler != "grid") or grid
+    sampler: str
+    samples: int
+    concurrency: int
+    objectives: tuple[str, ...]
+    space: tuple[Param, ...]
+    grid: tuple[tuple[str, int, tuple[tuple[str, float], ...]], ...]  # (method, seed, fixed values)
+    # early stopping
+    asha: bool
+    grace_period: int
+    reduction_factor: int
+    # resources
+    cpus_per_trial: float
+    gpus_per_trial: float | None  # None: 1 GPU per trial shared by `concurrency` where CUDA exists
+    reference: tuple[tuple[str, float], ...] = ()  # reported test top-1 per method (e.g. the paper)
+
+    @property
+    def is_grid(self) -> bool:
+        return self.sampler == "grid"
+
+    @property
+    def max_epochs(self) -> int:
+        return self.recipe.epochs
+
+    def trial_count(self) -> int:
+        return len(self.grid) if self.is_grid else self.samples
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_TOP_KEYS = {"name", "description", "dataset", "data_root", "split_seed", "teacher", "teacher_seed",
+             "student", "method", "seed", "recipe", "teacher_recipe", "methods", "search", "grid", "asha",
+             "resources", "reference"}
+
+
+class _Reader:
+    """Typed access to a TOML table with errors that name the file and the dotted key."""
+
+    def __init__(self, file: str, table: dict, prefix: str = ""):
+        self.file, self.table, self.prefix = file, table, prefix
+
+    def where(self, key: str) -> str:
+        return f"{self.file}: {self.prefix}{key}"
+
+    def fail(self, key: str, value, allowed: str):
+        raise StudyError(f"{self.where(key)} = {value!r}; allowed: {allowed}")
+
+    def get(self, key: str, default, kind=None, choices=None, lo=None):
+        value = self.table.get(key, default)
+        kind = kind or type(default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if value is None and default is None:
+            return None
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            name = "number" if isinstance(kind, tuple) else kind.__name__
+            self.fail(key, value, f"a {name}" + (f" from {', '.join(choices)}" if choices else ""))
+        if choices is not None and value not in choices:
+            self.fail(key, value, ", ".join(map(str, choices)))
+        if lo is not None and value < lo:
+            self.fail(key, value, f">= {lo}")
+        return value
+
+    def sub(self, key: str) -> "_Reader":
+        value = self.table.get(key, {})
+        if not isinstance(value, dict):
+            self.fail(key, value, "a table")
+        return _Reader(self.file, value, f"{self.prefix}{key}.")
+
+    def only(self, allowed) -> None:
+        for key in self.table:
+            if key not in allowed:
+                raise StudyError(f"{self.where(key)}: unknown key; allowed: {', '.join(sorted(allowed))}")
+
+
+def _recipe(r: _Reader, base: Recipe) -> Recipe:
+    r.only(_fields(Recipe))
+    return apply_overrides(Method(), base, r.table, r.file + ": " + r.prefix.rstrip("."))[1]
+
+
+def _methods(r: _Reader) -> dict[str, Method]:
+    """Presets, with ``[methods.NAME]`` overrides; a new NAME needs ``base = PRESET``."""
+    methods = dict(METHODS)
+    for name, table in r.table.items():
+        sub = r.sub(name)
+        base = sub.get("base", name if name in METHODS else None, str)
+        if base is None:
+            raise StudyError(f"{sub.where('base')}: missing for new method {name!r}; allowed: {', '.join(METHODS)}")
+        if base not in methods:
+            sub.fail("base", base, ", ".join(methods))
+        values = {k: v for k, v in table.items() if k != "base"}
+        m, _ = apply_overrides(dataclasses.replace(methods[base], name=name), Recipe(), values,
+                               f"{r.file}: methods.{name}")
+        if any(k in _fields(Recipe) for k in values):
+            raise StudyError(f"{r.file}: methods.{name}: recipe keys belong in [recipe]")
+        methods[name] = m
+    return methods
+
+
+def _space(r: _Reader, methods: dict) -> tuple[Param, ...]:
+    params = []
+    for name in r.table:
+        p = r.sub(name)
+        p.only({"type", "low", "high", "choices", "when"})
+        kind = p.get("type", "uniform", str, PARAM_TYPES)
+        when = tuple(p.get("when", [], list))
+        for m in when:
+            if m not in methods:
+                p.fail("when", m, ", ".join(methods))
+        if name == "method":
+            if kind != "categorical":
+                p.fail("type", kind, "categorical (for method)")
+            choices = tuple(p.get("choices", [], list))
+            for c in choices:
+                if c not in methods:
+                    p.fail("choices", c, ", ".join(methods))
+            params.append(Param(name, kind, choices=choices, when=when))
+            continue
+        if name not in TUNABLE:
+            raise StudyError(f"{r.where(name)}: unknown parameter; allowed: method, {', '.join(TUNABLE)}")
+        if kind == "categorical":
+            choices = tuple(check_value(name, c, p.where("choices")) for c in p.get("choices", [], list))
+            if not choices:
+                p.fail("choices", [], "a non-empty list")
+            params.append(Param(name, kind, choices=choices, when=when))
+            continue
+        low = check_value(name, p.get("low", None, (int, float)), p.where("low"))
+        high = check_value(name, p.get("high", None, (int, float)), p.where("high"))
+        if not low < high:
+            p.fail("high", high, f"> low ({low})")
+        if kind == "loguniform" and low <= 0:
+            p.fail("low", low, "> 0 for loguniform")
+        if kind == "int" and TUNABLE[name] != "int":
+            p.fail("type", kind, "uniform or loguniform (the parameter is a float)")
+        params.append(Param(name, kind, low, high, when=when))
+    return tuple(params)
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and validate a study file."""
+    path = Path(path)
+    file = str(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise StudyError(f"{file}: no such study file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise StudyError(f"{file}: not valid TOML ({e})") from None
+    r = _Reader(file, raw)
+    r.only(_TOP_KEYS)
+    dataset = r.get("dataset", "digits", str, tuple(DATASETS))
+    d = DATASET_DEFAULTS[dataset]
+    teacher = r.get("teacher", d["teacher"], str, tuple(MODELS))
+    student = r.get("student", d["student"], str, tuple(MODELS))
+    recipe = _recipe(r.sub("recipe"), d["recipe"])
+    teacher_recipe = _recipe(r.sub("teacher_recipe"), d["recipe"])
+    methods = _methods(r.sub("methods"))
+    method = r.get("method", "geometry", str, tuple(methods))
+    seed = r.get("seed", 0, int, lo=0)
+
+    has_search, has_grid = "search" in raw, "grid" in raw
+    if has_search == has_grid:
+        raise StudyError(f"{file}: needs exactly one of [search] (a sampler) or [grid] (an enumeration)")
+    space, grid = (), ()
+    if has_search:
+        s = r.sub("search")
+        s.only({"sampler", "samples", "concurrency", "objectives", "space"})
+        sampler = s.get("sampler", "tpe", str, SAMPLERS)
+        samples = s.get("samples", 16, int, lo=1)
+        concurrency = s.get("concurrency", 2, int, lo=1)
+        objectives = tuple(s.get("objectives", ["top1", "geom_corr"], list))
+        for o in objectives:
+            if o not in OBJECTIVES:
+                s.fail("objectives", o, ", ".join(OBJECTIVES))
+        if len(objectives) != 2 or len(set(objectives)) != 2:
+            s.fail("objectives", list(objectives), "two different metrics (an accuracy and a geometry one)")
+        space = _space(s.sub("space"), methods)
+        if not space:
+            s.fail("space", {}, "at least one parameter table, e.g. [search.space.geometry]")
+    else:
+        g = r.sub("grid")
+        g.only({"methods", "seeds", "values", "concurrency"})
+        sampler, objectives = "grid", ("top1", "geom_corr")
+        concurrency = g.get("concurrency", 2, int, lo=1)
+        names = g.get("methods", [method], list)
+        for m in names:
+            if m not in methods:
+                g.fail("methods", m, ", ".join(methods))
+        seeds = g.get("seeds", [seed], list)
+        for sd in seeds:
+            if not isinstance(sd, int) or isinstance(sd, bool) or sd < 0:
+                g.fail("seeds", sd, "integers >= 0")
+        v = g.sub("values")
+        axes = []
+        for key, values in v.table.items():
+            if not isinstance(values, list) or not values:
+                v.fail(key, values, "a non-empty list")
+            axes.append([(key, check_value(key, x, v.where(key))) for x in values])
+        fixed = list(itertools.product(*axes)) if axes else [()]
+        grid = tuple((m, sd, f) for m in names for sd in seeds for f in fixed)
+        samples = len(grid)
+
+    a = r.sub("asha")
+    a.only({"enabled", "grace_period", "reduction_factor"})
+    asha = a.get("enabled", has_search, bool)
+    grace = a.get("grace_period", max(1, recipe.epochs // 4), int, lo=1)
+    rf = a.get("reduction_factor", 3, int, lo=2)
+    if grace > recipe.epochs:
+        a.fail("grace_period", grace, f"<= recipe.epochs ({recipe.epochs})")
+
+    res = r.sub("resources")
+    res.only({"cpus_per_trial", "gpus_per_trial"})
+    cpus = res.get("cpus_per_trial", 1.0, float)
+    if cpus <= 0:
+        res.fail("cpus_per_trial", cpus, "> 0")
+    gpus = res.get("gpus_per_trial", None, float)
+    if gpus is not None and not 0 <= gpus <= 8:
+        res.fail("gpus_per_trial", gpus, "0..8 (fractions share a GPU)")
+
+    ref = r.sub("reference")
+    reference = tuple((k, ref.get(k, 0.0, float)) for k in ref.table)
+    return Study(
+        name=r.get("name", path.stem, str), path=str(path.resolve()), description=r.get("description", "", str),
+        dataset=dataset, data_root=r.get("data_root", "data", str), split_seed=r.get("split_seed", 0, int, lo=0),
+        teacher=teacher, teacher_recipe=teacher_recipe, teacher_seed=r.get("teacher_seed", 0, int, lo=0),
+        student=student, recipe=recipe, methods=methods, method=method, seed=seed, sampler=sampler,
+        samples=samples, concurrency=concurrency, objectives=objectives, space=space, grid=grid, asha=asha,
+        grace_period=grace, reduction_factor=rf, cpus_per_trial=cpus, gpus_per_trial=gpus, reference=reference)
+
+
+def bundled_studies() -> dict[str, Path]:
+    """The study files shipped with kdbench, by name."""
+    return {p.stem: p for p in sorted(STUDIES_DIR.glob("*.toml"))}
+
+
+def find_study(name_or_path: str | Path) -> Path:
+    """A study by path, or by the name of a bundled study (``digits`` -> studies/digits.toml)."""
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        return p
+    bundled = bundled_studies()
+    key = p.name[:-5] if p.name.endswith(".toml") else p.name
+    if key in bundled and (p.parent == Path(".") or not p.parent.exists() or p.parent.name == "studies"):
+        return bundled[key]
+    raise StudyError(f"{name_or_path}: no such study file or bundled study; bundled: {', '.join(bundled)}")

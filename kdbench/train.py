@@ -1,0 +1,365 @@
+"""Training: one flat distillation loop, teacher training through the same loop, the teacher cache.
+
+``distill(cfg, data, teacher, report)`` trains a student with the term weights of ``cfg.method``
+and calls ``report(metrics)`` once per epoch; the same callback feeds the rich progress bar, the
+tests and ``ray.tune.report``. A teacher is a student trained with ``baseline`` and no teacher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import losses
+from .data import Data, augment, normalize
+from .geometry import CentroidMemory, class_centroids, geom_err, geometry_corr, knn_top1, linear_cka, \
+    similarity_matrix
+from .models import build_model, count_parameters
+
+__all__ = ["Method", "Recipe", "TrainConfig", "Teacher", "METHODS", "DATASET_DEFAULTS", "distill",
+           "get_teacher", "load_teacher", "evaluate", "get_lr", "DivergedError", "resolve_device", "cache_dir"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """Term weights of the student loss and the terms' own hyperparameters (DESIGN §4)."""
+
+    name: str = "baseline"
+    ce: float = 1.0
+    kd: float = 0.0
+    temperature: float = 4.0  # T of the kd term
+    feature: float = 0.0
+    geometry: float = 0.0  # lambda
+    momentum: float = 0.9  # centroid momentum m of the geometry term
+
+    @property
+    def terms(self) -> dict[str, float]:
+        """The loss terms with a non-zero weight, in a fixed order."""
+        return {t: getattr(self, t) for t in ("ce", *losses.LOSSES) if getattr(self, t) != 0}
+
+    @property
+    def needs_teacher_forward(self) -> bool:
+        return any(t in self.terms for t in ("kd", "feature"))
+
+
+# Presets are just term weights; a study or --set overrides any of them.
+METHODS: dict[str, Method] = {
+    "baseline": Method("baseline"),
+    "kd": Method("kd", ce=0.1, kd=0.9, temperature=4.0),
+    "feature": Method("feature", ce=1.0, feature=1.0),
+    "geometry": Method("geometry", ce=0.1, kd=0.9, temperature=4.0, geometry=100.0, momentum=0.9),
+    "geometry_only": Method("geometry_only", ce=1.0, geometry=100.0, momentum=0.9),
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Optimiser and schedule: SGD with momentum, weight decay, warm-up then cosine/step/constant."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.05
+    sgd_momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | step | constant
+    warmup_epochs: float = 0.0
+
+
+SCHEDULES = ("cosine", "step", "constant")
+
+# Models and recipe per data set when the user names none.
+DATASET_DEFAULTS: dict[str, dict] = {
+    "digits": dict(teacher="cnn_teacher", student="cnn_student", recipe=Recipe(epochs=30, batch_size=64, lr=0.05)),
+    "synthetic": dict(teacher="cnn_teacher", student="cnn_student", recipe=Recipe(epochs=15, batch_size=64, lr=0.05)),
+    "cifar10": dict(teacher="resnet50", student="resnet18", recipe=Recipe(epochs=30, batch_size=64, lr=0.05)),
+    "cifar100": dict(teacher="resnet50", student="resnet18", recipe=Recipe(epochs=30, batch_size=64, lr=0.05)),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: which student, which loss, which recipe, which seed."""
+
+    student: str
+    method: Method = field(default_factory=Method)
+    recipe: Recipe = field(default_factory=Recipe)
+    seed: int = 0
+    compile: bool = False
+
+
+@dataclass
+class Teacher:
+    """A frozen teacher, its train-split class centroids ``(C, d_t)`` and how it was made."""
+
+    model: nn.Module
+    centroids: torch.Tensor
+    meta: dict
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def get_lr(step: int, total_steps: int, recipe: Recipe, steps_per_epoch: int) -> float:
+    """Learning rate at optimiser step ``step``: linear warm-up, then the recipe's schedule."""
+    warm = int(recipe.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return recipe.lr * (step + 1) / warm
+    t = (step - warm) / max(total_steps - warm, 1)  # progress 0 -> 1 after warm-up
+    if recipe.schedule == "cosine":
+        return recipe.lr * 0.5 * (1 + math.cos(math.pi * t))
+    if recipe.schedule == "step":  # x0.1 at 50% and 75% of training
+        return recipe.lr * (0.1 ** ((t >= 0.5) + (t >= 0.75)))
+    return recipe.lr
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op context on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _prepare(x: torch.Tensor, data: Data) -> torch.Tensor:
+    x = normalize(x, data.mean, data.std)
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+
+@torch.inference_mode()
+def forward_all(model: nn.Module, x: torch.Tensor, data: Data, batch_size: int = 1000):
+    """Features ``(N, d)`` and logits ``(N, C)`` of ``model`` in eval mode over uint8 images ``x``."""
+    was_training = model.training
+    model.eval()
+    feats, logits = [], []
+    with _autocast(x.device):
+        for i in range(0, x.shape[0], batch_size):
+            f, z = model(_prepare(x[i:i + batch_size], data))
+            feats.append(f.float())
+            logits.append(z.float())
+    model.train(was_training)
+    return torch.cat(feats), torch.cat(logits)
+
+
+def evaluate(model: nn.Module, data: Data, split: str, teacher_view: dict | None = None,
+             knn: bool = False) -> dict[str, float]:
+    """Metrics of DESIGN §5 on ``split`` without augmentation, prefixed ``<split>_``.
+
+    ``teacher_view`` holds the teacher's features and similarity matrix on the same split; without
+    it only top-1 (and kNN) are computed.
+    """
+    x, y = data.split(split)
+    f, z = forward_all(model, x, data)
+    out = {"top1": (z.argmax(1) == y).float().mean() * 100}
+    if teacher_view is not None:
+        s = similarity_matrix(class_centroids(f, y, data.num_classes))
+        out |= {"geom_corr": geometry_corr(s, teacher_view["S"]), "geom_err": geom_err(s, teacher_view["S"]),
+                "cka": linear_cka(f, teacher_view["features"])}
+    if knn:
+        ref_f, _ = forward_all(model, data.train_x, data)
+        out["knn_top1"] = knn_top1(ref_f, data.train_y, f, y, data.num_classes)
+    return {f"{split}_{k}": float(v) for k, v in out.items()}
+
+
+def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
+            report: Callable[[dict], None] | None = None) -> dict:
+    """Train ``cfg.student`` on ``data`` with the loss of ``cfg.method``; return the final metrics.
+
+    Args:
+        cfg: student, method (term weights), recipe, seed.
+        data: the data set, resident on the training device (the run uses that device).
+        teacher: frozen teacher; required when the method has a kd, feature or geometry term.
+        report: called once per epoch with that epoch's metrics (``epoch``, losses, val/test top-1
+            and, with a teacher, val/test geometry).
+
+    Returns:
+        The last epoch's metrics, which are the final ones: val and test top-1, geometry (with a
+        teacher) and kNN, ``best_test_top1``, ``last_test_top1``, ``params``, ``epochs``,
+        ``train_seconds``, ``images_per_second``; plus ``history`` (every epoch's metrics) and
+        ``model`` (the trained student).
+    """
+    method, recipe, device = cfg.method, cfg.recipe, data.train_x.device
+    terms = method.terms
+    if teacher is None and set(terms) - {"ce"}:
+        raise ValueError(f"method {method.name!r} uses {sorted(set(terms) - {'ce'})}: it needs a teacher")
+
+    # --- 1. model, trainable extras, optimiser -------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    student = build_model(cfg.student, data.num_classes, data.in_channels).to(device)
+    if device.type == "cuda":
+        student = student.to(memory_format=torch.channels_last)
+    extras = nn.ModuleDict()
+    if "feature" in terms:  # FitNets regressor d_s -> d_t, trained with the student
+        extras["proj"] = nn.Linear(student.feature_dim, teacher.centroids.shape[1]).to(device)
+    params = [*student.parameters(), *extras.parameters()]
+    decay = [p for p in params if p.ndim > 1]  # no weight decay on BN and biases
+    no_decay = [p for p in params if p.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": recipe.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=recipe.lr, momentum=recipe.sgd_momentum, nesterov=True)
+    net = torch.compile(student) if cfg.compile else student
+
+    # --- 2. the teacher's fixed views: eval-split features and similarity matrices, once -------
+    views = {}
+    if teacher is not None:
+        teacher.model.eval()
+        for split in ("val", "test"):
+            x, y = data.split(split)
+            f, _ = forward_all(teacher.model, x, data)
+            views[split] = {"features": f.clone(),
+                            "S": similarity_matrix(class_centroids(f, y, data.num_classes)).clone()}
+    memory = None
+    if "geometry" in terms:
+        memory = CentroidMemory(data.num_classes, student.feature_dim, method.momentum).to(device)
+        memory.fill(*_train_features(student, data))  # every slot starts at the initial student's centroid
+        t_centroids = teacher.centroids.to(device).clone()
+
+    # --- 3. the loop -------------------------------------------------------------------------
+    n = data.train_x.shape[0]
+    bs = min(recipe.batch_size, n)
+    steps_per_epoch = n // bs  # drop the last partial batch (a batch of 1 breaks BatchNorm)
+    total_steps = steps_per_epoch * recipe.epochs
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    weights = torch.tensor(list(terms.values()), device=device)  # (n_terms,)
+    history, train_seconds, step, best_test = [], 0.0, 0, 0.0
+    n_params = count_parameters(student)
+    for epoch in range(1, recipe.epochs + 1):
+        student.train()
+        t0 = time.perf_counter()
+        sums = torch.zeros(len(terms) + 2, device=device)  # per-term losses, total, correct: read once an epoch
+        perm = torch.randperm(n, device=device, generator=gen)
+        for i in range(steps_per_epoch):
+            idx = perm[i * bs:(i + 1) * bs]
+            x = _prepare(augment(data.train_x[idx], data.pad, data.flip, gen), data)  # (B, C, H, W) float
+            y = data.train_y[idx]
+            lr = get_lr(step, total_steps, recipe, steps_per_epoch)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            if method.needs_teacher_forward:
+                with torch.inference_mode(), _autocast(device):
+                    t_feat, t_logits = teacher.model(x)
+                t_feat, t_logits = t_feat.float().clone(), t_logits.float().clone()  # leave inference mode
+            with _autocast(device):
+                feat, logits = net(x)
+            feat, logits = feat.float(), logits.float()
+            parts = []
+            for name in terms:  # the weighted sum of the method's terms; everything else is shared
+                if name == "ce":
+                    parts.append(F.cross_entropy(logits, y))
+                elif name == "kd":
+                    parts.append(losses.kd(logits, t_logits, method.temperature))
+                elif name == "feature":
+                    parts.append(losses.feature(extras["proj"](feat), t_feat))
+                elif name == "geometry":
+                    parts.append(losses.geometry(memory(feat, y), t_centroids))
+            parts = torch.stack(parts)
+            loss = (parts * weights).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            sums += torch.cat([parts.detach(), loss.detach()[None], (logits.argmax(1) == y).sum()[None]])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        epoch_seconds = time.perf_counter() - t0
+        train_seconds += epoch_seconds
+
+        # --- 4. once an epoch: read the sums, check for divergence, evaluate, report ------------
+        # The last epoch's report carries the final metrics too (kNN included): a scheduler may stop
+        # the trial right after it, so nothing may come later.
+        last = epoch == recipe.epochs
+        sums = sums.tolist()
+        row = {"epoch": epoch, "lr": lr, "train_loss": sums[-2] / steps_per_epoch,
+               "train_top1": 100.0 * sums[-1] / (steps_per_epoch * bs),
+               **{f"loss_{k}": v / steps_per_epoch for k, v in zip(terms, sums)}}
+        if not math.isfinite(row["train_loss"]):
+            raise DivergedError(f"training loss is {row['train_loss']} at epoch {epoch}")
+        for split in ("val", "test"):
+            row |= evaluate(student, data, split, views.get(split), knn=last)
+        best_test = max(best_test, row["test_top1"])
+        row |= {"best_test_top1": best_test, "params": n_params, "epoch_seconds": epoch_seconds,
+                "train_seconds": train_seconds,
+                "images_per_second": steps_per_epoch * bs * epoch / max(train_seconds, 1e-9)}
+        if last:
+            row["last_test_top1"] = row["test_top1"]
+        history.append(row)
+        if report is not None:
+            report(row)
+    return {**history[-1], "epochs": recipe.epochs, "history": history, "model": student}
+
+
+def _train_features(model: nn.Module, data: Data):
+    f, _ = forward_all(model, data.train_x, data)
+    return f, data.train_y
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher: trained once through distill(), cached by (data set, split seed, architecture, recipe, seed)
+
+CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """``$KDBENCH_CACHE``, else ``$XDG_CACHE_HOME/kdbench``, else ``~/.cache/kdbench``."""
+    if os.environ.get("KDBENCH_CACHE"):
+        return Path(os.environ["KDBENCH_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "kdbench"
+
+
+def teacher_key(dataset: str, split_seed: int, arch: str, recipe: Recipe, seed: int) -> str:
+    blob = json.dumps({"v": CACHE_VERSION, "dataset": dataset, "split_seed": split_seed, "arch": arch,
+                       "recipe": dataclasses.asdict(recipe), "seed": seed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_teacher(path: str | Path, data: Data) -> Teacher:
+    """A cached teacher, on ``data``'s device (read with ``weights_only=True``)."""
+    device = data.train_x.device
+    blob = torch.load(path, map_location=device, weights_only=True)
+    meta = blob["meta"]
+    model = build_model(meta["arch"], data.num_classes, data.in_channels).to(device)
+    model.load_state_dict(blob["state_dict"])
+    model.eval().requires_grad_(False)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return Teacher(model, blob["centroids"], {**meta, "path": str(path)})
+
+
+def get_teacher(data: Data, arch: str, recipe: Recipe, seed: int = 0, split_seed: int = 0,
+                report: Callable[[dict], None] | None = None, use_cache: bool = True) -> tuple[Teacher, bool]:
+    """The teacher for ``data``: loaded from the cache, or trained now and cached.
+
+    Returns ``(teacher, cache_hit)``. The cache file holds the state_dict, the train-split centroids
+    and metadata, and is read with ``weights_only=True``.
+    """
+    key = teacher_key(data.name, split_seed, arch, recipe, seed)
+    path = cache_dir() / f"{data.name}-{arch}-{key}.pt"
+    if use_cache and path.is_file():
+        return load_teacher(path, data), True
+    result = distill(TrainConfig(arch, METHODS["baseline"], recipe, seed), data, report=report)
+    model = result["model"].eval().requires_grad_(False)
+    feats, _ = forward_all(model, data.train_x, data)
+    centroids = class_centroids(feats, data.train_y, data.num_classes).clone()
+    meta = {"dataset": data.name, "arch": arch, "seed": seed, "split_seed": split_seed, "key": key,
+            "recipe": dataclasses.asdict(recipe),
+            **{k: v for k, v in result.items() if k not in ("history", "model")}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"state_dict": model.state_dict(), "centroids": centroids.cpu(), "meta": meta}, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written teacher
+    return Teacher(model, centroids, {**meta, "path": str(path)}), False
