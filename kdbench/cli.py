@@ -221,14 +221,15 @@ def studies():
     """List the bundled studies, one line each."""
     from .study import bundled_studies, load_study
 
-    t = Table(show_header=True, box=None)
-    for c in ("study", "kind", "trials", "data set", "teacher → student", "description"):
-        t.add_column(c)
+    rows = [("study", "kind", "trials", "data set", "teacher → student", "description")]
     for name, path in bundled_studies().items():
         s = load_study(path)
-        t.add_row(name, "grid" if s.is_grid else f"search ({s.sampler})", str(s.trial_count()), s.dataset,
-                  f"{s.teacher} → {s.student}", s.description)
-    out.print(t)
+        rows.append((name, "grid" if s.is_grid else f"search/{s.sampler}", str(s.trial_count()), s.dataset,
+                     f"{s.teacher} → {s.student}", s.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for i, r in enumerate(rows):
+        line = "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5]
+        out.print(f"[bold]{line}[/bold]" if i == 0 else line, soft_wrap=True, highlight=False)
 
 
 class _LiveView:

@@ -168,14 +168,14 @@ def _unpickle(path: Path) -> dict:
             obj = _ArrayUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
         raise DataError(f"{path}: not a CIFAR python-pickle batch ({e})") from None
-    if not isinstance(obj, dict) or "data" not in obj:
-        raise DataError(f"{path}: not a CIFAR python-pickle batch (no 'data' entry)")
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: not a CIFAR python-pickle file (expected a dict)")
     return obj
 
 
 def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     d = _unpickle(path)
-    data = np.asarray(d["data"], dtype=np.uint8)
+    data = np.asarray(d.get("data", ()), dtype=np.uint8)
     if data.ndim != 2 or data.shape[1] != 3072 or label_key not in d:
         raise DataError(f"{path}: expected 'data' of shape (N, 3072) and '{label_key}'")
     return data.reshape(-1, 3, 32, 32), np.asarray(d[label_key], dtype=np.int64)

@@ -92,7 +92,7 @@ def _sampler(study: Study):
 def _trainable(config: dict, study: Study, teacher_path: str, data_root: str, threads: int):
     """One trial, in a Ray worker: load data and the cached teacher, distill, report every epoch."""
     torch.set_num_threads(max(1, threads))
-    method, recipe, seed = resolve_trial(study, config)
+    method, recipe, seed = resolve_trial(study, config.get("trial", config))  # grids nest their point
     device = resolve_device("auto")
     data = load_data(study.dataset, data_root, study.split_seed, device=device)
     teacher = load_teacher(teacher_path, data)

@@ -1,0 +1,116 @@
+"""The search engine for real: Ray Tune + OptunaSearch + ASHA on digits, small budgets."""
+
+import dataclasses
+
+import optuna
+import pandas as pd
+import pytest
+
+from kdbench.search import run_study
+from kdbench.study import load_study
+
+STUDY = """
+name = "{name}"
+dataset = "digits"
+method = "geometry"
+[recipe]
+epochs = 6
+[search]
+samples = {samples}
+concurrency = 2
+[search.space.geometry]
+type = "loguniform"
+low = 1.0
+high = 1000.0
+[search.space.lr]
+type = "loguniform"
+low = 0.0001
+high = 0.3
+[asha]
+grace_period = 2
+reduction_factor = 2
+"""
+
+
+def _study(tmp_path, samples=8, name="s"):
+    p = tmp_path / f"{name}.toml"
+    p.write_text(STUDY.format(samples=samples, name=name))
+    return load_study(p)
+
+
+def test_search_results_folder_asha_and_two_objective_optuna(tmp_path, ray_session, digits_teacher):
+    study = _study(tmp_path)
+    out = tmp_path / "out"
+    summary = run_study(study, out)
+    trials = pd.read_csv(out / "trials.csv")
+    epochs = pd.read_csv(out / "epochs.csv")
+    assert len(trials) == 8 and summary["trials"] == 8
+    # ASHA really stops poor trials (a misspelt metric or time_attr would silently stop none).
+    assert (trials["status"] == "stopped").sum() >= 1 and (trials["status"] == "completed").sum() >= 1
+    assert ((trials["fidelity"] == "full") == (trials["epochs"] == 6)).all()
+    assert ((trials["fidelity"] == "full") == (trials["status"] == "completed")).all()
+    # Per-epoch history: one row per epoch each trial ran.
+    assert epochs.groupby("trial_id").size().sort_index().tolist() == \
+        trials.set_index("trial_id")["epochs"].sort_index().tolist()
+    # Optuna: two directions; full trials COMPLETE with their values, early-stopped ones PRUNED.
+    ot = optuna.load_study(study_name="s", storage=f"sqlite:///{out / 'optuna.db'}")
+    assert len(ot.directions) == 2
+    states = [t.state.name for t in ot.trials]
+    assert states.count("COMPLETE") == (trials["status"] == "completed").sum()
+    assert states.count("PRUNED") == (trials["status"] == "stopped").sum()
+    full = trials[trials["status"] == "completed"]
+    got = sorted(tuple(round(v, 6) for v in t.values) for t in ot.trials if t.state.name == "COMPLETE")
+    want = sorted((round(a, 6), round(b, 6)) for a, b in zip(full["val_top1"], full["val_geom_corr"]))
+    assert got == want
+    # The sampled hyperparameters are the ones the trials ran with.
+    sampled = sorted(round(t.params["geometry"], 9) for t in ot.trials)
+    assert sampled == sorted(round(g, 9) for g in trials["geometry"])
+    assert trials["lr"].nunique() == 8
+
+
+def test_resume_runs_only_the_missing_trials(tmp_path, ray_session, digits_teacher):
+    out = tmp_path / "out"
+    run_study(_study(tmp_path, samples=3), out)
+    before = pd.read_csv(out / "trials.csv")
+    # As if the first run had been interrupted after 3 of 5 trials.
+    run_study(_study(tmp_path, samples=5), out, resume=True)
+    after = pd.read_csv(out / "trials.csv")
+    assert len(after) == 5
+    pd.testing.assert_frame_equal(after.head(3)[before.columns], before)
+    ot = optuna.load_study(study_name="s", storage=f"sqlite:///{out / 'optuna.db'}")
+    assert len(ot.trials) == 5
+
+
+def test_grid_records_a_diverged_trial_and_goes_on(tmp_path, ray_session, digits_teacher):
+    p = tmp_path / "g.toml"
+    p.write_text("""
+dataset = "digits"
+[recipe]
+epochs = 2
+[grid]
+methods = ["baseline", "geometry"]
+[grid.values]
+lr = [0.05, 1e12]
+""")
+    study = load_study(p)
+    out = tmp_path / "out"
+    run_study(study, out)
+    trials = pd.read_csv(out / "trials.csv").sort_values(["method", "lr"])
+    assert len(trials) == 4
+    assert trials["status"].tolist() == ["completed", "failed", "completed", "failed"]
+    assert trials["failure"].fillna("").str.contains("DivergedError").tolist() == [False, True, False, True]
+    assert set(trials["point"]) == {0, 1, 2, 3}
+    # Resuming a finished grid runs nothing more.
+    run_study(study, out, resume=True)
+    assert len(pd.read_csv(out / "trials.csv")) == 4
+
+
+def test_existing_folder_is_not_overwritten(tmp_path, digits_teacher):
+    from kdbench.study import StudyError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "trials.csv").write_text("precious\n")
+    with pytest.raises(StudyError, match="not empty; pass --resume"):
+        run_study(dataclasses.replace(_study(tmp_path), samples=1), out)
+    assert (out / "trials.csv").read_text() == "precious\n"

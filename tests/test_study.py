@@ -1,0 +1,112 @@
+import dataclasses
+
+import pytest
+
+from kdbench.study import StudyError, apply_overrides, bundled_studies, find_study, load_study, parse_sets
+from kdbench.train import METHODS, Recipe
+
+BASE = """
+name = "t"
+dataset = "digits"
+method = "geometry"
+[recipe]
+epochs = 6
+[search]
+samples = 4
+[search.space.geometry]
+type = "loguniform"
+low = 1.0
+high = 100.0
+"""
+
+
+def _write(tmp_path, text, name="s.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_every_bundled_study_loads():
+    studies = bundled_studies()
+    assert {"digits", "digits-paper", "synthetic-search", "cifar100-paper", "cifar100-search"} <= set(studies)
+    for path in studies.values():
+        s = load_study(path)
+        assert s.trial_count() >= 1 and s.recipe.epochs >= 1
+
+
+def test_paper_study_carries_the_papers_recipe_and_table():
+    s = load_study(find_study("cifar100-paper"))
+    assert (s.teacher, s.student, s.recipe.epochs, s.recipe.batch_size) == ("resnet50", "resnet18", 30, 64)
+    assert dict(s.reference) == {"teacher": 72.81, "baseline": 74.64, "kd": 76.13, "feature": 76.00, "geometry": 75.81}
+    assert sorted({m for m, _, _ in s.grid}) == ["baseline", "feature", "geometry", "kd"] and len(s.grid) == 12
+
+
+def test_grid_is_methods_times_seeds_times_values(tmp_path):
+    p = _write(tmp_path, """
+dataset = "digits"
+[grid]
+methods = ["kd", "geometry"]
+seeds = [0, 1]
+[grid.values]
+temperature = [2, 4, 8]
+""")
+    s = load_study(p)
+    assert s.is_grid and s.trial_count() == 2 * 2 * 3
+    assert ("kd", 1, (("temperature", 8.0),)) in s.grid
+
+
+def test_find_study_by_name_and_path(tmp_path):
+    assert find_study("digits").name == "digits.toml"
+    p = _write(tmp_path, BASE)
+    assert find_study(str(p)) == p
+    with pytest.raises(StudyError, match="bundled: "):
+        find_study("no-such-study")
+
+
+@pytest.mark.parametrize("old, new, match", [
+    ('dataset = "digits"', 'dataset = "mnist"', r"s.toml: dataset = 'mnist'; allowed: digits, synthetic"),
+    ('dataset = "digits"', 'dataset = "digits"\nstudent = "vgg"', r"s.toml: student = 'vgg'; allowed: resnet18"),
+    ('method = "geometry"', 'method = "magic"', r"s.toml: method = 'magic'; allowed: baseline"),
+    ("epochs = 6", "epochs = 6\nlr = -1", r"s.toml: recipe: lr = -1; allowed: > 0"),
+    ("epochs = 6", "epochs = 6\nbatch_size = 1", r"batch_size = 1; allowed: >= 2"),
+    ("[search]", "[methods.geometry]\nmomentum = 1.5\n[search]", r"methods.geometry: momentum = 1.5; allowed: >= 0"),
+    ("[search]", "[methods.kd]\ntemperature = 'hot'\n[search]", r"temperature = 'hot'; allowed: a number"),
+    ("samples = 4", 'samples = 4\nsampler = "grid"', r"search.sampler = 'grid'; allowed: tpe, nsga2, random"),
+    ('type = "loguniform"', 'type = "normal"', r"search.space.geometry.type = 'normal'; allowed: uniform"),
+    ("high = 100.0", "high = 0.5", r"search.space.geometry.high = 0.5; allowed: > low"),
+    ("[search.space.geometry]", "[search.space.wings]", r"search.space.wings: unknown parameter"),
+    ("[search]", "[asha]\ngrace_period = 99\n[search]", r"asha.grace_period = 99; allowed: <= recipe.epochs"),
+    ('name = "t"', 'name = "t"\ncolour = "red"', r"s.toml: colour: unknown key"),
+    ("[search]", "[grid]\n[search]", r"needs exactly one of \[search\]"),
+])
+def test_bad_values_name_file_key_value_and_what_is_allowed(tmp_path, old, new, match):
+    assert old in BASE
+    with pytest.raises(StudyError, match=match):
+        load_study(_write(tmp_path, BASE.replace(old, new, 1)))
+
+
+def test_not_toml_and_missing_file(tmp_path):
+    with pytest.raises(StudyError, match="not valid TOML"):
+        load_study(_write(tmp_path, "this is = = not toml"))
+    with pytest.raises(StudyError, match="no such study file"):
+        load_study(tmp_path / "missing.toml")
+
+
+def test_overrides_set_any_weight_or_recipe_field():
+    m, r = apply_overrides(METHODS["geometry"], Recipe(), parse_sets(["geometry=10", "temperature=2", "epochs=3",
+                                                                      "schedule=step"]), "--set")
+    assert (m.geometry, m.temperature, m.kd, r.epochs, r.schedule) == (10.0, 2.0, 0.9, 3, "step")
+    assert dataclasses.replace(m, geometry=100.0, temperature=4.0) == METHODS["geometry"]
+    with pytest.raises(StudyError, match="key 'gamma' is unknown; allowed: ce, kd"):
+        apply_overrides(METHODS["kd"], Recipe(), {"gamma": "1"}, "--set")
+    with pytest.raises(StudyError, match="epochs = '2.5'; allowed: a number \\(int\\)"):
+        apply_overrides(METHODS["kd"], Recipe(), {"epochs": "2.5"}, "--set")
+    with pytest.raises(StudyError, match="expected KEY=VALUE"):
+        parse_sets(["geometry"])
+
+
+def test_new_method_combination_from_a_base(tmp_path):
+    p = _write(tmp_path, BASE + '\n[methods.geo_feat]\nbase = "geometry"\nfeature = 0.5\n')
+    s = load_study(p)
+    assert s.methods["geo_feat"].feature == 0.5 and s.methods["geo_feat"].geometry == 100.0
+    assert s.methods["geo_feat"].name == "geo_feat"
