@@ -19,8 +19,9 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Benchmark knowledge-distillation methods on accuracy and feature-space geometry.")
-out = Console()  # results: stdout
-err = Console(stderr=True)  # progress, notes and errors: stderr
+# Results go to stdout, progress, notes and errors to stderr. Piped output gets a wide page, not 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True)
 
 
 def _errors(fn):
@@ -321,7 +322,10 @@ def tune(
                             data_root=str(data_root) if data_root else None, gpus_per_trial=gpus_per_trial,
                             verbose=verbose, on_update=on_update, on_teacher=on_teacher,
                             on_teacher_ready=on_teacher_ready)
-    err.print(f"{summary['trials']} trials in {summary['seconds']:.0f} s → {summary['out']}")
+    err.print(f"\n{summary['trials']} trials in {summary['seconds']:.0f} s → {summary['out']}")
+    if summary["trials"] < s.trial_count():
+        err.print(f"[yellow]interrupted after {summary['trials']} of {s.trial_count()} trials[/yellow]; continue with: "
+                  f"kdbench tune {study} --out {folder} --resume", highlight=False)
     _compare([Path(summary["out"])], ("method",), None, "table", False, top=10)
 
 
@@ -351,7 +355,12 @@ def _compare(folders, by, plot, fmt, val, top: int | None = None):
     from . import report
     from .results import ResultsError
 
-    loaded = report.load_folders(folders, warn=lambda msg: err.print(f"[yellow]skipped:[/yellow] {msg}", highlight=False))
+    problems = []
+    loaded = report.load_folders(folders, warn=problems.append)
+    if not loaded and len(problems) == 1:  # one folder, one line
+        raise ResultsError(problems[0])
+    for msg in problems:
+        err.print(f"[yellow]skipped:[/yellow] {msg}", highlight=False, soft_wrap=True)
     if not loaded:
         raise ResultsError(f"{', '.join(map(str, folders))}: nothing readable")
     df = report.trials_frame(loaded)

@@ -195,11 +195,12 @@ LEADER_COLUMNS = [  # (header, how to format a leaderboard row)
 
 
 def _leader_cells(lb: pd.DataFrame, by: tuple[str, ...]):
-    cols = [c for c in LEADER_COLUMNS if c[0] != "reported top-1 %" or lb["reported_top1"].notna().any()]
+    records = lb.to_dict("records")
+    cols = [c for c in LEADER_COLUMNS if any(c[1](r) not in ("—", "") for r in records)]  # drop empty columns
     multi = lb["study"].nunique() > 1
     head = (["study"] if multi else []) + list(by) + [h for h, _ in cols]
     body = []
-    for r in lb.to_dict("records"):
+    for r in records:
         keys = ([r["study"]] if multi else []) + [("" if pd.isna(r.get(b)) else _fmt_key(r.get(b))) for b in by]
         if str(r.get("method", "")).startswith("teacher"):
             keys[-len(by)] = r["method"]
@@ -218,7 +219,7 @@ def leaderboard_table(lb: pd.DataFrame, by: tuple[str, ...], split: str, title: 
     for h in head:
         t.add_column(h, justify="left" if h in ("study", *by) else "right")
     for row in body:
-        t.add_row(*row, style="dim" if row[len(head) - len(LEADER_COLUMNS)].startswith("teacher") else None)
+        t.add_row(*row, style="dim" if any(str(c).startswith("teacher") for c in row) else None)
     return t
 
 
@@ -303,13 +304,21 @@ def plot_front(df: pd.DataFrame, fr: Front, folders: list[Folder], path: str | P
         if len(base):
             ax.scatter([base[x].mean()], [base[y].mean()], marker="X", s=120, color="grey", edgecolor="black",
                        zorder=5, label="baseline mean")
-    for f in folders:
-        t = f.study.get("teacher") or {}
-        if t.get(f"{fr.split}_top1") is not None:
-            ax.axvline(t[f"{fr.split}_top1"], color="grey", linestyle="--", linewidth=1)
-            ax.annotate(f"teacher {t.get('arch', '')}", (t[f"{fr.split}_top1"], ax.get_ylim()[0]), rotation=90,
-                        fontsize=7, color="grey", va="bottom", ha="right")
-            break
+    teacher_top1 = [(f.study.get("teacher") or {}).get(f"{fr.split}_top1") for f in folders]
+    teacher_top1 = [v for v in teacher_top1 if v is not None]
+    if len(fr.points) >= 2:  # frame the full-fidelity trials; far-off early-stopped points would squash them
+        xs, ys = fr.points[x], fr.points[y]
+        px, py = max((xs.max() - xs.min()) * 0.15, 0.5), max((ys.max() - ys.min()) * 0.15, 0.01)
+        ax.set_xlim(xs.min() - px, max([xs.max(), *teacher_top1]) + px)
+        ax.set_ylim(ys.min() - py, min(1.0, ys.max() + py) + 0.005)
+        hidden = ((finished[x] < xs.min() - px) | (finished[y] < ys.min() - py)).sum()
+        if hidden:
+            ax.text(0.01, 0.01, f"{hidden} early-stopped trial(s) below/left of this view", transform=ax.transAxes,
+                    fontsize=7, color="grey")
+    for v in teacher_top1[:1]:
+        ax.axvline(v, color="grey", linestyle="--", linewidth=1)
+        ax.text(v, 0.5, "teacher", rotation=90, fontsize=8, color="grey", ha="right", va="center",
+                transform=ax.get_xaxis_transform())
     ax.set_xlabel(f"{fr.split} top-1 accuracy (%)")
     ax.set_ylabel(f"{fr.split} geom_corr (Pearson r of centroid similarities vs teacher)")
     ax.set_title(f"Accuracy vs geometry kept — {', '.join(f.name for f in folders)}", fontsize=10)

@@ -175,55 +175,60 @@ def _trial_row(study: Study, trial, status: str, seconds: float) -> dict:
     return row
 
 
-def _callback(study: Study, out: Path, state: SearchState, rows: list, epochs: list, on_update):
-    class ResultsWriter(tune.Callback):
-        """Driver side: one epochs.csv row per report; one trials.csv row per finished trial, written at once."""
+class ResultsWriter(tune.Callback):
+    """Driver side: one epochs.csv row per report; one trials.csv row per finished trial, written at once."""
 
-        def __init__(self):
-            self.starts = {}
+    def __init__(self, study: Study, out: Path, state: SearchState, rows: list, epochs: list, on_update):
+        self.study, self.out, self.state, self.rows, self.epochs = study, out, state, rows, epochs
+        self.on_update, self.starts = on_update, {}
 
-        def on_trial_start(self, iteration, trials, trial, **info):
-            self.starts[trial.trial_id] = time.time()
-            state.running += 1
-            on_update(state)
+    def __getstate__(self):  # Ray pickles its run config; the live view's hook holds locks and stays here
+        return {**self.__dict__, "on_update": None}
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if "failure" in result:
-                return
-            row = {"trial_id": trial.trial_id, **{k: v for k, v in result.items()
-                                                  if k == "epoch" or k.startswith(("loss_", "train_", "val_", "test_", "lr", "best_"))}}
-            epochs.append(row)
+    def _update(self):
+        if self.on_update is not None:
+            self.on_update(self.state)
 
-        def _finish(self, trial, status: str):
-            r = trial.last_result or {}
-            if status != "failed" and r.get("failure"):
-                status = "failed"
-            elif status != "failed":
-                status = "completed" if r.get("epoch", 0) >= study.max_epochs else "stopped"
-            row = _trial_row(study, trial, status, time.time() - self.starts.get(trial.trial_id, time.time()))
-            if status == "failed" and not row["failure"]:
-                row["failure"] = "the trial raised an error (see Ray's log with --verbose)"
-            rows.append(row)
-            results.write_csv(out / "epochs.csv", epochs)  # history first: a trials row never lacks it
-            results.write_csv(out / "trials.csv", rows, results.TRIAL_COLUMNS)
-            state.running = max(0, state.running - 1)
-            state.counts[status] += 1
-            if row["fidelity"] == "full":
-                for o in study.objectives:
-                    v = row.get(f"val_{o}")
-                    better = (lambda a, b: a < b) if o == "geom_err" else (lambda a, b: a > b)
-                    if v is not None and (o not in state.best or better(v, state.best[o][0])):
-                        state.best[o] = (v, trial.trial_id)
-            state.last = f"{trial.trial_id}: {status}"
-            on_update(state)
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.starts[trial.trial_id] = time.time()
+        self.state.running += 1
+        self._update()
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._finish(trial, "completed")
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "failure" in result:
+            return
+        keep = ("loss_", "train_", "val_", "test_", "best_", "lr", "epoch_seconds")
+        self.epochs.append({"trial_id": trial.trial_id, "epoch": result["epoch"],
+                            **{k: v for k, v in result.items() if k.startswith(keep)}})
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._finish(trial, "failed")
+    def _finish(self, trial, status: str):
+        r, state = trial.last_result or {}, self.state
+        if status != "failed" and r.get("failure"):
+            status = "failed"
+        elif status != "failed":
+            status = "completed" if r.get("epoch", 0) >= self.study.max_epochs else "stopped"
+        row = _trial_row(self.study, trial, status, time.time() - self.starts.get(trial.trial_id, time.time()))
+        if status == "failed" and not row["failure"]:
+            row["failure"] = "the trial raised an error (see Ray's log with --verbose)"
+        self.rows.append(row)
+        results.write_csv(self.out / "epochs.csv", self.epochs)  # history first: a trials row never lacks it
+        results.write_csv(self.out / "trials.csv", self.rows, results.TRIAL_COLUMNS)
+        state.running = max(0, state.running - 1)
+        state.counts[status] += 1
+        if row["fidelity"] == "full":
+            for o in self.study.objectives:
+                v = row.get(f"val_{o}")
+                better = (lambda a, b: a < b) if o == "geom_err" else (lambda a, b: a > b)
+                if v is not None and (o not in state.best or better(v, state.best[o][0])):
+                    state.best[o] = (v, trial.trial_id)
+        state.last = f"{trial.trial_id}: {status}"
+        self._update()
 
-    return ResultsWriter()
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finish(trial, "completed")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finish(trial, "failed")
 
 
 def _read_done(out: Path) -> tuple[list, list]:
@@ -339,7 +344,7 @@ def _fit(study, out, teacher_path, root, rows, epochs, state, remaining, address
                 tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
                                             max_concurrent_trials=study.concurrency),
                 run_config=tune.RunConfig(name="ray", storage_path=str(scratch), verbose=1 if verbose else 0,
-                                          callbacks=[_callback(study, out, state, rows, epochs, on_update)],
+                                          callbacks=[ResultsWriter(study, out, state, rows, epochs, on_update)],
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                           failure_config=tune.FailureConfig(max_failures=0)))
             tuner.fit()

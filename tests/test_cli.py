@@ -1,0 +1,128 @@
+"""The CLI through typer's CliRunner: exit codes, one-line errors, files written, real numbers."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from kdbench.cli import app
+
+runner = CliRunner()
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    text = result.output.strip()
+    assert "Traceback" not in text and len(text.splitlines()) == 1, text
+    for f in fragments:
+        assert f in text, text
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["train", "--method", "magic"], ["--method 'magic' is unknown", "geometry_only"]),
+    (["train", "--dataset", "mnist"], ["--dataset 'mnist' is unknown", "cifar100"]),
+    (["train", "--student", "vgg"], ["--student 'vgg' is unknown", "resnet18"]),
+    (["train", "--set", "gamma=2"], ["--set: key 'gamma' is unknown", "temperature"]),
+    (["train", "--set", "temperature=-1"], ["temperature = '-1'; allowed: > 0"]),
+    (["train", "--epochs", "0"], ["epochs = 0; allowed: >= 1"]),
+    (["train", "--dataset", "cifar100", "--data-root", "/nonexistent"], ["no cifar-100-python/ folder"]),
+    (["tune", "no-such-study"], ["no such study file or bundled study"]),
+    (["tune", "digits-paper", "--samples", "3"], ["grid study"]),
+    (["tune", "digits", "--resume"], ["--resume needs --out"]),
+    (["compare", "/nonexistent/folder"], ["no such results folder"]),
+    (["compare", "--format", "xml", "/tmp"], ["--format 'xml'"]),
+])
+def test_bad_input_is_one_line_and_exit_2(args, fragments):
+    _one_line_error(runner.invoke(app, args), *fragments)
+
+
+def test_train_writes_result_and_history_and_refuses_to_overwrite(tmp_path, digits_teacher):
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--method", "kd", "--epochs", "3", "--set", "temperature=2", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "result.json").read_text())
+    assert res["config"]["method"]["temperature"] == 2.0 and res["config"]["recipe"]["epochs"] == 3
+    history = pd.read_csv(out / "epochs.csv")
+    assert history["epoch"].tolist() == [1, 2, 3]
+    assert res["metrics"]["test_top1"] == pytest.approx(history["test_top1"].iloc[-1])
+    assert res["metrics"]["best_test_top1"] == pytest.approx(history["test_top1"].max())
+    assert f"{res['metrics']['test_top1']:.2f} %" in r.output
+    again = runner.invoke(app, ["train", "--epochs", "1", "--out", str(out)])
+    _one_line_error(again, "already holds a result.json")
+
+
+def _brute_front(points):
+    keep = []
+    for i, p in enumerate(points):
+        keep.append(not any((q >= p).all() and (q > p).any() for j, q in enumerate(points) if j != i))
+    return np.array(keep)
+
+
+def test_tune_then_compare_json_front_is_the_non_dominated_full_rows(tmp_path, ray_session, digits_teacher):
+    study = tmp_path / "tiny.toml"
+    study.write_text("""
+name = "tiny"
+dataset = "digits"
+[recipe]
+epochs = 4
+[search]
+samples = 6
+[search.space.geometry]
+type = "loguniform"
+low = 1.0
+high = 1000.0
+[search.space.momentum]
+type = "uniform"
+low = 0.0
+high = 0.99
+[asha]
+grace_period = 2
+""")
+    out = tmp_path / "res"
+    r = runner.invoke(app, ["tune", str(study), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "Pareto front" in r.output and "Leaderboard" in r.output
+    meta = json.loads((out / "study.json").read_text())
+    assert meta["ended"] and meta["environment"]["versions"]["ray"] and meta["study"]["samples"] == 6
+
+    r = runner.invoke(app, ["compare", str(out), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert {"leaderboard", "front", "hypervolume", "reference_point", "knee"} <= set(doc)
+    trials = pd.read_csv(out / "trials.csv")
+    full = trials[trials["fidelity"] == "full"].reset_index(drop=True)
+    mask = _brute_front(full[["test_top1", "test_geom_corr"]].to_numpy())
+    assert sorted(t["trial_id"] for t in doc["front"]) == sorted(full.loc[mask, "trial_id"])
+    assert doc["knee"]["trial_id"] in {t["trial_id"] for t in doc["front"]}
+
+    plot = tmp_path / "front.png"
+    r = runner.invoke(app, ["compare", str(out), "--plot", str(plot), "--format", "md"])
+    assert r.exit_code == 0 and plot.read_bytes()[:4] == b"\x89PNG"
+    assert r.stdout.startswith("| method |") and "wrote" in r.stderr
+
+
+def test_compare_skips_a_bad_folder_and_fails_when_nothing_is_readable(tmp_path, digits_teacher):
+    good = tmp_path / "good"
+    assert runner.invoke(app, ["train", "--method", "baseline", "--epochs", "1", "--out", str(good)]).exit_code == 0
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "study.json").write_text("{ half-written")
+    r = runner.invoke(app, ["compare", str(good), str(bad), "--format", "csv"])
+    assert r.exit_code == 0, r.output
+    assert "corrupt JSON" in r.output and "baseline" in r.output
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "study.json").write_text("{}")
+    (torn / "trials.csv").write_bytes(b"trial_id,status\n\xff\xfe\x00")
+    _one_line_error(runner.invoke(app, ["compare", str(bad)]), "bad/study.json: corrupt JSON")
+    r = runner.invoke(app, ["compare", str(torn), str(bad)])
+    assert r.exit_code == 2 and "Traceback" not in r.output and "nothing readable" in r.output, r.output
+
+
+def test_studies_lists_every_bundled_study():
+    r = runner.invoke(app, ["studies"])
+    assert r.exit_code == 0
+    for name in ("digits", "digits-paper", "synthetic-search", "cifar100-paper", "cifar100-search"):
+        assert name in r.output
