@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import sys
 import time
 from enum import Enum
@@ -37,10 +36,10 @@ def _errors(fn):
             return fn(*args, **kwargs)
         except (StudyError, DataError, ResultsError) as e:
             err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/yellow]")
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -101,7 +100,7 @@ def _teacher(data, dataset: str, arch: str | None, epochs: int | None, seed: int
 @_errors
 def train(
     dataset: Annotated[str, typer.Option(help="digits | synthetic | cifar10 | cifar100")] = "digits",
-    method: Annotated[str, typer.Option(help="baseline | kd | feature | geometry | geometry_only")] = "geometry",
+    method: Annotated[str, typer.Option(help="baseline | kd | feature | geometry | geometry_only | rkd | sp | cc | dkd")] = "geometry",
     student: Annotated[Optional[str], typer.Option(help="student model (default: the data set's)")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="teacher model (default: the data set's)")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="student epochs (default: the data set's recipe)")] = None,
@@ -119,9 +118,10 @@ def train(
 ):
     """Distill one student (training or loading the teacher first) and print its metrics.
 
-    Term weights and recipe fields: ce, kd, temperature, feature, geometry, momentum (centroid
-    momentum), epochs, batch_size, lr, sgd_momentum, weight_decay, schedule (cosine | step |
-    constant), warmup_epochs.
+    --set keys: term weights ce, kd, feature, geometry, rkd, sp, cc, dkd; their hyperparameters
+    temperature, momentum (centroid momentum), rkd_distance, rkd_angle, cc_gamma, cc_order,
+    dkd_alpha, dkd_beta, dkd_warmup; recipe fields epochs, batch_size, lr, sgd_momentum,
+    weight_decay, schedule (cosine | step | constant), warmup_epochs.
     """
     from . import results
     from .data import load_data
@@ -326,6 +326,8 @@ def tune(
     if summary["trials"] < s.trial_count():
         err.print(f"[yellow]interrupted after {summary['trials']} of {s.trial_count()} trials[/yellow]; continue with: "
                   f"kdbench tune {study} --out {folder} --resume", highlight=False)
+        _compare([Path(summary["out"])], ("method",), None, "table", False, top=10)
+        raise typer.Exit(130)
     _compare([Path(summary["out"])], ("method",), None, "table", False, top=10)
 
 

@@ -232,12 +232,12 @@ def synthetic_images(n_per_class: int, seed: int, num_classes: int = 100, superc
         return torch.nn.functional.interpolate(z, size=(32, 32), mode="bicubic", align_corners=False)
 
     coarse = torch.arange(num_classes) % superclasses  # (C,)
-    proto = smooth(superclasses, 1.0)[coarse] + smooth(num_classes, 0.6)  # (C, 3, 32, 32)
+    proto = smooth(superclasses, 1.0)[coarse] + smooth(num_classes, 0.35)  # (C, 3, 32, 32)
     y = torch.arange(num_classes).repeat_interleave(n_per_class)
     x = proto[y]
     shifts = torch.randint(-3, 4, (len(y), 2), generator=g)
     x = torch.stack([torch.roll(img, (int(a), int(b)), dims=(1, 2)) for img, (a, b) in zip(x, shifts)])
-    x = x + 0.5 * torch.randn(x.shape, generator=g)
+    x = x + 0.9 * torch.randn(x.shape, generator=g)
     x = ((x.clamp(-2.5, 2.5) + 2.5) * (255 / 5)).round().to(torch.uint8)
     return x.numpy(), y.numpy(), coarse.numpy()
 

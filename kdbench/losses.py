@@ -7,12 +7,14 @@ The training loop owns everything a term needs besides tensors (the teacher forw
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from .geometry import similarity_matrix
 
-__all__ = ["kd", "feature", "geometry", "LOSSES"]
+__all__ = ["kd", "feature", "geometry", "rkd", "sp", "cc", "dkd", "LOSSES"]
 
 
 def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -49,4 +51,104 @@ def geometry(student_centroids: torch.Tensor, teacher_centroids: torch.Tensor) -
     return ((s - t) ** 2)[off].mean()
 
 
-LOSSES = {"kd": kd, "feature": feature, "geometry": geometry}
+def _pairwise_distances(e: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances ``(B, B)``; exact zeros (diagonal, repeated samples) with finite gradients."""
+    sq = (e[:, None, :] - e[None, :, :]).pow(2).sum(-1)
+    return torch.where(sq > 0, sq.clamp(min=1e-12).sqrt(), torch.zeros_like(sq))
+
+
+def _mean_normalised(d: torch.Tensor) -> torch.Tensor:
+    """Divide by the mean of the non-zero entries (a batch of identical samples stays all zero)."""
+    nonzero = d > 0
+    mean = d.sum() / nonzero.sum().clamp(min=1)
+    return d / mean.clamp(min=1e-12)
+
+
+def _angles(e: torch.Tensor) -> torch.Tensor:
+    """``a[j, i, k]`` = cosine between ``e_i - e_j`` and ``e_k - e_j``; zero differences stay zero."""
+    diff = F.normalize(e[None, :, :] - e[:, None, :], p=2, dim=2)  # (B, B, d): diff[j, i] ~ e_i - e_j
+    return torch.bmm(diff, diff.transpose(1, 2))  # (B, B, B)
+
+
+def rkd(student_features: torch.Tensor, teacher_features: torch.Tensor, distance_weight: float = 25.0,
+        angle_weight: float = 50.0) -> torch.Tensor:
+    """Relational KD, Park et al., CVPR 2019: match pairwise distances and triplet angles.
+
+    Distance term: pairwise Euclidean distances, each side divided by the mean of its non-zero
+    distances, smooth-L1 (beta = 1) averaged over all B x B entries. Angle term: for every triplet
+    (i, j, k) the cosine between the L2-normalised ``e_i - e_j`` and ``e_k - e_j``, smooth-L1 averaged
+    over all B x B x B entries. Returns ``distance_weight * L_d + angle_weight * L_a``.
+    """
+    s, t = student_features.float(), teacher_features.float().detach()
+    loss_d = F.smooth_l1_loss(_mean_normalised(_pairwise_distances(s)), _mean_normalised(_pairwise_distances(t)),
+                              beta=1.0)
+    loss_a = F.smooth_l1_loss(_angles(s), _angles(t), beta=1.0)
+    return distance_weight * loss_d + angle_weight * loss_a
+
+
+def sp(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """Similarity-preserving KD, Tung & Mori, ICCV 2019: match the batch's row-normalised Gram matrices.
+
+    ``G = F F^T`` per side (``F`` the batch of flattened features), each row L2-normalised;
+    loss ``||G_s - G_t||_F^2 / B^2``.
+    """
+    b = student_features.shape[0]
+    gs = F.normalize(student_features.float().reshape(b, -1) @ student_features.float().reshape(b, -1).T, dim=1)
+    t = teacher_features.float().detach().reshape(b, -1)
+    gt = F.normalize(t @ t.T, dim=1)
+    return (gs - gt).pow(2).sum() / (b * b)
+
+
+def _taylor_rbf(e: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
+    """``K_ij = sum_{p=0..order} exp(-2 gamma) (2 gamma)^p / p! (f_i . f_j)^p`` on L2-normalised rows."""
+    z = F.normalize(e, dim=1)
+    sim = z @ z.T
+    k = torch.zeros_like(sim)
+    for p in range(order + 1):
+        k = k + math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * sim.pow(p)
+    return k
+
+
+def cc(student_embedding: torch.Tensor, teacher_embedding: torch.Tensor, gamma: float = 0.4,
+       order: int = 2) -> torch.Tensor:
+    """Correlation congruence, Peng et al., ICCV 2019: match the batch's sample-correlation matrices.
+
+    Embeddings are L2-normalised and correlated with the p-th order Taylor expansion of the Gaussian
+    RBF kernel, ``K_ij = sum_p exp(-2 gamma) (2 gamma)^p / p! (f_i . f_j)^p``; loss
+    ``||K_s - K_t||_F^2 / B^2``. This follows the paper's equations: public implementations disagree
+    (RepDistiller's ``Correlation`` uses batch-shifted differences of embeddings, not this kernel).
+    ``K`` is B x B whatever the widths; the loop still gives the student a trainable projection to
+    the teacher's width, as the paper's embedding does.
+    """
+    b = student_embedding.shape[0]
+    ks = _taylor_rbf(student_embedding.float(), gamma, order)
+    kt = _taylor_rbf(teacher_embedding.float().detach(), gamma, order)
+    return (ks - kt).pow(2).sum() / (b * b)
+
+
+def dkd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, alpha: float = 1.0,
+        beta: float = 8.0, temperature: float = 4.0) -> torch.Tensor:
+    """Decoupled KD, Zhao et al., CVPR 2022: ``alpha * TCKD + beta * NCKD``.
+
+    TCKD: KL between the teacher's and the student's binary (target, rest) distributions at
+    temperature T. NCKD: KL between the distributions over the non-target classes (the target logit
+    masked out). Each KL summed over classes, times T^2, averaged over the batch. Computed in log
+    space, so confident predictions stay finite. The warm-up ramp belongs to the training loop.
+    """
+    T = temperature
+    s, t = student_logits.float() / T, teacher_logits.float().detach() / T
+    gt = F.one_hot(target, s.shape[1]).bool()
+    log_ps, log_pt = F.log_softmax(s, dim=1), F.log_softmax(t, dim=1)
+
+    def binary(log_p):  # (B, 2): log p(target), log p(rest)
+        tgt = log_p.masked_fill(~gt, -1e4).logsumexp(1)
+        rest = log_p.masked_fill(gt, -1e4).logsumexp(1)
+        return torch.stack([tgt, rest], dim=1)
+
+    tckd = F.kl_div(binary(log_ps), binary(log_pt), reduction="batchmean", log_target=True) * T * T
+    nckd = F.kl_div(F.log_softmax(s.masked_fill(gt, -1e4), dim=1), F.log_softmax(t.masked_fill(gt, -1e4), dim=1),
+                    reduction="batchmean", log_target=True) * T * T
+    return alpha * tckd + beta * nckd
+
+
+LOSSES = {"kd": kd, "feature": feature, "geometry": geometry, "rkd": rkd, "sp": sp, "cc": cc, "dkd": dkd}

@@ -40,7 +40,8 @@ class StudyError(ValueError):
 _RULES = {  # field -> (minimum, maximum, minimum is exclusive); None = unbounded
     "epochs": (1, None, False), "batch_size": (2, None, False), "lr": (0, None, True),
     "sgd_momentum": (0, 1, False), "weight_decay": (0, None, False), "warmup_epochs": (0, None, False),
-    "temperature": (0, None, True), "momentum": (0, 0.999, False),
+    "temperature": (0, None, True), "momentum": (0, 0.999, False), "cc_gamma": (0, None, True),
+    "cc_order": (0, 8, False), "dkd_warmup": (0, 1, False),
 }
 
 

@@ -33,15 +33,30 @@ __all__ = ["Method", "Recipe", "TrainConfig", "Teacher", "METHODS", "DATASET_DEF
 
 @dataclass(frozen=True)
 class Method:
-    """Term weights of the student loss and the terms' own hyperparameters (DESIGN §4)."""
+    """Term weights of the student loss and the terms' own hyperparameters (DESIGN §4).
+
+    A term is on when its weight (``ce``, ``kd``, ``feature``, ``geometry``, ``rkd``, ``sp``, ``cc``,
+    ``dkd``) is non-zero; any preset can be turned into a combination by setting more weights.
+    """
 
     name: str = "baseline"
     ce: float = 1.0
     kd: float = 0.0
-    temperature: float = 4.0  # T of the kd term
+    temperature: float = 4.0  # T of the kd and dkd terms
     feature: float = 0.0
     geometry: float = 0.0  # lambda
     momentum: float = 0.9  # centroid momentum m of the geometry term
+    rkd: float = 0.0
+    rkd_distance: float = 25.0
+    rkd_angle: float = 50.0
+    sp: float = 0.0
+    cc: float = 0.0
+    cc_gamma: float = 0.4
+    cc_order: int = 2
+    dkd: float = 0.0
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    dkd_warmup: float = 1 / 12  # fraction of the run over which the dkd weight ramps up (20 of 240 epochs)
 
     @property
     def terms(self) -> dict[str, float]:
@@ -50,17 +65,47 @@ class Method:
 
     @property
     def needs_teacher_forward(self) -> bool:
-        return any(t in self.terms for t in ("kd", "feature"))
+        """Whether a term reads the teacher's per-batch outputs (geometry only reads cached centroids)."""
+        return any(t in self.terms for t in ("kd", "feature", "rkd", "sp", "cc", "dkd"))
 
 
-# Presets are just term weights; a study or --set overrides any of them.
+# Presets are just term weights; a study or --set overrides any of them. Weights of the zoo are the
+# published CIFAR-100 settings: RKD 25/50 with CE (Park et al.; RepDistiller), SP 3000 (RepDistiller),
+# CC 0.02 with gamma 0.4 and a 2nd-order kernel (RepDistiller, Peng et al.), DKD alpha 1, beta 8, T 4
+# with CE and a 20-of-240-epoch warm-up (Zhao et al.; mdistiller).
 METHODS: dict[str, Method] = {
     "baseline": Method("baseline"),
     "kd": Method("kd", ce=0.1, kd=0.9, temperature=4.0),
     "feature": Method("feature", ce=1.0, feature=1.0),
     "geometry": Method("geometry", ce=0.1, kd=0.9, temperature=4.0, geometry=100.0, momentum=0.9),
     "geometry_only": Method("geometry_only", ce=1.0, geometry=100.0, momentum=0.9),
+    "rkd": Method("rkd", ce=1.0, rkd=1.0),
+    "sp": Method("sp", ce=1.0, sp=3000.0),
+    "cc": Method("cc", ce=1.0, cc=0.02),
+    "dkd": Method("dkd", ce=1.0, dkd=1.0, temperature=4.0),
 }
+
+
+def _term(name: str, m: Method, b: dict) -> torch.Tensor:
+    """One loss term on one batch. ``b``: the student's feat/logits, the labels, the teacher's
+    t_feat/t_logits, and the loop's trainable extras (projections, centroid memory)."""
+    if name == "ce":
+        return F.cross_entropy(b["logits"], b["y"])
+    if name == "kd":
+        return losses.kd(b["logits"], b["t_logits"], m.temperature)
+    if name == "feature":
+        return losses.feature(b["proj"](b["feat"]), b["t_feat"])
+    if name == "geometry":
+        return losses.geometry(b["memory"](b["feat"], b["y"]), b["t_centroids"])
+    if name == "rkd":
+        return losses.rkd(b["feat"], b["t_feat"], m.rkd_distance, m.rkd_angle)
+    if name == "sp":
+        return losses.sp(b["feat"], b["t_feat"])
+    if name == "cc":
+        return losses.cc(b["proj"](b["feat"]), b["t_feat"], m.cc_gamma, int(m.cc_order))
+    if name == "dkd":
+        return losses.dkd(b["logits"], b["t_logits"], b["y"], m.dkd_alpha, m.dkd_beta, m.temperature)
+    raise KeyError(name)
 
 
 @dataclass(frozen=True)
@@ -81,7 +126,7 @@ SCHEDULES = ("cosine", "step", "constant")
 # Models and recipe per data set when the user names none.
 DATASET_DEFAULTS: dict[str, dict] = {
     "digits": dict(teacher="cnn_teacher", student="cnn_student", recipe=Recipe(epochs=30, batch_size=64, lr=0.05)),
-    "synthetic": dict(teacher="cnn_teacher", student="cnn_student", recipe=Recipe(epochs=15, batch_size=64, lr=0.05)),
+    "synthetic": dict(teacher="cnn_teacher", student="cnn_student", recipe=Recipe(epochs=10, batch_size=64, lr=0.05)),
     "cifar10": dict(teacher="resnet50", student="resnet18", recipe=Recipe(epochs=30, batch_size=64, lr=0.05)),
     "cifar100": dict(teacher="resnet50", student="resnet18", recipe=Recipe(epochs=30, batch_size=64, lr=0.05)),
 }
@@ -204,7 +249,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
     if device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
     extras = nn.ModuleDict()
-    if "feature" in terms:  # FitNets regressor d_s -> d_t, trained with the student
+    if "feature" in terms or "cc" in terms:  # FitNets regressor / CC embedding d_s -> d_t, trained with the student
         extras["proj"] = nn.Linear(student.feature_dim, teacher.centroids.shape[1]).to(device)
     params = [*student.parameters(), *extras.parameters()]
     decay = [p for p in params if p.ndim > 1]  # no weight decay on BN and biases
@@ -223,7 +268,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             f, _ = forward_all(teacher.model, x, data)
             views[split] = {"features": f.clone(),
                             "S": similarity_matrix(class_centroids(f, y, data.num_classes)).clone()}
-    memory = None
+    memory, t_centroids = None, None
     if "geometry" in terms:
         memory = CentroidMemory(data.num_classes, student.feature_dim, method.momentum).to(device)
         memory.fill(*_train_features(student, data))  # every slot starts at the initial student's centroid
@@ -257,16 +302,13 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             with _autocast(device):
                 feat, logits = net(x)
             feat, logits = feat.float(), logits.float()
-            parts = []
-            for name in terms:  # the weighted sum of the method's terms; everything else is shared
-                if name == "ce":
-                    parts.append(F.cross_entropy(logits, y))
-                elif name == "kd":
-                    parts.append(losses.kd(logits, t_logits, method.temperature))
-                elif name == "feature":
-                    parts.append(losses.feature(extras["proj"](feat), t_feat))
-                elif name == "geometry":
-                    parts.append(losses.geometry(memory(feat, y), t_centroids))
+            b = {"feat": feat, "logits": logits, "y": y, **extras, "memory": memory, "t_centroids": t_centroids}
+            if method.needs_teacher_forward:
+                b |= {"t_feat": t_feat, "t_logits": t_logits}
+            parts = [_term(name, method, b) for name in terms]  # everything else is shared by all methods
+            if "dkd" in terms:  # DKD's warm-up: its weight ramps linearly over the first dkd_warmup of the run
+                i = list(terms).index("dkd")
+                parts[i] = parts[i] * min(1.0, step / max(method.dkd_warmup * total_steps, 1.0))
             parts = torch.stack(parts)
             loss = (parts * weights).sum()
             opt.zero_grad(set_to_none=True)

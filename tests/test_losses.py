@@ -91,3 +91,145 @@ def test_geometry_sends_gradient_to_student_only():
     cs.grad = None
     losses.geometry(cs, frozen.clone()).backward()
     assert cs.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The method zoo: each loss against an independent float64 computation written out by hand
+
+
+def _smooth_l1(x):
+    x = abs(x)
+    return 0.5 * x * x if x < 1 else x - 0.5
+
+
+def _rkd_by_hand(s, t, wd, wa):
+    s, t = s.double().tolist(), t.double().tolist()
+    b = len(s)
+
+    def dist(e):
+        d = [[sum((a - c) ** 2 for a, c in zip(e[i], e[j])) ** 0.5 for j in range(b)] for i in range(b)]
+        nz = [v for row in d for v in row if v > 0]
+        mean = sum(nz) / len(nz) if nz else 1.0
+        return [[v / mean for v in row] for row in d]
+
+    def unit(v):
+        n = sum(x * x for x in v) ** 0.5
+        return [x / n for x in v] if n > 0 else [0.0 for _ in v]
+
+    def angle(e, i, j, k):
+        u = unit([a - c for a, c in zip(e[i], e[j])])
+        w = unit([a - c for a, c in zip(e[k], e[j])])
+        return sum(x * y for x, y in zip(u, w))
+
+    ds, dt = dist(s), dist(t)
+    ld = sum(_smooth_l1(ds[i][j] - dt[i][j]) for i in range(b) for j in range(b)) / b ** 2
+    la = sum(_smooth_l1(angle(s, i, j, k) - angle(t, i, j, k))
+             for i in range(b) for j in range(b) for k in range(b)) / b ** 3
+    return wd * ld + wa * la
+
+
+def _sp_by_hand(s, t):
+    b = s.shape[0]
+
+    def g(f):
+        f = f.double().reshape(b, -1)
+        gram = f @ f.T
+        return gram / gram.norm(dim=1, keepdim=True)
+
+    return ((g(s) - g(t)) ** 2).sum().item() / b ** 2
+
+
+def _cc_by_hand(s, t, gamma, order):
+    b = s.shape[0]
+
+    def kernel(e):
+        e = e.double()
+        k = torch.zeros(b, b, dtype=torch.float64)
+        for i in range(b):
+            for j in range(b):
+                x = (e[i] @ e[j]) / (e[i].norm() * e[j].norm())
+                k[i, j] = sum(math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * x ** p
+                              for p in range(order + 1))
+        return k
+
+    return ((kernel(s) - kernel(t)) ** 2).sum().item() / b ** 2
+
+
+def _dkd_by_hand(s, t, y, alpha, beta, T):
+    s, t = s.double() / T, t.double() / T
+    total = 0.0
+    for i in range(s.shape[0]):
+        ps, pt = torch.softmax(s[i], 0), torch.softmax(t[i], 0)
+        c = int(y[i])
+        bs, bt = torch.stack([ps[c], 1 - ps[c]]), torch.stack([pt[c], 1 - pt[c]])
+        tckd = (bt * (bt / bs).log()).sum()
+        keep = [k for k in range(s.shape[1]) if k != c]
+        qs, qt = torch.softmax(s[i, keep], 0), torch.softmax(t[i, keep], 0)
+        nckd = (qt * (qt / qs).log()).sum()
+        total += (alpha * tckd + beta * nckd).item() * T * T
+    return total / s.shape[0]
+
+
+def test_rkd_matches_written_out_distances_and_angles():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 3, generator=g), torch.randn(5, 7, generator=g) * 4
+    assert losses.rkd(s.double(), t.double(), 25.0, 50.0).item() == pytest.approx(_rkd_by_hand(s, t, 25.0, 50.0), abs=1e-5)
+
+
+def test_sp_matches_row_normalised_gram_by_hand():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(6, 4, generator=g), torch.randn(6, 9, generator=g)
+    assert losses.sp(s.double(), t.double()).item() == pytest.approx(_sp_by_hand(s, t), abs=1e-5)
+
+
+@pytest.mark.parametrize("order", [0, 1, 2, 3])
+def test_cc_matches_taylor_kernel_by_hand(order):
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    assert losses.cc(s.double(), t.double(), 0.4, order).item() == pytest.approx(_cc_by_hand(s, t, 0.4, order), abs=1e-5)
+
+
+@pytest.mark.parametrize("alpha, beta, T", [(1.0, 8.0, 4.0), (0.5, 2.0, 1.0)])
+def test_dkd_matches_binary_and_non_target_kl_by_hand(alpha, beta, T):
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(8, 6, generator=g) * 2, torch.randn(8, 6, generator=g) * 2
+    y = torch.randint(0, 6, (8,), generator=g)
+    got = losses.dkd(s.double(), t.double(), y, alpha, beta, T).item()
+    assert got == pytest.approx(_dkd_by_hand(s, t, y, alpha, beta, T), abs=1e-5)
+
+
+ZOO = {
+    "rkd": lambda s, t, y: losses.rkd(s, t),
+    "sp": lambda s, t, y: losses.sp(s, t),
+    "cc": lambda s, t, y: losses.cc(s, t),
+    "dkd": lambda s, t, y: losses.dkd(s, t, y),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_loss_is_zero_when_student_equals_teacher(name):
+    x = torch.randn(6, 5)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    assert ZOO[name](x.clone(), x.clone(), y).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("batch", ["one_class", "repeated", "two"])
+def test_zoo_loss_is_finite_with_finite_gradient_on_degenerate_batches(name, batch):
+    g = torch.Generator().manual_seed(4)
+    if batch == "one_class":
+        s, t, y = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g), torch.zeros(6, dtype=torch.long)
+    elif batch == "repeated":
+        s, t, y = torch.randn(1, 5, generator=g).repeat(6, 1), torch.randn(1, 5, generator=g).repeat(6, 1), torch.zeros(6, dtype=torch.long)
+    else:
+        s, t, y = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g), torch.tensor([0, 1])
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    loss = ZOO[name](s, t, y)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    assert t.grad is None  # gradient to the student only
+
+
+def test_geometry_and_zoo_losses_are_registered():
+    assert set(losses.LOSSES) == {"kd", "feature", "geometry", "rkd", "sp", "cc", "dkd"}
