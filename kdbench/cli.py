@@ -323,6 +323,8 @@ def tune(
                             verbose=verbose, on_update=on_update, on_teacher=on_teacher,
                             on_teacher_ready=on_teacher_ready)
     err.print(f"\n{summary['trials']} trials in {summary['seconds']:.0f} s → {summary['out']}")
+    if summary["trials"] == s.trial_count():
+        _compare([Path(summary["out"])], ("method",), None, "none", False, save=True)
     if summary["trials"] < s.trial_count():
         err.print(f"[yellow]interrupted after {summary['trials']} of {s.trial_count()} trials[/yellow]; continue with: "
                   f"kdbench tune {study} --out {folder} --resume", highlight=False)
@@ -339,6 +341,7 @@ def compare(
     plot: Annotated[Optional[Path], typer.Option(help="write the accuracy-vs-geometry plot (PNG) here")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table | md | csv | json")] = "table",
     val: Annotated[bool, typer.Option("--val", help="use validation metrics instead of test")] = False,
+    save: Annotated[bool, typer.Option(help="also write leaderboard.md, front.csv and pareto.png into the (single) folder")] = False,
 ):
     """Leaderboard (mean ± std over seeds), Pareto front, hypervolume and knee of results folders."""
     from .results import ResultsError, find_latest
@@ -350,10 +353,12 @@ def compare(
         if latest is None:
             raise ResultsError("results/: no results folder found; run `kdbench tune` first or name a folder")
         folders = [latest]
-    _compare(folders, tuple(c.strip() for c in by.split(",") if c.strip()), plot, fmt, val)
+    if save and len(folders) != 1:
+        raise ResultsError(f"--save: writes into one results folder; got {len(folders)}")
+    _compare(folders, tuple(c.strip() for c in by.split(",") if c.strip()), plot, fmt, val, save=save)
 
 
-def _compare(folders, by, plot, fmt, val, top: int | None = None):
+def _compare(folders, by, plot, fmt, val, top: int | None = None, save: bool = False):
     from . import report
     from .results import ResultsError
 
@@ -378,7 +383,7 @@ def _compare(folders, by, plot, fmt, val, top: int | None = None):
         sys.stdout.write(lb.to_csv(index=False))
     elif fmt == "md":
         sys.stdout.write(report.to_markdown(lb, by))
-    else:
+    elif fmt == "table":
         shown = lb if top is None else lb.head(top)
         out.print(report.leaderboard_table(shown, by, split, f"Leaderboard — {', '.join(f.name for f in loaded)}"))
         out.print(report.front_table(fr, f"Pareto front ({split} top-1 vs {split} geom_corr), "
@@ -390,6 +395,9 @@ def _compare(folders, by, plot, fmt, val, top: int | None = None):
     if plot is not None:
         report.plot_front(df, fr, loaded, plot)
         err.print(f"wrote {plot}")
+    if save:
+        report.save_summary(loaded[0], lb, fr, df, by)
+        err.print(f"wrote leaderboard.md, front.csv and pareto.png in {loaded[0].path}")
 
 
 def main():  # pragma: no cover

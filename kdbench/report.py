@@ -20,7 +20,7 @@ from .pareto import hypervolume_2d, knee_index, pareto_mask
 from .results import Folder, ResultsError, read_folder
 
 __all__ = ["load_folders", "trials_frame", "leaderboard", "front", "Front", "plot_front", "to_markdown",
-           "to_json", "leaderboard_table", "front_table"]
+           "to_json", "leaderboard_table", "front_table", "save_summary"]
 
 LEADER_METRICS = ("best_test_top1", "top1", "geom_corr", "geom_err", "cka", "knn_top1", "params", "train_seconds")
 
@@ -323,9 +323,24 @@ def plot_front(df: pd.DataFrame, fr: Front, folders: list[Folder], path: str | P
     ax.set_ylabel(f"{fr.split} geom_corr (Pearson r of centroid similarities vs teacher)")
     ax.set_title(f"Accuracy vs geometry kept — {', '.join(f.name for f in folders)}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    if len(methods) > 3:  # many methods: the legend beside the axes, not over the points
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+        fig.set_size_inches(9.0, 5.2)
+    else:
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fig.savefig(path)
     plt.close(fig)
+
+
+def save_summary(folder: Folder, lb: pd.DataFrame, fr: Front, df: pd.DataFrame, by: tuple[str, ...]) -> None:
+    """Write ``leaderboard.md``, ``front.csv`` and ``pareto.png`` into a results folder (atomically)."""
+    from .results import write_csv, write_text
+
+    write_text(folder.path / "leaderboard.md", to_markdown(lb, by))
+    write_csv(folder.path / "front.csv", fr.rows)
+    tmp = folder.path / ".pareto.tmp.png"
+    plot_front(df, fr, [folder], tmp)
+    tmp.replace(folder.path / "pareto.png")

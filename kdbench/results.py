@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["write_json", "write_csv", "environment", "ResultsError", "read_folder", "Folder",
+__all__ = ["write_json", "write_text", "write_csv", "environment", "ResultsError", "read_folder", "Folder",
            "TRIAL_COLUMNS", "METRICS", "find_latest"]
 
 # Final metrics of DESIGN §5, one column per split, in a stable order.
@@ -39,9 +39,14 @@ def _tmp(path: Path) -> Path:
 
 def write_json(path: str | Path, obj) -> None:
     """Write JSON atomically (NaN/inf become null)."""
+    write_text(path, json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically."""
     path = Path(path)
     tmp = _tmp(path)
-    tmp.write_text(json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 

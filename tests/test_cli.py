@@ -84,6 +84,9 @@ grace_period = 2
     r = runner.invoke(app, ["tune", str(study), "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert "Pareto front" in r.output and "Leaderboard" in r.output
+    for name in ("trials.csv", "epochs.csv", "optuna.db", "front.csv", "pareto.png", "leaderboard.md"):
+        assert (out / name).is_file(), name
+    assert not any(p.name.startswith(".") for p in out.iterdir())  # no temporary files left behind
     meta = json.loads((out / "study.json").read_text())
     assert meta["ended"] and meta["environment"]["versions"]["ray"] and meta["study"]["samples"] == 6
 

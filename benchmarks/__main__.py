@@ -1,0 +1,86 @@
+"""Speed benchmarks: ratios measured side by side in one run.
+
+    python -m benchmarks [--quick] [--device cpu|cuda] [--json PATH]
+
+Each figure is a ratio of two timings taken in the same process, interleaved repeat by repeat, and
+reported as the median with its min-max over repeats: the machine is shared and noisy, so a lone
+absolute time would say little. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from . import bench
+
+console = Console(stderr=True)
+
+
+def summarise(samples: list[float]) -> dict:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer repeats; skip the (slow) search comparison")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--json", dest="json_path", help="write the figures here as JSON")
+    args = p.parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            console.print("error: --device cuda: CUDA is not available on this machine")
+            return 2
+    repeats = 3 if args.quick else 7
+    figures: dict[str, dict] = {}
+    goals = {"data_path_speedup": ">= 10", "geometry_overhead": "<= 1.03", "step_overhead": "<= 1.10",
+             "search_hv_ratio": ">= 0.95", "search_budget_ratio": "<= 0.5", "ray_overhead": "<= 1.25"}
+    plan = [
+        ("data_path_speedup", lambda: bench.data_path(args.device, repeats)),
+        ("geometry_overhead", lambda: bench.geometry_overhead(args.device, repeats)),
+        ("step_overhead", lambda: bench.step_overhead(args.device, repeats)),
+        ("ray_overhead", lambda: bench.ray_overhead(quick=args.quick)),
+    ]
+    if not args.quick:
+        plan.append(("search", lambda: bench.search_comparison(seeds=(0, 1, 2))))
+    if args.device == "cuda":
+        plan += [("images_per_second", lambda: bench.paper_pair_throughput(repeats)),
+                 ("shared_gpu", lambda: bench.shared_gpu_throughput())]
+    started = time.time()
+    for name, fn in plan:
+        console.print(f"[bold]{name}[/bold] …")
+        t0 = time.time()
+        out = fn()
+        for key, value in out.items():
+            figures[key] = summarise(value) if isinstance(value, list) else value
+        console.print(f"  done in {time.time() - t0:.0f} s")
+
+    table = Table(title=f"kdbench benchmarks ({args.device}{', quick' if args.quick else ''})")
+    for c in ("figure", "median", "min – max", "n", "goal"):
+        table.add_column(c, justify="left" if c in ("figure", "goal") else "right")
+    for key, v in figures.items():
+        if isinstance(v, dict) and "median" in v:
+            table.add_row(key, f"{v['median']:.3f}", f"{v['min']:.3f} – {v['max']:.3f}", str(v["n"]), goals.get(key, ""))
+        elif isinstance(v, (int, float)):
+            table.add_row(key, f"{v:.3f}", "", "1", goals.get(key, ""))
+    Console().print(table)
+    meta = {"device": args.device, "quick": args.quick, "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "seconds": time.time() - started}
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump({**figures, "meta": meta}, f, indent=2)
+        console.print(f"wrote {args.json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""The measurements behind ``python -m benchmarks``. Each returns lists of per-repeat ratios."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdbench import losses
+from kdbench.data import augment, load_data, normalize
+from kdbench.geometry import CentroidMemory
+from kdbench.models import build_model
+from kdbench.train import METHODS, Recipe, TrainConfig, distill, get_teacher
+
+MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)  # CIFAR-100
+
+
+def _sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The data path: kdbench's batched tensor augmentation vs torchvision Dataset + DataLoader
+
+
+class _PILDataset(torch.utils.data.Dataset):
+    """The conventional CIFAR pipeline of the popular KD codebases: PIL images and per-image transforms."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        from PIL import Image
+        import torchvision.transforms as T
+
+        self.images = [Image.fromarray(img.transpose(1, 2, 0)) for img in images]  # HWC uint8
+        self.labels = labels
+        self.transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                                    T.Normalize(MEAN, STD)])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), int(self.labels[i])
+
+
+def data_path(device: str, repeats: int, n_images: int = 10_000, batches: int = 40) -> dict:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(n_images, 3, 32, 32), dtype=np.uint8)
+    labels = rng.integers(0, 100, size=n_images)
+    loader = torch.utils.data.DataLoader(_PILDataset(images, labels), batch_size=64, num_workers=2, shuffle=True,
+                                         persistent_workers=True, drop_last=True)
+    x = torch.from_numpy(images).to(device)
+    y = torch.from_numpy(labels).to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def conventional():
+        for i, (xb, yb) in enumerate(loader):
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            if i + 1 == batches:
+                break
+
+    def kdbench_path():
+        perm = torch.randperm(n_images, device=device, generator=gen)
+        for i in range(batches):
+            idx = perm[i * 64:(i + 1) * 64]
+            xb = normalize(augment(x[idx], 4, True, gen), MEAN, STD)
+            yb = y[idx]
+        return xb, yb
+
+    conventional(), kdbench_path()  # warm up: worker start-up, first allocations
+    ratios, rates = [], []
+    for _ in range(repeats):
+        t_conv = _timed(conventional, device)
+        t_kd = _timed(kdbench_path, device)
+        ratios.append(t_conv / t_kd)
+        rates.append(batches * 64 / t_kd)
+    return {"data_path_speedup": ratios, "data_path_images_per_second": rates}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The geometry term's cost inside a full distillation step (CIFAR-100 shapes)
+
+
+def _step_fn(student, teacher, opt, memory, t_centroids, x, y, temperature=4.0, geometry_weight=0.0):
+    """One distillation step as distill() takes it: teacher forward under inference mode, student
+    forward and backward, optimiser step; KD (+ geometry) on top of CE."""
+
+    def step():
+        with torch.inference_mode():
+            _, t_logits = teacher(x)
+        t_logits = t_logits.clone()
+        feat, logits = student(x)
+        loss = 0.1 * F.cross_entropy(logits, y) + 0.9 * losses.kd(logits, t_logits, temperature)
+        if geometry_weight:
+            loss = loss + geometry_weight * losses.geometry(memory(feat, y), t_centroids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def geometry_overhead(device: str, repeats: int, steps: int = 3) -> dict:
+    torch.manual_seed(0)
+    student = build_model("resnet8x4", 100, 3).to(device)
+    teacher = build_model("resnet32x4", 100, 3).to(device).eval()
+    x = torch.randn(64, 3, 32, 32, device=device)
+    y = torch.randint(0, 100, (64,), device=device)
+    opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+    memory = CentroidMemory(100, student.feature_dim, 0.9).to(device)
+    memory.fill(torch.randn(1000, student.feature_dim, device=device), torch.arange(1000, device=device) % 100)
+    t_centroids = torch.randn(100, teacher.feature_dim, device=device)
+    kd_step = _step_fn(student, teacher, opt, memory, t_centroids, x, y)
+    geo_step = _step_fn(student, teacher, opt, memory, t_centroids, x, y, geometry_weight=100.0)
+    kd_step(), geo_step()  # warm up
+    ratios = []
+    for _ in range(repeats):
+        t_kd = _timed(lambda: [kd_step() for _ in range(steps)], device)
+        t_geo = _timed(lambda: [geo_step() for _ in range(steps)], device)
+        ratios.append(t_geo / t_kd)
+    return {"geometry_overhead": ratios}
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. distill() against a minimal plain-PyTorch loop on the digits models (per-step overhead dominates)
+
+
+def _plain_epoch(data, teacher_model, seed: int, recipe: Recipe):
+    """The smallest loop that trains the same student with the same data, augmentation and KD loss."""
+    torch.manual_seed(seed)
+    student = build_model("cnn_student", data.num_classes, data.in_channels).to(data.train_x.device)
+    opt = torch.optim.SGD(student.parameters(), lr=recipe.lr, momentum=0.9, nesterov=True,
+                          weight_decay=recipe.weight_decay)
+    gen = torch.Generator(device=data.train_x.device).manual_seed(seed)
+    n, bs = data.train_x.shape[0], recipe.batch_size
+
+    def epoch():
+        perm = torch.randperm(n, device=data.train_x.device, generator=gen)
+        for i in range(n // bs):
+            idx = perm[i * bs:(i + 1) * bs]
+            x = normalize(augment(data.train_x[idx], data.pad, data.flip, gen), data.mean, data.std)
+            y = data.train_y[idx]
+            with torch.inference_mode():
+                _, t_logits = teacher_model(x)
+            t_logits = t_logits.clone()
+            _, logits = student(x)
+            loss = 0.1 * F.cross_entropy(logits, y) + 0.9 * losses.kd(logits, t_logits, 4.0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    return epoch
+
+
+def step_overhead(device: str, repeats: int, epochs: int = 5) -> dict:
+    data = load_data("digits", device=device)
+    recipe = Recipe(epochs=epochs)
+    teacher, _ = get_teacher(data, "cnn_teacher", Recipe(epochs=30))
+    cfg = TrainConfig("cnn_student", METHODS["kd"], recipe, seed=0)
+    plain = _plain_epoch(data, teacher.model, 0, recipe)
+    plain(), distill(dataclasses.replace(cfg, recipe=Recipe(epochs=1)), data, teacher)  # warm up
+    train_ratios, wall_ratios = [], []
+    for _ in range(repeats):
+        t_plain = _timed(lambda: [plain() for _ in range(epochs)], device) / epochs
+        t0 = time.perf_counter()
+        res = distill(cfg, data, teacher)
+        wall = (time.perf_counter() - t0) / epochs
+        train_ratios.append((res["train_seconds"] / epochs) / t_plain)
+        wall_ratios.append(wall / t_plain)
+    return {"step_overhead": train_ratios, "step_overhead_with_eval": wall_ratios}
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Ray overhead and peak memory of `kdbench tune` on the default study
+
+
+def _tree_rss_mib(root: int) -> float:
+    """Resident memory of a process and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/statm") as f:
+                rss[int(entry)] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo += children.get(pid, [])
+    return total / 2**20
+
+
+def _run_tune(args: list[str], env: dict) -> tuple[float, float]:
+    """Wall seconds and peak tree RSS (MiB) of one `kdbench tune` subprocess."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "kdbench.cli", "tune", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = [0.0]
+
+    def watch():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], _tree_rss_mib(proc.pid))
+            time.sleep(0.25)
+
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    rc = proc.wait()
+    th.join()
+    if rc != 0:
+        raise RuntimeError(f"kdbench tune {' '.join(args)} exited {rc}")
+    return time.perf_counter() - t0, peak[0]
+
+
+def ray_overhead(quick: bool) -> dict:
+    import pandas as pd
+
+    samples = 8 if quick else 24
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run([sys.executable, "-m", "kdbench.cli", "teacher", "--dataset", "digits"], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # cached before timing
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        wall, peak = _run_tune(["digits", "--samples", str(samples), "--out", str(out)], env)
+        trials = pd.read_csv(out / "trials.csv")
+        concurrency = json.loads((out / "study.json").read_text())["study"]["concurrency"]
+    busy = trials["seconds"].sum() / concurrency
+    return {"ray_overhead": wall / busy, "peak_memory_mib": peak, "ray_overhead_trials": samples,
+            "tune_wall_seconds": wall}
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. ASHA + TPE against random search without early stopping (digits default study)
+
+
+def search_comparison(seeds=(0, 1, 2)) -> dict:
+    import pandas as pd
+
+    from kdbench.pareto import hypervolume_2d
+    from kdbench.search import _init_ray, run_study
+    from kdbench.study import find_study, load_study
+
+    base = load_study(find_study("digits"))
+    data = load_data("digits")
+    teacher, _ = get_teacher(data, base.teacher, base.teacher_recipe)
+    ref_run = distill(TrainConfig(base.student, METHODS["baseline"], base.recipe, 0), data, teacher)
+    reference = (ref_run["val_top1"], ref_run["val_geom_corr"])  # the no-distillation student
+    _init_ray(None, verbose=False)
+    hv_ratios, budget_ratios, raw = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            out = {}
+            for label, changes in (("asha_tpe", {}), ("random", {"sampler": "random", "asha": False})):
+                study = dataclasses.replace(base, seed=seed, name=f"{label}-{seed}", **changes)
+                folder = Path(tmp) / study.name
+                run_study(study, folder)
+                t = pd.read_csv(folder / "trials.csv")
+                full = t[t["fidelity"] == "full"]
+                out[label] = (hypervolume_2d(full[["val_top1", "val_geom_corr"]].to_numpy(), reference),
+                              int(t["epochs"].sum()))
+            hv_ratios.append(out["asha_tpe"][0] / max(out["random"][0], 1e-12))
+            budget_ratios.append(out["asha_tpe"][1] / out["random"][1])
+            raw.append({"seed": seed, **{f"{k}_hv": v[0] for k, v in out.items()},
+                        **{f"{k}_epochs": v[1] for k, v in out.items()}})
+    return {"search_hv_ratio": hv_ratios, "search_budget_ratio": budget_ratios, "search_runs": raw,
+            "search_reference_point": list(reference)}
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. GPU only: the paper's pair, and trials sharing one GPU
+
+
+def paper_pair_throughput(repeats: int, steps: int = 20) -> dict:
+    """Images/s of a geometry distillation step, ResNet-50 -> ResNet-18, batch 64, bf16, channels_last."""
+    device = "cuda"
+    student = build_model("resnet18", 100, 3).to(device, memory_format=torch.channels_last)
+    teacher = build_model("resnet50", 100, 3).to(device, memory_format=torch.channels_last).eval()
+    x = torch.randn(64, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 100, (64,), device=device)
+    opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+    memory = CentroidMemory(100, 512, 0.9).to(device)
+    t_centroids = torch.randn(100, 2048, device=device)
+    step = _step_fn(student, teacher, opt, memory, t_centroids, x, y, geometry_weight=100.0)
+
+    def run():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            for _ in range(steps):
+                step()
+
+    run()
+    return {"images_per_second": [steps * 64 / _timed(run, device) for _ in range(repeats)]}
+
+
+_WORKER = """
+import sys, time, torch
+sys.path.insert(0, {root!r})
+from benchmarks.bench import paper_pair_throughput
+print(paper_pair_throughput(1, steps=50)["images_per_second"][0])
+"""
+
+
+def shared_gpu_throughput() -> dict:
+    """Aggregate images/s of 1, 2 and 4 concurrent trial processes on one GPU (what fractional GPUs in Ray do)."""
+    root = str(Path(__file__).resolve().parents[1])
+    out = {}
+    for k in (1, 2, 4):
+        procs = [subprocess.Popen([sys.executable, "-c", _WORKER.format(root=root)], stdout=subprocess.PIPE, text=True)
+                 for _ in range(k)]
+        rates = [float(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+        out[f"gpu_shared_{k}_images_per_second"] = sum(rates)
+    return out
