@@ -8,6 +8,7 @@ DataLoader workers in the hot loop.
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 from dataclasses import dataclass
@@ -63,32 +64,41 @@ def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | 
     """Random crop with ``pad`` pixels of zero padding and random horizontal flip, per image.
 
     Equivalent to torchvision's ``RandomCrop(H, padding=pad)`` + ``RandomHorizontalFlip()`` applied
-    to each image independently, but done for the whole batch with one gather.
+    to each image independently, but done for the whole batch with one gather: each output pixel
+    reads ``padded[b, c, (dy_b + i) * W' + dx_b + j']`` of the flattened padded image, with ``j'``
+    mirrored for the flipped images.
     """
     b, c, h, w = x.shape  # (B, C, H, W) uint8
+    dev = x.device
+    if pad == 0 and not flip:
+        return x
     if pad > 0:
-        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (b, 1, 1, 1), device=x.device, generator=generator)
-        dx = torch.randint(0, 2 * pad + 1, (b, 1, 1, 1), device=x.device, generator=generator)
-        rows = dy + torch.arange(h, device=x.device).view(1, 1, h, 1)  # (B, 1, H, 1)
-        cols = dx + torch.arange(w, device=x.device).view(1, 1, 1, w)  # (B, 1, 1, W)
-        if flip:  # a flip is a reversed column index: fold it into the same gather
-            mirror = torch.rand((b, 1, 1, 1), device=x.device, generator=generator) < 0.5
-            cols = torch.where(mirror, cols.flip(3), cols)
-        bi = torch.arange(b, device=x.device).view(b, 1, 1, 1)
-        ci = torch.arange(c, device=x.device).view(1, c, 1, 1)
-        return padded[bi, ci, rows, cols]
+        dy = torch.randint(0, 2 * pad + 1, (b, 1, 1), device=dev, generator=generator)
+        dx = torch.randint(0, 2 * pad + 1, (b, 1, 1), device=dev, generator=generator)
+    else:
+        dy = dx = torch.zeros((b, 1, 1), dtype=torch.long, device=dev)
+    cols = torch.arange(w, device=dev).view(1, 1, w)
     if flip:
-        mirror = torch.rand((b, 1, 1, 1), device=x.device, generator=generator) < 0.5
-        return torch.where(mirror, x.flip(3), x)
-    return x
+        mirror = torch.rand((b, 1, 1), device=dev, generator=generator) < 0.5
+        cols = torch.where(mirror, cols.flip(2), cols)  # (B or 1, 1, W)
+    wp = w + 2 * pad
+    rows = torch.arange(h, device=dev).view(1, h, 1)
+    index = ((dy + rows) * wp + dx + cols).view(b, 1, h * w).expand(b, c, h * w)  # (B, C, H*W), a view over C
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad)) if pad else x
+    return padded.reshape(b, c, -1).gather(2, index).view(b, c, h, w)
+
+
+@functools.lru_cache(maxsize=16)
+def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: str):
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device).view(1, -1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, -1, 1, 1)
+    return scale, shift
 
 
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 standardised per channel."""
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255
-    return (x.float() - m) / s
+    """uint8 (B, C, H, W) -> float32 standardised per channel: ``(x / 255 - mean) / std`` in one fused op."""
+    scale, shift = _affine(tuple(mean), tuple(std), str(x.device))
+    return torch.addcmul(shift, x.float(), scale)
 
 
 # ---------------------------------------------------------------------------------------------

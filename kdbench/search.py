@@ -91,12 +91,12 @@ def _sampler(study: Study):
     return optuna.samplers.TPESampler(seed=study.seed)
 
 
-def _trainable(config: dict, study: Study, teacher_path: str, data_root: str, threads: int):
-    """One trial, in a Ray worker: load data and the cached teacher, distill, report every epoch."""
+def _trainable(config: dict, study: Study, teacher_path: str, data, threads: int):
+    """One trial, in a Ray worker: the data set (from the object store) and the cached teacher, distill,
+    report every epoch."""
     torch.set_num_threads(max(1, threads))
     method, recipe, seed = resolve_trial(study, config.get("trial", config))  # grids nest their point
-    device = resolve_device("auto")
-    data = load_data(study.dataset, data_root, study.split_seed, device=device)
+    data = data.to(resolve_device("auto"))
     teacher = load_teacher(teacher_path, data)
     last_epoch = 0
 
@@ -285,7 +285,7 @@ def run_study(study: Study, out: Path, *, resume: bool = False, address: str | N
     teacher, hit = get_teacher(data, study.teacher, study.teacher_recipe, study.teacher_seed, study.split_seed,
                                report=on_teacher)
     on_teacher_ready(teacher.meta, hit)
-    del data
+    data = data.to("cpu")  # loaded once; the trials get it through Ray's object store
 
     out.mkdir(parents=True, exist_ok=True)
     rows, epochs = _read_done(out) if resume else ([], [])
@@ -305,7 +305,7 @@ def run_study(study: Study, out: Path, *, resume: bool = False, address: str | N
         state.counts[r["status"]] = state.counts.get(r["status"], 0) + 1
     remaining = study.trial_count() - done
     if remaining > 0:
-        _fit(study, out, teacher.meta["path"], root, rows, epochs, state, remaining, address, gpus_per_trial,
+        _fit(study, out, teacher.meta["path"], data, rows, epochs, state, remaining, address, gpus_per_trial,
              verbose, on_update)
     meta["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     results.write_json(out / "study.json", meta)
@@ -313,7 +313,7 @@ def run_study(study: Study, out: Path, *, resume: bool = False, address: str | N
             "seconds": time.time() - state.started}
 
 
-def _fit(study, out, teacher_path, root, rows, epochs, state, remaining, address, gpus_per_trial, verbose,
+def _fit(study, out, teacher_path, data, rows, epochs, state, remaining, address, gpus_per_trial, verbose,
          on_update):
     if not verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -325,7 +325,7 @@ def _fit(study, out, teacher_path, root, rows, epochs, state, remaining, address
         if gpus is None:  # automatic: share each GPU among the concurrent trials
             gpus = min(1.0, 1.0 / study.concurrency) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         trainable = tune.with_resources(
-            tune.with_parameters(_trainable, study=study, teacher_path=teacher_path, data_root=root,
+            tune.with_parameters(_trainable, study=study, teacher_path=teacher_path, data=data,
                                  threads=int(study.cpus_per_trial)),
             {"cpu": study.cpus_per_trial, "gpu": gpus})
         if study.is_grid:
@@ -343,8 +343,9 @@ def _fit(study, out, teacher_path, root, rows, epochs, state, remaining, address
         try:
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
+                # reuse_actors: a finished trial's worker process (torch imported, data in memory) runs the next one
                 tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
-                                            max_concurrent_trials=study.concurrency),
+                                            max_concurrent_trials=study.concurrency, reuse_actors=True),
                 run_config=tune.RunConfig(name="ray", storage_path=str(scratch), verbose=1 if verbose else 0,
                                           callbacks=[ResultsWriter(study, out, state, rows, epochs, on_update)],
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
