@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer repeats; skip the (slow) search comparison")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", dest="json_path", help="write the figures here as JSON")
+    p.add_argument("--only", help="comma-separated subset: data,geometry,step,ray,search")
     args = p.parse_args(argv)
     if args.device == "cuda":
         import torch
@@ -55,13 +56,17 @@ def main(argv=None) -> int:
     if args.device == "cuda":
         plan += [("images_per_second", lambda: bench.paper_pair_throughput(repeats)),
                  ("shared_gpu", lambda: bench.shared_gpu_throughput())]
+    if args.only:
+        wanted = {w.strip() for w in args.only.split(",")}
+        plan = [(n, f) for n, f in plan if n.split("_")[0] in wanted or n in wanted]
     started = time.time()
     for name, fn in plan:
         console.print(f"[bold]{name}[/bold] …")
         t0 = time.time()
         out = fn()
         for key, value in out.items():
-            figures[key] = summarise(value) if isinstance(value, list) else value
+            numbers = isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value)
+            figures[key] = summarise(value) if numbers else value
         console.print(f"  done in {time.time() - t0:.0f} s")
 
     table = Table(title=f"kdbench benchmarks ({args.device}{', quick' if args.quick else ''})")

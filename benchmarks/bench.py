@@ -293,7 +293,7 @@ def search_comparison(seeds=(0, 1, 2)) -> dict:
             raw.append({"seed": seed, **{f"{k}_hv": v[0] for k, v in out.items()},
                         **{f"{k}_epochs": v[1] for k, v in out.items()}})
     return {"search_hv_ratio": hv_ratios, "search_budget_ratio": budget_ratios, "search_runs": raw,
-            "search_reference_point": list(reference)}
+            "search_reference_point": {"val_top1": reference[0], "val_geom_corr": reference[1]}}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -191,7 +191,8 @@ class _Reader:
             return None
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             name = "number" if isinstance(kind, tuple) else kind.__name__
-            self.fail(key, value, f"a {name}" + (f" from {', '.join(choices)}" if choices else ""))
+            article = "an" if name[0] in "aeiou" else "a"
+            self.fail(key, value, f"{article} {name}" + (f" from {', '.join(choices)}" if choices else ""))
         if choices is not None and value not in choices:
             self.fail(key, value, ", ".join(map(str, choices)))
         if lo is not None and value < lo:

@@ -129,3 +129,19 @@ def test_studies_lists_every_bundled_study():
     assert r.exit_code == 0
     for name in ("digits", "digits-paper", "synthetic-search", "cifar100-paper", "cifar100-search"):
         assert name in r.output
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('dataset = "digits"\n[grid]\nmethods = ["kd"]\nbogus = 1\n', "grid.bogus: unknown key"),
+    ('dataset = "digits"\n[search]\nsamples = "many"\n[search.space.geometry]\nlow = 1.0\nhigh = 2.0\n',
+     "search.samples = 'many'; allowed: an int"),
+    ('dataset = "digits"\n[search]\n[search.space.geometry]\nlow = 5.0\nhigh = 2.0\n', "allowed: > low"),
+    ('dataset = "digits"\n[search]\n', "search.space = {}; allowed: at least one parameter"),
+    ('dataset = "digits"\nteacher = "giant"\n[grid]\n', "teacher = 'giant'"),
+])
+def test_bad_study_file_is_one_line_and_creates_no_results_folder(tmp_path, text, fragment):
+    study = tmp_path / "bad.toml"
+    study.write_text(text)
+    out = tmp_path / "never"
+    _one_line_error(runner.invoke(app, ["tune", str(study), "--out", str(out)]), "bad.toml", fragment)
+    assert not out.exists()
