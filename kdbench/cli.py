@@ -363,7 +363,8 @@ def _compare(folders, by, plot, fmt, val, top: int | None = None, save: bool = F
     from .results import ResultsError
 
     problems = []
-    loaded = report.load_folders(folders, warn=problems.append)
+    loaded = report.load_folders(folders, skip=problems.append,
+                                 warn=lambda msg: err.print(f"[yellow]warning:[/yellow] {msg}", highlight=False))
     if not loaded and len(problems) == 1:  # one folder, one line
         raise ResultsError(problems[0])
     for msg in problems:

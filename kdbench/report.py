@@ -25,14 +25,14 @@ __all__ = ["load_folders", "trials_frame", "leaderboard", "front", "Front", "plo
 LEADER_METRICS = ("best_test_top1", "top1", "geom_corr", "geom_err", "cka", "knn_top1", "params", "train_seconds")
 
 
-def load_folders(paths: list[str | Path], warn=lambda msg: None) -> list[Folder]:
-    """Read every folder; an unreadable one is named through ``warn`` and skipped."""
+def load_folders(paths: list[str | Path], skip=lambda msg: None, warn=lambda msg: None) -> list[Folder]:
+    """Read every folder; an unreadable one is named through ``skip`` and left out."""
     out = []
     for p in paths:
         try:
             out.append(read_folder(p))
         except ResultsError as e:
-            warn(str(e))
+            skip(str(e))
     datasets = {f.study.get("study", {}).get("dataset") for f in out} - {None}
     if len(datasets) > 1:
         warn(f"comparing studies on different data sets ({', '.join(sorted(datasets))}): numbers are not comparable")
