@@ -1,0 +1,1 @@
+"""Speed benchmarks for kdbench: python -m benchmarks --help."""
