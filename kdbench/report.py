@@ -81,7 +81,7 @@ def leaderboard(df: pd.DataFrame, folders: list[Folder], by: tuple[str, ...] = (
             col = _metric(split, m)
             vals = full[col].astype(float) if col in full.columns else pd.Series(dtype=float)
             row[f"{m}_mean"] = vals.mean() if len(vals) else math.nan
-            row[f"{m}_std"] = vals.std(ddof=1) if len(vals) > 1 else (0.0 if len(vals) else math.nan)
+            row[f"{m}_std"] = vals.std(ddof=1) if len(vals) > 1 else math.nan  # one trial: no spread to show
         rows.append(row)
     lb = pd.DataFrame(rows)
     if lb.empty:

@@ -117,3 +117,33 @@ def test_existing_folder_is_not_overwritten(tmp_path, digits_teacher):
     with pytest.raises(StudyError, match="not empty; pass --resume"):
         run_study(dataclasses.replace(_study(tmp_path), samples=1), out)
     assert (out / "trials.csv").read_text() == "precious\n"
+
+
+def test_kill_9_then_resume_keeps_every_finished_trial(tmp_path, ray_session, digits_teacher):
+    """A real interruption: SIGKILL the `kdbench tune` process mid-search, then --resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    p = tmp_path / "k.toml"
+    p.write_text(STUDY.format(samples=10, name="k"))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "kdbench.cli", "tune", str(p), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (out / "trials.csv").exists() and len(pd.read_csv(out / "trials.csv")) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = pd.read_csv(out / "trials.csv")
+    assert 2 <= len(before) < 10
+    run_study(load_study(p), out, resume=True)
+    after = pd.read_csv(out / "trials.csv")
+    assert len(after) == 10 and after["trial_id"].is_unique
+    pd.testing.assert_frame_equal(after.head(len(before))[before.columns], before)
+    ot = optuna.load_study(study_name="k", storage=f"sqlite:///{out / 'optuna.db'}")
+    assert not [t for t in ot.trials if t.state.name == "RUNNING"]  # those the kill interrupted are marked failed
