@@ -41,10 +41,6 @@ from .train import Method, Recipe, TrainConfig, distill, get_teacher, load_teach
 
 __all__ = ["run_study", "resolve_trial", "SearchState"]
 
-HYPERPARAMETERS = [f.name for f in dataclasses.fields(Method)] + [
-    f.name for f in dataclasses.fields(Recipe) if f.name != "epochs"]
-
-
 def resolve_trial(study: Study, config: dict) -> tuple[Method, Recipe, int]:
     """A trial's config (method name, seed, sampled or fixed values) -> the Method, Recipe and seed it runs."""
     base = study.methods[config.get("method", study.method)]
@@ -91,13 +87,13 @@ def _sampler(study: Study):
     return optuna.samplers.TPESampler(seed=study.seed)
 
 
-def _trainable(config: dict, study: Study, teacher_path: str, data, threads: int):
-    """One trial, in a Ray worker: the data set (from the object store) and the cached teacher, distill,
-    report every epoch."""
+def _trainable(config: dict, study: Study, teacher: dict, data, threads: int):
+    """One trial, in a Ray worker on any machine of the cluster: the data set and the teacher come
+    through Ray's object store (put there once by the driver); distill; report every epoch."""
     torch.set_num_threads(max(1, threads))
     method, recipe, seed = resolve_trial(study, config.get("trial", config))  # grids nest their point
     data = data.to(resolve_device("auto"))
-    teacher = load_teacher(teacher_path, data)
+    teacher = load_teacher(teacher, data)
     last_epoch = 0
 
     def report(row: dict):
@@ -213,7 +209,9 @@ class ResultsWriter(tune.Callback):
         if status == "failed" and not row["failure"]:
             row["failure"] = "the trial raised an error (see Ray's log with --verbose)"
         self.rows.append(row)
-        results.write_csv(self.out / "epochs.csv", self.epochs)  # history first: a trials row never lacks it
+        # History first, so a trials row never lacks it; only finished trials (an interrupted one reruns).
+        finished = {r["trial_id"] for r in self.rows}
+        results.write_csv(self.out / "epochs.csv", [e for e in self.epochs if e["trial_id"] in finished])
         results.write_csv(self.out / "trials.csv", self.rows, results.TRIAL_COLUMNS)
         state.running = max(0, state.running - 1)
         state.counts[status] += 1
@@ -305,7 +303,7 @@ def run_study(study: Study, out: Path, *, resume: bool = False, address: str | N
         state.counts[r["status"]] = state.counts.get(r["status"], 0) + 1
     remaining = study.trial_count() - done
     if remaining > 0:
-        _fit(study, out, teacher.meta["path"], data, rows, epochs, state, remaining, address, gpus_per_trial,
+        _fit(study, out, teacher.blob(), data, rows, epochs, state, remaining, address, gpus_per_trial,
              verbose, on_update)
     meta["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     results.write_json(out / "study.json", meta)
@@ -313,7 +311,7 @@ def run_study(study: Study, out: Path, *, resume: bool = False, address: str | N
             "seconds": time.time() - state.started}
 
 
-def _fit(study, out, teacher_path, data, rows, epochs, state, remaining, address, gpus_per_trial, verbose,
+def _fit(study, out, teacher, data, rows, epochs, state, remaining, address, gpus_per_trial, verbose,
          on_update):
     if not verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -325,7 +323,7 @@ def _fit(study, out, teacher_path, data, rows, epochs, state, remaining, address
         if gpus is None:  # automatic: share each GPU among the concurrent trials
             gpus = min(1.0, 1.0 / study.concurrency) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         trainable = tune.with_resources(
-            tune.with_parameters(_trainable, study=study, teacher_path=teacher_path, data=data,
+            tune.with_parameters(_trainable, study=study, teacher=teacher, data=data,
                                  threads=int(study.cpus_per_trial)),
             {"cpu": study.cpus_per_trial, "gpu": gpus})
         if study.is_grid:

@@ -151,6 +151,11 @@ class Teacher:
     centroids: torch.Tensor
     meta: dict
 
+    def blob(self) -> dict:
+        """Weights, centroids and metadata on the CPU: what the cache file holds, as one picklable dict."""
+        return {"state_dict": {k: v.cpu() for k, v in self.model.state_dict().items()},
+                "centroids": self.centroids.cpu(), "meta": {k: v for k, v in self.meta.items() if k != "path"}}
+
 
 class DivergedError(RuntimeError):
     """The training loss became NaN or infinite."""
@@ -369,17 +374,20 @@ def teacher_key(dataset: str, split_seed: int, arch: str, recipe: Recipe, seed: 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def load_teacher(path: str | Path, data: Data) -> Teacher:
-    """A cached teacher, on ``data``'s device (read with ``weights_only=True``)."""
+def load_teacher(source: str | Path | dict, data: Data) -> Teacher:
+    """A teacher on ``data``'s device, from a cache file (read with ``weights_only=True``) or from the
+    blob ``{"state_dict", "centroids", "meta"}`` that :meth:`Teacher.blob` gives (how trials on other
+    machines of a Ray cluster receive it)."""
     device = data.train_x.device
-    blob = torch.load(path, map_location=device, weights_only=True)
+    blob = source if isinstance(source, dict) else torch.load(source, map_location=device, weights_only=True)
     meta = blob["meta"]
     model = build_model(meta["arch"], data.num_classes, data.in_channels).to(device)
     model.load_state_dict(blob["state_dict"])
     model.eval().requires_grad_(False)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    return Teacher(model, blob["centroids"], {**meta, "path": str(path)})
+    path = {"path": str(source)} if not isinstance(source, dict) else {}
+    return Teacher(model, blob["centroids"].to(device), {**meta, **path})
 
 
 def get_teacher(data: Data, arch: str, recipe: Recipe, seed: int = 0, split_seed: int = 0,
