@@ -245,7 +245,10 @@ def _init_ray(address: str | None, verbose: bool):
     kwargs = dict(include_dashboard=False, log_to_driver=verbose,
                   logging_level=logging.INFO if verbose else logging.ERROR, configure_logging=True)
     if address:
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise StudyError(f"--address {address}: cannot connect to a Ray cluster ({str(e).splitlines()[0]})") from None
     else:  # never attach to a leftover local cluster by accident
         ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
     return True
@@ -284,10 +287,21 @@ def run_study(study: Study, out: Path, *, resume: bool = False, address: str | N
                                report=on_teacher)
     on_teacher_ready(teacher.meta, hit)
     data = data.to("cpu")  # loaded once; the trials get it through Ray's object store
-
-    out.mkdir(parents=True, exist_ok=True)
     rows, epochs = _read_done(out) if resume else ([], [])
-    done = len(rows)
+    remaining = study.trial_count() - len(rows)
+    # Ray before the folder: a cluster that cannot be reached leaves nothing half-written behind.
+    started_ray = _init_ray(address, verbose) if remaining > 0 else False
+    try:
+        return _run(study, out, resume, teacher, hit, device, data, rows, epochs, remaining, gpus_per_trial,
+                    verbose, on_update)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _run(study, out, resume, teacher, hit, device, data, rows, epochs, remaining, gpus_per_trial, verbose,
+         on_update) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
     meta = {"name": study.name, "kind": "grid" if study.is_grid else "search", "study": study.to_dict(),
             "teacher": {k: v for k, v in teacher.meta.items() if k != "path"} | {"cache_hit": hit},
             "environment": results.environment(str(device)), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -301,56 +315,48 @@ def run_study(study: Study, out: Path, *, resume: bool = False, address: str | N
     state = SearchState(total=study.trial_count())
     for r in rows:
         state.counts[r["status"]] = state.counts.get(r["status"], 0) + 1
-    remaining = study.trial_count() - done
     if remaining > 0:
-        _fit(study, out, teacher.blob(), data, rows, epochs, state, remaining, address, gpus_per_trial,
-             verbose, on_update)
+        _fit(study, out, teacher.blob(), data, rows, epochs, state, remaining, gpus_per_trial, verbose, on_update)
     meta["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     results.write_json(out / "study.json", meta)
     return {"out": str(out), "trials": len(rows), "counts": dict(state.counts), "best": dict(state.best),
             "seconds": time.time() - state.started}
 
 
-def _fit(study, out, teacher, data, rows, epochs, state, remaining, address, gpus_per_trial, verbose,
-         on_update):
+def _fit(study, out, teacher, data, rows, epochs, state, remaining, gpus_per_trial, verbose, on_update):
     if not verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         for name in ("ray", "ray.tune", "ray.data", "ray.train"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    started_ray = _init_ray(address, verbose)
+    gpus = gpus_per_trial if gpus_per_trial is not None else study.gpus_per_trial
+    if gpus is None:  # automatic: share each GPU among the concurrent trials
+        gpus = min(1.0, 1.0 / study.concurrency) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, study=study, teacher=teacher, data=data,
+                             threads=int(study.cpus_per_trial)),
+        {"cpu": study.cpus_per_trial, "gpu": gpus})
+    if study.is_grid:
+        finished = {int(r["point"]) for r in rows if "point" in r and r["point"] == r["point"]}
+        todo = [c for c in _trial_configs_grid(study) if c["point"] not in finished]
+        searcher, param_space, num_samples = None, {"trial": tune.grid_search(todo)}, 1
+    else:
+        searcher, param_space, num_samples = _make_searcher(study, out, study.max_epochs), {}, remaining
+    scheduler = None
+    if study.asha:
+        scheduler = tune.schedulers.ASHAScheduler(
+            time_attr="epoch", metric="val_top1", mode="max", max_t=study.max_epochs,
+            grace_period=study.grace_period, reduction_factor=study.reduction_factor)
+    scratch = Path(tempfile.mkdtemp(prefix="kdbench-ray-"))
     try:
-        gpus = gpus_per_trial if gpus_per_trial is not None else study.gpus_per_trial
-        if gpus is None:  # automatic: share each GPU among the concurrent trials
-            gpus = min(1.0, 1.0 / study.concurrency) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        trainable = tune.with_resources(
-            tune.with_parameters(_trainable, study=study, teacher=teacher, data=data,
-                                 threads=int(study.cpus_per_trial)),
-            {"cpu": study.cpus_per_trial, "gpu": gpus})
-        if study.is_grid:
-            finished = {int(r["point"]) for r in rows if "point" in r and r["point"] == r["point"]}
-            todo = [c for c in _trial_configs_grid(study) if c["point"] not in finished]
-            searcher, param_space, num_samples = None, {"trial": tune.grid_search(todo)}, 1
-        else:
-            searcher, param_space, num_samples = _make_searcher(study, out, study.max_epochs), {}, remaining
-        scheduler = None
-        if study.asha:
-            scheduler = tune.schedulers.ASHAScheduler(
-                time_attr="epoch", metric="val_top1", mode="max", max_t=study.max_epochs,
-                grace_period=study.grace_period, reduction_factor=study.reduction_factor)
-        scratch = Path(tempfile.mkdtemp(prefix="kdbench-ray-"))
-        try:
-            tuner = tune.Tuner(
-                trainable, param_space=param_space,
-                # reuse_actors: a finished trial's worker process (torch imported, data in memory) runs the next one
-                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
-                                            max_concurrent_trials=study.concurrency, reuse_actors=True),
-                run_config=tune.RunConfig(name="ray", storage_path=str(scratch), verbose=1 if verbose else 0,
-                                          callbacks=[ResultsWriter(study, out, state, rows, epochs, on_update)],
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                          failure_config=tune.FailureConfig(max_failures=0)))
-            tuner.fit()
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            # reuse_actors: a finished trial's worker process (torch imported, data in memory) runs the next one
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
+                                        max_concurrent_trials=study.concurrency, reuse_actors=True),
+            run_config=tune.RunConfig(name="ray", storage_path=str(scratch), verbose=1 if verbose else 0,
+                                      callbacks=[ResultsWriter(study, out, state, rows, epochs, on_update)],
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                      failure_config=tune.FailureConfig(max_failures=0)))
+        tuner.fit()
     finally:
-        if started_ray:
-            ray.shutdown()
+        shutil.rmtree(scratch, ignore_errors=True)
