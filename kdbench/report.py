@@ -232,7 +232,6 @@ def _front_records(fr: Front, extra: tuple[str, ...] = ()) -> list[dict]:
 
 
 def front_table(fr: Front, title: str) -> Table:
-    x, y = f"{fr.split}_top1", f"{fr.split}_geom_corr"
     t = Table(title=title, caption=f"hypervolume {fr.hypervolume:.3f} above reference ({fr.reference_point[0]:.2f}, "
                                    f"{fr.reference_point[1]:.3f}) [{fr.reference_source}]; ★ = knee")
     hp = [c for c in ("geometry", "temperature", "momentum") if c in fr.rows.columns]
@@ -244,7 +243,6 @@ def front_table(fr: Front, title: str) -> Table:
                   f"{r.get('val_geom_corr', math.nan):.3f}", f"{r.get('test_top1', math.nan):.2f}",
                   f"{r.get('test_geom_corr', math.nan):.3f}", f"{r.get(f'{fr.split}_cka', math.nan):.3f}",
                   f"{r.get(f'{fr.split}_knn_top1', math.nan):.2f}", *[_fmt_key(r.get(h)) for h in hp])
-    _ = (x, y)
     return t
 
 

@@ -141,12 +141,11 @@ class FidelityAwareOptuna(OptunaSearch):
 def _make_searcher(study: Study, out: Path, max_epochs: int) -> FidelityAwareOptuna:
     storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'optuna.db'}")
     # Trials left RUNNING by an interrupted run will never report: mark them failed before resuming.
-    try:
-        old = optuna.load_study(study_name=study.name, storage=storage)
-        for t in old.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-    except KeyError:
-        pass
+    if study.name in optuna.get_all_study_names(storage):
+        study_id = storage.get_study_id_from_name(study.name)
+        for t in storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+            storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
     metrics = [f"val_{o}" for o in study.objectives]
     modes = ["min" if o == "geom_err" else "max" for o in study.objectives]
     # metric/mode go to the searcher only: a TuneConfig metric would silently collapse it to one objective.
