@@ -242,7 +242,7 @@ class _LiveView:
     def __rich__(self):
         s = self.state
         if s is None:
-            return "starting Ray…"
+            return "starting the trials…"
         el = time.time() - s.started
         done = sum(s.counts.values())
         t = Table.grid(padding=(0, 2))
@@ -264,6 +264,7 @@ def tune(
     resume: Annotated[bool, typer.Option(help="continue the interrupted run in --out")] = False,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (e.g. auto); default: a fresh local Ray")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="folder holding the CIFAR archives")] = None,
+    download: Annotated[bool, typer.Option(help="download CIFAR into --data-root if missing")] = False,
     gpus_per_trial: Annotated[Optional[float], typer.Option(help="GPUs per trial; fractions share a GPU")] = None,
     cpus_per_trial: Annotated[Optional[float], typer.Option(help="CPUs per trial")] = None,
     verbose: Annotated[bool, typer.Option(help="show Ray's and Optuna's logs")] = False,
@@ -314,14 +315,23 @@ def tune(
     err.print(f"study {s.name} ({s.path}): {s.trial_count()} trials, "
               f"{'grid' if s.is_grid else s.sampler + ' sampler'}, concurrency {s.concurrency}"
               f"{', ASHA' if s.asha else ''} → {folder}", highlight=False)
-    with Live(view, console=err, refresh_per_second=2, transient=False) as live:
-        def on_update(state):
-            view.state = state
-            live.refresh()
+    live = Live(view, console=err, refresh_per_second=2, transient=False)
+
+    def on_update(state):
+        view.state = state
+        live.refresh()
+
+    def teacher_ready(meta, hit):  # the live view starts once data and teacher are in place
+        on_teacher_ready(meta, hit)
+        live.start()
+
+    try:
         summary = run_study(s, folder, resume=resume, address=address,
-                            data_root=str(data_root) if data_root else None, gpus_per_trial=gpus_per_trial,
-                            verbose=verbose, on_update=on_update, on_teacher=on_teacher,
-                            on_teacher_ready=on_teacher_ready)
+                            data_root=str(data_root) if data_root else None, download=download,
+                            gpus_per_trial=gpus_per_trial, verbose=verbose, on_update=on_update,
+                            on_teacher=on_teacher, on_teacher_ready=teacher_ready)
+    finally:
+        live.stop()
     err.print(f"\n{summary['trials']} trials in {summary['seconds']:.0f} s → {summary['out']}")
     if summary["trials"] == s.trial_count():
         _compare([Path(summary["out"])], ("method",), None, "none", False, save=True)

@@ -254,7 +254,8 @@ def _init_ray(address: str | None, verbose: bool):
 
 
 def run_study(study: Study, out: Path, *, resume: bool = False, address: str | None = None,
-              data_root: str | None = None, gpus_per_trial: float | None = None, verbose: bool = False,
+              data_root: str | None = None, download: bool = False, gpus_per_trial: float | None = None,
+              verbose: bool = False,
               on_update: Callable[[SearchState], None] = lambda s: None,
               on_teacher: Callable[[dict], None] | None = None, on_teacher_ready=lambda meta, hit: None) -> dict:
     """Run (or resume) ``study``, writing its results folder ``out``; return a summary.
@@ -265,6 +266,7 @@ def run_study(study: Study, out: Path, *, resume: bool = False, address: str | N
         resume: continue a previous run in ``out`` (finished trials are neither lost nor rerun).
         address: Ray cluster address (``auto``, ``ray://...``); a fresh local instance when None.
         data_root: folder of the CIFAR archives (overrides the study's).
+        download: fetch CIFAR into ``data_root`` when missing (where the internet is reachable).
         gpus_per_trial: GPUs per trial (fractions share one); None: the study's, else automatic.
         verbose: let Ray and Optuna log.
         on_update: called with the live SearchState whenever a trial starts or ends.
@@ -281,7 +283,7 @@ def run_study(study: Study, out: Path, *, resume: bool = False, address: str | N
     device = resolve_device("auto")
 
     # The teacher, once, before any trial: cache hit or trained here.
-    data = load_data(study.dataset, root, study.split_seed, device=device)
+    data = load_data(study.dataset, root, study.split_seed, download=download, device=device)
     teacher, hit = get_teacher(data, study.teacher, study.teacher_recipe, study.teacher_seed, study.split_seed,
                                report=on_teacher)
     on_teacher_ready(teacher.meta, hit)
