@@ -76,7 +76,8 @@ def _epoch_progress(total: int, label: str):
     return progress, report
 
 
-def _teacher(data, dataset: str, arch: str | None, epochs: int | None, seed: int, retrain: bool = False):
+def _teacher(data, dataset: str, arch: str | None, epochs: int | None, seed: int, retrain: bool = False,
+             flag: str = "--teacher-epochs"):
     from .study import check_value
     from .train import DATASET_DEFAULTS, get_teacher
 
@@ -84,7 +85,7 @@ def _teacher(data, dataset: str, arch: str | None, epochs: int | None, seed: int
     arch = arch or defaults["teacher"]
     recipe = defaults["recipe"]
     if epochs is not None:
-        recipe = dataclasses.replace(recipe, epochs=check_value("epochs", epochs, "--teacher-epochs"))
+        recipe = dataclasses.replace(recipe, epochs=check_value("epochs", epochs, flag))
     progress, report = _epoch_progress(recipe.epochs, f"teacher {arch}")
     with progress:
         teacher, hit = get_teacher(data, arch, recipe, seed, report=report, use_cache=not retrain)
@@ -206,7 +207,7 @@ def teacher(
         raise StudyError(f"--arch {arch!r} is unknown; allowed: {', '.join(MODELS)}")
     dev = _device(device.value)
     data = load_data(dataset, data_root, 0, download, dev)
-    t = _teacher(data, dataset, arch, epochs, seed, retrain)
+    t = _teacher(data, dataset, arch, epochs, seed, retrain, flag="--epochs")
     m = t.meta
     table = Table(title=f"teacher {m['arch']} on {dataset}")
     for c in ("val top-1 %", "test top-1 %", "best-epoch test top-1 %", "test kNN %", "params", "train s"):

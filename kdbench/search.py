@@ -277,6 +277,9 @@ def run_study(study: Study, out: Path, *, resume: bool = False, address: str | N
     if resume:
         if not (out / "study.json").exists():
             raise StudyError(f"--resume {out}: no study.json there; nothing to resume")
+        before = results.read_folder(out).study.get("name")
+        if before != study.name:  # another study's trials would be mixed into this table
+            raise StudyError(f"--resume {out}: holds study {before!r}, not {study.name!r}; allowed: the same study file")
     elif out.exists() and any(out.iterdir()):
         raise StudyError(f"--out {out}: folder exists and is not empty; pass --resume to continue it, or another --out")
     root = str(Path(data_root or study.data_root).expanduser().resolve())

@@ -79,6 +79,11 @@ def test_resume_runs_only_the_missing_trials(tmp_path, ray_session, digits_teach
     pd.testing.assert_frame_equal(after.head(3)[before.columns], before)
     ot = optuna.load_study(study_name="s", storage=f"sqlite:///{out / 'optuna.db'}")
     assert len(ot.trials) == 5
+    from kdbench.study import StudyError
+
+    with pytest.raises(StudyError, match="holds study 's', not 'other'"):
+        run_study(_study(tmp_path, samples=6, name="other"), out, resume=True)
+    assert len(pd.read_csv(out / "trials.csv")) == 5
 
 
 def test_grid_with_asha_records_a_diverged_trial_and_goes_on(tmp_path, ray_session, digits_teacher):
