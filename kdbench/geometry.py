@@ -42,10 +42,13 @@ def _upper(s: torch.Tensor) -> torch.Tensor:
 
 
 def geometry_corr(s_student: torch.Tensor, s_teacher: torch.Tensor) -> float:
-    """Pearson correlation of the strict upper triangles of two similarity matrices (1 = same)."""
+    """Pearson correlation of the strict upper triangles of two similarity matrices (1 = same).
+
+    Clamped to [-1, 1]: identical inputs can round to 1 + 2e-16 on some CPUs.
+    """
     a, b = _upper(s_student).double(), _upper(s_teacher).double()
     a, b = a - a.mean(), b - b.mean()
-    return float((a @ b) / (a.norm() * b.norm()).clamp(min=1e-300))
+    return float(((a @ b) / (a.norm() * b.norm()).clamp(min=1e-300)).clamp(-1.0, 1.0))
 
 
 def geom_err(s_student: torch.Tensor, s_teacher: torch.Tensor) -> float:
@@ -62,7 +65,7 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x.double(), y.double()
     x, y = x - x.mean(0), y - y.mean(0)
     num = (y.T @ x).norm() ** 2
-    return float(num / ((x.T @ x).norm() * (y.T @ y).norm()).clamp(min=1e-300))
+    return float((num / ((x.T @ x).norm() * (y.T @ y).norm()).clamp(min=1e-300)).clamp(0.0, 1.0))  # rounding
 
 
 def knn_top1(ref_features: torch.Tensor, ref_labels: torch.Tensor, query_features: torch.Tensor,

@@ -24,7 +24,7 @@ def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: 
     gradient scale independent of ``T``.
     """
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)  # the teacher is a constant
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature ** 2
 
 
@@ -34,7 +34,7 @@ def feature(student_projected: torch.Tensor, teacher_features: torch.Tensor) -> 
     ``student_projected`` is the student's features through the loop's trainable ``d_s -> d_t``
     projection.
     """
-    return F.mse_loss(student_projected.float(), teacher_features.float())
+    return F.mse_loss(student_projected.float(), teacher_features.detach().float())  # the teacher is a constant
 
 
 def geometry(student_centroids: torch.Tensor, teacher_centroids: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ def geometry(student_centroids: torch.Tensor, teacher_centroids: torch.Tensor) -
     positive rescaling of any centroid; 0 when the two geometries agree.
     """
     s = similarity_matrix(student_centroids.float())
-    t = similarity_matrix(teacher_centroids.float())
+    t = similarity_matrix(teacher_centroids.detach().float())  # the teacher is a constant
     c = s.shape[0]
     off = ~torch.eye(c, dtype=torch.bool, device=s.device)
     return ((s - t) ** 2)[off].mean()

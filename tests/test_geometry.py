@@ -79,3 +79,15 @@ def test_centroid_memory_follows_the_ema_rule_and_scales_gradient():
     assert mem.filled.tolist() == [True, True, True]
     mu[0].sum().backward()
     assert torch.allclose(f.grad[0], torch.full((2,), 1 - m)) and torch.all(f.grad[1] == 0)
+
+
+def test_bounded_metrics_stay_in_range_for_identical_inputs():
+    """A correlation never leaves [-1, 1] and CKA never leaves [0, 1], whatever the rounding."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        c = torch.randn(10, 7, generator=g)
+        s = similarity_matrix(c)
+        assert -1.0 <= geometry_corr(s, s.clone()) <= 1.0 and geometry_corr(s, s) == pytest.approx(1.0)
+        assert -1.0 <= geometry_corr(s, -s) <= 1.0
+        f = torch.randn(30, 5, generator=g)
+        assert 0.0 <= linear_cka(f, f.clone()) <= 1.0 and linear_cka(f, f) == pytest.approx(1.0)

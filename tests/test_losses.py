@@ -233,3 +233,23 @@ def test_zoo_loss_is_finite_with_finite_gradient_on_degenerate_batches(name, bat
 
 def test_geometry_and_zoo_losses_are_registered():
     assert set(losses.LOSSES) == {"kd", "feature", "geometry", "rkd", "sp", "cc", "dkd"}
+
+
+TERMS = {  # every term of LOSSES on (student tensor, teacher tensor, labels)
+    "kd": lambda s, t, y: losses.kd(s, t, 4.0),
+    "feature": lambda s, t, y: losses.feature(s, t),
+    "geometry": lambda s, t, y: losses.geometry(s, t),
+    **ZOO,
+}
+
+
+@pytest.mark.parametrize("name", sorted(TERMS))
+def test_teacher_side_of_every_term_is_a_constant(name):
+    """One rule for all terms: a plain backward() never reaches the teacher's tensor, even when it requires grad."""
+    assert set(TERMS) == set(losses.LOSSES)
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(6, 5, generator=g, requires_grad=True)
+    t = torch.randn(6, 5, generator=g, requires_grad=True)
+    TERMS[name](s, t, torch.tensor([0, 1, 2, 3, 4, 0])).backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+    assert t.grad is None
