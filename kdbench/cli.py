@@ -128,7 +128,7 @@ def train(
     from .data import load_data
     from .models import MODELS
     from .study import StudyError, apply_overrides, parse_sets
-    from .train import DATASET_DEFAULTS, METHODS, TrainConfig, distill
+    from .train import DATASET_DEFAULTS, METHODS, TrainConfig, distill, trial_values
 
     # Validate everything before any work (and before anything is written).
     if dataset not in DATASET_DEFAULTS:
@@ -147,7 +147,8 @@ def train(
     dev = _device(device.value)
 
     data = load_data(dataset, data_root, 0, download, dev)
-    t = _teacher(data, dataset, teacher, teacher_epochs, 0) if set(m.terms) - {"ce"} else None
+    # Every method is measured against the teacher (geometry, CKA), baseline included, as in `tune`.
+    t = _teacher(data, dataset, teacher, teacher_epochs, 0)
     cfg = TrainConfig(student or defaults["student"], m, recipe, seed, compile)
     progress, report = _epoch_progress(recipe.epochs, f"{cfg.student} · {m.name}")
     with progress:
@@ -158,10 +159,14 @@ def train(
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         results.write_csv(out_dir / "epochs.csv", history)
+        tm = t.meta
+        context = {"dataset": dataset, "split_seed": tm["split_seed"], "teacher": tm["arch"], "teacher_recipe": tm["recipe"],
+                   "teacher_seed": tm["seed"], "student": cfg.student, "epochs": recipe.epochs}
         results.write_json(out_dir / "result.json", {
-            "config": {"dataset": dataset, "student": cfg.student, "teacher": t.meta["arch"] if t else None,
+            "config_id": results.config_id(context, trial_values(m, recipe)),
+            "config": {"dataset": dataset, "student": cfg.student, "teacher": tm["arch"],
                        "method": dataclasses.asdict(m), "recipe": dataclasses.asdict(recipe), "seed": seed},
-            "teacher": {k: v for k, v in t.meta.items() if k != "path"} if t else None,
+            "teacher": {k: v for k, v in tm.items() if k != "path"},
             "environment": results.environment(str(dev)), "metrics": res})
         err.print(f"wrote {out_dir / 'result.json'} and {out_dir / 'epochs.csv'}")
 
@@ -235,10 +240,10 @@ def studies():
 
 
 class _LiveView:
-    """The tune view, re-rendered on every refresh so the clock moves."""
+    """The tune (or confirm) view, re-rendered on every refresh so the clock moves."""
 
-    def __init__(self, study):
-        self.study, self.state = study, None
+    def __init__(self, name: str, what: str = "trials"):
+        self.name, self.what, self.state = name, what, None
 
     def __rich__(self):
         s = self.state
@@ -247,7 +252,7 @@ class _LiveView:
         el = time.time() - s.started
         done = sum(s.counts.values())
         t = Table.grid(padding=(0, 2))
-        t.add_row(f"[bold]{self.study.name}[/bold]", f"{done}/{s.total} trials",
+        t.add_row(f"[bold]{self.name}[/bold]", f"{done}/{s.total} {self.what}",
                   f"running {s.running}", f"[green]completed {s.counts.get('completed', 0)}[/green]",
                   f"[yellow]stopped early {s.counts.get('stopped', 0)}[/yellow]",
                   f"[red]failed {s.counts.get('failed', 0)}[/red]", f"{el // 60:.0f}:{el % 60:04.1f}")
@@ -281,16 +286,8 @@ def tune(
         if samples < 1:
             raise StudyError(f"--samples {samples}: allowed: >= 1")
         changes["samples"] = samples
-    if concurrency is not None:
-        if concurrency < 1:
-            raise StudyError(f"--concurrency {concurrency}: allowed: >= 1")
-        changes["concurrency"] = concurrency
-    if cpus_per_trial is not None:
-        if cpus_per_trial <= 0:
-            raise StudyError(f"--cpus-per-trial {cpus_per_trial}: allowed: > 0")
-        changes["cpus_per_trial"] = cpus_per_trial
-    if gpus_per_trial is not None and not 0 <= gpus_per_trial <= 8:
-        raise StudyError(f"--gpus-per-trial {gpus_per_trial}: allowed: 0..8")
+    _check_resources(concurrency, cpus_per_trial, gpus_per_trial)
+    changes |= {k: v for k, v in (("concurrency", concurrency), ("cpus_per_trial", cpus_per_trial)) if v is not None}
     s = dataclasses.replace(s, **changes)
     if resume and out_dir is None:
         raise StudyError("--resume needs --out DIR (the folder of the run to continue)")
@@ -298,7 +295,7 @@ def tune(
 
     from .search import run_study
 
-    view = _LiveView(s)
+    view = _LiveView(s.name)
     teacher_progress = {}
 
     def on_teacher(row):
@@ -335,26 +332,103 @@ def tune(
         live.stop()
     err.print(f"\n{summary['trials']} trials in {summary['seconds']:.0f} s → {summary['out']}")
     if summary["trials"] == s.trial_count():
-        _compare([Path(summary["out"])], ("method",), None, "none", False, save=True)
+        _compare([Path(summary["out"])], ("config",), None, "none", False, save=True)
     if summary["trials"] < s.trial_count():
         err.print(f"[yellow]interrupted after {summary['trials']} of {s.trial_count()} trials[/yellow]; continue with: "
                   f"kdbench tune {study} --out {folder} --resume", highlight=False)
-        _compare([Path(summary["out"])], ("method",), None, "table", False, top=10)
+        _compare([Path(summary["out"])], ("config",), None, "table", False, top=10)
         raise typer.Exit(130)
-    _compare([Path(summary["out"])], ("method",), None, "table", False, top=10)
+    _compare([Path(summary["out"])], ("config",), None, "table", False, top=10)
+
+
+@app.command()
+@_errors
+def confirm(
+    folder: Annotated[Path, typer.Argument(help="results folder of a finished search")],
+    seeds: Annotated[int, typer.Option(help="fresh seeds per configuration (never a seed the search used)")] = 3,
+    top: Annotated[int, typer.Option(help="search configurations to confirm: the validation front first, knee first")] = 3,
+    with_: Annotated[str, typer.Option("--with", help="reference presets to run too (comma-separated), or none")] = "baseline,kd",
+    concurrency: Annotated[Optional[int], typer.Option(help="trials running at once (default: the study's)")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (e.g. auto); default: a fresh local Ray")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="folder holding the CIFAR archives")] = None,
+    gpus_per_trial: Annotated[Optional[float], typer.Option(help="GPUs per trial; fractions share a GPU")] = None,
+    cpus_per_trial: Annotated[Optional[float], typer.Option(help="CPUs per trial")] = None,
+    verbose: Annotated[bool, typer.Option(help="show Ray's logs")] = False,
+):
+    """Retrain a search's best configurations and reference presets on fresh seeds, in the same folder.
+
+    The runs are appended to trials.csv with stage = confirm; `compare` then reports each
+    configuration over its confirmation seeds, with 95% intervals. Running it again adds nothing;
+    after an interruption it runs only the missing (configuration, seed) pairs.
+    """
+    from .results import read_study
+    from .study import StudyError, check_confirm, study_from_dict
+
+    presets = () if with_.strip().lower() == "none" else tuple(m.strip() for m in with_.split(",") if m.strip())
+    meta = read_study(folder)
+    if meta.get("kind") != "search":
+        raise StudyError(f"{folder}: holds a {meta.get('kind', 'single')} run, not a search; a grid needs no "
+                         f"confirmation (its seeds are already there); allowed: the folder of a search")
+    try:
+        methods = study_from_dict(meta["study"]).methods
+    except (KeyError, TypeError, ValueError) as e:
+        raise StudyError(f"{folder / 'study.json'}: not a study this version of kdbench reads ({e!r})") from None
+    c = check_confirm(seeds, top, presets, methods, "--")
+    _check_resources(concurrency, cpus_per_trial, gpus_per_trial)
+
+    from .search import run_confirm
+
+    view = _LiveView(meta.get("name", folder.name), "confirm")
+
+    def on_plan(picked, todo):
+        names = ", ".join(f"{p['config_id']} {p['method']} [{p['from']}]" for p in picked)
+        err.print(f"confirm {folder}: {len(picked)} configurations ({names}) × {c.seeds} seeds; {len(todo)} runs to go",
+                  highlight=False)
+
+    live = Live(view, console=err, refresh_per_second=2, transient=False)
+
+    def on_update(state):
+        view.state = state
+        if not live.is_started:
+            live.start()
+        live.refresh()
+
+    try:
+        summary = run_confirm(folder, c, concurrency=concurrency, cpus_per_trial=cpus_per_trial,
+                              gpus_per_trial=gpus_per_trial, address=address,
+                              data_root=str(data_root) if data_root else None, verbose=verbose,
+                              on_update=on_update, on_plan=on_plan)
+    finally:
+        live.stop()
+    err.print(f"{summary['added']} runs added ({summary['planned']} planned) in {summary['seconds']:.0f} s → {folder}")
+    _compare([folder], ("config",), None, "none", False, save=True)
+    _compare([folder], ("config",), None, "table", False, top=10)
+
+
+def _check_resources(concurrency, cpus_per_trial, gpus_per_trial):
+    from .study import StudyError
+
+    if concurrency is not None and concurrency < 1:
+        raise StudyError(f"--concurrency {concurrency}: allowed: >= 1")
+    if cpus_per_trial is not None and cpus_per_trial <= 0:
+        raise StudyError(f"--cpus-per-trial {cpus_per_trial}: allowed: > 0")
+    if gpus_per_trial is not None and not 0 <= gpus_per_trial <= 8:
+        raise StudyError(f"--gpus-per-trial {gpus_per_trial}: allowed: 0..8")
 
 
 @app.command()
 @_errors
 def compare(
     folders: Annotated[Optional[list[Path]], typer.Argument(help="results folders (default: the most recent under results/)")] = None,
-    by: Annotated[str, typer.Option(help="group by these columns (comma-separated), e.g. method or method,geometry")] = "method",
+    by: Annotated[str, typer.Option(help="config (seeds of one configuration together), or columns (comma-separated), "
+                                         "e.g. method or method,geometry")] = "config",
     plot: Annotated[Optional[Path], typer.Option(help="write the accuracy-vs-geometry plot (PNG) here")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table | md | csv | json")] = "table",
     val: Annotated[bool, typer.Option("--val", help="use validation metrics instead of test")] = False,
     save: Annotated[bool, typer.Option(help="also write leaderboard.md, front.csv and pareto.png into the (single) folder")] = False,
 ):
-    """Leaderboard (mean ± std over seeds), Pareto front, hypervolume and knee of results folders."""
+    """Leaderboard of configurations (mean ± std and 95% interval over seeds, P(improvement) over the
+    baseline), the Pareto front on configuration means, its stability after `confirm`, importances."""
     from .results import ResultsError, find_latest
 
     if fmt not in ("table", "md", "csv", "json"):
@@ -388,28 +462,30 @@ def _compare(folders, by, plot, fmt, val, top: int | None = None, save: bool = F
         err.print(f"{', '.join(f.name for f in loaded)}: no finished trials yet")
         return
     lb = report.leaderboard(df, loaded, by, split)
-    fr = report.front(df, split)
+    fr = report.front(df, report.objectives_of(loaded), split)
+    imp, note = report.importances(loaded[0]) if len(loaded) == 1 else (None, "")
     if fmt == "json":
-        sys.stdout.write(report.to_json(lb, fr) + "\n")
+        sys.stdout.write(report.to_json(lb, fr, imp) + "\n")
     elif fmt == "csv":
         sys.stdout.write(lb.to_csv(index=False))
     elif fmt == "md":
-        sys.stdout.write(report.to_markdown(lb, by))
+        sys.stdout.write(report.to_markdown(lb, by, split))
     elif fmt == "table":
         shown = lb if top is None else lb.head(top)
-        out.print(report.leaderboard_table(shown, by, split, f"Leaderboard — {', '.join(f.name for f in loaded)}"))
-        out.print(report.front_table(fr, f"Pareto front ({split} top-1 vs {split} geom_corr), "
-                                         f"{len(fr.rows)} of {len(fr.points)} full-fidelity trials"))
+        more = f" (top {top} of {len(lb)}; all: kdbench compare DIR)" if top is not None and len(lb) > top else ""
+        out.print(report.leaderboard_table(shown, by, split, f"Leaderboard — {', '.join(f.name for f in loaded)}{more}"))
+        out.print(report.front_table(fr, f"Pareto front on configuration means: {len(fr.rows)} of {len(fr.points)} "
+                                         f"configurations (validation {' vs '.join(fr.objectives)})"))
         counts = df["status"].value_counts().to_dict()
-        out.print("trials: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-        for k, r in fr.best.items():
-            out.print(f"best {k}: {r['trial_id']} ({r.get('method')}) = {r[k]:.4g}", highlight=False)
+        out.print("trials: " + ", ".join(f"{k} {v}" for k, v in counts.items()), highlight=False)
+        if note and "no optuna.db" not in note:
+            out.print(note, highlight=False, soft_wrap=True)
     if plot is not None:
         report.plot_front(df, fr, loaded, plot)
         err.print(f"wrote {plot}")
     if save:
-        report.save_summary(loaded[0], lb, fr, df, by)
-        err.print(f"wrote leaderboard.md, front.csv and pareto.png in {loaded[0].path}")
+        written = report.save_summary(loaded[0], lb, fr, df, by, imp)
+        err.print(f"wrote {', '.join(written)} in {loaded[0].path}")
 
 
 def main():  # pragma: no cover

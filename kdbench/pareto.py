@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["pareto_mask", "hypervolume_2d", "knee_index"]
+__all__ = ["pareto_mask", "pareto_ranks", "hypervolume_2d", "knee_index"]
 
 
 def pareto_mask(points: np.ndarray) -> np.ndarray:
@@ -19,6 +19,18 @@ def pareto_mask(points: np.ndarray) -> np.ndarray:
     ge = (p[:, None, :] >= p[None, :, :]).all(-1)  # ge[j, i]: row j >= row i everywhere
     gt = (p[:, None, :] > p[None, :, :]).any(-1)
     return ~(ge & gt).any(0)
+
+
+def pareto_ranks(points: np.ndarray) -> np.ndarray:
+    """Non-dominated sorting: 0 for the front, 1 for the front of the rest, and so on."""
+    p = np.asarray(points, dtype=float)
+    rank = np.full(len(p), -1)
+    level = 0
+    while (rank < 0).any():
+        left = np.flatnonzero(rank < 0)
+        rank[left[pareto_mask(p[left])]] = level
+        level += 1
+    return rank
 
 
 def hypervolume_2d(points: np.ndarray, reference: tuple[float, float]) -> float:

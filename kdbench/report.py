@@ -16,13 +16,15 @@ import numpy as np
 import pandas as pd
 from rich.table import Table
 
-from .pareto import hypervolume_2d, knee_index, pareto_mask
-from .results import Folder, ResultsError, read_folder
+from . import stats
+from .pareto import hypervolume_2d
+from .results import METRICS, Folder, ResultsError, read_folder
 
-__all__ = ["load_folders", "trials_frame", "leaderboard", "front", "Front", "plot_front", "to_markdown",
-           "to_json", "leaderboard_table", "front_table", "save_summary"]
+__all__ = ["load_folders", "trials_frame", "leaderboard", "front", "Front", "plot_front", "plot_slices", "to_markdown",
+           "to_json", "leaderboard_table", "front_table", "save_summary", "importances", "objectives_of"]
 
-LEADER_METRICS = ("best_test_top1", "top1", "geom_corr", "geom_err", "cka", "knn_top1", "params", "train_seconds")
+# Every metric a group gets mean, std and an interval for: both splits (the front is chosen on val).
+ALL_METRICS = (*(f"{s}_{m}" for s in ("val", "test") for m in METRICS), "best_test_top1", "params", "train_seconds")
 
 
 def load_folders(paths: list[str | Path], skip=lambda msg: None, warn=lambda msg: None) -> list[Folder]:
@@ -46,66 +48,66 @@ def trials_frame(folders: list[Folder]) -> pd.DataFrame:
         return pd.DataFrame(columns=["study", "trial_id", "status", "fidelity", "method"])
     df = pd.concat(frames, ignore_index=True)
     df["trial_id"] = df["trial_id"].astype(str)
+    if "config_id" in df.columns:
+        df["config_id"] = df["config_id"].astype(str)
     return df
 
 
-def _full(df: pd.DataFrame) -> pd.DataFrame:
-    """Full-fidelity finished trials: the only ones ranked or put on a front."""
-    return df[(df["fidelity"] == "full") & (df["status"] == "completed")]
+def objectives_of(folders: list[Folder]) -> tuple[str, str]:
+    """The first folder's search objectives (top-1 and geom_corr for grids and single runs)."""
+    for f in folders:
+        o = (f.study.get("study") or {}).get("objectives")
+        if o:
+            return tuple(o)
+    return ("top1", "geom_corr")
 
 
-def _metric(split: str, m: str) -> str:
+def _col(split: str, m: str) -> str:
     return m if m in ("best_test_top1", "params", "train_seconds") else f"{split}_{m}"
 
 
-def leaderboard(df: pd.DataFrame, folders: list[Folder], by: tuple[str, ...] = ("method",),
+def leaderboard(df: pd.DataFrame, folders: list[Folder], by: tuple[str, ...] = ("config",),
                 split: str = "test") -> pd.DataFrame:
-    """One row per (study, group): n, mean and std of the metrics over the group's full trials.
+    """One row per (study, group): ``by = ("config",)`` groups by configuration (seeds of one
+    configuration together), any other columns group by their values (e.g. ``method``).
 
-    Low-fidelity and failed trials are counted (``n_low``, ``n_failed``) but never ranked. With a
-    ``baseline`` group in the same study, ``delta_top1`` and ``delta_geom_corr`` compare against it.
-    A study's teacher is added as an unranked reference row; a study's reported values (e.g. the
-    paper's Table 1) appear as ``reported_top1``.
+    Per metric: mean, std, 95% bootstrap interval over the runs the group's claim rests on (see
+    :func:`kdbench.stats.claim_rows`); ``n_low`` and ``n_failed`` count early-stopped and failed runs,
+    never ranked. P(improvement) over ``baseline`` and ``kd``; ``delta_top1``/``delta_geom_corr``: the
+    difference of means to the baseline. Rank: groups with two or more seeds first (they carry an
+    interval), then by top-1. The study's teacher is an unranked reference row; a study's reported
+    values (e.g. the paper's Table 1) appear as ``reported_top1``.
     """
-    for col in by:
+    keys = ("config_id",) if tuple(by) == ("config",) else tuple(by)
+    for col in keys:
         if col not in df.columns:
-            raise ResultsError(f"--by {col}: no such column; allowed: {', '.join(sorted(map(str, df.columns)))}")
-    rows = []
-    for keys, g in df.groupby(["study", *by], sort=False, dropna=False):
-        keys = keys if isinstance(keys, tuple) else (keys,)
-        full = _full(g)
-        row = dict(zip(["study", *by], keys))
-        row |= {"n": len(full), "n_low": int((g["fidelity"] == "low").sum() - (g["status"] == "failed").sum()),
-                "n_failed": int((g["status"] == "failed").sum())}
-        for m in LEADER_METRICS:
-            col = _metric(split, m)
-            vals = full[col].astype(float) if col in full.columns else pd.Series(dtype=float)
-            row[f"{m}_mean"] = vals.mean() if len(vals) else math.nan
-            row[f"{m}_std"] = vals.std(ddof=1) if len(vals) > 1 else math.nan  # one trial: no spread to show
-        rows.append(row)
-    lb = pd.DataFrame(rows)
+            raise ResultsError(f"--by {col}: no such column; allowed: config, {', '.join(sorted(map(str, df.columns)))}")
+    lb = stats.summarise(df, ALL_METRICS, keys, split)
     if lb.empty:
         return lb
+    if keys == ("config_id",):  # a configuration only stopped early or failed has nothing to claim
+        lb = lb[lb["n"] > 0].reset_index(drop=True)
+    top1, corr = f"{split}_top1_mean", f"{split}_geom_corr_mean"
     lb["delta_top1"], lb["delta_geom_corr"], lb["reported_top1"] = math.nan, math.nan, math.nan
     teacher_rows = []
     for f in folders:
         mine = lb["study"] == f.name
-        if "method" in by:
-            base = lb[mine & (lb["method"] == "baseline")]
-            if len(base) == 1:
-                lb.loc[mine, "delta_top1"] = lb.loc[mine, "top1_mean"] - float(base["top1_mean"].iloc[0])
-                lb.loc[mine, "delta_geom_corr"] = lb.loc[mine, "geom_corr_mean"] - float(base["geom_corr_mean"].iloc[0])
-            ref = f.study.get("reference") or {}
-            lb.loc[mine, "reported_top1"] = lb.loc[mine, "method"].map(lambda m: ref.get(m, math.nan))
+        base = lb[mine & (lb["method"] == "baseline") & (lb["n"] > 0)].sort_values("n_seeds", ascending=False)
+        if len(base):
+            lb.loc[mine, "delta_top1"] = lb.loc[mine, top1] - float(base[top1].iloc[0])
+            lb.loc[mine, "delta_geom_corr"] = lb.loc[mine, corr] - float(base[corr].iloc[0])
+        ref = f.study.get("reference") or {}
+        lb.loc[mine, "reported_top1"] = lb.loc[mine, "method"].map(lambda m: ref.get(m, math.nan))
         t = f.study.get("teacher")
         if t:
-            teacher_rows.append({"study": f.name, **{c: math.nan for c in by}, "method": f"teacher ({t.get('arch')})",
-                                 "n": 1, "n_low": 0, "n_failed": 0, "rank": math.nan,
-                                 "best_test_top1_mean": t.get("best_test_top1"), "top1_mean": t.get(f"{split}_top1"),
-                                 "knn_top1_mean": t.get(f"{split}_knn_top1"), "params_mean": t.get("params"),
-                                 "train_seconds_mean": t.get("train_seconds"),
-                                 "reported_top1": (f.study.get("reference") or {}).get("teacher", math.nan)})
-    lb = lb.sort_values("top1_mean", ascending=False, na_position="last").reset_index(drop=True)
+            teacher_rows.append({"study": f.name, "method": f"teacher ({t.get('arch')})", "n": 1, "n_seeds": 1,
+                                 "n_low": 0, "n_failed": 0, "rank": math.nan,
+                                 "best_test_top1_mean": t.get("best_test_top1"), top1: t.get(f"{split}_top1"),
+                                 f"{split}_knn_top1_mean": t.get(f"{split}_knn_top1"), "params_mean": t.get("params"),
+                                 "train_seconds_mean": t.get("train_seconds"), "reported_top1": ref.get("teacher", math.nan)})
+    lb["_multi"] = lb["n_seeds"] >= 2
+    lb = lb.sort_values(["_multi", top1], ascending=False, na_position="last").drop(columns="_multi")
+    lb = lb.reset_index(drop=True)
     ranked = lb["n"] > 0
     lb["rank"] = math.nan
     lb.loc[ranked, "rank"] = np.arange(1, ranked.sum() + 1)
@@ -116,95 +118,143 @@ def leaderboard(df: pd.DataFrame, folders: list[Folder], by: tuple[str, ...] = (
 
 @dataclass
 class Front:
-    """The non-dominated full-fidelity trials on (top-1, geom_corr) of one split."""
+    """The non-dominated configurations on their *validation* means of the two objectives.
 
-    rows: pd.DataFrame  # front trials, sorted by top-1 descending
-    points: pd.DataFrame  # every full-fidelity trial considered
-    hypervolume: float
+    Membership is decided on validation (the split that chooses); every other number of a
+    configuration (test means, intervals) is reported beside it.
+    """
+
+    rows: pd.DataFrame  # configurations on the front, by validation top-1 descending
+    points: pd.DataFrame  # every configuration with validation means
+    hypervolume: float  # of the validation means, above reference_point
     reference_point: tuple[float, float]
     reference_source: str
     knee: dict | None
-    best: dict  # objective -> trial row
-    split: str
+    stability: dict | None  # stats.front_stability after a confirmation
+    objectives: tuple[str, str]
+    split: str  # the split reported beside (test by default)
 
 
-def front(df: pd.DataFrame, split: str = "test", reference: tuple[float, float] | None = None) -> Front:
-    """Pareto front of ``(<split>_top1, <split>_geom_corr)`` over full-fidelity trials.
+def front(df: pd.DataFrame, objectives: tuple[str, str] = ("top1", "geom_corr"), split: str = "test",
+          reference: tuple[float, float] | None = None) -> Front:
+    """Pareto front over configuration means (never single seeds), membership on validation means.
 
-    The hypervolume's reference point is ``reference`` if given, else the mean of the ``baseline``
-    trials (the no-distillation student), else (0, -1).
+    The hypervolume's reference point is ``reference`` if given, else the validation means of the
+    ``baseline`` configuration with the most seeds, else (0, -1) (oriented: a minimised objective
+    is negated).
     """
-    x, y = f"{split}_top1", f"{split}_geom_corr"
-    full = _full(df)
-    if x in full.columns and y in full.columns:
-        full = full.dropna(subset=[x, y])
+    table = stats.summarise(df, ALL_METRICS, ("config_id",), split) if len(df) else pd.DataFrame()
+    cols = [f"val_{o}_mean" for o in objectives]
+    if not table.empty and all(c in table.columns for c in cols):
+        table = table[(table["n"] > 0)].dropna(subset=cols).reset_index(drop=True)
     else:
-        full = full.iloc[0:0]
+        table = pd.DataFrame()
     source = "given"
     if reference is None:
-        base = full[full["method"] == "baseline"] if "method" in full.columns else full.iloc[0:0]
+        base = table[table["method"] == "baseline"].sort_values("n_seeds", ascending=False) if len(table) else table
         if len(base):
-            reference, source = (float(base[x].mean()), float(base[y].mean())), "baseline mean"
+            reference = tuple(stats.oriented(base[cols].to_numpy(float)[:1], objectives)[0])
+            source = "baseline mean (val)"
         else:
             reference, source = (0.0, -1.0), "(0, -1)"
-    if full.empty:
-        return Front(full, full, 0.0, reference, source, None, {}, split)
-    pts = full[[x, y]].to_numpy(float)
-    rows = full[pareto_mask(pts)].sort_values([x, y], ascending=False)
-    knee = rows.iloc[knee_index(rows[[x, y]].to_numpy(float))].to_dict()
-    best = {x: full.loc[full[x].idxmax()].to_dict(), y: full.loc[full[y].idxmax()].to_dict()}
-    return Front(rows, full, hypervolume_2d(pts, reference), reference, source, knee, best, split)
+    if table.empty:
+        return Front(table, table, 0.0, reference, source, None, None, tuple(objectives), split)
+    mask, knee = stats.front_on_means(table, objectives, "val")
+    rows = table[mask].sort_values(cols, ascending=False)
+    hv = hypervolume_2d(stats.oriented(table[cols].to_numpy(float), objectives), reference)
+    return Front(rows, table, hv, reference, source, table.loc[knee].to_dict() if knee is not None else None,
+                 stats.front_stability(df, table, objectives), tuple(objectives), split)
 
 
 # ---------------------------------------------------------------------------------------------
-# Rendering: rich tables, markdown, JSON, a plot
+# Rendering: rich tables, markdown, JSON, plots
+
+def _nan(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
 
 def _pm(mean, std, fmt="{:.2f}") -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+    if _nan(mean):
         return "—"
     s = fmt.format(mean)
-    return s if std is None or (isinstance(std, float) and math.isnan(std)) else f"{s} ± {fmt.format(std)}"
+    return s if _nan(std) else f"{s} ± {fmt.format(std)}"
+
+
+def _ci(r: dict, m: str, fmt="{:.2f}", std: bool = True) -> str:
+    """``mean ± std [low, high]`` (``std=False``: ``mean [low, high]``); one seed: ``mean (1 seed)``, no interval."""
+    mean = r.get(f"{m}_mean")
+    if _nan(mean):
+        return "—"
+    if r.get("n_seeds", 0) == 1 and not str(r.get("method", "")).startswith("teacher"):
+        return f"{fmt.format(mean)} (1 seed)"
+    s = _pm(mean, r.get(f"{m}_std") if std else None, fmt)
+    lo, hi = r.get(f"{m}_ci_low"), r.get(f"{m}_ci_high")
+    return s if _nan(lo) else f"{s} [{fmt.format(lo)}, {fmt.format(hi)}]"
 
 
 def _params(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if _nan(v):
         return "—"
     return f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v / 1e3:.1f}k"
 
 
-def _signed(v) -> str:
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:+.2f}"
+def _signed(v, fmt="{:+.2f}") -> str:
+    return "—" if _nan(v) else fmt.format(v)
 
 
-LEADER_COLUMNS = [  # (header, how to format a leaderboard row)
-    ("#", lambda r: "" if pd.isna(r.get("rank")) else str(int(r["rank"]))),
-    ("n", lambda r: f"{int(r['n'])}" + (f" (+{int(r['n_low'])} low)" if r.get("n_low") else "")
-     + (f" (+{int(r['n_failed'])} failed)" if r.get("n_failed") else "")),
-    ("top-1 %", lambda r: _pm(r.get("top1_mean"), r.get("top1_std"))),
-    ("best-epoch top-1 %", lambda r: _pm(r.get("best_test_top1_mean"), r.get("best_test_top1_std"))),
-    ("Δ top-1", lambda r: _signed(r.get("delta_top1"))),
-    ("reported top-1 %", lambda r: _pm(r.get("reported_top1"), None)),
-    ("geom_corr", lambda r: _pm(r.get("geom_corr_mean"), r.get("geom_corr_std"), "{:.3f}")),
-    ("Δ geom_corr", lambda r: "—" if pd.isna(r.get("delta_geom_corr", math.nan)) else f"{r['delta_geom_corr']:+.3f}"),
-    ("geom_err", lambda r: _pm(r.get("geom_err_mean"), r.get("geom_err_std"), "{:.3f}")),
-    ("CKA", lambda r: _pm(r.get("cka_mean"), r.get("cka_std"), "{:.3f}")),
-    ("kNN top-1 %", lambda r: _pm(r.get("knn_top1_mean"), r.get("knn_top1_std"))),
-    ("params", lambda r: _params(r.get("params_mean"))),
-    ("train s", lambda r: _pm(r.get("train_seconds_mean"), r.get("train_seconds_std"), "{:.1f}")),
-]
+def _prob(v) -> str:
+    return "—" if _nan(v) else f"{v:.2f}"
 
 
-def _leader_cells(lb: pd.DataFrame, by: tuple[str, ...]):
+def _seeds(r: dict) -> str:
+    s = f"{int(r['n_seeds'])}" + (" ✓" if r.get("stage") == "confirm" else "")
+    return s + (f" (+{int(r['n_low'])} low)" if r.get("n_low") else "") \
+        + (f" (+{int(r['n_failed'])} failed)" if r.get("n_failed") else "")
+
+
+def _leader_columns(split: str, wide: bool = True):
+    """(header, formatter) of the leaderboard; a column empty in every row is dropped. ``wide`` (markdown):
+    stds beside the intervals, and the columns a console has no room for."""
+    t = split
+    cols = [
+        ("#", lambda r: "" if _nan(r.get("rank")) else str(int(r["rank"]))),
+        ("seeds", _seeds),
+        ("top-1 % [95% CI]", lambda r: _ci(r, f"{t}_top1", std=wide)),
+        ("P(>base) top-1", lambda r: _prob(r.get("p_improve_top1_vs_baseline"))),
+        ("reported top-1 %", lambda r: _pm(r.get("reported_top1"), None)),
+        ("geom_corr [95% CI]", lambda r: _ci(r, f"{t}_geom_corr", "{:.3f}", std=wide)),
+        ("P(>base) geom", lambda r: _prob(r.get("p_improve_geom_corr_vs_baseline"))),
+        ("kNN top-1 %", lambda r: _pm(r.get(f"{t}_knn_top1_mean"), r.get(f"{t}_knn_top1_std") if wide else None)),
+    ]
+    if wide:
+        cols[4:4] = [("best-epoch top-1 %", lambda r: _pm(r.get("best_test_top1_mean"), r.get("best_test_top1_std"))),
+                     ("Δ top-1", lambda r: _signed(r.get("delta_top1")))]
+        cols += [("CKA", lambda r: _pm(r.get(f"{t}_cka_mean"), r.get(f"{t}_cka_std"), "{:.3f}")),
+                 ("params", lambda r: _params(r.get("params_mean"))),
+                 ("train s", lambda r: _pm(r.get("train_seconds_mean"), r.get("train_seconds_std"), "{:.1f}"))]
+    return cols
+
+
+def _label_columns(lb: pd.DataFrame, by: tuple[str, ...]) -> list[str]:
+    if tuple(by) != ("config",):
+        return [*by] if "method" in by else [*by, "method"]
+    hp = [c for c in lb.columns if c not in stats._BOOKKEEPING and not c.startswith(("val_", "test_", "best_", "params_",
+          "train_", "p_improve_", "delta_", "reported_", "n_", "rank", "last_", "loss_")) and c not in ("n", "seeds")]
+    return ["config_id", "method", *hp]
+
+
+def _leader_cells(lb: pd.DataFrame, by: tuple[str, ...], split: str = "test", wide: bool = True):
     records = lb.to_dict("records")
-    cols = [c for c in LEADER_COLUMNS if any(c[1](r) not in ("—", "") for r in records)]  # drop empty columns
+    cols = [c for c in _leader_columns(split, wide) if any(c[1](r) not in ("—", "") for r in records)]
+    labels = _label_columns(lb, by)
     multi = lb["study"].nunique() > 1
-    head = (["study"] if multi else []) + list(by) + [h for h, _ in cols]
+    rank, cols = cols[:1], cols[1:]
+    head = [h for h, _ in rank] + (["study"] if multi else []) + [("config" if c == "config_id" else c) for c in labels] \
+        + [h for h, _ in cols]
     body = []
     for r in records:
-        keys = ([r["study"]] if multi else []) + [("" if pd.isna(r.get(b)) else _fmt_key(r.get(b))) for b in by]
-        if str(r.get("method", "")).startswith("teacher"):
-            keys[-len(by)] = r["method"]
-        body.append(keys + [f(r) for _, f in cols])
+        keys = ([r["study"]] if multi else []) + [("" if _nan(r.get(b)) else _fmt_key(r.get(b))) for b in labels]
+        body.append([f(r) for _, f in rank] + keys + [f(r) for _, f in cols])
     return head, body
 
 
@@ -213,41 +263,54 @@ def _fmt_key(v) -> str:
 
 
 def leaderboard_table(lb: pd.DataFrame, by: tuple[str, ...], split: str, title: str) -> Table:
-    head, body = _leader_cells(lb, by)
-    t = Table(title=title, caption=f"mean ± std over full-fidelity trials; top-1 and geometry on the {split} "
-                                   f"split, last epoch; Δ vs the no-distillation baseline")
+    head, body = _leader_cells(lb, by, split, wide=False)
+    t = Table(title=title, caption=f"mean ± std [95% bootstrap CI of the mean] over seeds, {split} split, last epoch; "
+                                   f"✓ = confirmed on fresh seeds (the search seed is then left out: it chose the "
+                                   f"configuration); P(>base) = P(a run beats a baseline run); configurations with "
+                                   f"2+ seeds rank first")
+    values = dict(_leader_columns(split))
     for h in head:
-        t.add_column(h, justify="left" if h in ("study", *by) else "right")
-    for row in body:
-        t.add_row(*row, style="dim" if any(str(c).startswith("teacher") for c in row) else None)
+        t.add_column(h, justify="right" if h in values else "left", no_wrap=h != "method", min_width=12 if h == "method" else None)
+    for row, r in zip(body, lb.to_dict("records")):
+        t.add_row(*row, style="dim" if str(r.get("method", "")).startswith("teacher") else None)
     return t
 
 
-def _front_records(fr: Front, extra: tuple[str, ...] = ()) -> list[dict]:
-    keep = ["study", "trial_id", "method", "seed", *extra]
-    metrics = [c for c in fr.rows.columns if c.startswith(("val_", "test_")) or c == "best_test_top1"]
-    hp = [c for c in ("ce", "kd", "temperature", "feature", "geometry", "momentum", "lr") if c in fr.rows.columns]
-    cols = [c for c in keep + metrics + hp if c in fr.rows.columns]
-    return fr.rows[cols].to_dict("records")
+def _front_records(fr: Front) -> list[dict]:
+    return [{k: v for k, v in r.items()} for r in fr.rows.to_dict("records")]
+
+
+def _stability_text(fr: Front) -> str:
+    s = fr.stability
+    if s is None:
+        return "front stability: not confirmed yet (kdbench confirm DIR)"
+    return f"front stability {s['kept']} of {s['of']} (search-front configurations still non-dominated on confirmed means)"
 
 
 def front_table(fr: Front, title: str) -> Table:
-    t = Table(title=title, caption=f"hypervolume {fr.hypervolume:.3f} above reference ({fr.reference_point[0]:.2f}, "
-                                   f"{fr.reference_point[1]:.3f}) [{fr.reference_source}]; ★ = knee")
-    hp = [c for c in ("geometry", "temperature", "momentum") if c in fr.rows.columns]
-    for h in ["", "trial", "method", "val top-1 %", "val geom_corr", "test top-1 %", "test geom_corr", "CKA", "kNN %", *hp]:
-        t.add_column(h, justify="right" if h not in ("trial", "method") else "left")
+    single = [r["config_id"] for r in fr.rows.to_dict("records") if r["n_seeds"] == 1]
+    t = Table(title=title, caption=f"membership on validation means; hypervolume {fr.hypervolume:.3f} above "
+                                   f"({fr.reference_point[0]:.2f}, {fr.reference_point[1]:.3f}), {fr.reference_source}; "
+                                   f"★ = knee; {_stability_text(fr)}"
+                                   + (f"; {len(single)} single-seed: not a claim yet" if single else ""))
+    hp = [c for c in _label_columns(fr.rows, ("config",)) if c not in ("config_id", "method")]
+    o1, o2 = fr.objectives
+    s = fr.split
+    for h in ["", "config", "method", *hp, "seeds", f"val {o1}", f"val {o2}", f"{s} top-1 % [95% CI]",
+              f"{s} geom_corr [95% CI]", "CKA", "kNN %"]:
+        t.add_column(h, justify="left" if h in ("config", "method") else "right", no_wrap=h.startswith(s))
+    knee = fr.knee["config_id"] if fr.knee else None
     for r in fr.rows.to_dict("records"):
-        star = "★" if fr.knee is not None and r["trial_id"] == fr.knee["trial_id"] and r["study"] == fr.knee["study"] else ""
-        t.add_row(star, str(r["trial_id"]), str(r.get("method", "")), f"{r.get('val_top1', math.nan):.2f}",
-                  f"{r.get('val_geom_corr', math.nan):.3f}", f"{r.get('test_top1', math.nan):.2f}",
-                  f"{r.get('test_geom_corr', math.nan):.3f}", f"{r.get(f'{fr.split}_cka', math.nan):.3f}",
-                  f"{r.get(f'{fr.split}_knn_top1', math.nan):.2f}", *[_fmt_key(r.get(h)) for h in hp])
+        t.add_row("★" if r["config_id"] == knee else "", r["config_id"], str(r.get("method", "")),
+                  *[_fmt_key(r.get(h)) for h in hp], _seeds(r),
+                  f"{r[f'val_{o1}_mean']:.4g}", f"{r[f'val_{o2}_mean']:.4g}", _ci(r, f"{s}_top1", std=False),
+                  _ci(r, f"{s}_geom_corr", "{:.3f}", std=False), _pm(r.get(f"{s}_cka_mean"), None, "{:.3f}"),
+                  _pm(r.get(f"{s}_knn_top1_mean"), None))
     return t
 
 
-def to_markdown(lb: pd.DataFrame, by: tuple[str, ...]) -> str:
-    head, body = _leader_cells(lb, by)
+def to_markdown(lb: pd.DataFrame, by: tuple[str, ...], split: str = "test") -> str:
+    head, body = _leader_cells(lb, by, split)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines) + "\n"
@@ -265,80 +328,176 @@ def _jsonable(v):
     return v
 
 
-def to_json(lb: pd.DataFrame, fr: Front) -> str:
-    doc = {"leaderboard": lb.to_dict("records"), "front": _front_records(fr), "hypervolume": fr.hypervolume,
-           "reference_point": list(fr.reference_point), "reference_source": fr.reference_source,
-           "knee": fr.knee, "best": fr.best, "split": fr.split}
+def to_json(lb: pd.DataFrame, fr: Front, imp: pd.DataFrame | None = None) -> str:
+    doc = {"leaderboard": lb.to_dict("records"), "configurations": fr.points.to_dict("records"),
+           "front": _front_records(fr), "front_on": "validation means", "objectives": list(fr.objectives),
+           "hypervolume": fr.hypervolume, "reference_point": list(fr.reference_point),
+           "reference_source": fr.reference_source, "knee": fr.knee, "front_stability": fr.stability,
+           "single_seed_on_front": [r["config_id"] for r in fr.rows.to_dict("records") if r["n_seeds"] == 1],
+           "importances": None if imp is None else imp.to_dict("records"), "split": fr.split,
+           "interval": f"95% percentile bootstrap of the mean over seeds ({stats.N_RESAMPLES} resamples, fixed seed)"}
     return json.dumps(_jsonable(doc), indent=2)
 
 
-def plot_front(df: pd.DataFrame, fr: Front, folders: list[Folder], path: str | Path) -> None:
-    """Every trial coloured by method (low fidelity faded), the front as a step line, knee, teacher, baseline."""
+# ---------------------------------------------------------------------------------------------
+# Hyperparameter importances (Optuna)
+
+MIN_IMPORTANCE_TRIALS = 5
+
+
+def importances(folder: Folder) -> tuple[pd.DataFrame | None, str]:
+    """fANOVA importances (``optuna.importance.FanovaImportanceEvaluator``, seed 0) of the searched
+    hyperparameters for each objective, over the study's completed (full-fidelity) trials in
+    ``optuna.db``. Returns the table (objective, param, importance) or None, and a one-line note."""
+    db = folder.path / "optuna.db" if folder.path is not None else None
+    if db is None or not db.is_file():
+        return None, "importances: no optuna.db (not a search)"
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{db}"
+    names = optuna.get_all_study_names(storage)
+    if not names:
+        return None, "importances: optuna.db holds no study"
+    study = optuna.load_study(study_name=folder.study.get("name", names[0]) if folder.study.get("name") in names
+                              else names[0], storage=storage)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(done) < MIN_IMPORTANCE_TRIALS:
+        return None, (f"importances: {len(done)} completed trials; at least {MIN_IMPORTANCE_TRIALS} are needed "
+                      f"(run more --samples)")
+    objectives = (folder.study.get("study") or {}).get("objectives") or ["top1", "geom_corr"]
+    rows = []
+    for i, o in enumerate(objectives):
+        imp = optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target=lambda t, i=i: t.values[i])
+        rows += [{"objective": f"val_{o}", "param": p, "importance": float(v)} for p, v in imp.items()]
+    note = (f"importances (fANOVA over {len(done)} completed trials"
+            + ("; few trials: a hint, not a ranking" if len(done) < 20 else "") + "): "
+            + "; ".join(f"val_{o}: " + ", ".join(f"{r['param']} {r['importance']:.2f}" for r in rows
+                                                 if r["objective"] == f"val_{o}") for o in objectives))
+    return pd.DataFrame(rows), note
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x, y = f"{fr.split}_top1", f"{fr.split}_geom_corr"
-    fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=130)
-    methods = sorted(df["method"].dropna().astype(str).unique()) if "method" in df.columns else []
-    colours = dict(zip(methods, plt.get_cmap("tab10").colors))
-    finished = df[(df["status"] != "failed")] if "status" in df.columns else df
-    for m in methods:
-        g = finished[finished["method"] == m]
-        if x not in g.columns or y not in g.columns:
-            continue
-        hi, lo = _full(g), g[g["fidelity"] == "low"]
-        ax.scatter(hi[x], hi[y], s=30, color=colours[m], label=f"{m} ({len(hi)})", edgecolor="white", linewidth=0.5)
-        if len(lo):
-            ax.scatter(lo[x], lo[y], s=18, color=colours[m], alpha=0.25,
-                       label=f"{m}, stopped early ({len(lo)})")
-    if len(fr.rows):
-        pts = fr.rows.sort_values(x)
-        ax.step(pts[x], pts[y], where="post", color="black", linewidth=1.2, label="Pareto front")
-        ax.scatter([fr.knee[x]], [fr.knee[y]], marker="*", s=260, color="gold", edgecolor="black", zorder=5,
-                   label="knee")
-        base = fr.points[fr.points["method"] == "baseline"] if "method" in fr.points.columns else fr.points.iloc[0:0]
-        if len(base):
-            ax.scatter([base[x].mean()], [base[y].mean()], marker="X", s=120, color="grey", edgecolor="black",
-                       zorder=5, label="baseline mean")
-    teacher_top1 = [(f.study.get("teacher") or {}).get(f"{fr.split}_top1") for f in folders]
-    teacher_top1 = [v for v in teacher_top1 if v is not None]
-    if len(fr.points) >= 2:  # frame the full-fidelity trials; far-off early-stopped points would squash them
-        xs, ys = fr.points[x], fr.points[y]
-        px, py = max((xs.max() - xs.min()) * 0.15, 0.5), max((ys.max() - ys.min()) * 0.15, 0.01)
-        ax.set_xlim(xs.min() - px, max([xs.max(), *teacher_top1]) + px)
-        ax.set_ylim(ys.min() - py, min(1.0, ys.max() + py) + 0.005)
-        hidden = ((finished[x] < xs.min() - px) | (finished[y] < ys.min() - py)).sum()
-        if hidden:
-            ax.text(0.01, 0.01, f"{hidden} early-stopped trial(s) below/left of this view", transform=ax.transAxes,
-                    fontsize=7, color="grey")
-    for v in teacher_top1[:1]:
-        ax.axvline(v, color="grey", linestyle="--", linewidth=1)
-        ax.text(v, 0.5, "teacher", rotation=90, fontsize=8, color="grey", ha="right", va="center",
-                transform=ax.get_xaxis_transform())
-    ax.set_xlabel(f"{fr.split} top-1 accuracy (%)")
-    ax.set_ylabel(f"{fr.split} geom_corr (Pearson r of centroid similarities vs teacher)")
-    ax.set_title(f"Accuracy vs geometry kept — {', '.join(f.name for f in folders)}", fontsize=10)
-    ax.grid(alpha=0.3)
-    if len(methods) > 3:  # many methods: the legend beside the axes, not over the points
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-        fig.set_size_inches(9.0, 5.2)
-    else:
-        ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    return plt
+
+
+def _save(fig, path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fig.savefig(path)
-    plt.close(fig)
+    fig.clf()
+    _pyplot().close(fig)
 
 
-def save_summary(folder: Folder, lb: pd.DataFrame, fr: Front, df: pd.DataFrame, by: tuple[str, ...]) -> None:
-    """Write ``leaderboard.md``, ``front.csv`` and ``pareto.png`` into a results folder (atomically)."""
+def plot_front(df: pd.DataFrame, fr: Front, folders: list[Folder], path: str | Path) -> None:
+    """Two panels, validation (where the front is decided) and the reported split: each configuration's
+    mean with 95% intervals on both axes, its seeds faint behind; confirmed configurations as squares;
+    the front, its knee, the teacher's top-1."""
+    plt = _pyplot()
+    o1, o2 = fr.objectives
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.4), dpi=120)
+    methods = sorted(fr.points["method"].dropna().astype(str).unique()) if len(fr.points) else []
+    colours = dict(zip(methods, plt.get_cmap("tab10").colors))
+    claims = stats.claim_rows(df) if len(df) else df
+    front_ids = set(fr.rows["config_id"]) if len(fr.rows) else set()
+    for ax, split in zip(axes, ("val", fr.split)):
+        x, y = f"{split}_{o1}", f"{split}_{o2}"
+        for m in methods:
+            pts = fr.points[fr.points["method"] == m]
+            seeds = claims[claims["config_id"].isin(pts["config_id"])] if len(claims) else claims
+            if x in seeds.columns and y in seeds.columns:
+                ax.scatter(seeds[x], seeds[y], s=10, color=colours[m], alpha=0.2, linewidth=0)
+            for confirmed, marker in ((False, "o"), (True, "s")):
+                g = pts[(pts["stage"] == "confirm") == confirmed]
+                if g.empty:
+                    continue
+                xerr = np.abs(g[[f"{x}_ci_low", f"{x}_ci_high"]].to_numpy(float).T - g[f"{x}_mean"].to_numpy(float))
+                yerr = np.abs(g[[f"{y}_ci_low", f"{y}_ci_high"]].to_numpy(float).T - g[f"{y}_mean"].to_numpy(float))
+                ax.errorbar(g[f"{x}_mean"], g[f"{y}_mean"], xerr=np.nan_to_num(xerr), yerr=np.nan_to_num(yerr),
+                            fmt="none", ecolor=colours[m], alpha=0.6, linewidth=1)
+                on = g["config_id"].isin(front_ids).to_numpy()
+                ax.scatter(g[f"{x}_mean"], g[f"{y}_mean"], s=np.where(on, 60, 28), marker=marker, color=colours[m],
+                           edgecolor=np.where(on, "black", "white"), linewidth=np.where(on, 1.2, 0.5), zorder=3,
+                           label=f"{m}{', confirmed' if confirmed else ''} ({len(g)})" if split == "val" else None)
+        if len(fr.rows):
+            if split == "val":
+                line = fr.rows.sort_values(f"{x}_mean")
+                ax.step(line[f"{x}_mean"], line[f"{y}_mean"], where="post", color="black", linewidth=1, label="front")
+            if fr.knee is not None:
+                ax.scatter([fr.knee[f"{x}_mean"]], [fr.knee[f"{y}_mean"]], marker="*", s=260, color="gold",
+                           edgecolor="black", zorder=5, label="knee" if split == "val" else None)
+        t = [(f.study.get("teacher") or {}).get(x) for f in folders]
+        for v in [v for v in t if v is not None][:1]:
+            ax.axvline(v, color="grey", linestyle="--", linewidth=1)
+            ax.text(v, 0.5, "teacher", rotation=90, fontsize=8, color="grey", ha="right", va="center",
+                    transform=ax.get_xaxis_transform())
+        ax.set_xlabel(f"{split} {o1}" + (" (%)" if o1 == "top1" else ""))
+        ax.set_ylabel(f"{split} {o2}")
+        ax.set_title(("validation: the front is chosen here" if split == "val" else f"{split}: the same configurations"),
+                     fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Accuracy vs geometry kept, configuration means with 95% CIs — {', '.join(f.name for f in folders)}",
+                 fontsize=10)
+    fig.legend(fontsize=7, loc="center right", frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.85, 1))
+    _save(fig, path)
+
+
+def plot_slices(df: pd.DataFrame, folder: Folder, path: str | Path) -> bool:
+    """Each objective (validation) against each searched hyperparameter; early-stopped trials faint.
+    Returns False (and writes nothing) for a folder without a search space."""
+    study = folder.study.get("study") or {}
+    space = [p for p in study.get("space") or () if p["name"] != "method" and p["name"] in df.columns]
+    search = df[df["stage"] == "search"] if "stage" in df.columns else df
+    if not space or search.empty:
+        return False
+    plt = _pyplot()
+    objectives = study.get("objectives") or ["top1", "geom_corr"]
+    fig, axes = plt.subplots(len(objectives), len(space), figsize=(3.4 * len(space), 2.8 * len(objectives)),
+                             dpi=110, squeeze=False)
+    full, low = search[search["fidelity"] == "full"], search[(search["fidelity"] == "low") & (search["status"] != "failed")]
+    for i, o in enumerate(objectives):
+        for j, p in enumerate(space):
+            ax = axes[i][j]
+            if f"val_{o}" in search.columns:
+                ax.scatter(low[p["name"]], low[f"val_{o}"], s=12, alpha=0.25, color="tab:blue", label="stopped early")
+                ax.scatter(full[p["name"]], full[f"val_{o}"], s=22, color="tab:blue", edgecolor="black",
+                           linewidth=0.4, label="full fidelity")
+            if p["type"] == "loguniform":
+                ax.set_xscale("log")
+            ax.set_xlabel(p["name"], fontsize=8)
+            ax.set_ylabel(f"val {o}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{folder.name}: objectives against searched hyperparameters (one seed per trial)", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def save_summary(folder: Folder, lb: pd.DataFrame, fr: Front, df: pd.DataFrame, by: tuple[str, ...],
+                 imp: pd.DataFrame | None = None) -> list[str]:
+    """Write ``leaderboard.md``, ``front.csv``, ``pareto.png`` and, for searches, ``slices.png`` and
+    ``importances.csv`` into a results folder (each atomically); return the names written."""
     from .results import write_csv, write_text
 
     write_text(folder.path / "leaderboard.md", to_markdown(lb, by))
     write_csv(folder.path / "front.csv", fr.rows)
-    tmp = folder.path / ".pareto.tmp.png"
-    plot_front(df, fr, [folder], tmp)
-    tmp.replace(folder.path / "pareto.png")
+    written = ["leaderboard.md", "front.csv", "pareto.png"]
+    for name, draw in (("pareto.png", lambda p: plot_front(df, fr, [folder], p) or True),
+                       ("slices.png", lambda p: plot_slices(df, folder, p))):
+        tmp = folder.path / f".{name}.tmp.png"
+        if draw(tmp):
+            tmp.replace(folder.path / name)
+            written += [name] if name not in written else []
+    if imp is not None:
+        write_csv(folder.path / "importances.csv", imp)
+        written.append("importances.csv")
+    return written

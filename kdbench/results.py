@@ -8,6 +8,7 @@ replaced atomically (temporary file + ``os.replace``): a crash never leaves a ha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -19,11 +20,14 @@ from pathlib import Path
 import pandas as pd
 
 __all__ = ["write_json", "write_text", "write_csv", "environment", "ResultsError", "read_folder", "Folder",
-           "TRIAL_COLUMNS", "METRICS", "find_latest"]
+           "TRIAL_COLUMNS", "METRICS", "STAGES", "find_latest", "config_id", "run_context", "FolderLock", "read_study"]
 
 # Final metrics of DESIGN §5, one column per split, in a stable order.
 METRICS = ("top1", "geom_corr", "geom_err", "cka", "knn_top1")
-TRIAL_COLUMNS = ("trial_id", "status", "fidelity", "method", "seed", "epochs",
+# Every trials.csv column has its owner here. ``config_id`` names a configuration (everything but the
+# seed, see :func:`config_id`); ``stage`` says which step produced the row.
+STAGES = ("search", "grid", "confirm", "train")
+TRIAL_COLUMNS = ("trial_id", "config_id", "stage", "status", "fidelity", "method", "seed", "epochs",
                  *(f"{s}_{m}" for s in ("val", "test") for m in METRICS),
                  "best_test_top1", "last_test_top1", "params", "train_seconds", "images_per_second",
                  "seconds", "failure")
@@ -103,6 +107,81 @@ def environment(device: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Configuration identity
+
+# Fields of a study (study.json's "study") that define every run of it, besides the trial's own values.
+_CONTEXT = ("dataset", "split_seed", "teacher", "teacher_recipe", "teacher_seed", "student")
+
+
+def run_context(study: dict) -> dict:
+    """What every run of a study shares (data set, split, teacher and how it was made, student, epochs)."""
+    ctx = {k: study.get(k) for k in _CONTEXT}
+    ctx["epochs"] = (study.get("recipe") or {}).get("epochs")
+    return ctx
+
+
+def config_id(context: dict, values: dict) -> str:
+    """A stable short name for a configuration: a hash of everything that defines a run except its seed.
+
+    Args:
+        context: :func:`run_context` of the study (or the same keys for a single ``kdbench train`` run).
+        values: every term weight and hyperparameter of the method and every recipe field (the method's
+            *name*, the seed and the epoch count run so far are not part of it: two presets with the same
+            weights are the same configuration).
+    """
+    drop = {"name", "method", "seed", "epochs"}
+    spec = {"context": context, "values": {k: _canonical(v) for k, v in sorted(values.items()) if k not in drop}}
+    return hashlib.sha256(json.dumps(_clean(spec), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _canonical(v):
+    """1 and 1.0 (TOML int, Optuna float, CSV round trip) name the same value."""
+    v = v.item() if hasattr(v, "item") else v
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer at a time
+
+
+class FolderLock:
+    """``.kdbench.lock`` (holding the pid) while ``tune`` or ``confirm`` writes a folder.
+
+    A second writer is refused with one line; a lock whose process is gone (kill -9) is taken over.
+    """
+
+    def __init__(self, path: Path, what: str):
+        self.file, self.what = Path(path) / ".kdbench.lock", what
+
+    def holder(self) -> int | None:
+        """The live process that holds the lock, if any."""
+        try:
+            pid = int(self.file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        if pid == os.getpid():
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid
+        return pid
+
+    def __enter__(self):
+        pid = self.holder()
+        if pid is not None:
+            raise ResultsError(f"{self.file.parent}: still running ({self.what} or another run holds it, pid {pid}); "
+                               f"allowed: a folder no run is writing")
+        write_text(self.file, f"{os.getpid()} {self.what}\n")
+        return self
+
+    def __exit__(self, *exc):
+        self.file.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # Reading back
 
 
@@ -126,6 +205,20 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise ResultsError(f"{path}: unreadable table ({str(e).splitlines()[0]})") from None
 
 
+def read_study(path: str | Path) -> dict:
+    """A results folder's ``study.json`` (readable before its first trial has finished)."""
+    f = Path(path) / "study.json"
+    try:
+        study = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: not a kdbench results folder (no study.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ResultsError(f"{f}: corrupt JSON ({e})") from None
+    if not isinstance(study, dict):
+        raise ResultsError(f"{f}: expected a JSON object")
+    return study
+
+
 def read_folder(path: str | Path) -> Folder:
     """Read a results folder written by ``kdbench tune`` (or ``kdbench train --out``)."""
     path = Path(path)
@@ -141,7 +234,8 @@ def read_folder(path: str | Path) -> Folder:
     if not isinstance(study, dict):
         raise ResultsError(f"{meta_file}: expected a JSON object")
     if meta_file.name == "result.json":  # a single train run: one trial row
-        trials = pd.DataFrame([{**study.get("metrics", {}), "trial_id": "train", "status": "completed",
+        trials = pd.DataFrame([{**study.get("metrics", {}), "trial_id": "train", "config_id": study.get("config_id", "train"),
+                                "stage": "train", "status": "completed",
                                 "fidelity": "full", "method": study.get("config", {}).get("method", {}).get("name"),
                                 "seed": study.get("config", {}).get("seed")}])
         study = {"name": path.name, **study}
@@ -152,8 +246,29 @@ def read_folder(path: str | Path) -> Folder:
         missing = [c for c in ("trial_id", "status", "fidelity") if len(trials) and c not in trials.columns]
         if missing:
             raise ResultsError(f"{path / 'trials.csv'}: missing columns {', '.join(missing)}")
+        trials = _backfill(trials, study)
     epochs = _read_csv(path / "epochs.csv") if (path / "epochs.csv").exists() else None
     return Folder(path, study, trials, epochs)
+
+
+def _backfill(trials: pd.DataFrame, study: dict) -> pd.DataFrame:
+    """Folders written before ``config_id`` and ``stage`` existed: derive both from what the rows hold."""
+    if trials.empty:
+        return trials
+    trials = trials.copy()
+    if "stage" not in trials.columns:
+        trials["stage"] = "grid" if study.get("kind") == "grid" else "search"
+    if "config_id" not in trials.columns:
+        ctx = run_context(study.get("study") or {})
+        known = set(TRIAL_COLUMNS) | {"point", "study"}
+        hp = [c for c in trials.columns if c not in known]
+        trials["config_id"] = [config_id(ctx, {k: v for k, v in r.items() if not _missing(v)})
+                               for r in trials[hp].to_dict("records")]
+    return trials
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
 
 
 def find_latest(root: str | Path = "results") -> Path | None:

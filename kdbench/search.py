@@ -34,12 +34,12 @@ import torch  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
-from . import results  # noqa: E402
+from . import results, stats  # noqa: E402
 from .data import load_data  # noqa: E402
-from .study import TUNABLE, Study, StudyError, apply_overrides  # noqa: E402
-from .train import Method, Recipe, TrainConfig, distill, get_teacher, load_teacher, resolve_device  # noqa: E402
+from .study import TUNABLE, Confirm, Study, StudyError, apply_overrides, study_from_dict  # noqa: E402
+from .train import Method, Recipe, TrainConfig, distill, get_teacher, load_teacher, resolve_device, trial_values  # noqa: E402
 
-__all__ = ["run_study", "resolve_trial", "SearchState"]
+__all__ = ["run_study", "run_confirm", "plan_confirm", "resolve_trial", "SearchState"]
 
 def resolve_trial(study: Study, config: dict) -> tuple[Method, Recipe, int]:
     """A trial's config (method name, seed, sampled or fixed values) -> the Method, Recipe and seed it runs."""
@@ -49,8 +49,13 @@ def resolve_trial(study: Study, config: dict) -> tuple[Method, Recipe, int]:
     return method, recipe, int(config.get("seed", study.seed))
 
 
+def _config_id(study: Study, method: Method, recipe: Recipe) -> str:
+    return results.config_id(results.run_context(study.to_dict()), trial_values(method, recipe))
+
+
 def _trial_configs_grid(study: Study) -> list[dict]:
-    return [{"point": i, "method": m, "seed": s, **dict(values)} for i, (m, s, values) in enumerate(study.grid)]
+    return [{"point": i, "method": m, "seed": s, "stage": "grid", **dict(values)}
+            for i, (m, s, values) in enumerate(study.grid)]
 
 
 class _Space:
@@ -155,11 +160,11 @@ def _make_searcher(study: Study, out: Path, max_epochs: int) -> FidelityAwareOpt
 
 def _trial_row(study: Study, trial, status: str, seconds: float) -> dict:
     r = trial.last_result or {}
-    method, recipe, seed = resolve_trial(study, trial.config.get("trial", trial.config))
-    hp = {**dataclasses.asdict(method), **dataclasses.asdict(recipe)}
-    hp.pop("epochs")
-    hp["method"] = hp.pop("name")
-    row = {"trial_id": trial.trial_id, "status": status,
+    config = trial.config.get("trial", trial.config)
+    method, recipe, seed = resolve_trial(study, config)
+    hp = trial_values(method, recipe)
+    row = {"trial_id": trial.trial_id, "config_id": _config_id(study, method, recipe),
+           "stage": config.get("stage", "grid" if study.is_grid else "search"), "status": status,
            "fidelity": "full" if status == "completed" else "low",
            "seed": seed, "epochs": r.get("epoch", 0), **hp}
     if "point" in trial.config.get("trial", {}):
@@ -253,12 +258,25 @@ def _init_ray(address: str | None, verbose: bool):
     return True
 
 
+def _load(study: Study, data_root: str | None, download: bool, on_teacher, on_teacher_ready):
+    """Data set and teacher, once, in the driver (teacher from the cache or trained here)."""
+    root = str(Path(data_root or study.data_root).expanduser().resolve())
+    device = resolve_device("auto")
+    data = load_data(study.dataset, root, study.split_seed, download=download, device=device)
+    teacher, hit = get_teacher(data, study.teacher, study.teacher_recipe, study.teacher_seed, study.split_seed,
+                               report=on_teacher)
+    on_teacher_ready(teacher.meta, hit)
+    return device, data.to("cpu"), teacher, hit  # the trials get the data through Ray's object store
+
+
 def run_study(study: Study, out: Path, *, resume: bool = False, address: str | None = None,
               data_root: str | None = None, download: bool = False, gpus_per_trial: float | None = None,
               verbose: bool = False,
               on_update: Callable[[SearchState], None] = lambda s: None,
               on_teacher: Callable[[dict], None] | None = None, on_teacher_ready=lambda meta, hit: None) -> dict:
     """Run (or resume) ``study``, writing its results folder ``out``; return a summary.
+
+    A study with ``[confirm]`` runs its confirmation right after the search (see :func:`run_confirm`).
 
     Args:
         study: validated study (``samples`` and ``concurrency`` already resolved).
@@ -277,57 +295,177 @@ def run_study(study: Study, out: Path, *, resume: bool = False, address: str | N
     if resume:
         if not (out / "study.json").exists():
             raise StudyError(f"--resume {out}: no study.json there; nothing to resume")
-        before = results.read_folder(out).study.get("name")
+        before = results.read_study(out).get("name")
         if before != study.name:  # another study's trials would be mixed into this table
             raise StudyError(f"--resume {out}: holds study {before!r}, not {study.name!r}; allowed: the same study file")
+        _check_unlocked(out)
     elif out.exists() and any(out.iterdir()):
         raise StudyError(f"--out {out}: folder exists and is not empty; pass --resume to continue it, or another --out")
-    root = str(Path(data_root or study.data_root).expanduser().resolve())
-    device = resolve_device("auto")
-
-    # The teacher, once, before any trial: cache hit or trained here.
-    data = load_data(study.dataset, root, study.split_seed, download=download, device=device)
-    teacher, hit = get_teacher(data, study.teacher, study.teacher_recipe, study.teacher_seed, study.split_seed,
-                               report=on_teacher)
-    on_teacher_ready(teacher.meta, hit)
-    data = data.to("cpu")  # loaded once; the trials get it through Ray's object store
+    device, data, teacher, hit = _load(study, data_root, download, on_teacher, on_teacher_ready)
     rows, epochs = _read_done(out) if resume else ([], [])
-    remaining = study.trial_count() - len(rows)
+    remaining = study.trial_count() - sum(r.get("stage") != "confirm" for r in rows)
     # Ray before the folder: a cluster that cannot be reached leaves nothing half-written behind.
-    started_ray = _init_ray(address, verbose) if remaining > 0 else False
+    started_ray = _init_ray(address, verbose) if remaining > 0 or study.confirm else False
     try:
-        return _run(study, out, resume, teacher, hit, device, data, rows, epochs, remaining, gpus_per_trial,
-                    verbose, on_update)
+        out.mkdir(parents=True, exist_ok=True)
+        with results.FolderLock(out, "tune"):
+            summary = _run(study, out, resume, teacher, hit, device, data, rows, epochs, remaining, gpus_per_trial,
+                           verbose, on_update)
+            if study.confirm is not None and summary["trials"] >= study.trial_count():
+                summary["confirm"] = _confirm(study, out, study.confirm, teacher, data, gpus_per_trial, verbose,
+                                              on_update)
+        return summary
     finally:
         if started_ray:
             ray.shutdown()
 
 
+def _check_unlocked(out: Path):
+    pid = results.FolderLock(out, "").holder()
+    if pid is not None:
+        raise StudyError(f"{out}: still running (pid {pid} is writing it); allowed: a folder no run is writing")
+
+
 def _run(study, out, resume, teacher, hit, device, data, rows, epochs, remaining, gpus_per_trial, verbose,
          on_update) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"name": study.name, "kind": "grid" if study.is_grid else "search", "study": study.to_dict(),
             "teacher": {k: v for k, v in teacher.meta.items() if k != "path"} | {"cache_hit": hit},
             "environment": results.environment(str(device)), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "ended": None, "samples": study.trial_count(), "reference": dict(study.reference)}
     if resume:
-        previous = results.read_folder(out).study
+        previous = results.read_study(out)
         meta["started"] = previous.get("started", meta["started"])
         meta["resumed"] = previous.get("resumed", 0) + 1
+        if "confirm" in previous:
+            meta["confirm"] = previous["confirm"]
     results.write_json(out / "study.json", meta)
 
     state = SearchState(total=study.trial_count())
     for r in rows:
-        state.counts[r["status"]] = state.counts.get(r["status"], 0) + 1
+        if r.get("stage") != "confirm":
+            state.counts[r["status"]] = state.counts.get(r["status"], 0) + 1
     if remaining > 0:
-        _fit(study, out, teacher.blob(), data, rows, epochs, state, remaining, gpus_per_trial, verbose, on_update)
+        todo = [c for c in _trial_configs_grid(study) if c["point"] not in _done_points(rows)] if study.is_grid else None
+        _fit(study, out, teacher.blob(), data, rows, epochs, state, remaining, todo, gpus_per_trial, verbose, on_update)
     meta["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     results.write_json(out / "study.json", meta)
-    return {"out": str(out), "trials": len(rows), "counts": dict(state.counts), "best": dict(state.best),
-            "seconds": time.time() - state.started}
+    return {"out": str(out), "trials": sum(r.get("stage") != "confirm" for r in rows), "counts": dict(state.counts),
+            "best": dict(state.best), "seconds": time.time() - state.started}
 
 
-def _fit(study, out, teacher, data, rows, epochs, state, remaining, gpus_per_trial, verbose, on_update):
+def _done_points(rows) -> set:
+    return {int(r["point"]) for r in rows if "point" in r and r["point"] == r["point"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Confirmation: the search's best configurations and the presets, on fresh seeds
+
+
+def plan_confirm(study: Study, trials, confirm: Confirm, where: str = "") -> tuple[list[dict], list[dict]]:
+    """The (configuration, seed) runs a confirmation makes, and its candidates (search trials first, then presets).
+
+    Seeds: the ``confirm.seeds`` smallest seeds no search trial used. Presets whose configuration a
+    candidate already has are not run twice. Raises StudyError when ``trials`` holds no finished
+    full-fidelity search trial or a trial that this study cannot have produced.
+    """
+    cands = stats.confirm_candidates(trials, study.objectives, confirm.top) if len(trials) else trials
+    if len(cands) == 0:
+        raise StudyError(f"{where}: no finished full-fidelity search trial to confirm; allowed: a folder of "
+                         f"`kdbench tune` with at least one completed trial")
+    used = set(int(s) for s in trials.loc[trials["stage"] != "confirm", "seed"])
+    seeds = [s for s in range(len(used) + confirm.seeds) if s not in used][:confirm.seeds]
+    picked, ids = [], set()
+    for r in cands.to_dict("records"):
+        values = {k: v for k, v in r.items() if k in TUNABLE and v == v}
+        method, recipe, _ = resolve_trial(study, {"method": r["method"], **values})
+        cid = _config_id(study, method, recipe)
+        if cid != r["config_id"]:  # the row was not made by this study.json: another study's table?
+            raise StudyError(f"{where}: trial {r['trial_id']} (config {r['config_id']}) does not match the study "
+                             f"in study.json (it gives {cid}); allowed: a folder written by one study")
+        picked.append({"config_id": cid, "method": r["method"], "from": f"trial {r['trial_id']}", "values": values})
+        ids.add(cid)
+    for name in confirm.with_:
+        method, recipe, _ = resolve_trial(study, {"method": name})
+        cid = _config_id(study, method, recipe)
+        if cid not in ids:
+            picked.append({"config_id": cid, "method": name, "from": "preset", "values": {}})
+            ids.add(cid)
+    plan = [{"config_id": p["config_id"], "method": p["method"], "seed": s, "stage": "confirm", **p["values"]}
+            for p in picked for s in seeds]
+    return plan, picked
+
+
+def run_confirm(out: Path, confirm: Confirm, *, concurrency: int | None = None, cpus_per_trial: float | None = None,
+                gpus_per_trial: float | None = None, address: str | None = None, data_root: str | None = None,
+                verbose: bool = False, on_update: Callable[[SearchState], None] = lambda s: None,
+                on_teacher: Callable[[dict], None] | None = None, on_teacher_ready=lambda meta, hit: None,
+                on_plan=lambda picked, todo: None) -> dict:
+    """Retrain a finished search's candidates and the presets on fresh seeds; append them to ``out``.
+
+    Resumable and idempotent: the (configuration, seed) pairs already in ``trials.csv`` with
+    ``stage = confirm`` are not run again. Same Ray Tune path as the search, without early stopping.
+    """
+    out = Path(out).resolve()
+    meta = results.read_study(out)
+    if meta.get("kind") != "search":
+        raise StudyError(f"{out}: holds a {meta.get('kind', 'single')} run, not a search; a grid needs no "
+                         f"confirmation (its seeds are already there); allowed: the folder of a search")
+    _check_unlocked(out)
+    if not meta.get("ended"):
+        raise StudyError(f"{out}: the search has not finished (no end time in study.json); finish it first with "
+                         f"kdbench tune STUDY --out {out} --resume")
+    study = study_from_dict(meta["study"])
+    study = dataclasses.replace(study, **{k: v for k, v in (("concurrency", concurrency),
+                                                             ("cpus_per_trial", cpus_per_trial)) if v is not None})
+    folder = results.read_folder(out)
+    plan, picked = plan_confirm(study, folder.trials, confirm, str(out))
+    done = _confirmed_pairs(folder.trials)
+    on_plan(picked, [p for p in plan if (p["config_id"], p["seed"]) not in done])
+    if all((p["config_id"], p["seed"]) in done for p in plan):
+        return {"out": str(out), "added": 0, "planned": len(plan), "candidates": picked, "seconds": 0.0}
+    _, data, teacher, _ = _load(study, data_root, False, on_teacher, on_teacher_ready)
+    started_ray = _init_ray(address, verbose)
+    try:
+        with results.FolderLock(out, "confirm"):
+            return _confirm(study, out, confirm, teacher, data, gpus_per_trial, verbose, on_update)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _confirmed_pairs(trials) -> set:
+    if len(trials) == 0 or "stage" not in trials.columns:
+        return set()
+    c = trials[trials["stage"] == "confirm"]
+    return set(zip(c["config_id"].astype(str), c["seed"].astype(int)))
+
+
+def _confirm(study, out, confirm, teacher, data, gpus_per_trial, verbose, on_update) -> dict:
+    started = time.time()
+    plan, picked = plan_confirm(study, results.read_folder(out).trials, confirm, str(out))
+    rows, epochs = _read_done(out)
+    done = {(str(r["config_id"]), int(r["seed"])) for r in rows if r.get("stage") == "confirm"}
+    todo = [p for p in plan if (p["config_id"], p["seed"]) not in done]
+    meta = results.read_study(out)
+    meta["confirm"] = {"seeds": sorted({p["seed"] for p in plan}), "top": confirm.top, "with": list(confirm.with_),
+                       "candidates": [{k: v for k, v in p.items() if k != "values"} for p in picked],
+                       "started": meta.get("confirm", {}).get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
+                       "ended": None}
+    results.write_json(out / "study.json", meta)
+    state = SearchState(total=len(plan))
+    state.counts["completed"] = len(done & {(p["config_id"], p["seed"]) for p in plan})
+    if todo:
+        _fit(study, out, teacher.blob(), data, rows, epochs, state, len(todo), todo, gpus_per_trial, verbose,
+             on_update, asha=False)
+    meta["confirm"]["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    results.write_json(out / "study.json", meta)
+    return {"out": str(out), "added": len(todo), "planned": len(plan), "candidates": picked,
+            "seconds": time.time() - started}
+
+
+def _fit(study, out, teacher, data, rows, epochs, state, remaining, todo, gpus_per_trial, verbose, on_update,
+         asha: bool | None = None):
+    """One Tuner.fit: ``todo`` (a grid or a confirmation: fixed trials) or ``remaining`` trials of the searcher."""
     if not verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         for name in ("ray", "ray.tune", "ray.data", "ray.train"):
@@ -339,14 +477,12 @@ def _fit(study, out, teacher, data, rows, epochs, state, remaining, gpus_per_tri
         tune.with_parameters(_trainable, study=study, teacher=teacher, data=data,
                              threads=int(study.cpus_per_trial)),
         {"cpu": study.cpus_per_trial, "gpu": gpus})
-    if study.is_grid:
-        finished = {int(r["point"]) for r in rows if "point" in r and r["point"] == r["point"]}
-        todo = [c for c in _trial_configs_grid(study) if c["point"] not in finished]
+    if todo is not None:
         searcher, param_space, num_samples = None, {"trial": tune.grid_search(todo)}, 1
     else:
         searcher, param_space, num_samples = _make_searcher(study, out, study.max_epochs), {}, remaining
     scheduler = None
-    if study.asha:
+    if study.asha if asha is None else asha:
         scheduler = tune.schedulers.ASHAScheduler(
             time_attr="epoch", metric="val_top1", mode="max", max_t=study.max_epochs,
             grace_period=study.grace_period, reduction_factor=study.reduction_factor)

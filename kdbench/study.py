@@ -21,8 +21,8 @@ from .data import DATASETS
 from .models import MODELS
 from .train import DATASET_DEFAULTS, METHODS, SCHEDULES, Method, Recipe
 
-__all__ = ["Study", "Param", "StudyError", "load_study", "find_study", "bundled_studies",
-           "apply_overrides", "check_value", "SAMPLERS", "OBJECTIVES"]
+__all__ = ["Study", "Param", "Confirm", "StudyError", "load_study", "study_from_dict", "find_study",
+           "bundled_studies", "apply_overrides", "check_value", "check_confirm", "SAMPLERS", "OBJECTIVES"]
 
 SAMPLERS = ("tpe", "nsga2", "random")
 OBJECTIVES = ("top1", "geom_corr", "geom_err", "cka")  # searchable, measured on val each epoch
@@ -117,6 +117,29 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Confirm:
+    """A confirmation stage: retrain the search's best ``top`` configurations and the presets ``with``
+    on ``seeds`` fresh seeds (``kdbench confirm``; run by ``tune`` when a study has ``[confirm]``)."""
+
+    seeds: int = 3
+    top: int = 3
+    with_: tuple[str, ...] = ("baseline", "kd")
+
+
+def check_confirm(seeds: int, top: int, with_: tuple[str, ...], methods: dict, where: str) -> Confirm:
+    """Validate a confirmation's options (from ``[confirm]`` or the command line)."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise StudyError(f"{where}seeds {seeds!r}: allowed: an integer >= 1")
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise StudyError(f"{where}top {top!r}: allowed: an integer >= 1")
+    for m in with_:
+        if m not in methods:
+            raise StudyError(f"{where}with {m!r}: unknown preset; allowed: none or a comma-separated list of "
+                             f"{', '.join(methods)}")
+    return Confirm(seeds, top, tuple(with_))
+
+
+@dataclass(frozen=True)
 class Study:
     """A validated study: what to train, how, and what to search or enumerate."""
 
@@ -149,6 +172,7 @@ class Study:
     cpus_per_trial: float
     gpus_per_trial: float | None  # None: 1 GPU per trial shared by `concurrency` where CUDA exists
     reference: tuple[tuple[str, float], ...] = ()  # reported test top-1 per method (e.g. the paper)
+    confirm: Confirm | None = None  # run a confirmation right after the search
 
     @property
     def is_grid(self) -> bool:
@@ -167,7 +191,7 @@ class Study:
 
 _TOP_KEYS = {"name", "description", "dataset", "data_root", "split_seed", "teacher", "teacher_seed",
              "student", "method", "seed", "recipe", "teacher_recipe", "methods", "search", "grid", "asha",
-             "resources", "reference"}
+             "resources", "reference", "confirm"}
 
 
 class _Reader:
@@ -357,13 +381,36 @@ def load_study(path: str | Path) -> Study:
 
     ref = r.sub("reference")
     reference = tuple((k, ref.get(k, 0.0, float)) for k in ref.table)
+    confirm = None
+    if "confirm" in raw:
+        c = r.sub("confirm")
+        c.only({"seeds", "top", "with"})
+        if not has_search:
+            c.fail("seeds", c.table.get("seeds", 3), "no [confirm] in a grid study: its seeds are already there")
+        confirm = check_confirm(c.get("seeds", 3, int), c.get("top", 3, int), tuple(c.get("with", ["baseline", "kd"], list)),
+                                methods, f"{file}: confirm.")
     return Study(
         name=r.get("name", path.stem, str), path=str(path.resolve()), description=r.get("description", "", str),
         dataset=dataset, data_root=r.get("data_root", "data", str), split_seed=r.get("split_seed", 0, int, lo=0),
         teacher=teacher, teacher_recipe=teacher_recipe, teacher_seed=r.get("teacher_seed", 0, int, lo=0),
         student=student, recipe=recipe, methods=methods, method=method, seed=seed, sampler=sampler,
         samples=samples, concurrency=concurrency, objectives=objectives, space=space, grid=grid, asha=asha,
-        grace_period=grace, reduction_factor=rf, cpus_per_trial=cpus, gpus_per_trial=gpus, reference=reference)
+        grace_period=grace, reduction_factor=rf, cpus_per_trial=cpus, gpus_per_trial=gpus, reference=reference,
+        confirm=confirm)
+
+
+def study_from_dict(d: dict) -> Study:
+    """The :class:`Study` a results folder was run with, from its ``study.json`` (``Study.to_dict()``)."""
+    d = dict(d)
+    d["recipe"], d["teacher_recipe"] = Recipe(**d["recipe"]), Recipe(**d["teacher_recipe"])
+    d["methods"] = {k: Method(**v) for k, v in d["methods"].items()}
+    d["objectives"] = tuple(d["objectives"])
+    d["space"] = tuple(Param(**{**p, "choices": tuple(p["choices"]), "when": tuple(p["when"])}) for p in d["space"])
+    d["grid"] = tuple((m, s, tuple(tuple(kv) for kv in values)) for m, s, values in d["grid"])
+    d["reference"] = tuple(tuple(kv) for kv in d.get("reference", ()))
+    c = d.get("confirm")
+    d["confirm"] = Confirm(c["seeds"], c["top"], tuple(c["with_"])) if c else None
+    return Study(**d)
 
 
 def bundled_studies() -> dict[str, Path]:

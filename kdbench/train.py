@@ -28,7 +28,8 @@ from .geometry import CentroidMemory, class_centroids, geom_err, geometry_corr, 
 from .models import build_model, count_parameters
 
 __all__ = ["Method", "Recipe", "TrainConfig", "Teacher", "METHODS", "DATASET_DEFAULTS", "distill",
-           "get_teacher", "load_teacher", "evaluate", "get_lr", "DivergedError", "resolve_device", "cache_dir"]
+           "get_teacher", "load_teacher", "evaluate", "get_lr", "DivergedError", "resolve_device", "cache_dir",
+           "trial_values"]
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,15 @@ DATASET_DEFAULTS: dict[str, dict] = {
     "cifar10": dict(teacher="resnet50", student="resnet18", recipe=Recipe(epochs=30, batch_size=64, lr=0.05)),
     "cifar100": dict(teacher="resnet50", student="resnet18", recipe=Recipe(epochs=30, batch_size=64, lr=0.05)),
 }
+
+
+def trial_values(method: Method, recipe: Recipe) -> dict:
+    """Every term weight, hyperparameter and recipe field of a run: the trials.csv columns that define it
+    (``method`` holds the method's name; the epoch count is the study's)."""
+    hp = {**dataclasses.asdict(method), **dataclasses.asdict(recipe)}
+    hp.pop("epochs")
+    hp["method"] = hp.pop("name")
+    return hp
 
 
 @dataclass(frozen=True)

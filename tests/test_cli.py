@@ -93,17 +93,23 @@ grace_period = 2
     r = runner.invoke(app, ["compare", str(out), "--format", "json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert {"leaderboard", "front", "hypervolume", "reference_point", "knee"} <= set(doc)
+    assert {"leaderboard", "configurations", "front", "hypervolume", "reference_point", "knee", "front_stability",
+            "importances"} <= set(doc)
     trials = pd.read_csv(out / "trials.csv")
-    full = trials[trials["fidelity"] == "full"].reset_index(drop=True)
-    mask = _brute_front(full[["test_top1", "test_geom_corr"]].to_numpy())
-    assert sorted(t["trial_id"] for t in doc["front"]) == sorted(full.loc[mask, "trial_id"])
-    assert doc["knee"]["trial_id"] in {t["trial_id"] for t in doc["front"]}
+    assert trials["config_id"].str.fullmatch(r"[0-9a-f]{10}").all() and set(trials["stage"]) == {"search"}
+    # The front is on configuration means of the validation split (one seed each here).
+    full = trials[trials["fidelity"] == "full"]
+    means = full.groupby("config_id")[["val_top1", "val_geom_corr"]].mean()
+    mask = _brute_front(means.to_numpy())
+    assert sorted(c["config_id"] for c in doc["front"]) == sorted(means.index[mask])
+    assert doc["knee"]["config_id"] in {c["config_id"] for c in doc["front"]}
+    assert doc["single_seed_on_front"] == [c["config_id"] for c in doc["front"]]  # every search point has one seed
+    assert doc["front_stability"] is None  # nothing confirmed yet
 
     plot = tmp_path / "front.png"
     r = runner.invoke(app, ["compare", str(out), "--plot", str(plot), "--format", "md"])
     assert r.exit_code == 0 and plot.read_bytes()[:4] == b"\x89PNG"
-    assert r.stdout.startswith("| method |") and "wrote" in r.stderr
+    assert r.stdout.startswith("| # | config | method |") and "wrote" in r.stderr
 
 
 def test_compare_skips_a_bad_folder_and_fails_when_nothing_is_readable(tmp_path, digits_teacher):

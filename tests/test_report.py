@@ -12,43 +12,75 @@ def _folder(rows, reference=None, teacher=None):
     return Folder(path=None, study=study, trials=pd.DataFrame(rows), epochs=None)
 
 
-def _row(tid, method, top1, corr, status="completed", fidelity="full", seed=0):
-    return {"trial_id": tid, "method": method, "seed": seed, "status": status, "fidelity": fidelity,
-            "test_top1": top1, "test_geom_corr": corr, "best_test_top1": top1 + 1, "test_geom_err": 0.1,
+def _row(tid, method, top1, corr, status="completed", fidelity="full", seed=0, cid=None, stage="grid", val=None):
+    val_top1, val_corr = val if val is not None else (top1, corr)
+    return {"trial_id": tid, "config_id": cid or method, "stage": stage, "method": method, "seed": seed,
+            "status": status, "fidelity": fidelity, "test_top1": top1, "test_geom_corr": corr,
+            "val_top1": val_top1, "val_geom_corr": val_corr, "best_test_top1": top1 + 1, "test_geom_err": 0.1,
             "test_cka": 0.5, "test_knn_top1": top1, "params": 1000, "train_seconds": 2.0}
 
 
-def test_leaderboard_means_stds_deltas_and_unranked_low_fidelity():
-    rows = [_row("a", "baseline", 90, 0.5), _row("b", "baseline", 92, 0.7),
-            _row("c", "geometry", 95, 0.9), _row("d", "geometry", 97, 0.95),
-            _row("e", "geometry", 10, 0.1, status="stopped", fidelity="low"),
+def test_leaderboard_means_stds_intervals_deltas_and_unranked_low_fidelity():
+    rows = [_row("a", "baseline", 90, 0.5, seed=0), _row("b", "baseline", 92, 0.7, seed=1),
+            _row("c", "geometry", 95, 0.9, seed=0), _row("d", "geometry", 97, 0.95, seed=1),
+            _row("e", "geometry", 10, 0.1, status="stopped", fidelity="low", seed=2),
             _row("f", "kd", math.nan, math.nan, status="failed", fidelity="low")]
     f = _folder(rows, reference={"geometry": 75.81},
                 teacher={"arch": "big", "test_top1": 99.0, "best_test_top1": 99.5, "params": 5000})
     df = report.trials_frame([f])
-    lb = report.leaderboard(df, [f])
+    lb = report.leaderboard(df, [f], ("method",))
     g = lb[lb["method"] == "geometry"].iloc[0]
-    assert g["n"] == 2 and g["n_low"] == 1 and g["rank"] == 1
-    assert g["top1_mean"] == pytest.approx(96.0) and g["top1_std"] == pytest.approx(math.sqrt(2))  # ddof=1
+    assert g["n"] == 2 and g["n_seeds"] == 2 and g["n_low"] == 1 and g["rank"] == 1
+    assert g["test_top1_mean"] == pytest.approx(96.0) and g["test_top1_std"] == pytest.approx(math.sqrt(2))  # ddof=1
+    # Two runs: the bootstrap means are 95 (1/4), 96 (1/2), 97 (1/4): the 95% interval is [95, 97].
+    assert (g["test_top1_ci_low"], g["test_top1_ci_high"]) == (95.0, 97.0)
     assert g["delta_top1"] == pytest.approx(96 - 91) and g["delta_geom_corr"] == pytest.approx(0.925 - 0.6)
+    assert g["p_improve_top1_vs_baseline"] == 1.0  # 95 and 97 beat 90 and 92 in all four pairs
     assert g["reported_top1"] == pytest.approx(75.81)
     kd = lb[lb["method"] == "kd"].iloc[0]
     assert kd["n"] == 0 and kd["n_failed"] == 1 and math.isnan(kd["rank"])  # counted, never ranked
     teacher = lb[lb["method"] == "teacher (big)"].iloc[0]
-    assert teacher["top1_mean"] == 99.0 and math.isnan(teacher["rank"])
+    assert teacher["test_top1_mean"] == 99.0 and math.isnan(teacher["rank"])
     md = report.to_markdown(lb, ("method",))
-    assert "96.00 ± 1.41" in md and "+5.00" in md
+    assert "96.00 ± 1.41 [95.00, 97.00]" in md and "+5.00" in md
 
 
-def test_front_uses_full_fidelity_only_and_baseline_reference():
-    rows = [_row("a", "baseline", 90, 0.5), _row("b", "baseline", 92, 0.7), _row("c", "geometry", 95, 0.9),
-            _row("d", "kd", 97, 0.6), _row("e", "geometry", 99, 0.99, status="stopped", fidelity="low")]
+def test_single_seed_configurations_rank_after_those_with_intervals_and_say_so():
+    rows = [_row("a", "baseline", 90, 0.5, seed=1, stage="confirm"), _row("b", "baseline", 91, 0.6, seed=2, stage="confirm"),
+            _row("c", "geometry", 99, 0.9, cid="lucky", stage="search")]
+    f = _folder(rows)
+    lb = report.leaderboard(report.trials_frame([f]), [f])
+    assert lb["config_id"].tolist() == ["baseline", "lucky"]  # 99 % on one seed ranks second
+    md = report.to_markdown(lb, ("config",))
+    assert "99.00 (1 seed)" in md and "90.50 ± 0.71 [90.00, 91.00]" in md
+
+
+def test_confirmed_configuration_rests_on_its_confirmation_seeds_only():
+    """The search seed chose the configuration (winner's curse): once confirmed, it is left out."""
+    rows = [_row("s", "geometry", 99.0, 0.99, cid="x", stage="search", seed=0),
+            _row("c1", "geometry", 95.0, 0.90, cid="x", stage="confirm", seed=1),
+            _row("c2", "geometry", 96.0, 0.92, cid="x", stage="confirm", seed=2)]
+    f = _folder(rows)
+    lb = report.leaderboard(report.trials_frame([f]), [f])
+    r = lb[lb["config_id"] == "x"].iloc[0]
+    assert r["n_seeds"] == 2 and r["seeds"] == "1 2" and r["test_top1_mean"] == pytest.approx(95.5)
+    assert r["stage"] == "confirm"
+
+
+def test_front_is_on_configuration_means_of_validation_with_baseline_reference():
+    # Configuration means (val): baseline (91, 0.6), p (96, 0.9), q (97, 0.6), r (94, 0.8): dominated by p.
+    rows = [_row("a", "baseline", 90, 0.5, seed=0), _row("b", "baseline", 92, 0.7, seed=1),
+            _row("c", "geometry", 50, 0.1, cid="p", seed=0, val=(95, 0.85)),
+            _row("d", "geometry", 50, 0.1, cid="p", seed=1, val=(97, 0.95)),
+            _row("e", "kd", 99, 0.99, cid="q", val=(97, 0.6)),
+            _row("g", "geometry", 99, 0.99, cid="r", val=(94, 0.8)),
+            _row("h", "geometry", 99, 0.99, cid="s", status="stopped", fidelity="low", val=(99, 0.99))]
     fr = report.front(report.trials_frame([_folder(rows)]))
-    assert sorted(fr.rows["trial_id"]) == ["c", "d"]  # e dominates both but is low fidelity
-    assert fr.reference_point == (91.0, 0.6) and fr.reference_source == "baseline mean"
-    # Staircase above (91, 0.6): (97-91)*(0.6-0.6) + (95-91)*(0.9-0.6) = 1.2
-    assert fr.hypervolume == pytest.approx(1.2)
-    assert fr.best["test_top1"]["trial_id"] == "d" and fr.best["test_geom_corr"]["trial_id"] == "c"
+    assert sorted(fr.rows["config_id"]) == ["p", "q"]  # s dominates both but is low fidelity; test values play no part
+    assert fr.reference_point == (91.0, 0.6) and fr.reference_source.startswith("baseline mean")
+    # Staircase above (91, 0.6): (97-91)*(0.6-0.6) + (96-91)*(0.9-0.6) = 1.5
+    assert fr.hypervolume == pytest.approx(1.5)
+    assert fr.rows.set_index("config_id").loc["p", "test_top1_mean"] == 50  # test means are reported beside
 
 
 def test_empty_study_gives_an_empty_front():

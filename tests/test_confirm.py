@@ -1,0 +1,194 @@
+"""`kdbench confirm`: fresh seeds for a search's best configurations and the presets, in the same folder."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from kdbench.cli import app
+from kdbench.results import read_folder
+from kdbench.search import run_confirm, run_study
+from kdbench.study import Confirm, load_study
+
+runner = CliRunner()
+
+STUDY = """
+name = "c"
+dataset = "digits"
+[recipe]
+epochs = 3
+[search]
+samples = 4
+[search.space.geometry]
+type = "loguniform"
+low = 1.0
+high = 1000.0
+[asha]
+grace_period = 1
+reduction_factor = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, ray_session, digits_teacher):
+    """A finished search; each test works on its own copy."""
+    root = tmp_path_factory.mktemp("searched")
+    (root / "c.toml").write_text(STUDY)
+    run_study(load_study(root / "c.toml"), root / "out")
+    return root / "out"
+
+
+def _copy(searched, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(searched, out)
+    return out
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    text = result.output.strip()
+    assert "Traceback" not in text and len(text.splitlines()) == 1, text
+    for f in fragments:
+        assert f in text, text
+
+
+def test_confirm_adds_seeds_times_candidates_then_nothing(searched, tmp_path):
+    out = _copy(searched, tmp_path)
+    search = pd.read_csv(out / "trials.csv")
+    r = runner.invoke(app, ["confirm", str(out), "--seeds", "2", "--top", "2"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((out / "study.json").read_text())
+    cands = meta["confirm"]["candidates"]
+    after = pd.read_csv(out / "trials.csv")
+    confirm = after[after["stage"] == "confirm"]
+    assert len(confirm) == 2 * len(cands) and len(after) == len(search) + 2 * len(cands)
+    assert set(confirm["seed"]) == {1, 2}  # never the search's seed 0
+    assert {c["method"] for c in cands if c["from"] == "preset"} <= {"baseline", "kd"}
+    assert sorted(set(confirm["config_id"])) == sorted(c["config_id"] for c in cands)
+    # A confirmed search configuration is the same configuration as its search trial.
+    searched_ids = set(search["config_id"])
+    assert 1 <= sum(c["config_id"] in searched_ids for c in cands) <= 2
+    assert (confirm["status"] == "completed").all() and (confirm["epochs"] == 3).all()  # no early stopping
+    pd.testing.assert_frame_equal(after.head(len(search))[search.columns], search)  # the search is kept as it was
+
+    before = (out / "trials.csv").read_bytes()
+    again = runner.invoke(app, ["confirm", str(out), "--seeds", "2", "--top", "2"])
+    assert again.exit_code == 0 and "0 runs added" in again.output, again.output
+    assert (out / "trials.csv").read_bytes() == before  # idempotent
+
+    doc = json.loads(runner.invoke(app, ["compare", str(out), "--format", "json"]).stdout)
+    confirmed = [c for c in doc["configurations"] if c["stage"] == "confirm"]
+    assert len(confirmed) == len(cands)
+    for c in confirmed:
+        assert c["n_seeds"] == 2 and c["seeds"] == "1 2"
+        assert c["test_top1_ci_low"] <= c["test_top1_mean"] <= c["test_top1_ci_high"]
+        if c["method"] != "baseline":
+            assert 0 <= c["p_improve_top1_vs_baseline"] <= 1
+    assert doc["front_stability"]["of"] >= 1 and 0 <= doc["front_stability"]["kept"] <= doc["front_stability"]["of"]
+    assert (out / "pareto.png").is_file() and (out / "slices.png").is_file()
+
+
+def test_config_id_of_an_old_folder_is_derived_the_same_way(searched, tmp_path):
+    """Folders written before config_id existed get it from their rows, identical to what is written now."""
+    out = _copy(searched, tmp_path)
+    written = pd.read_csv(out / "trials.csv")
+    written.drop(columns=["config_id", "stage"]).to_csv(out / "trials.csv", index=False)
+    derived = read_folder(out).trials
+    assert derived["config_id"].tolist() == written["config_id"].tolist()
+    assert set(derived["stage"]) == {"search"}
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--seeds", "0"], ["--seeds 0", "allowed: an integer >= 1"]),
+    (["--top", "0"], ["--top 0", "allowed: an integer >= 1"]),
+    (["--with", "kd,magic"], ["--with 'magic': unknown preset", "baseline"]),
+    (["--concurrency", "0"], ["--concurrency 0"]),
+])
+def test_bad_options_are_one_line_and_write_nothing(searched, tmp_path, args, fragments):
+    out = _copy(searched, tmp_path)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _one_line_error(runner.invoke(app, ["confirm", str(out), *args]), *fragments)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_bad_folders_are_one_line_and_write_nothing(searched, tmp_path):
+    # Not a results folder; a grid; a single train run.
+    _one_line_error(runner.invoke(app, ["confirm", str(tmp_path)]), "no study.json")
+    grid = tmp_path / "grid"
+    grid.mkdir()
+    (grid / "study.json").write_text(json.dumps({"name": "g", "kind": "grid"}))
+    _one_line_error(runner.invoke(app, ["confirm", str(grid)]), "not a search", "a grid needs no confirmation")
+
+    # A search still being written: the lock of a live process.
+    out = _copy(searched, tmp_path)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        (out / ".kdbench.lock").write_text(f"{sleeper.pid} tune\n")
+        before = (out / "trials.csv").read_bytes()
+        _one_line_error(runner.invoke(app, ["confirm", str(out)]), "still running", str(sleeper.pid))
+        assert (out / "trials.csv").read_bytes() == before
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # The same lock once its process is gone (kill -9) is stale: taken over, not an error.
+    assert runner.invoke(app, ["confirm", str(out), "--top", "1", "--seeds", "1", "--with", "none"]).exit_code == 0
+
+    # A search that never finished.
+    out2 = _copy(searched, tmp_path / "b")
+    meta = json.loads((out2 / "study.json").read_text())
+    (out2 / "study.json").write_text(json.dumps({**meta, "ended": None}))
+    _one_line_error(runner.invoke(app, ["confirm", str(out2)]), "has not finished", "--resume")
+
+    # Another study's trials under this study.json.
+    out3 = _copy(searched, tmp_path / "c")
+    t = pd.read_csv(out3 / "trials.csv")
+    t.loc[t["status"] == "completed", "geometry"] *= 2
+    t.to_csv(out3 / "trials.csv", index=False)
+    before = (out3 / "trials.csv").read_bytes()
+    _one_line_error(runner.invoke(app, ["confirm", str(out3)]), "does not match the study in study.json")
+    assert (out3 / "trials.csv").read_bytes() == before
+
+
+def test_kill_9_during_confirm_then_rerun_runs_only_the_missing_pairs(searched, tmp_path):
+    out = _copy(searched, tmp_path)
+    n_search = len(pd.read_csv(out / "trials.csv"))
+    proc = subprocess.Popen([sys.executable, "-m", "kdbench.cli", "confirm", str(out), "--seeds", "3", "--top", "1",
+                             "--with", "baseline", "--concurrency", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if len(pd.read_csv(out / "trials.csv")) > n_search:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = pd.read_csv(out / "trials.csv")
+    assert n_search < len(before) < n_search + 6
+    summary = run_confirm(out, Confirm(seeds=3, top=1, with_=("baseline",)))
+    after = pd.read_csv(out / "trials.csv")
+    confirm = after[after["stage"] == "confirm"]
+    assert summary["added"] == n_search + 6 - len(before)  # only the missing pairs ran
+    assert len(confirm) == 6 and not confirm.duplicated(["config_id", "seed"]).any()
+    pd.testing.assert_frame_equal(after.head(len(before))[before.columns], before)
+
+
+def test_train_names_the_same_configuration_as_tune_and_measures_geometry_for_baseline(searched, tmp_path):
+    row = pd.read_csv(searched / "trials.csv").iloc[0]
+    out = tmp_path / "one"
+    r = runner.invoke(app, ["train", "--method", "geometry", "--epochs", "3", "--set", f"geometry={float(row['geometry'])!r}",
+                            "--seed", "5", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "result.json").read_text())["config_id"] == row["config_id"]
+    base = tmp_path / "base"
+    r = runner.invoke(app, ["train", "--method", "baseline", "--epochs", "1", "--out", str(base)])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((base / "result.json").read_text())["metrics"]
+    assert -1 <= metrics["test_geom_corr"] <= 1 and 0 <= metrics["test_cka"] <= 1 and metrics["test_geom_err"] >= 0
+    assert "geom_corr" in r.output
