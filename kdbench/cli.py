@@ -331,6 +331,10 @@ def tune(
     finally:
         live.stop()
     err.print(f"\n{summary['trials']} trials in {summary['seconds']:.0f} s → {summary['out']}")
+    if "confirm" in summary:
+        c = summary["confirm"]
+        err.print(f"confirmation: {c['added']} runs added ({c['planned']} planned: {len(c['candidates'])} configurations "
+                  f"× {s.confirm.seeds} fresh seeds) in {c['seconds']:.0f} s", highlight=False)
     if summary["trials"] == s.trial_count():
         _compare([Path(summary["out"])], ("config",), None, "none", False, save=True)
     if summary["trials"] < s.trial_count():
@@ -481,7 +485,9 @@ def _compare(folders, by, plot, fmt, val, top: int | None = None, save: bool = F
         if note and "no optuna.db" not in note:
             out.print(note, highlight=False, soft_wrap=True)
     if plot is not None:
-        report.plot_front(df, fr, loaded, plot)
+        from .plots import plot_front
+
+        plot_front(df, fr, loaded, plot)
         err.print(f"wrote {plot}")
     if save:
         written = report.save_summary(loaded[0], lb, fr, df, by, imp)

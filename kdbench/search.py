@@ -34,24 +34,13 @@ import torch  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
-from . import results, stats  # noqa: E402
+from . import results  # noqa: E402
 from .data import load_data  # noqa: E402
-from .study import TUNABLE, Confirm, Study, StudyError, apply_overrides, study_from_dict  # noqa: E402
-from .train import Method, Recipe, TrainConfig, distill, get_teacher, load_teacher, resolve_device, trial_values  # noqa: E402
+from .confirm import plan_confirm  # noqa: E402
+from .study import Confirm, Study, StudyError, resolve_trial, study_from_dict, trial_config_id  # noqa: E402
+from .train import TrainConfig, distill, get_teacher, load_teacher, resolve_device, trial_values  # noqa: E402
 
-__all__ = ["run_study", "run_confirm", "plan_confirm", "resolve_trial", "SearchState"]
-
-def resolve_trial(study: Study, config: dict) -> tuple[Method, Recipe, int]:
-    """A trial's config (method name, seed, sampled or fixed values) -> the Method, Recipe and seed it runs."""
-    base = study.methods[config.get("method", study.method)]
-    values = {k: v for k, v in config.items() if k in TUNABLE}
-    method, recipe = apply_overrides(base, study.recipe, values, f"{study.path}: trial")
-    return method, recipe, int(config.get("seed", study.seed))
-
-
-def _config_id(study: Study, method: Method, recipe: Recipe) -> str:
-    return results.config_id(results.run_context(study.to_dict()), trial_values(method, recipe))
-
+__all__ = ["run_study", "run_confirm", "SearchState"]
 
 def _trial_configs_grid(study: Study) -> list[dict]:
     return [{"point": i, "method": m, "seed": s, "stage": "grid", **dict(values)}
@@ -163,7 +152,7 @@ def _trial_row(study: Study, trial, status: str, seconds: float) -> dict:
     config = trial.config.get("trial", trial.config)
     method, recipe, seed = resolve_trial(study, config)
     hp = trial_values(method, recipe)
-    row = {"trial_id": trial.trial_id, "config_id": _config_id(study, method, recipe),
+    row = {"trial_id": trial.trial_id, "config_id": trial_config_id(study, method, recipe),
            "stage": config.get("stage", "grid" if study.is_grid else "search"), "status": status,
            "fidelity": "full" if status == "completed" else "low",
            "seed": seed, "epochs": r.get("epoch", 0), **hp}
@@ -359,40 +348,6 @@ def _done_points(rows) -> set:
 
 # ---------------------------------------------------------------------------------------------
 # Confirmation: the search's best configurations and the presets, on fresh seeds
-
-
-def plan_confirm(study: Study, trials, confirm: Confirm, where: str = "") -> tuple[list[dict], list[dict]]:
-    """The (configuration, seed) runs a confirmation makes, and its candidates (search trials first, then presets).
-
-    Seeds: the ``confirm.seeds`` smallest seeds no search trial used. Presets whose configuration a
-    candidate already has are not run twice. Raises StudyError when ``trials`` holds no finished
-    full-fidelity search trial or a trial that this study cannot have produced.
-    """
-    cands = stats.confirm_candidates(trials, study.objectives, confirm.top) if len(trials) else trials
-    if len(cands) == 0:
-        raise StudyError(f"{where}: no finished full-fidelity search trial to confirm; allowed: a folder of "
-                         f"`kdbench tune` with at least one completed trial")
-    used = set(int(s) for s in trials.loc[trials["stage"] != "confirm", "seed"])
-    seeds = [s for s in range(len(used) + confirm.seeds) if s not in used][:confirm.seeds]
-    picked, ids = [], set()
-    for r in cands.to_dict("records"):
-        values = {k: v for k, v in r.items() if k in TUNABLE and v == v}
-        method, recipe, _ = resolve_trial(study, {"method": r["method"], **values})
-        cid = _config_id(study, method, recipe)
-        if cid != r["config_id"]:  # the row was not made by this study.json: another study's table?
-            raise StudyError(f"{where}: trial {r['trial_id']} (config {r['config_id']}) does not match the study "
-                             f"in study.json (it gives {cid}); allowed: a folder written by one study")
-        picked.append({"config_id": cid, "method": r["method"], "from": f"trial {r['trial_id']}", "values": values})
-        ids.add(cid)
-    for name in confirm.with_:
-        method, recipe, _ = resolve_trial(study, {"method": name})
-        cid = _config_id(study, method, recipe)
-        if cid not in ids:
-            picked.append({"config_id": cid, "method": name, "from": "preset", "values": {}})
-            ids.add(cid)
-    plan = [{"config_id": p["config_id"], "method": p["method"], "seed": s, "stage": "confirm", **p["values"]}
-            for p in picked for s in seeds]
-    return plan, picked
 
 
 def run_confirm(out: Path, confirm: Confirm, *, concurrency: int | None = None, cpus_per_trial: float | None = None,

@@ -19,10 +19,12 @@ else:  # pragma: no cover
 
 from .data import DATASETS
 from .models import MODELS
-from .train import DATASET_DEFAULTS, METHODS, SCHEDULES, Method, Recipe
+from . import results
+from .train import DATASET_DEFAULTS, METHODS, SCHEDULES, Method, Recipe, trial_values
 
 __all__ = ["Study", "Param", "Confirm", "StudyError", "load_study", "study_from_dict", "find_study",
-           "bundled_studies", "apply_overrides", "check_value", "check_confirm", "SAMPLERS", "OBJECTIVES"]
+           "bundled_studies", "apply_overrides", "check_value", "check_confirm", "resolve_trial", "trial_config_id",
+           "SAMPLERS", "OBJECTIVES"]
 
 SAMPLERS = ("tpe", "nsga2", "random")
 OBJECTIVES = ("top1", "geom_corr", "geom_err", "cka")  # searchable, measured on val each epoch
@@ -411,6 +413,19 @@ def study_from_dict(d: dict) -> Study:
     c = d.get("confirm")
     d["confirm"] = Confirm(c["seeds"], c["top"], tuple(c["with_"])) if c else None
     return Study(**d)
+
+
+def resolve_trial(study: Study, config: dict) -> tuple[Method, Recipe, int]:
+    """A trial's config (method name, seed, sampled or fixed values) -> the Method, Recipe and seed it runs."""
+    base = study.methods[config.get("method", study.method)]
+    values = {k: v for k, v in config.items() if k in TUNABLE}
+    method, recipe = apply_overrides(base, study.recipe, values, f"{study.path}: trial")
+    return method, recipe, int(config.get("seed", study.seed))
+
+
+def trial_config_id(study: Study, method: Method, recipe: Recipe) -> str:
+    """The ``config_id`` of a run of ``study`` with this method and recipe."""
+    return results.config_id(results.run_context(study.to_dict()), trial_values(method, recipe))
 
 
 def bundled_studies() -> dict[str, Path]:
