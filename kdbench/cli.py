@@ -466,7 +466,7 @@ def _compare(folders, by, plot, fmt, val, top: int | None = None, save: bool = F
         err.print(f"{', '.join(f.name for f in loaded)}: no finished trials yet")
         return
     lb = report.leaderboard(df, loaded, by, split)
-    fr = report.front(df, report.objectives_of(loaded), split)
+    fr = report.front(df, report.objectives_of(loaded), split, searched=report.searched_of(loaded))
     imp, note = report.importances(loaded[0]) if len(loaded) == 1 else (None, "")
     if fmt == "json":
         sys.stdout.write(report.to_json(lb, fr, imp) + "\n")

@@ -112,7 +112,18 @@ def leaderboard(df: pd.DataFrame, folders: list[Folder], by: tuple[str, ...] = (
     lb.loc[ranked, "rank"] = np.arange(1, ranked.sum() + 1)
     if teacher_rows:
         lb = pd.concat([lb, pd.DataFrame(teacher_rows)], ignore_index=True)
+    lb.attrs["searched"] = searched_of(folders)
     return lb
+
+
+def searched_of(folders: list[Folder]) -> list[str]:
+    """The hyperparameters the folders' searches vary (grids: their value axes)."""
+    names = []
+    for f in folders:
+        study = f.study.get("study") or {}
+        names += [p["name"] for p in study.get("space") or () if p["name"] != "method"]
+        names += [k for _, _, values in study.get("grid") or () for k, _ in values]
+    return list(dict.fromkeys(names))
 
 
 @dataclass
@@ -132,10 +143,11 @@ class Front:
     stability: dict | None  # stats.front_stability after a confirmation
     objectives: tuple[str, str]
     split: str  # the split reported beside (test by default)
+    multi_seed_front: list  # config_ids on the front among configurations with 2+ seeds: what can be claimed
 
 
 def front(df: pd.DataFrame, objectives: tuple[str, str] = ("top1", "geom_corr"), split: str = "test",
-          reference: tuple[float, float] | None = None) -> Front:
+          reference: tuple[float, float] | None = None, searched: list[str] = ()) -> Front:
     """Pareto front over configuration means (never single seeds), membership on validation means.
 
     The hypervolume's reference point is ``reference`` if given, else the validation means of the
@@ -157,12 +169,16 @@ def front(df: pd.DataFrame, objectives: tuple[str, str] = ("top1", "geom_corr"),
         else:
             reference, source = (0.0, -1.0), "(0, -1)"
     if table.empty:
-        return Front(table, table, 0.0, reference, source, None, None, tuple(objectives), split)
+        return Front(table, table, 0.0, reference, source, None, None, tuple(objectives), split, [])
+    table.attrs["searched"] = list(searched)
     mask, knee = stats.front_on_means(table, objectives, "val")
     rows = table[mask].sort_values(cols, ascending=False)
+    rows.attrs["searched"] = list(searched)
+    multi = table[table["n_seeds"] >= 2].reset_index(drop=True)
+    confirmed = multi.loc[stats.front_on_means(multi, objectives, "val")[0], "config_id"].tolist() if len(multi) else []
     hv = hypervolume_2d(stats.oriented(table[cols].to_numpy(float), objectives), reference)
     return Front(rows, table, hv, reference, source, table.loc[knee].to_dict() if knee is not None else None,
-                 stats.front_stability(df, table, objectives), tuple(objectives), split)
+                 stats.front_stability(df, table, objectives), tuple(objectives), split, confirmed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,33 +235,40 @@ def _leader_columns(split: str, wide: bool = True):
         ("#", lambda r: "" if _nan(r.get("rank")) else str(int(r["rank"]))),
         ("seeds", _seeds),
         ("top-1 % [95% CI]", lambda r: _ci(r, f"{t}_top1", std=wide)),
-        ("P(>base) top-1", lambda r: _prob(r.get("p_improve_top1_vs_baseline"))),
-        ("reported top-1 %", lambda r: _pm(r.get("reported_top1"), None)),
         ("geom_corr [95% CI]", lambda r: _ci(r, f"{t}_geom_corr", "{:.3f}", std=wide)),
-        ("P(>base) geom", lambda r: _prob(r.get("p_improve_geom_corr_vs_baseline"))),
-        ("kNN top-1 %", lambda r: _pm(r.get(f"{t}_knn_top1_mean"), r.get(f"{t}_knn_top1_std") if wide else None)),
+        ("P(>base) top-1 / geom", lambda r: "—" if _nan(r.get("p_improve_top1_vs_baseline")) else
+         f"{_prob(r.get('p_improve_top1_vs_baseline'))} / {_prob(r.get('p_improve_geom_corr_vs_baseline'))}"),
+        ("reported top-1 %", lambda r: _pm(r.get("reported_top1"), None)),
     ]
     if wide:
         cols[4:4] = [("best-epoch top-1 %", lambda r: _pm(r.get("best_test_top1_mean"), r.get("best_test_top1_std"))),
                      ("Δ top-1", lambda r: _signed(r.get("delta_top1")))]
-        cols += [("CKA", lambda r: _pm(r.get(f"{t}_cka_mean"), r.get(f"{t}_cka_std"), "{:.3f}")),
+        cols += [("P(>kd) top-1 / geom", lambda r: "—" if _nan(r.get("p_improve_top1_vs_kd")) else
+                  f"{_prob(r.get('p_improve_top1_vs_kd'))} / {_prob(r.get('p_improve_geom_corr_vs_kd'))}"),
+                 ("CKA", lambda r: _pm(r.get(f"{t}_cka_mean"), r.get(f"{t}_cka_std"), "{:.3f}")),
+                 ("kNN top-1 %", lambda r: _pm(r.get(f"{t}_knn_top1_mean"), r.get(f"{t}_knn_top1_std"))),
                  ("params", lambda r: _params(r.get("params_mean"))),
                  ("train s", lambda r: _pm(r.get("train_seconds_mean"), r.get("train_seconds_std"), "{:.1f}"))]
     return cols
 
 
-def _label_columns(lb: pd.DataFrame, by: tuple[str, ...]) -> list[str]:
+def _label_columns(lb: pd.DataFrame, by: tuple[str, ...], wide: bool = True) -> list[str]:
+    """Columns that name a row. Configurations: id, method and the hyperparameters that vary (on a
+    console only the searched ones, ``lb.attrs["searched"]``: the method names the presets)."""
     if tuple(by) != ("config",):
         return [*by] if "method" in by else [*by, "method"]
     hp = [c for c in lb.columns if c not in stats._BOOKKEEPING and not c.startswith(("val_", "test_", "best_", "params_",
           "train_", "p_improve_", "delta_", "reported_", "n_", "rank", "last_", "loss_")) and c not in ("n", "seeds")]
+    searched = lb.attrs.get("searched")
+    if not wide and searched:
+        hp = [c for c in hp if c in searched]
     return ["config_id", "method", *hp]
 
 
 def _leader_cells(lb: pd.DataFrame, by: tuple[str, ...], split: str = "test", wide: bool = True):
     records = lb.to_dict("records")
     cols = [c for c in _leader_columns(split, wide) if any(c[1](r) not in ("—", "") for r in records)]
-    labels = _label_columns(lb, by)
+    labels = _label_columns(lb, by, wide)
     multi = lb["study"].nunique() > 1
     rank, cols = cols[:1], cols[1:]
     head = [h for h, _ in rank] + (["study"] if multi else []) + [("config" if c == "config_id" else c) for c in labels] \
@@ -269,7 +292,8 @@ def leaderboard_table(lb: pd.DataFrame, by: tuple[str, ...], split: str, title: 
                                    f"2+ seeds rank first")
     values = dict(_leader_columns(split))
     for h in head:
-        t.add_column(h, justify="right" if h in values else "left", no_wrap=h != "method", min_width=12 if h == "method" else None)
+        t.add_column(h, justify="right" if h in values else "left", no_wrap=h in values or h == "config",
+                     overflow="ellipsis", min_width=8 if h == "method" else None)
     for row, r in zip(body, lb.to_dict("records")):
         t.add_row(*row, style="dim" if str(r.get("method", "")).startswith("teacher") else None)
     return t
@@ -291,20 +315,23 @@ def front_table(fr: Front, title: str) -> Table:
     t = Table(title=title, caption=f"membership on validation means; hypervolume {fr.hypervolume:.3f} above "
                                    f"({fr.reference_point[0]:.2f}, {fr.reference_point[1]:.3f}), {fr.reference_source}; "
                                    f"★ = knee; {_stability_text(fr)}"
-                                   + (f"; {len(single)} single-seed: not a claim yet" if single else ""))
-    hp = [c for c in _label_columns(fr.rows, ("config",)) if c not in ("config_id", "method")]
+                                   + (f"; {len(single)} single-seed: not a claim yet (confirm more with kdbench confirm "
+                                      f"DIR --top N)" if single else "")
+                                   + (f"; among configurations with 2+ seeds the front is {', '.join(fr.multi_seed_front)}"
+                                      if single and fr.multi_seed_front else ""))
+    hp = [c for c in _label_columns(fr.rows, ("config",), wide=False) if c not in ("config_id", "method")]
     o1, o2 = fr.objectives
     s = fr.split
     for h in ["", "config", "method", *hp, "seeds", f"val {o1}", f"val {o2}", f"{s} top-1 % [95% CI]",
-              f"{s} geom_corr [95% CI]", "CKA", "kNN %"]:
-        t.add_column(h, justify="left" if h in ("config", "method") else "right", no_wrap=h.startswith(s))
+              f"{s} geom_corr [95% CI]"]:
+        t.add_column(h, justify="left" if h in ("config", "method") else "right",
+                     no_wrap=h.startswith((s, "config", "val", "seeds")), overflow="ellipsis")
     knee = fr.knee["config_id"] if fr.knee else None
     for r in fr.rows.to_dict("records"):
         t.add_row("★" if r["config_id"] == knee else "", r["config_id"], str(r.get("method", "")),
                   *[_fmt_key(r.get(h)) for h in hp], _seeds(r),
                   f"{r[f'val_{o1}_mean']:.4g}", f"{r[f'val_{o2}_mean']:.4g}", _ci(r, f"{s}_top1", std=False),
-                  _ci(r, f"{s}_geom_corr", "{:.3f}", std=False), _pm(r.get(f"{s}_cka_mean"), None, "{:.3f}"),
-                  _pm(r.get(f"{s}_knn_top1_mean"), None))
+                  _ci(r, f"{s}_geom_corr", "{:.3f}", std=False))
     return t
 
 
@@ -333,6 +360,7 @@ def to_json(lb: pd.DataFrame, fr: Front, imp: pd.DataFrame | None = None) -> str
            "hypervolume": fr.hypervolume, "reference_point": list(fr.reference_point),
            "reference_source": fr.reference_source, "knee": fr.knee, "front_stability": fr.stability,
            "single_seed_on_front": [r["config_id"] for r in fr.rows.to_dict("records") if r["n_seeds"] == 1],
+           "front_of_multi_seed_configurations": fr.multi_seed_front,
            "importances": None if imp is None else imp.to_dict("records"), "split": fr.split,
            "interval": f"95% percentile bootstrap of the mean over seeds ({stats.N_RESAMPLES} resamples, fixed seed)"}
     return json.dumps(_jsonable(doc), indent=2)
