@@ -3,102 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console, Group
 from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from .console import (Device, LiveView, check_resources, device_or_error, epoch_progress, err, errors, out,
+                      summary_table, teacher_with_progress, threads_now)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Benchmark knowledge-distillation methods on accuracy and feature-space geometry.")
 # Results go to stdout, progress, notes and errors to stderr. Piped output gets a wide page, not 80 columns.
-out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
-
-
-def _errors(fn):
-    """Bad input -> one line on stderr and exit code 2, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from .data import DataError
-        from .results import ResultsError
-        from .study import StudyError
-
-        try:
-            return fn(*args, **kwargs)
-        except (StudyError, DataError, ResultsError) as e:
-            err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/yellow]")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-def _device(name: str):
-    import torch
-
-    from .study import StudyError
-    from .train import resolve_device
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise StudyError("--device cuda: CUDA is not available on this machine; allowed here: auto, cpu")
-    return resolve_device(name)
-
-
-def _epoch_progress(total: int, label: str):
-    """A rich progress bar over epochs whose description shows the latest metrics."""
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("{task.fields[metrics]}"), console=err, transient=False)
-    task = progress.add_task(label, total=total, metrics="")
-
-    def report(row: dict):
-        shown = [f"loss {row['train_loss']:.3f}", f"val {row['val_top1']:.2f}%"]
-        if "val_geom_corr" in row:
-            shown.append(f"geom_corr {row['val_geom_corr']:.3f}")
-        progress.update(task, advance=1, metrics="  ".join(shown))
-
-    return progress, report
-
-
-def _teacher(data, dataset: str, arch: str | None, epochs: int | None, seed: int, retrain: bool = False,
-             flag: str = "--teacher-epochs"):
-    from .study import check_value
-    from .train import DATASET_DEFAULTS, get_teacher
-
-    defaults = DATASET_DEFAULTS[dataset]
-    arch = arch or defaults["teacher"]
-    recipe = defaults["recipe"]
-    if epochs is not None:
-        recipe = dataclasses.replace(recipe, epochs=check_value("epochs", epochs, flag))
-    progress, report = _epoch_progress(recipe.epochs, f"teacher {arch}")
-    with progress:
-        teacher, hit = get_teacher(data, arch, recipe, seed, report=report, use_cache=not retrain)
-        if hit:
-            progress.update(progress.task_ids[0], visible=False)
-    m = teacher.meta
-    err.print(f"teacher {arch} on {dataset}: {'loaded from cache' if hit else 'trained and cached'} "
-              f"({m['path']}); test top-1 {m['test_top1']:.2f}%", highlight=False)
-    return teacher
-
-
 @app.command()
-@_errors
+@errors
 def train(
     dataset: Annotated[str, typer.Option(help="digits | synthetic | cifar10 | cifar100")] = "digits",
     method: Annotated[str, typer.Option(help="baseline | kd | feature | geometry | geometry_only | rkd | sp | cc | dkd")] = "geometry",
@@ -115,6 +36,7 @@ def train(
     download: Annotated[bool, typer.Option(help="download CIFAR into --data-root if missing")] = False,
     device: Annotated[Device, typer.Option(help="auto: CUDA when present")] = Device.auto,
     compile: Annotated[bool, typer.Option(help="torch.compile the student")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads (a run is bit-reproducible only at the same count)")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="write result.json and epochs.csv here")] = None,
 ):
     """Distill one student (training or loading the teacher first) and print its metrics.
@@ -144,18 +66,24 @@ def train(
     m, recipe = apply_overrides(METHODS[method], defaults["recipe"], values, "--set")
     if out_dir is not None and (out_dir / "result.json").exists():
         raise StudyError(f"--out {out_dir}: already holds a result.json; choose another folder")
-    dev = _device(device.value)
+    if threads is not None:
+        if threads < 1:
+            raise StudyError(f"--threads {threads}: allowed: >= 1")
+        import torch
+
+        torch.set_num_threads(threads)
+    dev = device_or_error(device.value)
 
     data = load_data(dataset, data_root, 0, download, dev)
     # Every method is measured against the teacher (geometry, CKA), baseline included, as in `tune`.
-    t = _teacher(data, dataset, teacher, teacher_epochs, 0)
+    t = teacher_with_progress(data, dataset, teacher, teacher_epochs, 0)
     cfg = TrainConfig(student or defaults["student"], m, recipe, seed, compile)
-    progress, report = _epoch_progress(recipe.epochs, f"{cfg.student} · {m.name}")
+    progress, report = epoch_progress(recipe.epochs, f"{cfg.student} · {m.name}")
     with progress:
         res = distill(cfg, data, t, report)
     history = res.pop("history")
     res.pop("model")
-    out.print(_summary_table(res, cfg, dataset))
+    out.print(summary_table(res, cfg, dataset))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         results.write_csv(out_dir / "epochs.csv", history)
@@ -167,29 +95,12 @@ def train(
             "config": {"dataset": dataset, "student": cfg.student, "teacher": tm["arch"],
                        "method": dataclasses.asdict(m), "recipe": dataclasses.asdict(recipe), "seed": seed},
             "teacher": {k: v for k, v in tm.items() if k != "path"},
-            "environment": results.environment(str(dev)), "metrics": res})
+            "environment": results.environment(str(dev)) | {"threads": threads_now()}, "metrics": res})
         err.print(f"wrote {out_dir / 'result.json'} and {out_dir / 'epochs.csv'}")
 
 
-def _summary_table(res: dict, cfg, dataset: str) -> Table:
-    t = Table(title=f"{cfg.student} on {dataset} · method {cfg.method.name} · seed {cfg.seed}", show_header=True)
-    t.add_column("metric")
-    t.add_column("val", justify="right")
-    t.add_column("test", justify="right")
-    for name, fmt in (("top1", "{:.2f} %"), ("geom_corr", "{:.4f}"), ("geom_err", "{:.4f}"), ("cka", "{:.4f}"),
-                      ("knn_top1", "{:.2f} %")):
-        v, te = res.get(f"val_{name}"), res.get(f"test_{name}")
-        if v is not None:
-            t.add_row(name + (" (last epoch)" if name == "top1" else ""), fmt.format(v), fmt.format(te))
-    t.add_row("top1 (best epoch)", "", f"{res['best_test_top1']:.2f} %")
-    t.add_row("parameters", "", f"{res['params']:,}")
-    t.add_row("train seconds", "", f"{res['train_seconds']:.1f}")
-    t.add_row("images / s", "", f"{res['images_per_second']:,.0f}")
-    return t
-
-
 @app.command()
-@_errors
+@errors
 def teacher(
     dataset: Annotated[str, typer.Option(help="digits | synthetic | cifar10 | cifar100")] = "digits",
     arch: Annotated[Optional[str], typer.Option(help="teacher model (default: the data set's)")] = None,
@@ -210,9 +121,9 @@ def teacher(
         raise StudyError(f"--dataset {dataset!r} is unknown; allowed: {', '.join(DATASET_DEFAULTS)}")
     if arch is not None and arch not in MODELS:
         raise StudyError(f"--arch {arch!r} is unknown; allowed: {', '.join(MODELS)}")
-    dev = _device(device.value)
+    dev = device_or_error(device.value)
     data = load_data(dataset, data_root, 0, download, dev)
-    t = _teacher(data, dataset, arch, epochs, seed, retrain, flag="--epochs")
+    t = teacher_with_progress(data, dataset, arch, epochs, seed, retrain, flag="--epochs")
     m = t.meta
     table = Table(title=f"teacher {m['arch']} on {dataset}")
     for c in ("val top-1 %", "test top-1 %", "best-epoch test top-1 %", "test kNN %", "params", "train s"):
@@ -223,7 +134,7 @@ def teacher(
 
 
 @app.command()
-@_errors
+@errors
 def studies():
     """List the bundled studies, one line each."""
     from .study import bundled_studies, load_study
@@ -239,29 +150,8 @@ def studies():
         out.print(f"[bold]{line}[/bold]" if i == 0 else line, soft_wrap=True, highlight=False)
 
 
-class _LiveView:
-    """The tune (or confirm) view, re-rendered on every refresh so the clock moves."""
-
-    def __init__(self, name: str, what: str = "trials"):
-        self.name, self.what, self.state = name, what, None
-
-    def __rich__(self):
-        s = self.state
-        if s is None:
-            return "starting the trials…"
-        el = time.time() - s.started
-        done = sum(s.counts.values())
-        t = Table.grid(padding=(0, 2))
-        t.add_row(f"[bold]{self.name}[/bold]", f"{done}/{s.total} {self.what}",
-                  f"running {s.running}", f"[green]completed {s.counts.get('completed', 0)}[/green]",
-                  f"[yellow]stopped early {s.counts.get('stopped', 0)}[/yellow]",
-                  f"[red]failed {s.counts.get('failed', 0)}[/red]", f"{el // 60:.0f}:{el % 60:04.1f}")
-        best = "  ".join(f"best val {k}: {v:.4g} ({tid})" for k, (v, tid) in s.best.items()) or "no full trial yet"
-        return Group(t, best)
-
-
 @app.command()
-@_errors
+@errors
 def tune(
     study: Annotated[str, typer.Argument(help="study file or bundled study name")] = "digits",
     samples: Annotated[Optional[int], typer.Option(help="number of trials (searches)")] = None,
@@ -286,7 +176,7 @@ def tune(
         if samples < 1:
             raise StudyError(f"--samples {samples}: allowed: >= 1")
         changes["samples"] = samples
-    _check_resources(concurrency, cpus_per_trial, gpus_per_trial)
+    check_resources(concurrency, cpus_per_trial, gpus_per_trial)
     changes |= {k: v for k, v in (("concurrency", concurrency), ("cpus_per_trial", cpus_per_trial)) if v is not None}
     s = dataclasses.replace(s, **changes)
     if resume and out_dir is None:
@@ -295,12 +185,12 @@ def tune(
 
     from .search import run_study
 
-    view = _LiveView(s.name)
+    view = LiveView(s.name)
     teacher_progress = {}
 
     def on_teacher(row):
         if "bar" not in teacher_progress:
-            teacher_progress["bar"], teacher_progress["report"] = _epoch_progress(s.teacher_recipe.epochs, f"teacher {s.teacher}")
+            teacher_progress["bar"], teacher_progress["report"] = epoch_progress(s.teacher_recipe.epochs, f"teacher {s.teacher}")
             teacher_progress["bar"].start()
         teacher_progress["report"](row)
 
@@ -346,7 +236,7 @@ def tune(
 
 
 @app.command()
-@_errors
+@errors
 def confirm(
     folder: Annotated[Path, typer.Argument(help="results folder of a finished search")],
     seeds: Annotated[int, typer.Option(help="fresh seeds per configuration (never a seed the search used)")] = 3,
@@ -378,11 +268,11 @@ def confirm(
     except (KeyError, TypeError, ValueError) as e:
         raise StudyError(f"{folder / 'study.json'}: not a study this version of kdbench reads ({e!r})") from None
     c = check_confirm(seeds, top, presets, methods, "--")
-    _check_resources(concurrency, cpus_per_trial, gpus_per_trial)
+    check_resources(concurrency, cpus_per_trial, gpus_per_trial)
 
     from .search import run_confirm
 
-    view = _LiveView(meta.get("name", folder.name), "confirm")
+    view = LiveView(meta.get("name", folder.name), "confirm")
 
     def on_plan(picked, todo):
         names = ", ".join(f"{p['config_id']} {p['method']} [{p['from']}]" for p in picked)
@@ -409,19 +299,42 @@ def confirm(
     _compare([folder], ("config",), None, "table", False, top=10)
 
 
-def _check_resources(concurrency, cpus_per_trial, gpus_per_trial):
+@app.command()
+@errors
+def rerun(
+    folder: Annotated[Path, typer.Argument(help="results folder of `kdbench tune`")],
+    trial_id: Annotated[str, typer.Argument(help="the trial_id of a row of its trials.csv")],
+    threads: Annotated[Optional[int], typer.Option(help="torch threads (default: the trial's recorded count)")] = None,
+    device: Annotated[Optional[Device], typer.Option(help="default: the trial's recorded device, where present")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="folder holding the CIFAR archives")] = None,
+):
+    """Train one recorded trial again — its configuration, seed, thread count and device — and print
+    its metrics beside the recorded ones (zero differences on the same machine)."""
+    from .rerun import rerun_trial
     from .study import StudyError
 
-    if concurrency is not None and concurrency < 1:
-        raise StudyError(f"--concurrency {concurrency}: allowed: >= 1")
-    if cpus_per_trial is not None and cpus_per_trial <= 0:
-        raise StudyError(f"--cpus-per-trial {cpus_per_trial}: allowed: > 0")
-    if gpus_per_trial is not None and not 0 <= gpus_per_trial <= 8:
-        raise StudyError(f"--gpus-per-trial {gpus_per_trial}: allowed: 0..8")
+    if threads is not None and threads < 1:
+        raise StudyError(f"--threads {threads}: allowed: >= 1")
+    res = rerun_trial(folder, trial_id, threads, device.value if device else None,
+                      str(data_root) if data_root else None)
+    t = Table(title=f"{folder} · trial {trial_id} · config {res['trial'].get('config_id', '?')} · seed "
+                    f"{int(res['trial']['seed'])} · {res['epochs']} epochs · {res['threads']} thread(s) on {res['device']}")
+    for c in ("metric", "recorded", "rerun", "difference"):
+        t.add_column(c, justify="left" if c == "metric" else "right")
+    for k, v in res["recorded"].items():
+        w = res["rerun"][k]
+        t.add_row(k, f"{v:.6g}", f"{w:.6g}", f"{w - v:+.3g}" if w != v else "0")
+    out.print(t)
+    same = all(res["rerun"][k] == v for k, v in res["recorded"].items())
+    rec = res["trial"]
+    where = f"recorded on {rec.get('host', 'an unrecorded host')} with {rec.get('threads', '?')} thread(s)"
+    out.print("identical to the recorded trial, bit for bit" if same else
+              f"differs from the recorded trial ({where}): another machine, thread count or library version "
+              f"changes the last digits, and training amplifies them", highlight=False)
 
 
 @app.command()
-@_errors
+@errors
 def compare(
     folders: Annotated[Optional[list[Path]], typer.Argument(help="results folders (default: the most recent under results/)")] = None,
     by: Annotated[str, typer.Option(help="config (seeds of one configuration together), or columns (comma-separated), "

@@ -6,7 +6,7 @@ Pure planning over a results table; :func:`kdbench.search.run_confirm` runs the 
 from __future__ import annotations
 
 from . import stats
-from .study import TUNABLE, Confirm, Study, StudyError, resolve_trial, trial_config_id
+from .study import Confirm, Study, StudyError, resolve_trial, row_config, trial_config_id
 
 __all__ = ["plan_confirm"]
 
@@ -26,7 +26,7 @@ def plan_confirm(study: Study, trials, confirm: Confirm, where: str = "") -> tup
     seeds = [s for s in range(len(used) + confirm.seeds) if s not in used][:confirm.seeds]
     picked, ids = [], set()
     for r in cands.to_dict("records"):
-        values = {k: v for k, v in r.items() if k in TUNABLE and v == v}
+        values = {k: v for k, v in row_config(r).items() if k not in ("method", "seed")}
         method, recipe, _ = resolve_trial(study, {"method": r["method"], **values})
         cid = trial_config_id(study, method, recipe)
         if cid != r["config_id"]:  # the row was not made by this study.json: another study's table?

@@ -25,12 +25,13 @@ __all__ = ["write_json", "write_text", "write_csv", "environment", "ResultsError
 # Final metrics of DESIGN §5, one column per split, in a stable order.
 METRICS = ("top1", "geom_corr", "geom_err", "cka", "knn_top1")
 # Every trials.csv column has its owner here. ``config_id`` names a configuration (everything but the
-# seed, see :func:`config_id`); ``stage`` says which step produced the row.
+# seed, see :func:`config_id`); ``stage`` says which step produced the row; ``node`` (Ray node id),
+# ``host``, ``threads`` and ``device`` say where and how it ran (``kdbench rerun`` reads them).
 STAGES = ("search", "grid", "confirm", "train")
 TRIAL_COLUMNS = ("trial_id", "config_id", "stage", "status", "fidelity", "method", "seed", "epochs",
                  *(f"{s}_{m}" for s in ("val", "test") for m in METRICS),
                  "best_test_top1", "last_test_top1", "params", "train_seconds", "images_per_second",
-                 "seconds", "failure")
+                 "seconds", "node", "host", "threads", "device", "failure")
 
 
 class ResultsError(ValueError):

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -86,19 +87,23 @@ def _trainable(config: dict, study: Study, teacher: dict, data, threads: int):
     through Ray's object store (put there once by the driver); distill; report every epoch."""
     torch.set_num_threads(max(1, threads))
     method, recipe, seed = resolve_trial(study, config.get("trial", config))  # grids nest their point
-    data = data.to(resolve_device("auto"))
+    device = resolve_device("auto")
+    data = data.to(device)
     teacher = load_teacher(teacher, data)
+    # Where and how it ran: what `kdbench rerun` needs to reproduce it, and proof of a cluster's spread.
+    where = {"node": ray.get_runtime_context().get_node_id()[:12], "host": socket.gethostname(),
+             "threads": torch.get_num_threads(), "device": str(device)}
     last_epoch = 0
 
     def report(row: dict):
         nonlocal last_epoch
         last_epoch = row["epoch"]
-        tune.report({k: v for k, v in row.items()})
+        tune.report({**row, **where})
 
     try:
         distill(TrainConfig(study.student, method, recipe, seed), data, teacher, report)
     except Exception as e:  # NaN loss, OOM, a bug: the trial is failed, with its reason; the search goes on
-        tune.report({"epoch": last_epoch, "failure": f"{type(e).__name__}: {e}"})
+        tune.report({"epoch": last_epoch, "failure": f"{type(e).__name__}: {e}", **where})
 
 
 @dataclass

@@ -23,7 +23,7 @@ from . import results
 from .train import DATASET_DEFAULTS, METHODS, SCHEDULES, Method, Recipe, trial_values
 
 __all__ = ["Study", "Param", "Confirm", "StudyError", "load_study", "study_from_dict", "find_study",
-           "bundled_studies", "apply_overrides", "check_value", "check_confirm", "resolve_trial", "trial_config_id",
+           "bundled_studies", "apply_overrides", "check_value", "check_confirm", "resolve_trial", "row_config", "trial_config_id",
            "SAMPLERS", "OBJECTIVES"]
 
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -421,6 +421,15 @@ def resolve_trial(study: Study, config: dict) -> tuple[Method, Recipe, int]:
     values = {k: v for k, v in config.items() if k in TUNABLE}
     method, recipe = apply_overrides(base, study.recipe, values, f"{study.path}: trial")
     return method, recipe, int(config.get("seed", study.seed))
+
+
+def row_config(row: dict) -> dict:
+    """A trials.csv row -> the trial config that reproduces it (method, seed, every hyperparameter).
+
+    The row's ``epochs`` is how far the trial got, not its recipe's length: it is left out.
+    """
+    values = {k: v for k, v in row.items() if k in TUNABLE and k != "epochs" and v == v}  # v == v: not NaN
+    return {"method": row["method"], "seed": int(row["seed"]), **values}
 
 
 def trial_config_id(study: Study, method: Method, recipe: Recipe) -> str:

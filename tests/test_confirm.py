@@ -192,3 +192,20 @@ def test_train_names_the_same_configuration_as_tune_and_measures_geometry_for_ba
     metrics = json.loads((base / "result.json").read_text())["metrics"]
     assert -1 <= metrics["test_geom_corr"] <= 1 and 0 <= metrics["test_cka"] <= 1 and metrics["test_geom_err"] >= 0
     assert "geom_corr" in r.output
+
+
+def test_every_row_records_where_it_ran_and_rerun_reproduces_it_bit_for_bit(searched, tmp_path):
+    from kdbench.rerun import rerun_trial
+
+    t = pd.read_csv(searched / "trials.csv")
+    assert (t["threads"] == 1).all() and (t["device"] == "cpu").all() and t["node"].str.len().eq(12).all()
+    done, stopped = t[t["status"] == "completed"].iloc[0], t[t["status"] == "stopped"]
+    r = runner.invoke(app, ["rerun", str(searched), str(done["trial_id"])])
+    assert r.exit_code == 0 and "identical to the recorded trial, bit for bit" in r.output, r.output
+    if len(stopped):  # a trial ASHA stopped reruns up to its epoch, on the full run's schedule
+        res = rerun_trial(searched, str(stopped["trial_id"].iloc[0]))
+        assert res["epochs"] < 3 and res["rerun"] == res["recorded"] and "test_top1" in res["rerun"]
+    _one_line_error(runner.invoke(app, ["rerun", str(searched), "nope"]), "no trial 'nope'", "allowed: a trial_id")
+    _one_line_error(runner.invoke(app, ["rerun", str(searched), str(done["trial_id"]), "--threads", "0"]), "--threads 0")
+    _one_line_error(runner.invoke(app, ["rerun", str(tmp_path), "x"]), "no study.json")
+    _one_line_error(runner.invoke(app, ["train", "--threads", "0"]), "--threads 0")

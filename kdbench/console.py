@@ -1,0 +1,153 @@
+"""Console pieces the commands share: the two consoles, one-line errors, progress bars, live views.
+
+Results go to stdout (``out``); progress, notes and errors to stderr (``err``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import time
+from enum import Enum
+
+import typer
+from rich.console import Console, Group
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+__all__ = ["out", "err", "errors", "Device", "device_or_error", "epoch_progress", "LiveView", "summary_table",
+           "check_resources", "threads_now", "teacher_with_progress"]
+
+# Piped output gets a wide page, not 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True)
+
+
+def errors(fn):
+    """Bad input -> one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .data import DataError
+        from .results import ResultsError
+        from .study import StudyError
+
+        try:
+            return fn(*args, **kwargs)
+        except (StudyError, DataError, ResultsError) as e:
+            err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/yellow]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def device_or_error(name: str):
+    import torch
+
+    from .study import StudyError
+    from .train import resolve_device
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise StudyError("--device cuda: CUDA is not available on this machine; allowed here: auto, cpu")
+    return resolve_device(name)
+
+
+def epoch_progress(total: int, label: str):
+    """A rich progress bar over epochs whose description shows the latest metrics."""
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.fields[metrics]}"), console=err, transient=False)
+    task = progress.add_task(label, total=total, metrics="")
+
+    def report(row: dict):
+        shown = [f"loss {row['train_loss']:.3f}", f"val {row['val_top1']:.2f}%"]
+        if "val_geom_corr" in row:
+            shown.append(f"geom_corr {row['val_geom_corr']:.3f}")
+        progress.update(task, advance=1, metrics="  ".join(shown))
+
+    return progress, report
+
+
+def teacher_with_progress(data, dataset: str, arch: str | None, epochs: int | None, seed: int, retrain: bool = False,
+             flag: str = "--teacher-epochs"):
+    from .study import check_value
+    from .train import DATASET_DEFAULTS, get_teacher
+
+    defaults = DATASET_DEFAULTS[dataset]
+    arch = arch or defaults["teacher"]
+    recipe = defaults["recipe"]
+    if epochs is not None:
+        recipe = dataclasses.replace(recipe, epochs=check_value("epochs", epochs, flag))
+    progress, report = epoch_progress(recipe.epochs, f"teacher {arch}")
+    with progress:
+        teacher, hit = get_teacher(data, arch, recipe, seed, report=report, use_cache=not retrain)
+        if hit:
+            progress.update(progress.task_ids[0], visible=False)
+    m = teacher.meta
+    err.print(f"teacher {arch} on {dataset}: {'loaded from cache' if hit else 'trained and cached'} "
+              f"({m['path']}); test top-1 {m['test_top1']:.2f}%", highlight=False)
+    return teacher
+
+
+def threads_now() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def summary_table(res: dict, cfg, dataset: str) -> Table:
+    t = Table(title=f"{cfg.student} on {dataset} · method {cfg.method.name} · seed {cfg.seed}", show_header=True)
+    t.add_column("metric")
+    t.add_column("val", justify="right")
+    t.add_column("test", justify="right")
+    for name, fmt in (("top1", "{:.2f} %"), ("geom_corr", "{:.4f}"), ("geom_err", "{:.4f}"), ("cka", "{:.4f}"),
+                      ("knn_top1", "{:.2f} %")):
+        v, te = res.get(f"val_{name}"), res.get(f"test_{name}")
+        if v is not None:
+            t.add_row(name + (" (last epoch)" if name == "top1" else ""), fmt.format(v), fmt.format(te))
+    t.add_row("top1 (best epoch)", "", f"{res['best_test_top1']:.2f} %")
+    t.add_row("parameters", "", f"{res['params']:,}")
+    t.add_row("train seconds", "", f"{res['train_seconds']:.1f}")
+    t.add_row("images / s", "", f"{res['images_per_second']:,.0f}")
+    return t
+
+
+class LiveView:
+    """The tune (or confirm) view, re-rendered on every refresh so the clock moves."""
+
+    def __init__(self, name: str, what: str = "trials"):
+        self.name, self.what, self.state = name, what, None
+
+    def __rich__(self):
+        s = self.state
+        if s is None:
+            return "starting the trials…"
+        el = time.time() - s.started
+        done = sum(s.counts.values())
+        t = Table.grid(padding=(0, 2))
+        t.add_row(f"[bold]{self.name}[/bold]", f"{done}/{s.total} {self.what}",
+                  f"running {s.running}", f"[green]completed {s.counts.get('completed', 0)}[/green]",
+                  f"[yellow]stopped early {s.counts.get('stopped', 0)}[/yellow]",
+                  f"[red]failed {s.counts.get('failed', 0)}[/red]", f"{el // 60:.0f}:{el % 60:04.1f}")
+        best = "  ".join(f"best val {k}: {v:.4g} ({tid})" for k, (v, tid) in s.best.items()) or "no full trial yet"
+        return Group(t, best)
+
+
+def check_resources(concurrency, cpus_per_trial, gpus_per_trial):
+    from .study import StudyError
+
+    if concurrency is not None and concurrency < 1:
+        raise StudyError(f"--concurrency {concurrency}: allowed: >= 1")
+    if cpus_per_trial is not None and cpus_per_trial <= 0:
+        raise StudyError(f"--cpus-per-trial {cpus_per_trial}: allowed: > 0")
+    if gpus_per_trial is not None and not 0 <= gpus_per_trial <= 8:
+        raise StudyError(f"--gpus-per-trial {gpus_per_trial}: allowed: 0..8")
