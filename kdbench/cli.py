@@ -163,6 +163,8 @@ def tune(
     download: Annotated[bool, typer.Option(help="download CIFAR into --data-root if missing")] = False,
     gpus_per_trial: Annotated[Optional[float], typer.Option(help="GPUs per trial; fractions share a GPU")] = None,
     cpus_per_trial: Annotated[Optional[float], typer.Option(help="CPUs per trial")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="where trials keep checkpoints: a shared folder or a URI "
+                                                   "(s3://...); default: DIR/ray")] = None,
     verbose: Annotated[bool, typer.Option(help="show Ray's and Optuna's logs")] = False,
 ):
     """Search (or enumerate) a study's trials with Ray Tune + Optuna + ASHA; write a results folder."""
@@ -182,6 +184,10 @@ def tune(
     if resume and out_dir is None:
         raise StudyError("--resume needs --out DIR (the folder of the run to continue)")
     folder = out_dir or Path("results") / f"{s.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if storage is not None:  # before anything is printed or written
+        from .checkpoints import resolve_storage
+
+        resolve_storage(storage, folder)
 
     from .search import run_study
 
@@ -216,7 +222,7 @@ def tune(
     try:
         summary = run_study(s, folder, resume=resume, address=address,
                             data_root=str(data_root) if data_root else None, download=download,
-                            gpus_per_trial=gpus_per_trial, verbose=verbose, on_update=on_update,
+                            gpus_per_trial=gpus_per_trial, storage=storage, verbose=verbose, on_update=on_update,
                             on_teacher=on_teacher, on_teacher_ready=teacher_ready)
     finally:
         live.stop()
@@ -247,6 +253,7 @@ def confirm(
     data_root: Annotated[Optional[Path], typer.Option(help="folder holding the CIFAR archives")] = None,
     gpus_per_trial: Annotated[Optional[float], typer.Option(help="GPUs per trial; fractions share a GPU")] = None,
     cpus_per_trial: Annotated[Optional[float], typer.Option(help="CPUs per trial")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="where trials keep checkpoints (default: the search's)")] = None,
     verbose: Annotated[bool, typer.Option(help="show Ray's logs")] = False,
 ):
     """Retrain a search's best configurations and reference presets on fresh seeds, in the same folder.
@@ -269,6 +276,10 @@ def confirm(
         raise StudyError(f"{folder / 'study.json'}: not a study this version of kdbench reads ({e!r})") from None
     c = check_confirm(seeds, top, presets, methods, "--")
     check_resources(concurrency, cpus_per_trial, gpus_per_trial)
+    if storage is not None:
+        from .checkpoints import resolve_storage
+
+        resolve_storage(storage, folder)
 
     from .search import run_confirm
 
@@ -290,7 +301,7 @@ def confirm(
     try:
         summary = run_confirm(folder, c, concurrency=concurrency, cpus_per_trial=cpus_per_trial,
                               gpus_per_trial=gpus_per_trial, address=address,
-                              data_root=str(data_root) if data_root else None, verbose=verbose,
+                              data_root=str(data_root) if data_root else None, storage=storage, verbose=verbose,
                               on_update=on_update, on_plan=on_plan)
     finally:
         live.stop()

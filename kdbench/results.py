@@ -26,12 +26,13 @@ __all__ = ["write_json", "write_text", "write_csv", "environment", "ResultsError
 METRICS = ("top1", "geom_corr", "geom_err", "cka", "knn_top1")
 # Every trials.csv column has its owner here. ``config_id`` names a configuration (everything but the
 # seed, see :func:`config_id`); ``stage`` says which step produced the row; ``node`` (Ray node id),
-# ``host``, ``threads`` and ``device`` say where and how it ran (``kdbench rerun`` reads them).
+# ``host``, ``threads`` and ``device`` say where and how it ran (``kdbench rerun`` reads them);
+# ``resumed_from``: the epoch of the checkpoint an interrupted trial continued from (0: none).
 STAGES = ("search", "grid", "confirm", "train")
 TRIAL_COLUMNS = ("trial_id", "config_id", "stage", "status", "fidelity", "method", "seed", "epochs",
                  *(f"{s}_{m}" for s in ("val", "test") for m in METRICS),
                  "best_test_top1", "last_test_top1", "params", "train_seconds", "images_per_second",
-                 "seconds", "node", "host", "threads", "device", "failure")
+                 "seconds", "node", "host", "threads", "device", "resumed_from", "failure")
 
 
 class ResultsError(ValueError):

@@ -86,7 +86,7 @@ def _varying(rows: pd.DataFrame, known: set) -> list[str]:
 
 
 _BOOKKEEPING = {"study", "config_id", "trial_id", "stage", "status", "fidelity", "seed", "epochs", "point",
-                "failure", "seconds", "params", "images_per_second", "method", "node", "host", "threads", "device"}
+                "failure", "seconds", "params", "images_per_second", "method", "node", "host", "threads", "device", "resumed_from"}
 
 
 def summarise(df: pd.DataFrame, metrics, keys=("config_id",), split: str = "test", compare_with=("baseline", "kd"),

@@ -175,6 +175,8 @@ class Study:
     gpus_per_trial: float | None  # None: 1 GPU per trial shared by `concurrency` where CUDA exists
     reference: tuple[tuple[str, float], ...] = ()  # reported test top-1 per method (e.g. the paper)
     confirm: Confirm | None = None  # run a confirmation right after the search
+    checkpoint_every: int = 1  # epochs between a trial's checkpoints (0: none)
+    max_failures: int = 1  # retries of a trial whose worker died, each from its last checkpoint
 
     @property
     def is_grid(self) -> bool:
@@ -193,7 +195,7 @@ class Study:
 
 _TOP_KEYS = {"name", "description", "dataset", "data_root", "split_seed", "teacher", "teacher_seed",
              "student", "method", "seed", "recipe", "teacher_recipe", "methods", "search", "grid", "asha",
-             "resources", "reference", "confirm"}
+             "resources", "reference", "confirm", "checkpoint"}
 
 
 class _Reader:
@@ -383,6 +385,9 @@ def load_study(path: str | Path) -> Study:
 
     ref = r.sub("reference")
     reference = tuple((k, ref.get(k, 0.0, float)) for k in ref.table)
+    ck = r.sub("checkpoint")
+    ck.only({"every", "max_failures"})
+    checkpoint_every, max_failures = ck.get("every", 1, int, lo=0), ck.get("max_failures", 1, int, lo=0)
     confirm = None
     if "confirm" in raw:
         c = r.sub("confirm")
@@ -398,7 +403,7 @@ def load_study(path: str | Path) -> Study:
         student=student, recipe=recipe, methods=methods, method=method, seed=seed, sampler=sampler,
         samples=samples, concurrency=concurrency, objectives=objectives, space=space, grid=grid, asha=asha,
         grace_period=grace, reduction_factor=rf, cpus_per_trial=cpus, gpus_per_trial=gpus, reference=reference,
-        confirm=confirm)
+        confirm=confirm, checkpoint_every=checkpoint_every, max_failures=max_failures)
 
 
 def study_from_dict(d: dict) -> Study:

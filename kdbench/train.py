@@ -237,7 +237,8 @@ def evaluate(model: nn.Module, data: Data, split: str, teacher_view: dict | None
 
 
 def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
-            report: Callable[[dict], None] | None = None) -> dict:
+            report: Callable[[dict], None] | None = None, resume: dict | None = None,
+            state_every: int = 0) -> dict:
     """Train ``cfg.student`` on ``data`` with the loss of ``cfg.method``; return the final metrics.
 
     Args:
@@ -246,6 +247,11 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         teacher: frozen teacher; required when the method has a kd, feature or geometry term.
         report: called once per epoch with that epoch's metrics (``epoch``, losses, val/test top-1
             and, with a teacher, val/test geometry).
+        resume: a ``state`` from an earlier report of the same configuration: training continues after
+            its epoch and ends exactly as the uninterrupted run would (same device and threads).
+        state_every: every this many epochs (0: never; never after the last), the report's row also
+            holds ``state``: everything an exact continuation needs (weights, trainable extras,
+            centroid memory, optimiser, step, every RNG state, history), on the CPU.
 
     Returns:
         The last epoch's metrics, which are the final ones: val and test top-1, geometry (with a
@@ -296,9 +302,18 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
     total_steps = steps_per_epoch * recipe.epochs
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     weights = torch.tensor(list(terms.values()), device=device)  # (n_terms,)
-    history, train_seconds, step, best_test = [], 0.0, 0, 0.0
+    history, train_seconds, step, best_test, start = [], 0.0, 0, 0.0, 1
     n_params = count_parameters(student)
-    for epoch in range(1, recipe.epochs + 1):
+    modules = {"student": student, "extras": extras, **({"memory": memory} if memory is not None else {})}
+    if resume is not None:  # continue an interrupted run exactly where its last state left it
+        for name, module in modules.items():
+            module.load_state_dict(resume[name])
+        opt.load_state_dict(resume["optimizer"])
+        gen.set_state(resume["generator"])
+        _set_rng(resume["rng"])
+        history, step, best_test = list(resume["history"]), resume["step"], resume["best_test"]
+        train_seconds, start = resume["train_seconds"], resume["epoch"] + 1
+    for epoch in range(start, recipe.epochs + 1):
         student.train()
         t0 = time.perf_counter()
         sums = torch.zeros(len(terms) + 2, device=device)  # per-term losses, total, correct: read once an epoch
@@ -356,8 +371,39 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             row["last_test_top1"] = row["test_top1"]
         history.append(row)
         if report is not None:
-            report(row)
+            if state_every and epoch % state_every == 0 and not last:
+                state = {name: module.state_dict() for name, module in modules.items()}
+                state |= {"optimizer": opt.state_dict(), "generator": gen.get_state(), "rng": _get_rng(device),
+                          "history": list(history), "step": step, "best_test": best_test,
+                          "train_seconds": train_seconds, "epoch": epoch}
+                report({**row, "state": _cpu(state)})
+            else:
+                report(row)
     return {**history[-1], "epochs": recipe.epochs, "history": history, "model": student}
+
+
+def _cpu(obj):
+    """A copy of ``obj`` with every tensor on the CPU (what a checkpoint file holds)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def _get_rng(device: torch.device) -> dict:
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def _set_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
 
 
 def _train_features(model: nn.Module, data: Data):

@@ -33,6 +33,7 @@ def _one_line_error(result, *fragments):
     (["tune", "digits", "--resume"], ["--resume needs --out"]),
     (["compare", "/nonexistent/folder"], ["no such results folder"]),
     (["compare", "--format", "xml", "/tmp"], ["--format 'xml'"]),
+    (["rerun", "/nonexistent/folder", "abc"], ["no such results folder"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, fragments):
     _one_line_error(runner.invoke(app, args), *fragments)
@@ -135,6 +136,17 @@ def test_studies_lists_every_bundled_study():
     assert r.exit_code == 0
     for name in ("digits", "digits-paper", "synthetic-search", "cifar100-paper", "cifar100-search"):
         assert name in r.output
+
+
+@pytest.mark.parametrize("storage, fragment", [
+    ("nosuchscheme://bucket/x", "allowed: a writable folder or a URI pyarrow understands"),
+    ("/proc/kdbench-storage", "not writable"),
+])
+def test_bad_storage_is_one_line_and_creates_no_results_folder(tmp_path, storage, fragment, digits_teacher):
+    out = tmp_path / "never"
+    _one_line_error(runner.invoke(app, ["tune", "digits", "--out", str(out), "--storage", storage]),
+                    f"--storage {storage}", fragment)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("text, fragment", [

@@ -152,3 +152,101 @@ def test_kill_9_then_resume_keeps_every_finished_trial(tmp_path, ray_session, di
     pd.testing.assert_frame_equal(after.head(len(before))[before.columns], before)
     ot = optuna.load_study(study_name="k", storage=f"sqlite:///{out / 'optuna.db'}")
     assert not [t for t in ot.trials if t.state.name == "RUNNING"]  # those the kill interrupted are marked failed
+    # ... and asked for again first: the same parameters run again (from their checkpoints, when they had one).
+    for t in (t for t in ot.trials if t.state.name == "FAIL"):
+        assert any(u.params == t.params and u.number > t.number for u in ot.trials)
+    assert set(after.loc[after["resumed_from"] > 0, "status"]) <= {"completed", "stopped"}
+
+
+ONE_TRIAL = """
+name = "ck"
+dataset = "digits"
+[recipe]
+epochs = 6
+[grid]
+methods = ["geometry"]
+seeds = [4]
+concurrency = 1
+[checkpoint]
+every = 1
+max_failures = {retries}
+"""
+METRICS = ("val_top1", "test_top1", "val_geom_corr", "test_geom_corr", "test_cka", "test_knn_top1", "best_test_top1")
+
+
+def _uninterrupted(study, digits, digits_teacher):
+    """The same trial without any interruption, in this process, at the trial's thread count (1)."""
+    import torch
+
+    from kdbench.train import TrainConfig, distill
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return distill(TrainConfig(study.student, study.methods["geometry"], study.recipe, 4), digits, digits_teacher)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _wait_for_checkpoint(root, epoch, deadline_s=120):
+    import time
+
+    from kdbench import checkpoints
+
+    deadline = time.time() + deadline_s
+    while time.time() < deadline:
+        found = checkpoints.find(str(root))
+        if found and max(c["epoch"] for c in found.values()) >= epoch:
+            return next(iter(found.values()))
+        time.sleep(0.1)
+    raise AssertionError(f"no checkpoint at epoch {epoch} under {root}")
+
+
+def test_kill_9_mid_trial_then_resume_continues_from_its_checkpoint_bit_for_bit(tmp_path, ray_session, digits,
+                                                                                 digits_teacher):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    p = tmp_path / "ck.toml"
+    p.write_text(ONE_TRIAL.format(retries=0))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "kdbench.cli", "tune", str(p), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    try:
+        ck = _wait_for_checkpoint(out / "ray", 2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (out / "trials.csv").exists()  # killed mid-trial: nothing finished
+    study = load_study(p)
+    run_study(study, out, resume=True)
+    row = pd.read_csv(out / "trials.csv").iloc[0]
+    assert row["status"] == "completed" and row["epochs"] == 6 and row["resumed_from"] >= ck["epoch"] >= 2
+    ref = _uninterrupted(study, digits, digits_teacher)
+    assert {k: row[k] for k in METRICS} == {k: ref[k] for k in METRICS}  # exactly the uninterrupted run
+    assert pd.read_csv(out / "epochs.csv")["epoch"].tolist() == [1, 2, 3, 4, 5, 6]  # the history is whole
+    assert not (out / "ray").exists()  # every trial finished: no checkpoint left
+
+
+def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint(tmp_path, ray_session, digits, digits_teacher):
+    import json
+    import os
+    import signal
+    import threading
+
+    p = tmp_path / "ck.toml"
+    p.write_text(ONE_TRIAL.format(retries=1))
+    study, out = load_study(p), tmp_path / "out"
+    run = threading.Thread(target=run_study, args=(study, out))
+    run.start()
+    ck = _wait_for_checkpoint(out / "ray", 2)
+    pid = json.loads(open(os.path.join(ck["uri"], "kdbench.json")).read())["pid"]
+    os.kill(pid, signal.SIGKILL)  # the trial's worker process dies (as on OOM or a lost node)
+    run.join(timeout=180)
+    row = pd.read_csv(out / "trials.csv").iloc[0]
+    assert row["status"] == "completed" and row["resumed_from"] >= 2, row.to_dict()
+    ref = _uninterrupted(study, digits, digits_teacher)
+    assert {k: row[k] for k in METRICS} == {k: ref[k] for k in METRICS}
+    assert pd.read_csv(out / "epochs.csv")["epoch"].tolist() == [1, 2, 3, 4, 5, 6]

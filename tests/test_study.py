@@ -76,6 +76,11 @@ def test_find_study_by_name_and_path(tmp_path):
     ("high = 100.0", "high = 0.5", r"search.space.geometry.high = 0.5; allowed: > low"),
     ("[search.space.geometry]", "[search.space.wings]", r"search.space.wings: unknown parameter"),
     ("[search]", "[asha]\ngrace_period = 99\n[search]", r"asha.grace_period = 99; allowed: <= recipe.epochs"),
+    ("[search]", "[checkpoint]\nmax_failures = -1\n[search]", r"checkpoint.max_failures = -1; allowed: >= 0"),
+    ("[search]", "[checkpoint]\nevery = -2\n[search]", r"checkpoint.every = -2; allowed: >= 0"),
+    ("[search]", "[checkpoint]\nminutes = 5\n[search]", r"checkpoint.minutes: unknown key"),
+    ("[search]", "[confirm]\nseeds = 0\n[search]", r"confirm.seeds 0: allowed: an integer >= 1"),
+    ("[search]", "[confirm]\nwith = ['magic']\n[search]", r"confirm.with 'magic': unknown preset"),
     ('name = "t"', 'name = "t"\ncolour = "red"', r"s.toml: colour: unknown key"),
     ("[search]", "[grid]\n[search]", r"needs exactly one of \[search\]"),
 ])

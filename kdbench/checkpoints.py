@@ -1,0 +1,119 @@
+"""Mid-trial checkpoints: where they live, how a resume finds them, how they go away.
+
+Trials report a checkpoint through Ray Tune's API (``tune.report(..., checkpoint=...)``); Ray copies
+it into the run's *storage*: ``<results folder>/ray`` by default, or ``--storage PATH_OR_URI`` (a
+shared file system, or any URI pyarrow understands, e.g. ``s3://bucket/prefix``) so that the nodes of
+a cluster and a later resume all see it. Ray keeps only the latest checkpoint of a trial; kdbench
+removes a trial's checkpoint when the trial ends, and the whole default storage once every trial of
+the folder has finished. Each checkpoint folder holds ``state.pt`` (what
+:func:`kdbench.train.distill` needs to continue exactly) and ``kdbench.json`` (which configuration and
+seed, which epoch, the history so far, the state's size): a resume finds the latest complete
+checkpoint of each unfinished (configuration, seed) by reading those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .study import StudyError
+
+__all__ = ["resolve_storage", "experiment_root", "find", "remove", "save", "load", "STATE_FILE", "META_FILE"]
+
+STATE_FILE, META_FILE = "state.pt", "kdbench.json"
+
+
+def _fs(uri: str):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(uri)
+
+
+def resolve_storage(storage: str | None, out: Path) -> tuple[str, bool]:
+    """The storage root of results folder ``out`` and whether it is the default (inside ``out``).
+
+    A path becomes absolute; a URI must name a scheme pyarrow knows; either must be writable (checked
+    with a probe file, before anything is written). Raises StudyError with one line otherwise.
+    """
+    if storage is None:
+        return str(Path(out).resolve() / "ray"), True
+    allowed = "allowed: a writable folder or a URI pyarrow understands (s3://, gs://, hdfs://, file://)"
+    uri = storage.rstrip("/") if "://" in storage else str(Path(storage).expanduser().resolve())
+    try:
+        fs, path = _fs(uri)
+    except Exception as e:  # pyarrow raises ArrowInvalid / ArrowNotImplementedError / OSError by scheme
+        raise StudyError(f"--storage {storage}: {str(e).splitlines()[0]}; {allowed}") from None
+    probe = f"{path}/.kdbench-probe-{os.getpid()}"
+    try:
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+    except Exception as e:
+        raise StudyError(f"--storage {storage}: not writable ({str(e).splitlines()[0]}); {allowed}") from None
+    return uri, False
+
+
+def experiment_root(storage: str, default: bool, out: Path, name: str) -> str:
+    """Where this folder's runs keep their checkpoints: the default storage itself, or a folder of a
+    shared storage named after the study and the results folder (so that folders never collide)."""
+    if default:
+        return storage
+    return f"{storage}/kdbench-{name}-{hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:8]}"
+
+
+def find(root: str) -> dict[tuple[str, int], dict]:
+    """The latest checkpoint of each (config_id, seed) under ``root``: ``{"uri", "epoch", "history"}``
+    (``history``: the per-epoch metrics up to that epoch)."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = _fs(root)
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    except Exception:
+        return {}
+    latest: dict[tuple[str, int], dict] = {}
+    for info in infos:
+        if not info.path.endswith("/" + META_FILE):
+            continue
+        try:
+            with fs.open_input_stream(info.path) as f:
+                meta = json.loads(f.read())
+        except Exception:  # a checkpoint being written when the run was killed: not usable
+            continue
+        folder = info.path[: -len(META_FILE) - 1]
+        # Ray copies a checkpoint's files in no particular order: one a kill cut short is not usable.
+        state = fs.get_file_info(f"{folder}/{STATE_FILE}")
+        if state.type == pafs.FileType.NotFound or state.size != meta.get("state_bytes"):
+            continue
+        key = (str(meta["config_id"]), int(meta["seed"]))
+        if key not in latest or meta["epoch"] > latest[key]["epoch"]:
+            uri = folder if "://" not in root else root.split("://")[0] + "://" + folder
+            latest[key] = {"uri": uri, "epoch": int(meta["epoch"]), "history": meta.get("history", [])}
+    return latest
+
+
+def remove(uri: str) -> None:
+    """Delete a checkpoint folder (or a whole storage root); what is already gone is fine."""
+    try:
+        fs, path = _fs(uri)
+        fs.delete_dir(path)
+    except Exception:
+        pass
+
+
+def save(folder: Path, state: dict, meta: dict) -> None:
+    """Write a checkpoint folder: the state and its description, which records the state's size (a
+    resume uses only checkpoints whose state arrived whole)."""
+    torch.save(state, Path(folder) / STATE_FILE)
+    meta = {**meta, "state_bytes": (Path(folder) / STATE_FILE).stat().st_size}
+    (Path(folder) / META_FILE).write_text(json.dumps(meta))
+
+
+def load(folder: Path) -> dict:
+    """The state of a checkpoint folder, on the CPU, read with ``weights_only=True``."""
+    return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)

@@ -1,0 +1,304 @@
+"""``tune`` and ``confirm``: load data and teacher once, run Tuner.fit, resume what an interruption left."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import optuna
+import ray
+from ray import tune
+
+from .. import checkpoints, results
+from ..confirm import plan_confirm
+from ..data import load_data
+from ..study import Confirm, Study, StudyError, study_from_dict
+from ..train import get_teacher, resolve_device
+from .trials import ResumableASHA, _make_searcher, _trainable, _trial_configs_grid
+from .writer import ResultsWriter, SearchState, _read_done
+
+def init_ray(address: str | None, verbose: bool):
+    if ray.is_initialized():
+        return False
+    kwargs = dict(include_dashboard=False, log_to_driver=verbose,
+                  logging_level=logging.INFO if verbose else logging.ERROR, configure_logging=True)
+    if address:
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise StudyError(f"--address {address}: cannot connect to a Ray cluster ({str(e).splitlines()[0]})") from None
+    else:  # never attach to a leftover local cluster by accident
+        ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
+    return True
+
+
+def _load(study: Study, data_root: str | None, download: bool, on_teacher, on_teacher_ready):
+    """Data set and teacher, once, in the driver (teacher from the cache or trained here)."""
+    root = str(Path(data_root or study.data_root).expanduser().resolve())
+    device = resolve_device("auto")
+    data = load_data(study.dataset, root, study.split_seed, download=download, device=device)
+    teacher, hit = get_teacher(data, study.teacher, study.teacher_recipe, study.teacher_seed, study.split_seed,
+                               report=on_teacher)
+    on_teacher_ready(teacher.meta, hit)
+    return device, data.to("cpu"), teacher, hit  # the trials get the data through Ray's object store
+
+
+@dataclass
+class _Folder:
+    """What every Tuner.fit of one results folder shares."""
+
+    study: Study
+    out: Path
+    teacher: dict  # Teacher.blob(): what the trials receive through the object store
+    data: object
+    rows: list  # trials.csv so far (all stages)
+    epochs: list  # epochs.csv so far
+    storage: str  # this folder's checkpoint root (see kdbench.checkpoints)
+    resume_from: dict  # (config_id, seed) -> the latest checkpoint of an unfinished trial
+    gpus_per_trial: float | None
+    verbose: bool
+    on_update: Callable
+
+    def curves(self) -> dict:
+        """Validation curves ({epoch: val_top1}) of the trials earlier runs recorded, for ASHA's rungs."""
+        finished = {str(r["trial_id"]) for r in self.rows if r.get("stage") != "confirm"}
+        out: dict = {}
+        for e in self.epochs:
+            if str(e["trial_id"]) in finished and e.get("val_top1") == e.get("val_top1"):
+                out.setdefault(str(e["trial_id"]), {})[int(e["epoch"])] = float(e["val_top1"])
+        for (cid, seed), c in self.resume_from.items():
+            out[f"{cid}-{seed}"] = {int(h["epoch"]): float(h["val_top1"]) for h in c.get("history", [])}
+        return out
+
+
+def run_study(study: Study, out: Path, *, resume: bool = False, address: str | None = None,
+              data_root: str | None = None, download: bool = False, gpus_per_trial: float | None = None,
+              storage: str | None = None, verbose: bool = False,
+              on_update: Callable[[SearchState], None] = lambda s: None,
+              on_teacher: Callable[[dict], None] | None = None, on_teacher_ready=lambda meta, hit: None) -> dict:
+    """Run (or resume) ``study``, writing its results folder ``out``; return a summary.
+
+    A study with ``[confirm]`` runs its confirmation right after the search (see :func:`run_confirm`).
+
+    Args:
+        study: validated study (``samples`` and ``concurrency`` already resolved).
+        out: results folder: created (fresh run) or continued (``resume``).
+        resume: continue a previous run in ``out``: finished trials are neither lost nor rerun, and
+            interrupted ones continue from their last checkpoint.
+        address: Ray cluster address (``auto``, ``ray://...``); a fresh local instance when None.
+        data_root: folder of the CIFAR archives (overrides the study's).
+        download: fetch CIFAR into ``data_root`` when missing (where the internet is reachable).
+        gpus_per_trial: GPUs per trial (fractions share one); None: the study's, else automatic.
+        storage: where trials keep their checkpoints (a path, or a URI such as ``s3://...``); default
+            ``out/ray``; a resume uses the folder's unless given.
+        verbose: let Ray and Optuna log.
+        on_update: called with the live SearchState whenever a trial starts or ends.
+        on_teacher: per-epoch report while the teacher trains (only on a cache miss).
+        on_teacher_ready: called with the teacher's metadata and whether it came from the cache.
+    """
+    out = Path(out).resolve()
+    previous = {}
+    if resume:
+        if not (out / "study.json").exists():
+            raise StudyError(f"--resume {out}: no study.json there; nothing to resume")
+        previous = results.read_study(out)
+        if previous.get("name") != study.name:  # another study's trials would be mixed into this table
+            raise StudyError(f"--resume {out}: holds study {previous.get('name')!r}, not {study.name!r}; allowed: "
+                             f"the same study file")
+        _check_unlocked(out)
+    elif out.exists() and any(out.iterdir()):
+        raise StudyError(f"--out {out}: folder exists and is not empty; pass --resume to continue it, or another --out")
+    root, recorded = _storage(study, out, storage or previous.get("storage"))
+    device, data, teacher, hit = _load(study, data_root, download, on_teacher, on_teacher_ready)
+    rows, epochs = _read_done(out) if resume else ([], [])
+    remaining = study.trial_count() - sum(r.get("stage") != "confirm" for r in rows)
+    # Ray before the folder: a cluster that cannot be reached leaves nothing half-written behind.
+    started_ray = init_ray(address, verbose) if remaining > 0 or study.confirm else False
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with results.FolderLock(out, "tune"):
+            f = _Folder(study, out, teacher.blob(), data, rows, epochs, root, _unfinished(root, rows) if resume else {},
+                        gpus_per_trial, verbose, on_update)
+            summary = _run(f, resume, teacher, hit, device, recorded)
+            complete = summary["trials"] >= study.trial_count()
+            if study.confirm is not None and complete:
+                summary["confirm"] = _confirm(f, study.confirm)
+            if complete:  # every trial finished: no checkpoint is needed any more
+                checkpoints.remove(root)
+        return summary
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _storage(study: Study, out: Path, storage: str | None) -> tuple[str, str | None]:
+    """This folder's checkpoint root, and what study.json records (None: the default, inside the folder)."""
+    uri, default = checkpoints.resolve_storage(storage, out)
+    return checkpoints.experiment_root(uri, default, out, study.name), None if default else uri
+
+
+def _unfinished(root: str, rows: list) -> dict:
+    """The latest checkpoints of trials that have not finished (a finished one's may survive a kill)."""
+    found = checkpoints.find(root)
+    for r in rows:
+        ck = found.pop((str(r.get("config_id")), int(r["seed"])), None)
+        if ck:
+            checkpoints.remove(ck["uri"])
+    return found
+
+
+def _check_unlocked(out: Path):
+    pid = results.FolderLock(out, "").holder()
+    if pid is not None:
+        raise StudyError(f"{out}: still running (pid {pid} is writing it); allowed: a folder no run is writing")
+
+
+def _run(f: _Folder, resume: bool, teacher, hit, device, storage: str | None) -> dict:
+    study, out, rows = f.study, f.out, f.rows
+    meta = {"name": study.name, "kind": "grid" if study.is_grid else "search", "study": study.to_dict(),
+            "teacher": {k: v for k, v in teacher.meta.items() if k != "path"} | {"cache_hit": hit},
+            "environment": results.environment(str(device)), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "ended": None, "samples": study.trial_count(), "reference": dict(study.reference), "storage": storage}
+    if resume:
+        previous = results.read_study(out)
+        meta["started"] = previous.get("started", meta["started"])
+        meta["resumed"] = previous.get("resumed", 0) + 1
+        if "confirm" in previous:
+            meta["confirm"] = previous["confirm"]
+    results.write_json(out / "study.json", meta)
+
+    state = SearchState(total=study.trial_count())
+    for r in rows:
+        if r.get("stage") != "confirm":
+            state.counts[r["status"]] = state.counts.get(r["status"], 0) + 1
+    remaining = study.trial_count() - sum(r.get("stage") != "confirm" for r in rows)
+    if remaining > 0:
+        todo = [c for c in _trial_configs_grid(study) if c["point"] not in _done_points(rows)] if study.is_grid else None
+        _fit(f, state, remaining, todo)
+    meta["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    results.write_json(out / "study.json", meta)
+    return {"out": str(out), "trials": sum(r.get("stage") != "confirm" for r in rows), "counts": dict(state.counts),
+            "best": dict(state.best), "seconds": time.time() - state.started}
+
+
+def _done_points(rows) -> set:
+    return {int(r["point"]) for r in rows if "point" in r and r["point"] == r["point"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Confirmation: the search's best configurations and the presets, on fresh seeds
+
+
+def run_confirm(out: Path, confirm: Confirm, *, concurrency: int | None = None, cpus_per_trial: float | None = None,
+                gpus_per_trial: float | None = None, address: str | None = None, data_root: str | None = None,
+                storage: str | None = None, verbose: bool = False, on_update: Callable[[SearchState], None] = lambda s: None,
+                on_teacher: Callable[[dict], None] | None = None, on_teacher_ready=lambda meta, hit: None,
+                on_plan=lambda picked, todo: None) -> dict:
+    """Retrain a finished search's candidates and the presets on fresh seeds; append them to ``out``.
+
+    Resumable and idempotent: the (configuration, seed) pairs already in ``trials.csv`` with
+    ``stage = confirm`` are not run again, and an interrupted one continues from its last checkpoint.
+    Same Ray Tune path as the search, without early stopping.
+    """
+    out = Path(out).resolve()
+    meta = results.read_study(out)
+    if meta.get("kind") != "search":
+        raise StudyError(f"{out}: holds a {meta.get('kind', 'single')} run, not a search; a grid needs no "
+                         f"confirmation (its seeds are already there); allowed: the folder of a search")
+    _check_unlocked(out)
+    if not meta.get("ended"):
+        raise StudyError(f"{out}: the search has not finished (no end time in study.json); finish it first with "
+                         f"kdbench tune STUDY --out {out} --resume")
+    study = study_from_dict(meta["study"])
+    study = dataclasses.replace(study, **{k: v for k, v in (("concurrency", concurrency),
+                                                             ("cpus_per_trial", cpus_per_trial)) if v is not None})
+    folder = results.read_folder(out)
+    plan, picked = plan_confirm(study, folder.trials, confirm, str(out))
+    done = _confirmed_pairs(folder.trials)
+    on_plan(picked, [p for p in plan if (p["config_id"], p["seed"]) not in done])
+    if all((p["config_id"], p["seed"]) in done for p in plan):
+        return {"out": str(out), "added": 0, "planned": len(plan), "candidates": picked, "seconds": 0.0}
+    root, _ = _storage(study, out, storage or meta.get("storage"))
+    _, data, teacher, _ = _load(study, data_root, False, on_teacher, on_teacher_ready)
+    started_ray = init_ray(address, verbose)
+    try:
+        with results.FolderLock(out, "confirm"):
+            rows, epochs = _read_done(out)
+            f = _Folder(study, out, teacher.blob(), data, rows, epochs, root, _unfinished(root, rows), gpus_per_trial,
+                        verbose, on_update)
+            summary = _confirm(f, confirm)
+            checkpoints.remove(root)  # every planned run has finished
+            return summary
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _confirmed_pairs(trials) -> set:
+    if len(trials) == 0 or "stage" not in trials.columns:
+        return set()
+    c = trials[trials["stage"] == "confirm"]
+    return set(zip(c["config_id"].astype(str), c["seed"].astype(int)))
+
+
+def _confirm(f: _Folder, confirm: Confirm) -> dict:
+    started, out = time.time(), f.out
+    plan, picked = plan_confirm(f.study, results.read_folder(out).trials, confirm, str(out))
+    done = {(str(r["config_id"]), int(r["seed"])) for r in f.rows if r.get("stage") == "confirm"}
+    todo = [p for p in plan if (p["config_id"], p["seed"]) not in done]
+    meta = results.read_study(out)
+    meta["confirm"] = {"seeds": sorted({p["seed"] for p in plan}), "top": confirm.top, "with": list(confirm.with_),
+                       "candidates": [{k: v for k, v in p.items() if k != "values"} for p in picked],
+                       "started": meta.get("confirm", {}).get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
+                       "ended": None}
+    results.write_json(out / "study.json", meta)
+    state = SearchState(total=len(plan))
+    state.counts["completed"] = len(done & {(p["config_id"], p["seed"]) for p in plan})
+    if todo:
+        _fit(f, state, len(todo), todo, asha=False)
+    meta["confirm"]["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    results.write_json(out / "study.json", meta)
+    return {"out": str(out), "added": len(todo), "planned": len(plan), "candidates": picked,
+            "seconds": time.time() - started}
+
+
+def _fit(f: _Folder, state: SearchState, remaining: int, todo: list | None, asha: bool | None = None):
+    """One Tuner.fit: ``todo`` (a grid or a confirmation: fixed trials) or ``remaining`` trials of the searcher."""
+    study = f.study
+    if not f.verbose:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        for name in ("ray", "ray.tune", "ray.data", "ray.train"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    gpus = f.gpus_per_trial if f.gpus_per_trial is not None else study.gpus_per_trial
+    if gpus is None:  # automatic: share each GPU among the concurrent trials
+        gpus = min(1.0, 1.0 / study.concurrency) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, study=study, teacher=f.teacher, data=f.data,
+                             threads=int(study.cpus_per_trial), resume_from=f.resume_from),
+        {"cpu": study.cpus_per_trial, "gpu": gpus})
+    if todo is not None:
+        searcher, param_space, num_samples = None, {"trial": tune.grid_search(todo)}, 1
+    else:
+        searcher, param_space, num_samples = _make_searcher(study, f.out, study.max_epochs), {}, remaining
+    scheduler = None
+    if study.asha if asha is None else asha:
+        scheduler = ResumableASHA(time_attr="epoch", metric="val_top1", mode="max", max_t=study.max_epochs,
+                                  grace_period=study.grace_period, reduction_factor=study.reduction_factor,
+                                  curves=f.curves())
+    tuner = tune.Tuner(
+        trainable, param_space=param_space,
+        # reuse_actors: a finished trial's worker process (torch imported, data in memory) runs the next one
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
+                                    max_concurrent_trials=study.concurrency, reuse_actors=True),
+        run_config=tune.RunConfig(name=f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", storage_path=f.storage,
+                                  verbose=1 if f.verbose else 0,
+                                  callbacks=[ResultsWriter(study, f.out, state, f.rows, f.epochs, f.on_update,
+                                                           f.resume_from)],
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  failure_config=tune.FailureConfig(max_failures=study.max_failures)))
+    tuner.fit()

@@ -1,0 +1,152 @@
+"""What runs in a Ray worker (the trainable) and what proposes and stops trials (Optuna, ASHA)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import optuna
+import ray
+import torch
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from .. import checkpoints
+from ..study import Study, resolve_trial, trial_config_id
+from ..train import TrainConfig, distill, load_teacher, resolve_device
+
+def _trial_configs_grid(study: Study) -> list[dict]:
+    return [{"point": i, "method": m, "seed": s, "stage": "grid", **dict(values)}
+            for i, (m, s, values) in enumerate(study.grid)]
+
+
+class _Space:
+    """Optuna define-by-run space: the method (if searched) first, then the parameters that apply to it.
+
+    A class, not a closure: Ray pickles the searcher with its experiment state.
+    """
+
+    def __init__(self, study: Study):
+        self.study = study
+
+    def __call__(self, trial):
+        study, method = self.study, self.study.method
+        for p in study.space:
+            if p.name == "method":
+                method = trial.suggest_categorical("method", list(p.choices))
+        for p in study.space:
+            if p.name == "method" or (p.when and method not in p.when):
+                continue
+            if p.type == "categorical":
+                trial.suggest_categorical(p.name, list(p.choices))
+            elif p.type == "int":
+                trial.suggest_int(p.name, int(p.low), int(p.high))
+            else:
+                trial.suggest_float(p.name, p.low, p.high, log=p.type == "loguniform")
+        return {"method": method, "seed": study.seed}
+
+
+def _sampler(study: Study):
+    if study.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=study.seed, population_size=max(4, min(50, study.samples // 4)))
+    if study.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=study.seed)
+    return optuna.samplers.TPESampler(seed=study.seed)
+
+
+def _trainable(config: dict, study: Study, teacher: dict, data, threads: int, resume_from: dict):
+    """One trial, in a Ray worker on any machine of the cluster: the data set and the teacher come
+    through Ray's object store (put there once by the driver); distill; report every epoch, with a
+    checkpoint every ``study.checkpoint_every`` epochs."""
+    torch.set_num_threads(max(1, threads))
+    method, recipe, seed = resolve_trial(study, config.get("trial", config))  # grids nest their point
+    cid = trial_config_id(study, method, recipe)
+    device = resolve_device("auto")
+    data = data.to(device)
+    teacher = load_teacher(teacher, data)
+    # Ray's retry of this trial after its worker died, else the checkpoint an interrupted run left.
+    ckpt = tune.get_checkpoint()
+    if ckpt is None and (cid, seed) in resume_from:
+        ckpt = tune.Checkpoint(resume_from[(cid, seed)]["uri"])
+    state = None
+    if ckpt is not None:
+        try:
+            with ckpt.as_directory() as d:
+                state = checkpoints.load(Path(d))
+        except Exception as e:  # unreadable (cut short, removed): start over rather than fail the trial
+            print(f"kdbench: checkpoint {ckpt.path} unreadable ({type(e).__name__}: {e}); the trial starts over")
+    # Where and how it ran: what `kdbench rerun` needs to reproduce it, and proof of a cluster's spread.
+    where = {"node": ray.get_runtime_context().get_node_id()[:12], "host": socket.gethostname(),
+             "threads": torch.get_num_threads(), "device": str(device), "resumed_from": state["epoch"] if state else 0}
+    last_epoch = 0
+
+    def report(row: dict):
+        nonlocal last_epoch
+        last_epoch = row["epoch"]
+        snapshot = row.pop("state", None)
+        if snapshot is None:
+            return tune.report({**row, **where})
+        with tempfile.TemporaryDirectory(prefix="kdbench-ckpt-") as d:
+            checkpoints.save(Path(d), snapshot, {"config_id": cid, "seed": seed, "epoch": row["epoch"],
+                                                 "pid": os.getpid(), "history": snapshot["history"]})
+            tune.report({**row, **where}, checkpoint=tune.Checkpoint.from_directory(d))
+
+    try:
+        distill(TrainConfig(study.student, method, recipe, seed), data, teacher, report, resume=state,
+                state_every=study.checkpoint_every)
+    except Exception as e:  # NaN loss, OOM, a bug: the trial is failed, with its reason; the search goes on
+        tune.report({"epoch": last_epoch, "failure": f"{type(e).__name__}: {e}", **where})
+
+
+class ResumableASHA(tune.schedulers.ASHAScheduler):
+    """ASHA whose rungs start with the validation curves of trials an earlier run of the folder recorded,
+    so that a resumed search stops (and keeps) trials as the uninterrupted one would have."""
+
+    def __init__(self, *args, curves: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        for key, curve in (curves or {}).items():  # key -> {epoch: val_top1}
+            for bracket in self._brackets:
+                for milestone, recorded in bracket._rungs:
+                    if int(milestone) in curve:
+                        recorded[f"earlier:{key}"] = curve[int(milestone)]
+
+
+class FidelityAwareOptuna(OptunaSearch):
+    """OptunaSearch that tells Optuna a trial stopped before ``max_epochs`` as PRUNED, a failed one as FAIL.
+
+    Ray hands a trial stopped by ASHA to the searcher as complete with its truncated result; a
+    low-fidelity point must not steer the sampler or enter Optuna's Pareto set.
+    """
+
+    def __init__(self, *args, max_epochs: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_epochs = max_epochs
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if result is not None and result.get("failure"):
+            return super().on_trial_complete(trial_id, None, error=True)
+        if result is not None and result.get("epoch", 0) < self.max_epochs:
+            result = None  # -> PRUNED
+        return super().on_trial_complete(trial_id, result, error)
+
+
+def _make_searcher(study: Study, out: Path, max_epochs: int) -> FidelityAwareOptuna:
+    storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'optuna.db'}")
+    # Trials left RUNNING by an interrupted run will never report: mark them failed, and ask for the same
+    # parameters first, so that they run again (from their checkpoints) instead of new proposals.
+    if study.name in optuna.get_all_study_names(storage):
+        study_id = storage.get_study_id_from_name(study.name)
+        interrupted = storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        for t in interrupted:
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+            storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+        again = optuna.load_study(study_name=study.name, storage=storage)
+        for t in interrupted:
+            again.enqueue_trial(t.params)
+    metrics = [f"val_{o}" for o in study.objectives]
+    modes = ["min" if o == "geom_err" else "max" for o in study.objectives]
+    # metric/mode go to the searcher only: a TuneConfig metric would silently collapse it to one objective.
+    return FidelityAwareOptuna(space=_Space(study), metric=metrics, mode=modes, sampler=_sampler(study),
+                               study_name=study.name, storage=storage, max_epochs=max_epochs)

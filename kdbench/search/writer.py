@@ -1,0 +1,132 @@
+"""The driver's side of a run: the live state and the callback that keeps the results folder current."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ray import tune
+
+from .. import checkpoints, results
+from ..study import Study, resolve_trial, trial_config_id
+from ..train import trial_values
+
+@dataclass
+class SearchState:
+    """What the live view shows; updated by the driver callback."""
+
+    total: int
+    started: float = field(default_factory=time.time)
+    running: int = 0
+    counts: dict = field(default_factory=lambda: {"completed": 0, "stopped": 0, "failed": 0})
+    best: dict = field(default_factory=dict)  # objective -> (value, trial_id)
+    last: str = ""
+
+
+def _trial_row(study: Study, trial, status: str, seconds: float) -> dict:
+    r = trial.last_result or {}
+    config = trial.config.get("trial", trial.config)
+    method, recipe, seed = resolve_trial(study, config)
+    hp = trial_values(method, recipe)
+    row = {"trial_id": trial.trial_id, "config_id": trial_config_id(study, method, recipe),
+           "stage": config.get("stage", "grid" if study.is_grid else "search"), "status": status,
+           "fidelity": "full" if status == "completed" else "low",
+           "seed": seed, "epochs": r.get("epoch", 0), **hp}
+    if "point" in trial.config.get("trial", {}):
+        row["point"] = trial.config["trial"]["point"]
+    for k in results.TRIAL_COLUMNS:
+        if k not in row and k in r:
+            row[k] = r[k]
+    row["seconds"] = seconds
+    row["failure"] = r.get("failure", "")
+    return row
+
+
+class ResultsWriter(tune.Callback):
+    """Driver side: one epochs.csv row per report; one trials.csv row per finished trial, written at once."""
+
+    def __init__(self, study: Study, out: Path, state: SearchState, rows: list, epochs: list, on_update,
+                 resume_from: dict):
+        self.study, self.out, self.state, self.rows, self.epochs = study, out, state, rows, epochs
+        self.on_update, self.starts, self.resume_from, self.running = on_update, {}, resume_from, set()
+
+    def __getstate__(self):  # Ray pickles its run config; the live view's hook holds locks and stays here
+        return {**self.__dict__, "on_update": None}
+
+    def _update(self):
+        if self.on_update is not None:
+            self.on_update(self.state)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.starts.setdefault(trial.trial_id, time.time())
+        self.running.add(trial.trial_id)
+        self.state.running = len(self.running)
+        self._update()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "failure" in result:
+            return
+        keep = ("loss_", "train_", "val_", "test_", "best_", "lr", "epoch_seconds")
+        history = [result]
+        if result.get("resumed_from") and result["epoch"] == result["resumed_from"] + 1:  # the epochs an earlier run made
+            config = trial.config.get("trial", trial.config)
+            method, recipe, seed = resolve_trial(self.study, config)
+            earlier = self.resume_from.get((trial_config_id(self.study, method, recipe), seed), {})
+            history = [h for h in earlier.get("history", []) if h["epoch"] <= result["resumed_from"]] + history
+        for r in history:
+            self.epochs.append({"trial_id": trial.trial_id, "epoch": r["epoch"],
+                                **{k: v for k, v in r.items() if k.startswith(keep)}})
+
+    def _finish(self, trial, status: str):
+        r, state = trial.last_result or {}, self.state
+        if status != "failed" and r.get("failure"):
+            status = "failed"
+        elif status != "failed":
+            status = "completed" if r.get("epoch", 0) >= self.study.max_epochs else "stopped"
+        row = _trial_row(self.study, trial, status, time.time() - self.starts.get(trial.trial_id, time.time()))
+        if status == "failed" and not row["failure"]:
+            error = trial.get_error()
+            row["failure"] = (f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if error else
+                              "the trial raised an error") + f" (after {self.study.max_failures} retries)"
+        self.rows.append(row)
+        # History first, so a trials row never lacks it; only finished trials (an interrupted one reruns).
+        # A retried trial reports again the epochs after its checkpoint: the last report of an epoch wins.
+        finished = {r["trial_id"] for r in self.rows}
+        history = {(e["trial_id"], e["epoch"]): e for e in self.epochs if e["trial_id"] in finished}
+        results.write_csv(self.out / "epochs.csv", list(history.values()))
+        results.write_csv(self.out / "trials.csv", self.rows, results.TRIAL_COLUMNS)
+        # A finished trial needs no checkpoint: neither its own nor the one it resumed from.
+        if trial.checkpoint is not None:
+            try:
+                trial.checkpoint.filesystem.delete_dir(trial.checkpoint.path)
+            except Exception:  # already gone
+                pass
+        earlier = self.resume_from.pop((row["config_id"], int(row["seed"])), None)
+        if earlier:
+            checkpoints.remove(earlier["uri"])
+        self.running.discard(trial.trial_id)
+        state.running = len(self.running)
+        state.counts[status] += 1
+        if row["fidelity"] == "full":
+            for o in self.study.objectives:
+                v = row.get(f"val_{o}")
+                better = (lambda a, b: a < b) if o == "geom_err" else (lambda a, b: a > b)
+                if v is not None and (o not in state.best or better(v, state.best[o][0])):
+                    state.best[o] = (v, trial.trial_id)
+        state.last = f"{trial.trial_id}: {status}"
+        self._update()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finish(trial, "completed")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finish(trial, "failed")
+
+
+def _read_done(out: Path) -> tuple[list, list]:
+    """Rows of a previous, interrupted run of this folder."""
+    def rows(name):
+        p = out / name
+        return results._read_csv(p).to_dict("records") if p.exists() and p.stat().st_size else []
+    return rows("trials.csv"), rows("epochs.csv")
