@@ -67,9 +67,9 @@ def test_tune_then_compare_json_front_is_the_non_dominated_full_rows(tmp_path, r
 name = "tiny"
 dataset = "digits"
 [recipe]
-epochs = 4
+epochs = 3
 [search]
-samples = 6
+samples = 5
 [search.space.geometry]
 type = "loguniform"
 low = 1.0
@@ -89,7 +89,7 @@ grace_period = 2
         assert (out / name).is_file(), name
     assert not any(p.name.startswith(".") for p in out.iterdir())  # no temporary files left behind
     meta = json.loads((out / "study.json").read_text())
-    assert meta["ended"] and meta["environment"]["versions"]["ray"] and meta["study"]["samples"] == 6
+    assert meta["ended"] and meta["environment"]["versions"]["ray"] and meta["study"]["samples"] == 5
 
     r = runner.invoke(app, ["compare", str(out), "--format", "json"])
     assert r.exit_code == 0, r.output

@@ -27,7 +27,7 @@ def test_tune_on_a_two_node_cluster_runs_trials_on_both_nodes(tmp_path, two_node
 name = "two"
 dataset = "digits"
 [recipe]
-epochs = 2
+epochs = 1
 [grid]
 methods = ["baseline", "kd"]
 seeds = [0, 1]

@@ -138,7 +138,12 @@ def test_bad_folders_are_one_line_and_write_nothing(searched, tmp_path):
         sleeper.kill()
         sleeper.wait()
     # The same lock once its process is gone (kill -9) is stale: taken over, not an error.
-    assert runner.invoke(app, ["confirm", str(out), "--top", "1", "--seeds", "1", "--with", "none"]).exit_code == 0
+    from kdbench.results import FolderLock
+
+    assert FolderLock(out, "confirm").holder() is None
+    with FolderLock(out, "confirm"):
+        assert (out / ".kdbench.lock").read_text().split()[0] == str(os.getpid())
+    assert not (out / ".kdbench.lock").exists()
 
     # A search that never finished.
     out2 = _copy(searched, tmp_path / "b")
@@ -159,7 +164,7 @@ def test_bad_folders_are_one_line_and_write_nothing(searched, tmp_path):
 def test_kill_9_during_confirm_then_rerun_runs_only_the_missing_pairs(searched, tmp_path):
     out = _copy(searched, tmp_path)
     n_search = len(pd.read_csv(out / "trials.csv"))
-    proc = subprocess.Popen([sys.executable, "-m", "kdbench.cli", "confirm", str(out), "--seeds", "3", "--top", "1",
+    proc = subprocess.Popen([sys.executable, "-m", "kdbench.cli", "confirm", str(out), "--seeds", "2", "--top", "1",
                              "--with", "baseline", "--concurrency", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     deadline = time.time() + 120
@@ -170,12 +175,12 @@ def test_kill_9_during_confirm_then_rerun_runs_only_the_missing_pairs(searched, 
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = pd.read_csv(out / "trials.csv")
-    assert n_search < len(before) < n_search + 6
-    summary = run_confirm(out, Confirm(seeds=3, top=1, with_=("baseline",)))
+    assert n_search < len(before) < n_search + 4
+    summary = run_confirm(out, Confirm(seeds=2, top=1, with_=("baseline",)))
     after = pd.read_csv(out / "trials.csv")
     confirm = after[after["stage"] == "confirm"]
-    assert summary["added"] == n_search + 6 - len(before)  # only the missing pairs ran
-    assert len(confirm) == 6 and not confirm.duplicated(["config_id", "seed"]).any()
+    assert summary["added"] == n_search + 4 - len(before)  # only the missing pairs ran
+    assert len(confirm) == 4 and not confirm.duplicated(["config_id", "seed"]).any()
     pd.testing.assert_frame_equal(after.head(len(before))[before.columns], before)
 
 
