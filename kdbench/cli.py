@@ -12,7 +12,7 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from .console import (Device, LiveView, check_resources, device_or_error, epoch_progress, err, errors, out,
+from .console import (Device, EvalWhen, LiveView, check_resources, device_or_error, epoch_progress, err, errors, out,
                       summary_table, teacher_with_progress, threads_now)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -37,6 +37,8 @@ def train(
     device: Annotated[Device, typer.Option(help="auto: CUDA when present")] = Device.auto,
     compile: Annotated[bool, typer.Option(help="torch.compile the student")] = False,
     threads: Annotated[Optional[int], typer.Option(help="torch threads (a run is bit-reproducible only at the same count)")] = None,
+    eval_test: Annotated[EvalWhen, typer.Option(help="evaluate test at the end, or every epoch (the paper's "
+                                                "best-epoch top-1)")] = "end",
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="write result.json and epochs.csv here")] = None,
 ):
     """Distill one student (training or loading the teacher first) and print its metrics.
@@ -77,7 +79,7 @@ def train(
     data = load_data(dataset, data_root, 0, download, dev)
     # Every method is measured against the teacher (geometry, CKA), baseline included, as in `tune`.
     t = teacher_with_progress(data, dataset, teacher, teacher_epochs, 0)
-    cfg = TrainConfig(student or defaults["student"], m, recipe, seed, compile)
+    cfg = TrainConfig(student or defaults["student"], m, recipe, seed, compile, eval_test=EvalWhen(eval_test).value)
     progress, report = epoch_progress(recipe.epochs, f"{cfg.student} · {m.name}")
     with progress:
         res = distill(cfg, data, t, report)

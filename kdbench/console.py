@@ -16,7 +16,7 @@ from rich.console import Console, Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-__all__ = ["out", "err", "errors", "Device", "device_or_error", "epoch_progress", "LiveView", "summary_table",
+__all__ = ["out", "err", "errors", "Device", "EvalWhen", "device_or_error", "epoch_progress", "LiveView", "summary_table",
            "check_resources", "threads_now", "teacher_with_progress"]
 
 # Piped output gets a wide page, not 80 columns.
@@ -45,6 +45,11 @@ def errors(fn):
     return wrapper
 
 
+class EvalWhen(str, Enum):
+    end = "end"
+    every_epoch = "every_epoch"
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -69,7 +74,9 @@ def epoch_progress(total: int, label: str):
     task = progress.add_task(label, total=total, metrics="")
 
     def report(row: dict):
-        shown = [f"loss {row['train_loss']:.3f}", f"val {row['val_top1']:.2f}%"]
+        shown = [f"loss {row['train_loss']:.3f}", f"train {row['train_top1']:.1f}%"]
+        if "val_top1" in row:
+            shown.append(f"val {row['val_top1']:.2f}%")
         if "val_geom_corr" in row:
             shown.append(f"geom_corr {row['val_geom_corr']:.3f}")
         progress.update(task, advance=1, metrics="  ".join(shown))
@@ -114,7 +121,8 @@ def summary_table(res: dict, cfg, dataset: str) -> Table:
         v, te = res.get(f"val_{name}"), res.get(f"test_{name}")
         if v is not None:
             t.add_row(name + (" (last epoch)" if name == "top1" else ""), fmt.format(v), fmt.format(te))
-    t.add_row("top1 (best epoch)", "", f"{res['best_test_top1']:.2f} %")
+    if "best_test_top1" in res:
+        t.add_row("top1 (best epoch)", "", f"{res['best_test_top1']:.2f} %")
     t.add_row("parameters", "", f"{res['params']:,}")
     t.add_row("train seconds", "", f"{res['train_seconds']:.1f}")
     t.add_row("images / s", "", f"{res['images_per_second']:,.0f}")

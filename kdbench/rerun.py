@@ -81,7 +81,8 @@ def rerun_trial(path: str | Path, trial_id: str, threads: int | None = None, dev
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        distill(TrainConfig(study.student, method, recipe, seed), data, teacher, hook)
+        distill(TrainConfig(study.student, method, recipe, seed, eval_val=study.eval_val, eval_test=study.eval_test),
+                data, teacher, hook)
     except _Stop:
         pass
     finally:

@@ -20,7 +20,7 @@ else:  # pragma: no cover
 from .data import DATASETS
 from .models import MODELS
 from . import results
-from .train import DATASET_DEFAULTS, METHODS, SCHEDULES, Method, Recipe, trial_values
+from .train import DATASET_DEFAULTS, EVAL_WHEN, METHODS, SCHEDULES, Method, Recipe, trial_values
 
 __all__ = ["Study", "Param", "Confirm", "StudyError", "load_study", "study_from_dict", "find_study",
            "bundled_studies", "apply_overrides", "check_value", "check_confirm", "resolve_trial", "row_config", "trial_config_id",
@@ -175,6 +175,8 @@ class Study:
     gpus_per_trial: float | None  # None: 1 GPU per trial shared by `concurrency` where CUDA exists
     reference: tuple[tuple[str, float], ...] = ()  # reported test top-1 per method (e.g. the paper)
     confirm: Confirm | None = None  # run a confirmation right after the search
+    eval_val: str = "every_epoch"  # when trials evaluate validation ("end" | "every_epoch"; ASHA needs every epoch)
+    eval_test: str = "end"  # when trials evaluate test ("every_epoch": the paper's best-epoch top-1)
     checkpoint_every: int = 1  # epochs between a trial's checkpoints (0: none)
     max_failures: int = 1  # retries of a trial whose worker died, each from its last checkpoint
 
@@ -195,7 +197,7 @@ class Study:
 
 _TOP_KEYS = {"name", "description", "dataset", "data_root", "split_seed", "teacher", "teacher_seed",
              "student", "method", "seed", "recipe", "teacher_recipe", "methods", "search", "grid", "asha",
-             "resources", "reference", "confirm", "checkpoint"}
+             "resources", "reference", "confirm", "checkpoint", "evaluation"}
 
 
 class _Reader:
@@ -385,6 +387,12 @@ def load_study(path: str | Path) -> Study:
 
     ref = r.sub("reference")
     reference = tuple((k, ref.get(k, 0.0, float)) for k in ref.table)
+    ev = r.sub("evaluation")
+    ev.only({"val", "test"})
+    eval_val = ev.get("val", "every_epoch" if asha else "end", str, EVAL_WHEN)
+    eval_test = ev.get("test", "end", str, EVAL_WHEN)
+    if asha and eval_val != "every_epoch":
+        ev.fail("val", eval_val, "every_epoch while [asha] is enabled (its rungs compare validation top-1)")
     ck = r.sub("checkpoint")
     ck.only({"every", "max_failures"})
     checkpoint_every, max_failures = ck.get("every", 1, int, lo=0), ck.get("max_failures", 1, int, lo=0)
@@ -403,7 +411,8 @@ def load_study(path: str | Path) -> Study:
         student=student, recipe=recipe, methods=methods, method=method, seed=seed, sampler=sampler,
         samples=samples, concurrency=concurrency, objectives=objectives, space=space, grid=grid, asha=asha,
         grace_period=grace, reduction_factor=rf, cpus_per_trial=cpus, gpus_per_trial=gpus, reference=reference,
-        confirm=confirm, checkpoint_every=checkpoint_every, max_failures=max_failures)
+        confirm=confirm, checkpoint_every=checkpoint_every, max_failures=max_failures, eval_val=eval_val,
+        eval_test=eval_test)
 
 
 def study_from_dict(d: dict) -> Study:

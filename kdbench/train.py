@@ -27,7 +27,7 @@ from .geometry import CentroidMemory, class_centroids, geom_err, geometry_corr, 
     similarity_matrix
 from .models import build_model, count_parameters
 
-__all__ = ["Method", "Recipe", "TrainConfig", "Teacher", "METHODS", "DATASET_DEFAULTS", "distill",
+__all__ = ["Method", "Recipe", "TrainConfig", "EVAL_WHEN", "Teacher", "METHODS", "DATASET_DEFAULTS", "distill",
            "get_teacher", "load_teacher", "evaluate", "get_lr", "DivergedError", "resolve_device", "cache_dir",
            "trial_values"]
 
@@ -142,15 +142,26 @@ def trial_values(method: Method, recipe: Recipe) -> dict:
     return hp
 
 
+EVAL_WHEN = ("end", "every_epoch")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run: which student, which loss, which recipe, which seed."""
+    """One training run: which student, which loss, which recipe, which seed, and when to evaluate.
+
+    ``eval_val``/``eval_test``: ``"end"`` (the last epoch only: the default, evaluation costs time) or
+    ``"every_epoch"`` (validation for a scheduler such as ASHA; test for the paper's best-epoch
+    protocol, ``best_test_top1``). Evaluation never changes training, so neither is part of the
+    configuration's identity.
+    """
 
     student: str
     method: Method = field(default_factory=Method)
     recipe: Recipe = field(default_factory=Recipe)
     seed: int = 0
     compile: bool = False
+    eval_val: str = "end"
+    eval_test: str = "end"
 
 
 @dataclass
@@ -245,8 +256,8 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         cfg: student, method (term weights), recipe, seed.
         data: the data set, resident on the training device (the run uses that device).
         teacher: frozen teacher; required when the method has a kd, feature or geometry term.
-        report: called once per epoch with that epoch's metrics (``epoch``, losses, val/test top-1
-            and, with a teacher, val/test geometry).
+        report: called once per epoch with that epoch's metrics (``epoch``, losses, and the val/test
+            metrics of the splits evaluated that epoch, see ``TrainConfig.eval_val``/``eval_test``).
         resume: a ``state`` from an earlier report of the same configuration: training continues after
             its epoch and ends exactly as the uninterrupted run would (same device and threads).
         state_every: every this many epochs (0: never; never after the last), the report's row also
@@ -255,7 +266,8 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
 
     Returns:
         The last epoch's metrics, which are the final ones: val and test top-1, geometry (with a
-        teacher) and kNN, ``best_test_top1``, ``last_test_top1``, ``params``, ``epochs``,
+        teacher) and kNN, ``best_test_top1`` (when test is evaluated every epoch), ``last_test_top1``,
+        ``params``, ``epochs``,
         ``train_seconds``, ``images_per_second``; plus ``history`` (every epoch's metrics) and
         ``model`` (the trained student).
     """
@@ -361,10 +373,13 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
                **{f"loss_{k}": v / steps_per_epoch for k, v in zip(terms, sums)}}
         if not math.isfinite(row["train_loss"]):
             raise DivergedError(f"training loss is {row['train_loss']} at epoch {epoch}")
-        for split in ("val", "test"):
-            row |= evaluate(student, data, split, views.get(split), knn=last)
-        best_test = max(best_test, row["test_top1"])
-        row |= {"best_test_top1": best_test, "params": n_params, "epoch_seconds": epoch_seconds,
+        for split, when in (("val", cfg.eval_val), ("test", cfg.eval_test)):
+            if last or when == "every_epoch":
+                row |= evaluate(student, data, split, views.get(split), knn=last)
+        if cfg.eval_test == "every_epoch":
+            best_test = max(best_test, row["test_top1"])
+            row["best_test_top1"] = best_test
+        row |= {"params": n_params, "epoch_seconds": epoch_seconds,
                 "train_seconds": train_seconds,
                 "images_per_second": steps_per_epoch * bs * epoch / max(train_seconds, 1e-9)}
         if last:
@@ -457,7 +472,8 @@ def get_teacher(data: Data, arch: str, recipe: Recipe, seed: int = 0, split_seed
     path = cache_dir() / f"{data.name}-{arch}-{key}.pt"
     if use_cache and path.is_file():
         return load_teacher(path, data), True
-    result = distill(TrainConfig(arch, METHODS["baseline"], recipe, seed), data, report=report)
+    result = distill(TrainConfig(arch, METHODS["baseline"], recipe, seed, eval_val="every_epoch", eval_test="every_epoch"),
+                     data, report=report)
     model = result["model"].eval().requires_grad_(False)
     feats, _ = forward_all(model, data.train_x, data)
     centroids = class_centroids(feats, data.train_y, data.num_classes).clone()

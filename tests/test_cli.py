@@ -41,7 +41,8 @@ def test_bad_input_is_one_line_and_exit_2(args, fragments):
 
 def test_train_writes_result_and_history_and_refuses_to_overwrite(tmp_path, digits_teacher):
     out = tmp_path / "run"
-    r = runner.invoke(app, ["train", "--method", "kd", "--epochs", "3", "--set", "temperature=2", "--out", str(out)])
+    r = runner.invoke(app, ["train", "--method", "kd", "--epochs", "3", "--set", "temperature=2", "--out", str(out),
+                            "--eval-test", "every_epoch"])
     assert r.exit_code == 0, r.output
     res = json.loads((out / "result.json").read_text())
     assert res["config"]["method"]["temperature"] == 2.0 and res["config"]["recipe"]["epochs"] == 3

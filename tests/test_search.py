@@ -137,7 +137,7 @@ concurrency = 1
 every = 1
 max_failures = {retries}
 """
-METRICS = ("val_top1", "test_top1", "val_geom_corr", "test_geom_corr", "test_cka", "test_knn_top1", "best_test_top1")
+METRICS = ("val_top1", "test_top1", "val_geom_corr", "test_geom_corr", "test_cka", "test_knn_top1", "last_test_top1")
 
 
 def _uninterrupted(study, digits, digits_teacher):
@@ -227,8 +227,10 @@ def test_kill_9_mid_trial_then_resume_keeps_finished_trials_and_continues_bit_fo
     ot = optuna.load_study(study_name="k", storage=f"sqlite:///{out / 'optuna.db'}")
     assert not [t for t in ot.trials if t.state.name == "RUNNING"]  # those the kill interrupted are marked failed
     interrupted = [t for t in ot.trials if t.state.name == "FAIL"]
+    kept = set(before["geometry"])  # a kill between our row and Optuna's record: that trial is not run twice
     assert interrupted and all(any(u.params == t.params and u.number > t.number for u in ot.trials)
-                               for t in interrupted)  # ... and their parameters asked for again first
+                               or t.params["geometry"] in kept for t in interrupted)  # ... and asked for again first
+    assert not after.duplicated(["config_id", "seed"]).any()
     # The trial that continued from its checkpoint ends exactly as the uninterrupted run (1 thread, as in Ray).
     resumed = after[after["resumed_from"] >= 2]
     assert len(resumed) >= 1
@@ -267,3 +269,24 @@ def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint(tmp_path, ray_
     ref = _uninterrupted(study, digits, digits_teacher)
     assert {k: row[k] for k in METRICS} == {k: ref[k] for k in METRICS}
     assert pd.read_csv(out / "epochs.csv")["epoch"].tolist() == [1, 2, 3, 4]
+
+
+def test_resumed_asha_starts_with_the_recorded_curves_and_stops_as_the_uninterrupted_one():
+    """Rungs at epochs 2 and 4 (grace 2, factor 2, 8 epochs): the curves an earlier run recorded fill them."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from kdbench.search.trials import ResumableASHA
+
+    curves = {"a": {1: 50.0, 2: 90.0, 3: 91.0, 4: 95.0}, "b": {1: 40.0, 2: 80.0}, "c": {2: 70.0, 4: 60.0}}
+    asha = ResumableASHA(time_attr="epoch", metric="val_top1", mode="max", max_t=8, grace_period=2,
+                         reduction_factor=2, curves=curves)
+    rungs = {int(m): dict(r) for m, r in asha._brackets[0]._rungs}
+    assert rungs[2] == {"earlier:a": 90.0, "earlier:b": 80.0, "earlier:c": 70.0}
+    assert rungs[4] == {"earlier:a": 95.0, "earlier:c": 60.0}
+    # A new trial at the epoch-2 rung is compared with them: the median of (90, 80, 70) is 80.
+    low, high = Trial("f", stub=True), Trial("f", stub=True)
+    for t in (low, high):
+        asha.on_trial_add(None, t)
+    assert asha.on_trial_result(None, low, {"epoch": 2, "val_top1": 75.0}) == TrialScheduler.STOP
+    assert asha.on_trial_result(None, high, {"epoch": 2, "val_top1": 85.0}) == TrialScheduler.CONTINUE

@@ -22,7 +22,8 @@ def test_get_lr_cosine_step_and_warmup():
 
 def test_distill_reports_every_epoch_and_final_metrics(digits, digits_teacher):
     rows = []
-    cfg = TrainConfig("cnn_student", METHODS["geometry"], Recipe(epochs=3), seed=0)
+    cfg = TrainConfig("cnn_student", METHODS["geometry"], Recipe(epochs=3), seed=0, eval_val="every_epoch",
+                      eval_test="every_epoch")
     res = distill(cfg, digits, digits_teacher, rows.append)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert {"loss_ce", "loss_kd", "loss_geometry", "val_top1", "val_geom_corr", "test_cka"} <= set(rows[0])
@@ -35,6 +36,18 @@ def test_distill_reports_every_epoch_and_final_metrics(digits, digits_teacher):
     assert last["train_loss"] == pytest.approx(m.ce * last["loss_ce"] + m.kd * last["loss_kd"]
                                                + m.geometry * last["loss_geometry"], rel=1e-4)
     assert -1 <= last["val_geom_corr"] <= 1 and 0 <= last["val_cka"] <= 1
+
+
+def test_by_default_distill_evaluates_only_after_the_last_epoch(digits, digits_teacher):
+    rows = []
+    res = distill(TrainConfig("cnn_student", METHODS["kd"], Recipe(epochs=3), seed=0), digits, digits_teacher, rows.append)
+    assert not any(k.startswith(("val_", "test_")) for r in rows[:-1] for k in r)  # evaluation costs time
+    assert {"val_top1", "test_top1", "test_geom_corr", "test_knn_top1"} <= set(rows[-1])
+    assert "best_test_top1" not in res  # no best epoch without a test score per epoch
+    # Evaluation never changes training: the same run evaluated every epoch ends with the same numbers.
+    every = distill(TrainConfig("cnn_student", METHODS["kd"], Recipe(epochs=3), seed=0, eval_val="every_epoch",
+                                eval_test="every_epoch"), digits, digits_teacher)
+    assert every["test_top1"] == res["test_top1"] and every["val_geom_corr"] == res["val_geom_corr"]
 
 
 def test_distill_is_reproducible_from_its_seed(digits, digits_teacher):
@@ -104,7 +117,7 @@ def test_every_method_trains_on_synthetic():
 @pytest.mark.parametrize("name", ["geometry", "feature"])
 def test_resume_from_a_state_ends_exactly_like_the_uninterrupted_run(name, digits, digits_teacher):
     """Everything a continuation needs is in the state: weights, extras, memory, optimiser, RNGs, history."""
-    cfg = TrainConfig("cnn_student", METHODS[name], Recipe(epochs=4), seed=1)
+    cfg = TrainConfig("cnn_student", METHODS[name], Recipe(epochs=4), seed=1, eval_test="every_epoch")
     states, rows = {}, []
 
     def keep(row):

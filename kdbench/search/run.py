@@ -284,7 +284,8 @@ def _fit(f: _Folder, state: SearchState, remaining: int, todo: list | None, asha
     if todo is not None:
         searcher, param_space, num_samples = None, {"trial": tune.grid_search(todo)}, 1
     else:
-        searcher, param_space, num_samples = _make_searcher(study, f.out, study.max_epochs), {}, remaining
+        finished = {(str(r["config_id"]), int(r["seed"])) for r in f.rows if r.get("stage") != "confirm"}
+        searcher, param_space, num_samples = _make_searcher(study, f.out, study.max_epochs, finished), {}, remaining
     scheduler = None
     if study.asha if asha is None else asha:
         scheduler = ResumableASHA(time_attr="epoch", metric="val_top1", mode="max", max_t=study.max_epochs,

@@ -94,7 +94,8 @@ def _trainable(config: dict, study: Study, teacher: dict, data, threads: int, re
             tune.report({**row, **where}, checkpoint=tune.Checkpoint.from_directory(d))
 
     try:
-        distill(TrainConfig(study.student, method, recipe, seed), data, teacher, report, resume=state,
+        distill(TrainConfig(study.student, method, recipe, seed, eval_val=study.eval_val, eval_test=study.eval_test),
+                data, teacher, report, resume=state,
                 state_every=study.checkpoint_every)
     except Exception as e:  # NaN loss, OOM, a bug: the trial is failed, with its reason; the search goes on
         tune.report({"epoch": last_epoch, "failure": f"{type(e).__name__}: {e}", **where})
@@ -132,19 +133,26 @@ class FidelityAwareOptuna(OptunaSearch):
         return super().on_trial_complete(trial_id, result, error)
 
 
-def _make_searcher(study: Study, out: Path, max_epochs: int) -> FidelityAwareOptuna:
+def _make_searcher(study: Study, out: Path, max_epochs: int, finished: set = frozenset()) -> FidelityAwareOptuna:
+    """The searcher, on the folder's optuna.db. ``finished``: the (config_id, seed) of trials.csv's rows."""
     storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'optuna.db'}")
-    # Trials left RUNNING by an interrupted run will never report: mark them failed, and ask for the same
-    # parameters first, so that they run again (from their checkpoints) instead of new proposals.
+    # Trials an interrupted run left RUNNING (or enqueued and never started) will never report: mark them
+    # failed, and ask for the same parameters first, so that they run again (from their checkpoints)
+    # instead of new proposals -- unless trials.csv already holds them (a kill can land between kdbench
+    # writing a trial's row and Optuna recording it).
     if study.name in optuna.get_all_study_names(storage):
         study_id = storage.get_study_id_from_name(study.name)
-        interrupted = storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        for t in interrupted:
+        pending = storage.get_all_trials(study_id, deepcopy=False,
+                                         states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
+        again, asked = optuna.load_study(study_name=study.name, storage=storage), []
+        for t in pending:
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
             storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
-        again = optuna.load_study(study_name=study.name, storage=storage)
-        for t in interrupted:
-            again.enqueue_trial(t.params)
+            config = {"method": t.params.get("method", study.method), **t.params}
+            method, recipe, seed = resolve_trial(study, config)
+            if (trial_config_id(study, method, recipe), seed) not in finished and t.params not in asked:
+                asked.append(t.params)
+                again.enqueue_trial(t.params)
     metrics = [f"val_{o}" for o in study.objectives]
     modes = ["min" if o == "geom_err" else "max" for o in study.objectives]
     # metric/mode go to the searcher only: a TuneConfig metric would silently collapse it to one objective.
