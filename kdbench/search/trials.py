@@ -48,12 +48,15 @@ class _Space:
         return {"method": method, "seed": study.seed}
 
 
-def _sampler(study: Study):
+def _sampler(study: Study, earlier: int = 0):
+    """The study's sampler. ``earlier``: trials a previous run of the folder already made; a resumed run's
+    sampler is seeded past them, or its random start-up proposals would repeat the first run's."""
+    seed = study.seed + earlier
     if study.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=study.seed, population_size=max(4, min(50, study.samples // 4)))
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, study.samples // 4)))
     if study.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=study.seed)
-    return optuna.samplers.TPESampler(seed=study.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def _trainable(config: dict, study: Study, teacher: dict, data, threads: int, resume_from: dict):
@@ -136,6 +139,7 @@ class FidelityAwareOptuna(OptunaSearch):
 def _make_searcher(study: Study, out: Path, max_epochs: int, finished: set = frozenset()) -> FidelityAwareOptuna:
     """The searcher, on the folder's optuna.db. ``finished``: the (config_id, seed) of trials.csv's rows."""
     storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'optuna.db'}")
+    earlier = 0
     # Trials an interrupted run left RUNNING (or enqueued and never started) will never report: mark them
     # failed, and ask for the same parameters first, so that they run again (from their checkpoints)
     # instead of new proposals -- unless trials.csv already holds them (a kill can land between kdbench
@@ -145,6 +149,7 @@ def _make_searcher(study: Study, out: Path, max_epochs: int, finished: set = fro
         pending = storage.get_all_trials(study_id, deepcopy=False,
                                          states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
         again, asked = optuna.load_study(study_name=study.name, storage=storage), []
+        earlier = len(storage.get_all_trials(study_id, deepcopy=False))
         for t in pending:
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
             storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
@@ -156,5 +161,5 @@ def _make_searcher(study: Study, out: Path, max_epochs: int, finished: set = fro
     metrics = [f"val_{o}" for o in study.objectives]
     modes = ["min" if o == "geom_err" else "max" for o in study.objectives]
     # metric/mode go to the searcher only: a TuneConfig metric would silently collapse it to one objective.
-    return FidelityAwareOptuna(space=_Space(study), metric=metrics, mode=modes, sampler=_sampler(study),
+    return FidelityAwareOptuna(space=_Space(study), metric=metrics, mode=modes, sampler=_sampler(study, earlier),
                                study_name=study.name, storage=storage, max_epochs=max_epochs)
