@@ -228,11 +228,12 @@ def forward_all(model: nn.Module, x: torch.Tensor, data: Data, batch_size: int =
 
 
 def evaluate(model: nn.Module, data: Data, split: str, teacher_view: dict | None = None,
-             knn: bool = False) -> dict[str, float]:
+             knn: bool | torch.Tensor = False) -> dict[str, float]:
     """Metrics of DESIGN §5 on ``split`` without augmentation, prefixed ``<split>_``.
 
     ``teacher_view`` holds the teacher's features and similarity matrix on the same split; without
-    it only top-1 (and kNN) are computed.
+    it only top-1 (and kNN) are computed. ``knn``: True, or the model's train-split features when the
+    caller already has them (one pass serves every split).
     """
     x, y = data.split(split)
     f, z = forward_all(model, x, data)
@@ -241,8 +242,8 @@ def evaluate(model: nn.Module, data: Data, split: str, teacher_view: dict | None
         s = similarity_matrix(class_centroids(f, y, data.num_classes))
         out |= {"geom_corr": geometry_corr(s, teacher_view["S"]), "geom_err": geom_err(s, teacher_view["S"]),
                 "cka": linear_cka(f, teacher_view["features"])}
-    if knn:
-        ref_f, _ = forward_all(model, data.train_x, data)
+    if knn is not False:
+        ref_f = knn if isinstance(knn, torch.Tensor) else forward_all(model, data.train_x, data)[0]
         out["knn_top1"] = knn_top1(ref_f, data.train_y, f, y, data.num_classes)
     return {f"{split}_{k}": float(v) for k, v in out.items()}
 
@@ -373,9 +374,10 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
                **{f"loss_{k}": v / steps_per_epoch for k, v in zip(terms, sums)}}
         if not math.isfinite(row["train_loss"]):
             raise DivergedError(f"training loss is {row['train_loss']} at epoch {epoch}")
+        train_features = _train_features(student, data)[0] if last else False  # kNN's reference, once
         for split, when in (("val", cfg.eval_val), ("test", cfg.eval_test)):
             if last or when == "every_epoch":
-                row |= evaluate(student, data, split, views.get(split), knn=last)
+                row |= evaluate(student, data, split, views.get(split), knn=train_features)
         if cfg.eval_test == "every_epoch":
             best_test = max(best_test, row["test_top1"])
             row["best_test_top1"] = best_test

@@ -229,13 +229,15 @@ def test_kill_9_mid_trial_then_resume_keeps_finished_trials_and_continues_bit_fo
     interrupted = [t for t in ot.trials if t.state.name == "FAIL"]
     kept = set(before["geometry"])  # a kill between our row and Optuna's record: that trial is not run twice
     assert interrupted and all(any(u.params == t.params and u.number > t.number for u in ot.trials)
-                               or t.params["geometry"] in kept for t in interrupted)  # ... and asked for again first
+                               or t.params.get("geometry") in kept or not t.params  # (killed before it had any)
+                               for t in interrupted)  # ... and their parameters asked for again first
     assert not after.duplicated(["config_id", "seed"]).any()
     # The trial that continued from its checkpoint ends exactly as the uninterrupted run (1 thread, as in Ray).
     resumed = after[after["resumed_from"] >= 2]
     assert len(resumed) >= 1
     row = resumed.iloc[0].to_dict()
-    assert row["resumed_from"] == found[(row["config_id"], int(row["seed"]))]["epoch"]
+    # Its latest checkpoint (a worker of the killed run may persist one more epoch before Ray stops it).
+    assert row["resumed_from"] >= found[(row["config_id"], int(row["seed"]))]["epoch"]
     method, recipe, seed = resolve_trial(study, row_config(row))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -153,6 +153,8 @@ def _make_searcher(study: Study, out: Path, max_epochs: int, finished: set = fro
         for t in pending:
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
             storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+            if not t.params:  # killed between Optuna's ask and its suggestions: nothing to repeat
+                continue
             config = {"method": t.params.get("method", study.method), **t.params}
             method, recipe, seed = resolve_trial(study, config)
             if (trial_config_id(study, method, recipe), seed) not in finished and t.params not in asked:
