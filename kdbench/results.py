@@ -207,13 +207,13 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise ResultsError(f"{path}: unreadable table ({str(e).splitlines()[0]})") from None
 
 
-def read_study(path: str | Path) -> dict:
-    """A results folder's ``study.json`` (readable before its first trial has finished)."""
-    f = Path(path) / "study.json"
+def read_study(path: str | Path, name: str = "study.json") -> dict:
+    """A results folder's ``study.json`` (readable before its first trial has finished), or ``name``."""
+    f = Path(path) / name
     try:
         study = json.loads(f.read_text())
     except FileNotFoundError:
-        raise ResultsError(f"{path}: not a kdbench results folder (no study.json)") from None
+        raise ResultsError(f"{path}: not a kdbench results folder (no {name})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ResultsError(f"{f}: corrupt JSON ({e})") from None
     if not isinstance(study, dict):
@@ -229,12 +229,7 @@ def read_folder(path: str | Path) -> Folder:
     meta_file = path / "study.json" if (path / "study.json").exists() else path / "result.json"
     if not meta_file.exists():
         raise ResultsError(f"{path}: not a kdbench results folder (no study.json or result.json)")
-    try:
-        study = json.loads(meta_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ResultsError(f"{meta_file}: corrupt JSON ({e})") from None
-    if not isinstance(study, dict):
-        raise ResultsError(f"{meta_file}: expected a JSON object")
+    study = read_study(path, meta_file.name)
     if meta_file.name == "result.json":  # a single train run: one trial row
         trials = pd.DataFrame([{**study.get("metrics", {}), "trial_id": "train", "config_id": study.get("config_id", "train"),
                                 "stage": "train", "status": "completed",

@@ -36,3 +36,12 @@ def ray_session():
     _init_ray(None, verbose=False)
     yield
     ray.shutdown()
+
+
+def one_line_error(result, *fragments):
+    """A CliRunner result that is bad input: exit 2, one line, no traceback, naming each fragment."""
+    assert result.exit_code == 2, result.output
+    text = result.output.strip()
+    assert "Traceback" not in text and len(text.splitlines()) == 1, text
+    for f in fragments:
+        assert f in text, text

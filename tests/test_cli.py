@@ -8,16 +8,12 @@ import pytest
 from typer.testing import CliRunner
 
 from kdbench.cli import app
+from conftest import one_line_error
 
 runner = CliRunner()
 
 
-def _one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    text = result.output.strip()
-    assert "Traceback" not in text and len(text.splitlines()) == 1, text
-    for f in fragments:
-        assert f in text, text
+_one_line_error = one_line_error
 
 
 @pytest.mark.parametrize("args, fragments", [

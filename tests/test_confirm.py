@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kdbench.cli import app
+from conftest import one_line_error
 from kdbench.results import read_folder
 from kdbench.search import run_confirm, run_study
 from kdbench.study import Confirm, load_study
@@ -51,12 +52,7 @@ def _copy(searched, tmp_path):
     return out
 
 
-def _one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    text = result.output.strip()
-    assert "Traceback" not in text and len(text.splitlines()) == 1, text
-    for f in fragments:
-        assert f in text, text
+_one_line_error = one_line_error
 
 
 def test_confirm_adds_seeds_times_candidates_then_nothing(searched, tmp_path):
