@@ -179,6 +179,7 @@ class Study:
     eval_test: str = "end"  # when trials evaluate test ("every_epoch": the paper's best-epoch top-1)
     checkpoint_every: int = 1  # epochs between a trial's checkpoints (0: none)
     max_failures: int = 1  # retries of a trial whose worker died, each from its last checkpoint
+    asha_rank: str = "top1"  # rungs rank by val top-1 ("top1") or by non-dominated sorting on the objectives ("pareto")
 
     @property
     def is_grid(self) -> bool:
@@ -369,7 +370,8 @@ def load_study(path: str | Path) -> Study:
         samples = len(grid)
 
     a = r.sub("asha")
-    a.only({"enabled", "grace_period", "reduction_factor"})
+    a.only({"enabled", "grace_period", "reduction_factor", "rank"})
+    asha_rank = a.get("rank", "top1", str, ("top1", "pareto"))
     asha = a.get("enabled", has_search, bool)
     grace = a.get("grace_period", max(1, recipe.epochs // 4), int, lo=1)
     rf = a.get("reduction_factor", 3, int, lo=2)
@@ -412,7 +414,7 @@ def load_study(path: str | Path) -> Study:
         samples=samples, concurrency=concurrency, objectives=objectives, space=space, grid=grid, asha=asha,
         grace_period=grace, reduction_factor=rf, cpus_per_trial=cpus, gpus_per_trial=gpus, reference=reference,
         confirm=confirm, checkpoint_every=checkpoint_every, max_failures=max_failures, eval_val=eval_val,
-        eval_test=eval_test)
+        eval_test=eval_test, asha_rank=asha_rank)
 
 
 def study_from_dict(d: dict) -> Study:

@@ -77,6 +77,7 @@ low = 0.0
 high = 0.99
 [asha]
 grace_period = 2
+rank = "pareto"   # the two-objective stopping rule, for real in Ray
 """)
     out = tmp_path / "res"
     r = runner.invoke(app, ["tune", str(study), "--out", str(out)])

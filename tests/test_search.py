@@ -1,6 +1,9 @@
 """The search engine for real: Ray Tune + OptunaSearch + ASHA on digits, small budgets."""
 
 import dataclasses
+import math
+
+import numpy as np
 
 import optuna
 import pandas as pd
@@ -293,3 +296,68 @@ def test_resumed_asha_starts_with_the_recorded_curves_and_stops_as_the_uninterru
         asha.on_trial_add(None, t)
     assert asha.on_trial_result(None, low, {"epoch": 2, "val_top1": 75.0}) == TrialScheduler.STOP
     assert asha.on_trial_result(None, high, {"epoch": 2, "val_top1": 85.0}) == TrialScheduler.CONTINUE
+
+
+def test_pareto_asha_keeps_the_rung_front_in_order_of_arrival_by_hand():
+    """Rung at epoch 2, reduction factor 2: a trial continues when it is in the top ceil(n/2) at the rung."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from kdbench.search.moasha import ParetoASHA
+
+    asha = ParetoASHA(time_attr="epoch", metrics=["val_top1", "val_geom_corr"], modes=["max", "max"], max_t=8,
+                      grace_period=2, reduction_factor=2)
+    go, stop = TrialScheduler.CONTINUE, TrialScheduler.STOP
+    # A alone: kept. B is non-dominated too, but one place of two: A arrived first. C is dominated by both.
+    # D dominates everything: first of four, two places.
+    assert asha.decide("A", 2, (90.0, 0.80)) == go
+    assert asha.decide("B", 2, (85.0, 0.90)) == stop
+    assert asha.decide("C", 2, (80.0, 0.70)) == stop
+    assert asha.decide("D", 2, (95.0, 0.95)) == go
+    assert asha.decide("A", 3, (91.0, 0.81)) == go  # between rungs: nothing to decide
+    # A minimised objective is turned: geom_err 0.1 beats 0.3.
+    err = ParetoASHA(time_attr="epoch", metrics=["val_top1", "val_geom_err"], modes=["max", "min"], max_t=8,
+                     grace_period=2, reduction_factor=2)
+    assert err.decide("A", 2, err._vector({"val_top1": 90.0, "val_geom_err": 0.3})) == go
+    assert err.decide("B", 2, err._vector({"val_top1": 90.0, "val_geom_err": 0.1})) == go
+    assert err.decide("C", 2, err._vector({"val_top1": 90.0, "val_geom_err": 0.2})) == go  # 2nd of 3, 2 places
+    assert err.decide("D", 2, err._vector({"val_top1": 90.0, "val_geom_err": 0.25})) == stop  # 3rd of 4, 2 places
+
+
+def test_rung_order_breaks_ties_within_a_front_by_crowding_distance():
+    from kdbench.search.moasha import crowding_distance, rung_order
+
+    pts = np.array([(1, 5), (2, 4), (2.1, 3.9), (4, 2), (5, 1)], dtype=float)  # one front
+    # By hand: extremes infinite; (2, 4): (2.1-1)/4 + (5-3.9)/4 = 0.55; (2.1, 3.9): 2/4 + 2/4 = 1.0;
+    # (4, 2): (5-2.1)/4 + (3.9-1)/4 = 1.45.
+    assert crowding_distance(pts).tolist() == pytest.approx([math.inf, 0.55, 1.0, 1.45, math.inf])
+    assert rung_order(pts) == [0, 4, 3, 2, 1]
+    # A dominated point comes after the whole front, whatever its crowding.
+    assert rung_order(np.vstack([pts, [(0.5, 0.5)]]))[-1] == 5
+
+
+def test_pareto_asha_never_keeps_a_trial_while_stopping_one_that_dominates_it():
+    """At a rung, the kept set is closed under domination: whatever is kept, its dominators are kept too."""
+    from kdbench.search.moasha import rung_order
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        pts = rng.integers(0, 6, size=(rng.integers(2, 12), 2)).astype(float)
+        kept = set(rung_order(pts)[:math.ceil(len(pts) / 3)])
+        for j in kept:
+            for i in range(len(pts)):
+                if (pts[i] >= pts[j]).all() and (pts[i] > pts[j]).any():
+                    assert i in kept
+
+
+def test_pareto_asha_survives_resume_through_its_recorded_curves():
+    from ray.tune.schedulers import TrialScheduler
+
+    from kdbench.search.moasha import ParetoASHA
+
+    curves = {"a": {2: (90.0, 0.9)}, "b": {2: (80.0, 0.8), 4: (81.0, 0.8)}}
+    asha = ParetoASHA(time_attr="epoch", metrics=["val_top1", "val_geom_corr"], modes=["max", "max"], max_t=8,
+                      grace_period=2, reduction_factor=2, curves=curves)
+    assert dict(asha.rungs)[2] == {"earlier:a": (90.0, 0.9), "earlier:b": (80.0, 0.8)}
+    # Third at the rung, two places: behind a, ahead of b only if not dominated by it.
+    assert asha.decide("new", 2, (70.0, 0.7)) == TrialScheduler.STOP
+    assert asha.decide("new2", 2, (85.0, 0.95)) == TrialScheduler.CONTINUE

@@ -77,6 +77,7 @@ def test_find_study_by_name_and_path(tmp_path):
     ("[search.space.geometry]", "[search.space.wings]", r"search.space.wings: unknown parameter"),
     ("[search]", "[asha]\ngrace_period = 99\n[search]", r"asha.grace_period = 99; allowed: <= recipe.epochs"),
     ("[search]", "[checkpoint]\nmax_failures = -1\n[search]", r"checkpoint.max_failures = -1; allowed: >= 0"),
+    ("[search]", "[asha]\nrank = 'hv'\n[search]", r"asha.rank = 'hv'; allowed: top1, pareto"),
     ("[search]", "[checkpoint]\nevery = -2\n[search]", r"checkpoint.every = -2; allowed: >= 0"),
     ("[search]", "[checkpoint]\nminutes = 5\n[search]", r"checkpoint.minutes: unknown key"),
     ("[search]", "[confirm]\nseeds = 0\n[search]", r"confirm.seeds 0: allowed: an integer >= 1"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from ..confirm import plan_confirm
 from ..data import load_data
 from ..study import Confirm, Study, StudyError, study_from_dict
 from ..train import get_teacher, resolve_device
+from .moasha import ParetoASHA
 from .trials import ResumableASHA, _make_searcher, _trainable, _trial_configs_grid
 from .writer import ResultsWriter, SearchState, _read_done
 
@@ -64,15 +66,17 @@ class _Folder:
     verbose: bool
     on_update: Callable
 
-    def curves(self) -> dict:
-        """Validation curves ({epoch: val_top1}) of the trials earlier runs recorded, for ASHA's rungs."""
+    def curves(self, metrics: list[str]) -> dict:
+        """Validation curves ({epoch: (value per metric)}) of the trials earlier runs recorded (finished
+        ones from epochs.csv, interrupted ones from their checkpoints), for ASHA's rungs."""
         finished = {str(r["trial_id"]) for r in self.rows if r.get("stage") != "confirm"}
+        rows = [(str(e["trial_id"]), e) for e in self.epochs if str(e["trial_id"]) in finished]
+        rows += [(f"{cid}-{seed}", h) for (cid, seed), c in self.resume_from.items() for h in c.get("history", [])]
         out: dict = {}
-        for e in self.epochs:
-            if str(e["trial_id"]) in finished and e.get("val_top1") == e.get("val_top1"):
-                out.setdefault(str(e["trial_id"]), {})[int(e["epoch"])] = float(e["val_top1"])
-        for (cid, seed), c in self.resume_from.items():
-            out[f"{cid}-{seed}"] = {int(h["epoch"]): float(h["val_top1"]) for h in c.get("history", [])}
+        for key, e in rows:
+            values = tuple(e.get(m, math.nan) for m in metrics)
+            if all(v == v for v in values):  # every metric measured that epoch
+                out.setdefault(key, {})[int(e["epoch"])] = tuple(float(v) for v in values)
         return out
 
 
@@ -287,10 +291,17 @@ def _fit(f: _Folder, state: SearchState, remaining: int, todo: list | None, asha
         finished = {(str(r["config_id"]), int(r["seed"])) for r in f.rows if r.get("stage") != "confirm"}
         searcher, param_space, num_samples = _make_searcher(study, f.out, study.max_epochs, finished), {}, remaining
     scheduler = None
-    if study.asha if asha is None else asha:
+    if (study.asha if asha is None else asha) and study.asha_rank == "pareto":
+        metrics = [f"val_{o}" for o in study.objectives]
+        scheduler = ParetoASHA(time_attr="epoch", metrics=metrics, modes=["min" if o == "geom_err" else "max"
+                                                                         for o in study.objectives],
+                               max_t=study.max_epochs, grace_period=study.grace_period,
+                               reduction_factor=study.reduction_factor, curves=f.curves(metrics))
+    elif study.asha if asha is None else asha:
+        curves = {k: {e: v[0] for e, v in c.items()} for k, c in f.curves(["val_top1"]).items()}
         scheduler = ResumableASHA(time_attr="epoch", metric="val_top1", mode="max", max_t=study.max_epochs,
                                   grace_period=study.grace_period, reduction_factor=study.reduction_factor,
-                                  curves=f.curves())
+                                  curves=curves)
     tuner = tune.Tuner(
         trainable, param_space=param_space,
         # reuse_actors: a finished trial's worker process (torch imported, data in memory) runs the next one
