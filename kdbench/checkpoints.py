@@ -18,6 +18,7 @@ import json
 import os
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import torch
 
 from .study import StudyError
@@ -25,11 +26,12 @@ from .study import StudyError
 __all__ = ["resolve_storage", "experiment_root", "find", "remove", "save", "load", "STATE_FILE", "META_FILE"]
 
 STATE_FILE, META_FILE = "state.pt", "kdbench.json"
+# What pyarrow's file systems raise: ArrowInvalid (a ValueError) for a bad URI, ArrowNotImplementedError
+# for an unknown scheme, OSError (FileNotFoundError, PermissionError, ...) for the I/O itself.
+FS_ERRORS = (ValueError, NotImplementedError, OSError)
 
 
 def _fs(uri: str):
-    import pyarrow.fs as pafs
-
     return pafs.FileSystem.from_uri(uri)
 
 
@@ -45,7 +47,7 @@ def resolve_storage(storage: str | None, out: Path) -> tuple[str, bool]:
     uri = storage.rstrip("/") if "://" in storage else str(Path(storage).expanduser().resolve())
     try:
         fs, path = _fs(uri)
-    except Exception as e:  # pyarrow raises ArrowInvalid / ArrowNotImplementedError / OSError by scheme
+    except FS_ERRORS as e:
         raise StudyError(f"--storage {storage}: {str(e).splitlines()[0]}; {allowed}") from None
     probe = f"{path}/.kdbench-probe-{os.getpid()}"
     try:
@@ -53,7 +55,7 @@ def resolve_storage(storage: str | None, out: Path) -> tuple[str, bool]:
         with fs.open_output_stream(probe) as f:
             f.write(b"ok")
         fs.delete_file(probe)
-    except Exception as e:
+    except FS_ERRORS as e:
         raise StudyError(f"--storage {storage}: not writable ({str(e).splitlines()[0]}); {allowed}") from None
     return uri, False
 
@@ -69,12 +71,10 @@ def experiment_root(storage: str, default: bool, out: Path, name: str) -> str:
 def find(root: str) -> dict[tuple[str, int], dict]:
     """The latest checkpoint of each (config_id, seed) under ``root``: ``{"uri", "epoch", "history"}``
     (``history``: the per-epoch metrics up to that epoch)."""
-    import pyarrow.fs as pafs
-
     try:
         fs, path = _fs(root)
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    except Exception:
+    except FS_ERRORS:  # an unreachable storage has nothing to resume from
         return {}
     latest: dict[tuple[str, int], dict] = {}
     for info in infos:
@@ -83,7 +83,7 @@ def find(root: str) -> dict[tuple[str, int], dict]:
         try:
             with fs.open_input_stream(info.path) as f:
                 meta = json.loads(f.read())
-        except Exception:  # a checkpoint being written when the run was killed: not usable
+        except FS_ERRORS:  # a checkpoint being written when the run was killed (bad JSON is a ValueError)
             continue
         folder = info.path[: -len(META_FILE) - 1]
         # Ray copies a checkpoint's files in no particular order: one a kill cut short is not usable.
@@ -97,13 +97,19 @@ def find(root: str) -> dict[tuple[str, int], dict]:
     return latest
 
 
-def remove(uri: str) -> None:
-    """Delete a checkpoint folder (or a whole storage root); what is already gone is fine."""
+def remove(where) -> bool:
+    """Delete a checkpoint folder or a whole storage root, given as a URI or a Ray ``Checkpoint``.
+
+    Best effort, as clean-up after a finished trial must never fail the search: returns whether it
+    is gone (False when the storage refused; what was already gone counts as removed).
+    """
     try:
-        fs, path = _fs(uri)
-        fs.delete_dir(path)
-    except Exception:
-        pass
+        fs, path = (where.filesystem, where.path) if hasattr(where, "filesystem") else _fs(where)
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+    except FS_ERRORS:
+        return False
+    return True
 
 
 def save(folder: Path, state: dict, meta: dict) -> None:

@@ -6,7 +6,8 @@ Pure planning over a results table; :func:`kdbench.search.run_confirm` runs the 
 from __future__ import annotations
 
 from . import stats
-from .study import Confirm, Study, StudyError, resolve_trial, row_config, trial_config_id
+from .study import Confirm, Study, StudyError
+from .trial import resolve_trial, row_config, trial_config_id
 
 __all__ = ["plan_confirm"]
 

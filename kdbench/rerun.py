@@ -14,7 +14,8 @@ import torch
 
 from .data import load_data
 from .results import METRICS, ResultsError, read_folder
-from .study import StudyError, resolve_trial, row_config, study_from_dict, trial_config_id
+from .study import StudyError, study_from_dict
+from .trial import resolve_trial, row_config, trial_config_id
 from .train import TrainConfig, distill, get_teacher, resolve_device
 
 __all__ = ["rerun_trial", "COMPARED"]
@@ -83,8 +84,8 @@ def rerun_trial(path: str | Path, trial_id: str, threads: int | None = None, dev
     try:
         distill(TrainConfig(study.student, method, recipe, seed, eval_val=study.eval_val, eval_test=study.eval_test),
                 data, teacher, hook)
-    except _Stop:
-        pass
+    except _Stop:  # the epoch where ASHA stopped the recorded trial
+        assert last["epoch"] == epochs
     finally:
         torch.set_num_threads(before)
     keys = [k for k in COMPARED if k in row and k in last]

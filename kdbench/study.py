@@ -19,11 +19,10 @@ else:  # pragma: no cover
 
 from .data import DATASETS
 from .models import MODELS
-from . import results
-from .train import DATASET_DEFAULTS, EVAL_WHEN, METHODS, SCHEDULES, Method, Recipe, trial_values
+from .train import DATASET_DEFAULTS, EVAL_WHEN, METHODS, SCHEDULES, Method, Recipe
 
 __all__ = ["Study", "Param", "Confirm", "StudyError", "load_study", "study_from_dict", "find_study",
-           "bundled_studies", "apply_overrides", "check_value", "check_confirm", "resolve_trial", "row_config", "trial_config_id",
+           "bundled_studies", "apply_overrides", "check_value", "check_confirm",
            "SAMPLERS", "OBJECTIVES"]
 
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -429,28 +428,6 @@ def study_from_dict(d: dict) -> Study:
     c = d.get("confirm")
     d["confirm"] = Confirm(c["seeds"], c["top"], tuple(c["with_"])) if c else None
     return Study(**d)
-
-
-def resolve_trial(study: Study, config: dict) -> tuple[Method, Recipe, int]:
-    """A trial's config (method name, seed, sampled or fixed values) -> the Method, Recipe and seed it runs."""
-    base = study.methods[config.get("method", study.method)]
-    values = {k: v for k, v in config.items() if k in TUNABLE}
-    method, recipe = apply_overrides(base, study.recipe, values, f"{study.path}: trial")
-    return method, recipe, int(config.get("seed", study.seed))
-
-
-def row_config(row: dict) -> dict:
-    """A trials.csv row -> the trial config that reproduces it (method, seed, every hyperparameter).
-
-    The row's ``epochs`` is how far the trial got, not its recipe's length: it is left out.
-    """
-    values = {k: v for k, v in row.items() if k in TUNABLE and k != "epochs" and v == v}  # v == v: not NaN
-    return {"method": row["method"], "seed": int(row["seed"]), **values}
-
-
-def trial_config_id(study: Study, method: Method, recipe: Recipe) -> str:
-    """The ``config_id`` of a run of ``study`` with this method and recipe."""
-    return results.config_id(results.run_context(study.to_dict()), trial_values(method, recipe))
 
 
 def bundled_studies() -> dict[str, Path]:

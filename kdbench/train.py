@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import losses
-from .data import Data, augment, normalize
-from .geometry import CentroidMemory, class_centroids, geom_err, geometry_corr, knn_top1, linear_cka, \
-    similarity_matrix
+from .data import Data, augment
+from .evaluate import autocast, evaluate, forward_all, prepare
+from .geometry import CentroidMemory, class_centroids, similarity_matrix
 from .models import build_model, count_parameters
 
 __all__ = ["Method", "Recipe", "TrainConfig", "EVAL_WHEN", "Teacher", "METHODS", "DATASET_DEFAULTS", "distill",
@@ -202,52 +202,6 @@ def get_lr(step: int, total_steps: int, recipe: Recipe, steps_per_epoch: int) ->
     return recipe.lr
 
 
-def _autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op context on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def _prepare(x: torch.Tensor, data: Data) -> torch.Tensor:
-    x = normalize(x, data.mean, data.std)
-    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
-
-
-@torch.inference_mode()
-def forward_all(model: nn.Module, x: torch.Tensor, data: Data, batch_size: int = 1000):
-    """Features ``(N, d)`` and logits ``(N, C)`` of ``model`` in eval mode over uint8 images ``x``."""
-    was_training = model.training
-    model.eval()
-    feats, logits = [], []
-    with _autocast(x.device):
-        for i in range(0, x.shape[0], batch_size):
-            f, z = model(_prepare(x[i:i + batch_size], data))
-            feats.append(f.float())
-            logits.append(z.float())
-    model.train(was_training)
-    return torch.cat(feats), torch.cat(logits)
-
-
-def evaluate(model: nn.Module, data: Data, split: str, teacher_view: dict | None = None,
-             knn: bool | torch.Tensor = False) -> dict[str, float]:
-    """Metrics of DESIGN §5 on ``split`` without augmentation, prefixed ``<split>_``.
-
-    ``teacher_view`` holds the teacher's features and similarity matrix on the same split; without
-    it only top-1 (and kNN) are computed. ``knn``: True, or the model's train-split features when the
-    caller already has them (one pass serves every split).
-    """
-    x, y = data.split(split)
-    f, z = forward_all(model, x, data)
-    out = {"top1": (z.argmax(1) == y).float().mean() * 100}
-    if teacher_view is not None:
-        s = similarity_matrix(class_centroids(f, y, data.num_classes))
-        out |= {"geom_corr": geometry_corr(s, teacher_view["S"]), "geom_err": geom_err(s, teacher_view["S"]),
-                "cka": linear_cka(f, teacher_view["features"])}
-    if knn is not False:
-        ref_f = knn if isinstance(knn, torch.Tensor) else forward_all(model, data.train_x, data)[0]
-        out["knn_top1"] = knn_top1(ref_f, data.train_y, f, y, data.num_classes)
-    return {f"{split}_{k}": float(v) for k, v in out.items()}
-
-
 def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             report: Callable[[dict], None] | None = None, resume: dict | None = None,
             state_every: int = 0) -> dict:
@@ -333,16 +287,16 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         perm = torch.randperm(n, device=device, generator=gen)
         for i in range(steps_per_epoch):
             idx = perm[i * bs:(i + 1) * bs]
-            x = _prepare(augment(data.train_x[idx], data.pad, data.flip, gen), data)  # (B, C, H, W) float
+            x = prepare(augment(data.train_x[idx], data.pad, data.flip, gen), data)  # (B, C, H, W) float
             y = data.train_y[idx]
             lr = get_lr(step, total_steps, recipe, steps_per_epoch)
             for g in opt.param_groups:
                 g["lr"] = lr
             if method.needs_teacher_forward:
-                with torch.inference_mode(), _autocast(device):
+                with torch.inference_mode(), autocast(device):
                     t_feat, t_logits = teacher.model(x)
                 t_feat, t_logits = t_feat.float().clone(), t_logits.float().clone()  # leave inference mode
-            with _autocast(device):
+            with autocast(device):
                 feat, logits = net(x)
             feat, logits = feat.float(), logits.float()
             b = {"feat": feat, "logits": logits, "y": y, **extras, "memory": memory, "t_centroids": t_centroids}

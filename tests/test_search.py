@@ -201,7 +201,7 @@ def test_kill_9_mid_trial_then_resume_keeps_finished_trials_and_continues_bit_fo
     import torch
 
     from kdbench import checkpoints
-    from kdbench.study import resolve_trial, row_config
+    from kdbench.trial import resolve_trial, row_config
     from kdbench.train import TrainConfig, distill
 
     p = tmp_path / "k.toml"
@@ -266,7 +266,9 @@ def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint(tmp_path, ray_
     study, out = load_study(p), tmp_path / "out"
     run = threading.Thread(target=run_study, args=(study, out))
     run.start()
-    ck = _wait_for_checkpoint(out / "ray", 1)  # early: three epochs of margin before the trial ends
+    # Killed once epoch 2 is on disk: Ray retries from the last checkpoint the driver has registered (by then
+    # epoch 1's at least; the newest one may still be on its way).
+    ck = _wait_for_checkpoint(out / "ray", 2)
     pid = json.loads(open(os.path.join(ck["uri"], "kdbench.json")).read())["pid"]
     os.kill(pid, signal.SIGKILL)  # the trial's worker process dies (as on OOM or a lost node)
     run.join(timeout=180)

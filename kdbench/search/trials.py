@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import tempfile
 from pathlib import Path
@@ -14,7 +15,8 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from .. import checkpoints
-from ..study import Study, resolve_trial, trial_config_id
+from ..study import Study
+from ..trial import resolve_trial, trial_config_id
 from ..train import TrainConfig, distill, load_teacher, resolve_device
 
 def _trial_configs_grid(study: Study) -> list[dict]:
@@ -78,7 +80,8 @@ def _trainable(config: dict, study: Study, teacher: dict, data, threads: int, re
         try:
             with ckpt.as_directory() as d:
                 state = checkpoints.load(Path(d))
-        except Exception as e:  # unreadable (cut short, removed): start over rather than fail the trial
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+            # unreadable (cut short, removed, corrupt): start over rather than fail the trial
             print(f"kdbench: checkpoint {ckpt.path} unreadable ({type(e).__name__}: {e}); the trial starts over")
     # Where and how it ran: what `kdbench rerun` needs to reproduce it, and proof of a cluster's spread.
     where = {"node": ray.get_runtime_context().get_node_id()[:12], "host": socket.gethostname(),

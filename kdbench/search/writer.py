@@ -9,7 +9,8 @@ from pathlib import Path
 from ray import tune
 
 from .. import checkpoints, results
-from ..study import Study, resolve_trial, trial_config_id
+from ..study import Study
+from ..trial import resolve_trial, trial_config_id
 from ..train import trial_values
 
 @dataclass
@@ -98,10 +99,7 @@ class ResultsWriter(tune.Callback):
         results.write_csv(self.out / "trials.csv", self.rows, results.TRIAL_COLUMNS)
         # A finished trial needs no checkpoint: neither its own nor the one it resumed from.
         if trial.checkpoint is not None:
-            try:
-                trial.checkpoint.filesystem.delete_dir(trial.checkpoint.path)
-            except Exception:  # already gone
-                pass
+            checkpoints.remove(trial.checkpoint)
         earlier = self.resume_from.pop((row["config_id"], int(row["seed"])), None)
         if earlier:
             checkpoints.remove(earlier["uri"])

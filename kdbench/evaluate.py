@@ -1,0 +1,61 @@
+"""Evaluation: a model's features and logits over a split, and the metrics of DESIGN §5 on them.
+
+Everything here runs without augmentation, in eval mode, under ``torch.inference_mode()``; none of it
+touches the training state, so when a run evaluates never changes how it trains.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .data import Data, normalize
+from .geometry import class_centroids, geom_err, geometry_corr, knn_top1, linear_cka, similarity_matrix
+
+__all__ = ["autocast", "prepare", "forward_all", "evaluate"]
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op context on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def prepare(x: torch.Tensor, data: Data) -> torch.Tensor:
+    x = normalize(x, data.mean, data.std)
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+
+@torch.inference_mode()
+def forward_all(model: nn.Module, x: torch.Tensor, data: Data, batch_size: int = 1000):
+    """Features ``(N, d)`` and logits ``(N, C)`` of ``model`` in eval mode over uint8 images ``x``."""
+    was_training = model.training
+    model.eval()
+    feats, logits = [], []
+    with autocast(x.device):
+        for i in range(0, x.shape[0], batch_size):
+            f, z = model(prepare(x[i:i + batch_size], data))
+            feats.append(f.float())
+            logits.append(z.float())
+    model.train(was_training)
+    return torch.cat(feats), torch.cat(logits)
+
+
+def evaluate(model: nn.Module, data: Data, split: str, teacher_view: dict | None = None,
+             knn: bool | torch.Tensor = False) -> dict[str, float]:
+    """Metrics of DESIGN §5 on ``split`` without augmentation, prefixed ``<split>_``.
+
+    ``teacher_view`` holds the teacher's features and similarity matrix on the same split; without
+    it only top-1 (and kNN) are computed. ``knn``: True, or the model's train-split features when the
+    caller already has them (one pass serves every split).
+    """
+    x, y = data.split(split)
+    f, z = forward_all(model, x, data)
+    out = {"top1": (z.argmax(1) == y).float().mean() * 100}
+    if teacher_view is not None:
+        s = similarity_matrix(class_centroids(f, y, data.num_classes))
+        out |= {"geom_corr": geometry_corr(s, teacher_view["S"]), "geom_err": geom_err(s, teacher_view["S"]),
+                "cka": linear_cka(f, teacher_view["features"])}
+    if knn is not False:
+        ref_f = knn if isinstance(knn, torch.Tensor) else forward_all(model, data.train_x, data)[0]
+        out["knn_top1"] = knn_top1(ref_f, data.train_y, f, y, data.num_classes)
+    return {f"{split}_{k}": float(v) for k, v in out.items()}
