@@ -69,8 +69,8 @@ def experiment_root(storage: str, default: bool, out: Path, name: str) -> str:
 
 
 def find(root: str) -> dict[tuple[str, int], dict]:
-    """The latest checkpoint of each (config_id, seed) under ``root``: ``{"uri", "epoch", "history"}``
-    (``history``: the per-epoch metrics up to that epoch)."""
+    """The latest checkpoint of each (config_id, seed) under ``root``: ``{"uri", "epoch", "history", "pid"}``
+    (``history``: the per-epoch metrics up to that epoch; ``pid``: the process that wrote it)."""
     try:
         fs, path = _fs(root)
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
@@ -93,7 +93,8 @@ def find(root: str) -> dict[tuple[str, int], dict]:
         key = (str(meta["config_id"]), int(meta["seed"]))
         if key not in latest or meta["epoch"] > latest[key]["epoch"]:
             uri = folder if "://" not in root else root.split("://")[0] + "://" + folder
-            latest[key] = {"uri": uri, "epoch": int(meta["epoch"]), "history": meta.get("history", [])}
+            latest[key] = {"uri": uri, "epoch": int(meta["epoch"]), "history": meta.get("history", []),
+                           "pid": meta.get("pid")}
     return latest
 
 

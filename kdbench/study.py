@@ -177,6 +177,7 @@ class Study:
     eval_val: str = "every_epoch"  # when trials evaluate validation ("end" | "every_epoch"; ASHA needs every epoch)
     eval_test: str = "end"  # when trials evaluate test ("every_epoch": the paper's best-epoch top-1)
     checkpoint_every: int = 1  # epochs between a trial's checkpoints (0: none)
+    checkpoint_minutes: float = 0.0  # also one at the first epoch's end this many minutes after the last (0: off)
     max_failures: int = 1  # retries of a trial whose worker died, each from its last checkpoint
     asha_rank: str = "top1"  # rungs rank by val top-1 ("top1") or by non-dominated sorting on the objectives ("pareto")
 
@@ -395,8 +396,9 @@ def load_study(path: str | Path) -> Study:
     if asha and eval_val != "every_epoch":
         ev.fail("val", eval_val, "every_epoch while [asha] is enabled (its rungs compare validation top-1)")
     ck = r.sub("checkpoint")
-    ck.only({"every", "max_failures"})
+    ck.only({"every", "minutes", "max_failures"})
     checkpoint_every, max_failures = ck.get("every", 1, int, lo=0), ck.get("max_failures", 1, int, lo=0)
+    checkpoint_minutes = ck.get("minutes", 0.0, float, lo=0.0)
     confirm = None
     if "confirm" in raw:
         c = r.sub("confirm")
@@ -412,8 +414,8 @@ def load_study(path: str | Path) -> Study:
         student=student, recipe=recipe, methods=methods, method=method, seed=seed, sampler=sampler,
         samples=samples, concurrency=concurrency, objectives=objectives, space=space, grid=grid, asha=asha,
         grace_period=grace, reduction_factor=rf, cpus_per_trial=cpus, gpus_per_trial=gpus, reference=reference,
-        confirm=confirm, checkpoint_every=checkpoint_every, max_failures=max_failures, eval_val=eval_val,
-        eval_test=eval_test, asha_rank=asha_rank)
+        confirm=confirm, checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,
+        max_failures=max_failures, eval_val=eval_val, eval_test=eval_test, asha_rank=asha_rank)
 
 
 def study_from_dict(d: dict) -> Study:

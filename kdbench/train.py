@@ -204,7 +204,7 @@ def get_lr(step: int, total_steps: int, recipe: Recipe, steps_per_epoch: int) ->
 
 def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             report: Callable[[dict], None] | None = None, resume: dict | None = None,
-            state_every: int = 0) -> dict:
+            state_when: Callable[[int], bool] | None = None) -> dict:
     """Train ``cfg.student`` on ``data`` with the loss of ``cfg.method``; return the final metrics.
 
     Args:
@@ -215,7 +215,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             metrics of the splits evaluated that epoch, see ``TrainConfig.eval_val``/``eval_test``).
         resume: a ``state`` from an earlier report of the same configuration: training continues after
             its epoch and ends exactly as the uninterrupted run would (same device and threads).
-        state_every: every this many epochs (0: never; never after the last), the report's row also
+        state_when: ``state_when(epoch)`` true (never after the last epoch): that epoch's report row also
             holds ``state``: everything an exact continuation needs (weights, trainable extras,
             centroid memory, optimiser, step, every RNG state, history), on the CPU.
 
@@ -342,7 +342,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             row["last_test_top1"] = row["test_top1"]
         history.append(row)
         if report is not None:
-            if state_every and epoch % state_every == 0 and not last:
+            if state_when is not None and not last and state_when(epoch):
                 state = {name: module.state_dict() for name, module in modules.items()}
                 state |= {"optimizer": opt.state_dict(), "generator": gen.get_state(), "rng": _get_rng(device),
                           "history": list(history), "step": step, "best_test": best_test,

@@ -45,3 +45,45 @@ def one_line_error(result, *fragments):
     assert "Traceback" not in text and len(text.splitlines()) == 1, text
     for f in fragments:
         assert f in text, text
+
+
+SEARCHED = """
+name = "c"
+dataset = "digits"
+[recipe]
+epochs = 3
+[search]
+samples = 5
+[search.space.geometry]
+type = "loguniform"
+low = 1.0
+high = 1000.0
+[search.space.momentum]
+type = "uniform"
+low = 0.0
+high = 0.99
+[asha]
+grace_period = 1
+reduction_factor = 2
+rank = "pareto"   # the two-objective stopping rule, for real in Ray
+"""
+
+
+@pytest.fixture(scope="session")
+def searched_run(tmp_path_factory, ray_session, digits_teacher):
+    """One finished search through the CLI (`kdbench tune`), shared: (folder, CliRunner result). Tests that
+    write into a results folder work on a copy of it."""
+    from typer.testing import CliRunner
+
+    from kdbench.cli import app
+
+    root = tmp_path_factory.mktemp("searched")
+    (root / "c.toml").write_text(SEARCHED)
+    result = CliRunner().invoke(app, ["tune", str(root / "c.toml"), "--out", str(root / "out")])
+    assert result.exit_code == 0, result.output
+    return root / "out", result
+
+
+@pytest.fixture
+def searched(searched_run):
+    return searched_run[0]

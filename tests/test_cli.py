@@ -58,30 +58,8 @@ def _brute_front(points):
     return np.array(keep)
 
 
-def test_tune_then_compare_json_front_is_the_non_dominated_full_rows(tmp_path, ray_session, digits_teacher):
-    study = tmp_path / "tiny.toml"
-    study.write_text("""
-name = "tiny"
-dataset = "digits"
-[recipe]
-epochs = 3
-[search]
-samples = 5
-[search.space.geometry]
-type = "loguniform"
-low = 1.0
-high = 1000.0
-[search.space.momentum]
-type = "uniform"
-low = 0.0
-high = 0.99
-[asha]
-grace_period = 2
-rank = "pareto"   # the two-objective stopping rule, for real in Ray
-""")
-    out = tmp_path / "res"
-    r = runner.invoke(app, ["tune", str(study), "--out", str(out)])
-    assert r.exit_code == 0, r.output
+def test_tune_then_compare_json_front_is_the_non_dominated_full_rows(tmp_path, searched_run):
+    out, r = searched_run  # `kdbench tune` of conftest.SEARCHED (samples 5, two parameters, pareto ASHA)
     assert "Pareto front" in r.output and "Leaderboard" in r.output
     for name in ("trials.csv", "epochs.csv", "optuna.db", "front.csv", "pareto.png", "leaderboard.md"):
         assert (out / name).is_file(), name

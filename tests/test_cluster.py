@@ -1,11 +1,40 @@
-"""A real two-node Ray cluster on 127.0.0.1: `kdbench tune --address` spreads the trials over both."""
+"""A real two-node Ray cluster on 127.0.0.1: `kdbench tune --address` spreads the trials over both nodes,
+and a search whose driver is killed (kill -9) mid-trial resumes there from its checkpoints."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
+import optuna
 import pandas as pd
 import pytest
+import torch
+
+from kdbench import checkpoints
+from kdbench.study import load_study
+from kdbench.trial import resolve_trial, row_config
+from kdbench.train import TrainConfig, distill
+
+METRICS = ("val_top1", "test_top1", "val_geom_corr", "test_geom_corr", "test_cka", "test_knn_top1", "last_test_top1")
+
+STUDY = """
+name = "k"
+dataset = "digits"
+method = "geometry"
+[recipe]
+epochs = 6
+[search]
+samples = 4
+concurrency = 2
+[search.space.geometry]
+type = "loguniform"
+low = 1.0
+high = 1000.0
+[asha]
+enabled = false
+"""
 
 
 @pytest.fixture
@@ -21,27 +50,77 @@ def two_nodes():
     cluster.shutdown()
 
 
-def test_tune_on_a_two_node_cluster_runs_trials_on_both_nodes(tmp_path, two_nodes, digits_teacher):
-    study = tmp_path / "two.toml"
-    study.write_text("""
-name = "two"
-dataset = "digits"
-[recipe]
-epochs = 1
-[grid]
-methods = ["baseline", "kd"]
-seeds = [0, 1]
-concurrency = 2
-""")
-    out = tmp_path / "out"
+def _tune(study, out, address, *more):
     # Ray maps 127.0.0.1 to the machine's other address unless told this is a loopback-only cluster:
     # the setting lives in the test's environment, never in kdbench.
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    r = subprocess.run([sys.executable, "-m", "kdbench.cli", "tune", str(study), "--out", str(out),
-                        "--address", two_nodes.address], capture_output=True, text=True, env=env, timeout=240)
+    return [sys.executable, "-m", "kdbench.cli", "tune", str(study), "--out", str(out), "--address", address,
+            *more], env
+
+
+def _kill_mid_trial(cmd, env, out):
+    """Start `kdbench tune`; SIGKILL it once one trial has finished and another is past its second checkpoint."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline, found = time.time() + 120, {}
+    try:
+        while time.time() < deadline:
+            found = checkpoints.find(str(out / "ray"))
+            rows = pd.read_csv(out / "trials.csv") if (out / "trials.csv").exists() else pd.DataFrame()
+            done = set(zip(rows["config_id"], rows["seed"])) if len(rows) else set()
+            if len(rows) >= 1 and any(c["epoch"] >= 2 for k, c in found.items() if k not in done):  # not a stale one
+                break
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return found
+
+
+def test_kill_9_mid_trial_on_a_two_node_cluster_then_resume_there(tmp_path, two_nodes, digits, digits_teacher):
+    """Trials run on both nodes; kill -9 of `kdbench tune` mid-trial, then --resume on the same cluster: finished
+    trials are kept as they were, interrupted ones continue from their checkpoints and end bit for bit as an
+    uninterrupted run, and Optuna asks for their parameters again first."""
+    p = tmp_path / "k.toml"
+    p.write_text(STUDY)
+    out = tmp_path / "out"
+    cmd, env = _tune(p, out, two_nodes.address)
+    found = _kill_mid_trial(cmd, env, out)
+    before = pd.read_csv(out / "trials.csv")
+    assert 1 <= len(before) < 4
+
+    cmd, env = _tune(p, out, two_nodes.address, "--resume")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
-    trials = pd.read_csv(out / "trials.csv")
-    assert len(trials) == 4 and (trials["status"] == "completed").all()
-    # Each node has one CPU and two trials run at once: both nodes must have run trials, and the rows say which.
-    assert trials["node"].nunique() == 2 and trials["node"].str.len().eq(12).all()
-    assert not (out / "ray").exists()  # checkpoints went with the finished trials
+    after = pd.read_csv(out / "trials.csv")
+    assert len(after) == 4 and after["trial_id"].is_unique and (after["status"] == "completed").all()
+    pd.testing.assert_frame_equal(after.head(len(before))[before.columns], before)  # finished trials kept as they were
+    assert not after.duplicated(["config_id", "seed"]).any()
+    # Each node has one CPU and two trials run at once: both nodes ran trials, and the rows say which.
+    assert after["node"].nunique() == 2 and after["node"].str.len().eq(12).all()
+
+    study = load_study(p)
+    ot = optuna.load_study(study_name="k", storage=f"sqlite:///{out / 'optuna.db'}")
+    assert not [t for t in ot.trials if t.state.name == "RUNNING"]  # those the kill interrupted are marked failed
+    interrupted = [t for t in ot.trials if t.state.name == "FAIL"]
+    kept = set(before["geometry"])  # a kill between our row and Optuna's record: that trial is not run twice
+    assert interrupted and all(any(u.params == t.params and u.number > t.number for u in ot.trials)
+                               or t.params.get("geometry") in kept or not t.params  # (killed before it had any)
+                               for t in interrupted)  # ... and their parameters asked for again first
+    # A trial that continued from its checkpoint ends exactly as the uninterrupted run (1 thread, as in Ray),
+    # from its latest checkpoint (a worker of the killed run may persist one more epoch before Ray stops it).
+    # (Rarely no trial continues: see the note of issue 12; the worker-death test in test_search and
+    # test_train's resume test check the continuation itself deterministically.)
+    history = pd.read_csv(out / "epochs.csv")
+    for row in after[after["resumed_from"] > 0].to_dict("records"):
+        ck = found.get((row["config_id"], int(row["seed"])))
+        assert ck is None or row["resumed_from"] >= ck["epoch"]
+        method, recipe, seed = resolve_trial(study, row_config(row))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            ref = distill(TrainConfig(study.student, method, recipe, seed), digits, digits_teacher)
+        finally:
+            torch.set_num_threads(threads)
+        assert {k: row[k] for k in METRICS} == {k: ref[k] for k in METRICS}
+        assert history[history["trial_id"] == row["trial_id"]]["epoch"].tolist() == [1, 2, 3, 4, 5, 6]  # whole
+    assert not (out / "ray").exists()  # every trial finished: no checkpoint left

@@ -15,36 +15,10 @@ from typer.testing import CliRunner
 from kdbench.cli import app
 from conftest import one_line_error
 from kdbench.results import read_folder
-from kdbench.search import run_confirm, run_study
-from kdbench.study import Confirm, load_study
+from kdbench.search import run_confirm
+from kdbench.study import Confirm
 
 runner = CliRunner()
-
-STUDY = """
-name = "c"
-dataset = "digits"
-[recipe]
-epochs = 3
-[search]
-samples = 4
-[search.space.geometry]
-type = "loguniform"
-low = 1.0
-high = 1000.0
-[asha]
-grace_period = 1
-reduction_factor = 2
-"""
-
-
-@pytest.fixture(scope="module")
-def searched(tmp_path_factory, ray_session, digits_teacher):
-    """A finished search; each test works on its own copy."""
-    root = tmp_path_factory.mktemp("searched")
-    (root / "c.toml").write_text(STUDY)
-    run_study(load_study(root / "c.toml"), root / "out")
-    return root / "out"
-
 
 def _copy(searched, tmp_path):
     out = tmp_path / "out"
@@ -58,7 +32,7 @@ _one_line_error = one_line_error
 def test_confirm_adds_seeds_times_candidates_then_nothing(searched, tmp_path):
     out = _copy(searched, tmp_path)
     search = pd.read_csv(out / "trials.csv")
-    r = runner.invoke(app, ["confirm", str(out), "--seeds", "2", "--top", "2"])
+    r = runner.invoke(app, ["confirm", str(out), "--seeds", "2", "--top", "1", "--with", "baseline"])
     assert r.exit_code == 0, r.output
     meta = json.loads((out / "study.json").read_text())
     cands = meta["confirm"]["candidates"]
@@ -66,16 +40,16 @@ def test_confirm_adds_seeds_times_candidates_then_nothing(searched, tmp_path):
     confirm = after[after["stage"] == "confirm"]
     assert len(confirm) == 2 * len(cands) and len(after) == len(search) + 2 * len(cands)
     assert set(confirm["seed"]) == {1, 2}  # never the search's seed 0
-    assert {c["method"] for c in cands if c["from"] == "preset"} <= {"baseline", "kd"}
+    assert {c["method"] for c in cands if c["from"] == "preset"} <= {"baseline"}
     assert sorted(set(confirm["config_id"])) == sorted(c["config_id"] for c in cands)
     # A confirmed search configuration is the same configuration as its search trial.
     searched_ids = set(search["config_id"])
-    assert 1 <= sum(c["config_id"] in searched_ids for c in cands) <= 2
+    assert sum(c["config_id"] in searched_ids for c in cands) == 1
     assert (confirm["status"] == "completed").all() and (confirm["epochs"] == 3).all()  # no early stopping
     pd.testing.assert_frame_equal(after.head(len(search))[search.columns], search)  # the search is kept as it was
 
     before = (out / "trials.csv").read_bytes()
-    again = runner.invoke(app, ["confirm", str(out), "--seeds", "2", "--top", "2"])
+    again = runner.invoke(app, ["confirm", str(out), "--seeds", "2", "--top", "1", "--with", "baseline"])
     assert again.exit_code == 0 and "0 runs added" in again.output, again.output
     assert (out / "trials.csv").read_bytes() == before  # idempotent
 
@@ -184,7 +158,7 @@ def test_train_names_the_same_configuration_as_tune_and_measures_geometry_for_ba
     row = pd.read_csv(searched / "trials.csv").iloc[0]
     out = tmp_path / "one"
     r = runner.invoke(app, ["train", "--method", "geometry", "--epochs", "3", "--set", f"geometry={float(row['geometry'])!r}",
-                            "--seed", "5", "--out", str(out)])
+                            "--set", f"momentum={float(row['momentum'])!r}", "--seed", "5", "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert json.loads((out / "result.json").read_text())["config_id"] == row["config_id"]
     base = tmp_path / "base"

@@ -28,8 +28,18 @@ for _k, _v in {"RAY_AIR_NEW_OUTPUT": "0", "RAY_USAGE_STATS_ENABLED": "0", "TUNE_
     os.environ.setdefault(_k, _v)
 
 
-from .run import init_ray, run_confirm, run_study  # noqa: E402
-from .writer import SearchState  # noqa: E402
-
-_init_ray = init_ray  # the tests' and benchmarks' name
 __all__ = ["run_study", "run_confirm", "init_ray", "SearchState"]
+
+
+def __getattr__(name: str):
+    """The driver's side, imported on first use: a Ray worker imports ``trials`` only (not the
+    report's pandas/scipy), so that each trial's process starts sooner."""
+    if name in ("run_study", "run_confirm", "init_ray", "_init_ray"):  # _init_ray: the tests' and benchmarks' name
+        from . import run
+
+        return getattr(run, name.lstrip("_"))
+    if name == "SearchState":
+        from .writer import SearchState
+
+        return SearchState
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,6 +6,7 @@ import os
 import pickle
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 import optuna
@@ -64,7 +65,8 @@ def _sampler(study: Study, earlier: int = 0):
 def _trainable(config: dict, study: Study, teacher: dict, data, threads: int, resume_from: dict):
     """One trial, in a Ray worker on any machine of the cluster: the data set and the teacher come
     through Ray's object store (put there once by the driver); distill; report every epoch, with a
-    checkpoint every ``study.checkpoint_every`` epochs."""
+    checkpoint every ``study.checkpoint_every`` epochs, and at the first epoch's end once
+    ``study.checkpoint_minutes`` have passed since the last one."""
     torch.set_num_threads(max(1, threads))
     method, recipe, seed = resolve_trial(study, config.get("trial", config))  # grids nest their point
     cid = trial_config_id(study, method, recipe)
@@ -86,14 +88,19 @@ def _trainable(config: dict, study: Study, teacher: dict, data, threads: int, re
     # Where and how it ran: what `kdbench rerun` needs to reproduce it, and proof of a cluster's spread.
     where = {"node": ray.get_runtime_context().get_node_id()[:12], "host": socket.gethostname(),
              "threads": torch.get_num_threads(), "device": str(device), "resumed_from": state["epoch"] if state else 0}
-    last_epoch = 0
+    last_epoch, last_saved = 0, time.monotonic()
+
+    def due(epoch: int) -> bool:
+        every, minutes = study.checkpoint_every, study.checkpoint_minutes
+        return bool(every and epoch % every == 0) or bool(minutes and time.monotonic() - last_saved >= 60 * minutes)
 
     def report(row: dict):
-        nonlocal last_epoch
+        nonlocal last_epoch, last_saved
         last_epoch = row["epoch"]
         snapshot = row.pop("state", None)
         if snapshot is None:
             return tune.report({**row, **where})
+        last_saved = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="kdbench-ckpt-") as d:
             checkpoints.save(Path(d), snapshot, {"config_id": cid, "seed": seed, "epoch": row["epoch"],
                                                  "pid": os.getpid(), "history": snapshot["history"]})
@@ -101,8 +108,7 @@ def _trainable(config: dict, study: Study, teacher: dict, data, threads: int, re
 
     try:
         distill(TrainConfig(study.student, method, recipe, seed, eval_val=study.eval_val, eval_test=study.eval_test),
-                data, teacher, report, resume=state,
-                state_every=study.checkpoint_every)
+                data, teacher, report, resume=state, state_when=due)
     except Exception as e:  # NaN loss, OOM, a bug: the trial is failed, with its reason; the search goes on
         tune.report({"epoch": last_epoch, "failure": f"{type(e).__name__}: {e}", **where})
 

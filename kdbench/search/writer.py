@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from .. import checkpoints, results
 from ..study import Study
 from ..trial import resolve_trial, trial_config_id
 from ..train import trial_values
+
 
 @dataclass
 class SearchState:
@@ -42,6 +44,20 @@ def _trial_row(study: Study, trial, status: str, seconds: float) -> dict:
     row["seconds"] = seconds
     row["failure"] = r.get("failure", "")
     return row
+
+
+def _reason(trial) -> str:
+    """Why Ray gave a trial up: the last error's type and first line (e.g. its worker process died)."""
+    try:
+        error = trial.get_pickled_error()  # the exception itself, where Ray could pickle it
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError):
+        error = None
+    if error is None:
+        text = trial.get_error() or ""  # "Failure # N (occurred at T)\n<the error>", once per failure
+        lines = [line.strip() for line in text.rsplit("Failure # ", 1)[-1].splitlines()[1:] if line.strip()]
+        return lines[0][:200] if lines else "the trial raised an error"
+    detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+    return f"{type(error).__name__}: {detail}" if detail else type(error).__name__
 
 
 class ResultsWriter(tune.Callback):
@@ -87,9 +103,7 @@ class ResultsWriter(tune.Callback):
             status = "completed" if r.get("epoch", 0) >= self.study.max_epochs else "stopped"
         row = _trial_row(self.study, trial, status, time.time() - self.starts.get(trial.trial_id, time.time()))
         if status == "failed" and not row["failure"]:
-            error = trial.get_error()
-            row["failure"] = (f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if error else
-                              "the trial raised an error") + f" (after {self.study.max_failures} retries)"
+            row["failure"] = f"{_reason(trial)} (after {self.study.max_failures} retries)"
         self.rows.append(row)
         # History first, so a trials row never lacks it; only finished trials (an interrupted one reruns).
         # A retried trial reports again the epochs after its checkpoint: the last report of an epoch wins.
