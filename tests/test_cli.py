@@ -66,6 +66,13 @@ def test_tune_then_compare_json_front_is_the_non_dominated_full_rows(tmp_path, s
     assert not any(p.name.startswith(".") for p in out.iterdir())  # no temporary files left behind
     meta = json.loads((out / "study.json").read_text())
     assert meta["ended"] and meta["environment"]["versions"]["ray"] and meta["study"]["samples"] == 5
+    # Where the command's time went (the speed benchmark's breakdown): phases that add up within its span.
+    t = meta["timings"]
+    fit = t["search"]
+    assert min(t["teacher"], t["ray_start"], t["ray_stop"], t["report"], *fit.values()) >= 0
+    assert fit["to_first_trial"] + fit["tail"] + fit["after_last_trial"] <= fit["seconds"]
+    assert t["teacher"] + t["ray_start"] + fit["seconds"] + t["ray_stop"] + t["report"] <= \
+        t["command_ended"] - t["command_started"]
 
     r = runner.invoke(app, ["compare", str(out), "--format", "json"])
     assert r.exit_code == 0, r.output

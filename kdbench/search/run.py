@@ -20,6 +20,7 @@ from ..confirm import plan_confirm
 from ..data import load_data
 from ..study import Confirm, Study, StudyError, study_from_dict
 from ..train import get_teacher, resolve_device
+from ..trial import resolve_trial
 from .moasha import ParetoASHA
 from .trials import ResumableASHA, _make_searcher, _trainable, _trial_configs_grid
 from .writer import ResultsWriter, SearchState, _read_done
@@ -65,6 +66,7 @@ class _Folder:
     gpus_per_trial: float | None
     verbose: bool
     on_update: Callable
+    timings: dict = dataclasses.field(default_factory=dict)  # where the wall time went (see _fit)
 
     def curves(self, metrics: list[str]) -> dict:
         """Validation curves ({epoch: (value per metric)}) of the trials earlier runs recorded (finished
@@ -118,17 +120,21 @@ def run_study(study: Study, out: Path, *, resume: bool = False, address: str | N
     elif out.exists() and any(out.iterdir()):
         raise StudyError(f"--out {out}: folder exists and is not empty; pass --resume to continue it, or another --out")
     root, recorded = _storage(study, out, storage or previous.get("storage"))
+    timings, t0 = {}, time.time()
     device, data, teacher, hit = _load(study, data_root, download, on_teacher, on_teacher_ready)
     rows, epochs = _read_done(out) if resume else ([], [])
     remaining = study.trial_count() - sum(r.get("stage") != "confirm" for r in rows)
+    timings["teacher"], t0 = time.time() - t0, time.time()
     # Ray before the folder: a cluster that cannot be reached leaves nothing half-written behind.
     started_ray = init_ray(address, verbose) if remaining > 0 or study.confirm else False
+    timings["ray_start"] = time.time() - t0
     try:
         out.mkdir(parents=True, exist_ok=True)
         with results.FolderLock(out, "tune"):
             f = _Folder(study, out, teacher.blob(), data, rows, epochs, root, _unfinished(root, rows) if resume else {},
-                        gpus_per_trial, verbose, on_update)
+                        gpus_per_trial, verbose, on_update, timings)
             summary = _run(f, resume, teacher, hit, device, recorded)
+            summary["timings"] = timings
             complete = summary["trials"] >= study.trial_count()
             if study.confirm is not None and complete:
                 summary["confirm"] = _confirm(f, study.confirm)
@@ -136,8 +142,10 @@ def run_study(study: Study, out: Path, *, resume: bool = False, address: str | N
                 checkpoints.remove(root)
         return summary
     finally:
+        t0 = time.time()
         if started_ray:
             ray.shutdown()
+        timings["ray_stop"] = time.time() - t0
 
 
 def _storage(study: Study, out: Path, storage: str | None) -> tuple[str, str | None]:
@@ -183,7 +191,7 @@ def _run(f: _Folder, resume: bool, teacher, hit, device, storage: str | None) ->
     remaining = study.trial_count() - sum(r.get("stage") != "confirm" for r in rows)
     if remaining > 0:
         todo = [c for c in _trial_configs_grid(study) if c["point"] not in _done_points(rows)] if study.is_grid else None
-        _fit(f, state, remaining, todo)
+        _fit(f, state, remaining, todo, stage="search")
     meta["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     results.write_json(out / "study.json", meta)
     return {"out": str(out), "trials": sum(r.get("stage") != "confirm" for r in rows), "counts": dict(state.counts),
@@ -255,6 +263,9 @@ def _confirm(f: _Folder, confirm: Confirm) -> dict:
     plan, picked = plan_confirm(f.study, results.read_folder(out).trials, confirm, str(out))
     done = {(str(r["config_id"]), int(r["seed"])) for r in f.rows if r.get("stage") == "confirm"}
     todo = [p for p in plan if (p["config_id"], p["seed"]) not in done]
+    # Longest first: runs with a teacher forward (about twice a baseline's cost) before those without, so
+    # that the run left alone at the end, with a core idle beside it, is a short one.
+    todo.sort(key=lambda p: not resolve_trial(f.study, p)[0].needs_teacher_forward)
     meta = results.read_study(out)
     meta["confirm"] = {"seeds": sorted({p["seed"] for p in plan}), "top": confirm.top, "with": list(confirm.with_),
                        "candidates": [{k: v for k, v in p.items() if k != "values"} for p in picked],
@@ -264,15 +275,22 @@ def _confirm(f: _Folder, confirm: Confirm) -> dict:
     state = SearchState(total=len(plan))
     state.counts["completed"] = len(done & {(p["config_id"], p["seed"]) for p in plan})
     if todo:
-        _fit(f, state, len(todo), todo, asha=False)
+        _fit(f, state, len(todo), todo, asha=False, stage="confirm")
     meta["confirm"]["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     results.write_json(out / "study.json", meta)
     return {"out": str(out), "added": len(todo), "planned": len(plan), "candidates": picked,
             "seconds": time.time() - started}
 
 
-def _fit(f: _Folder, state: SearchState, remaining: int, todo: list | None, asha: bool | None = None):
-    """One Tuner.fit: ``todo`` (a grid or a confirmation: fixed trials) or ``remaining`` trials of the searcher."""
+def _fit(f: _Folder, state: SearchState, remaining: int, todo: list | None, asha: bool | None = None,
+         stage: str = "search"):
+    """One Tuner.fit: ``todo`` (a grid or a confirmation: fixed trials) or ``remaining`` trials of the searcher.
+
+    Records in ``f.timings[stage]`` where its wall time went: ``seconds`` in all, ``to_first_trial`` (Tune's
+    set-up and the first worker's start), ``tail`` (the last trial running alone after the one before it
+    ended) and ``after_last_trial`` (from the last trial's end to fit's return).
+    """
+    started = time.time()
     study = f.study
     if not f.verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -314,3 +332,7 @@ def _fit(f: _Folder, state: SearchState, remaining: int, todo: list | None, asha
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=study.max_failures)))
     tuner.fit()
+    ended, ends = time.time(), sorted(state.ends)
+    f.timings[stage] = {"seconds": ended - started, "to_first_trial": (state.first_start or ended) - started,
+                        "tail": ends[-1] - ends[-2] if len(ends) > 1 else 0.0,
+                        "after_last_trial": ended - ends[-1] if ends else 0.0}

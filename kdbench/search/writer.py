@@ -25,6 +25,8 @@ class SearchState:
     counts: dict = field(default_factory=lambda: {"completed": 0, "stopped": 0, "failed": 0})
     best: dict = field(default_factory=dict)  # objective -> (value, trial_id)
     last: str = ""
+    first_start: float | None = None  # when this fit's first trial started (time.time())
+    ends: list = field(default_factory=list)  # when each of its trials ended
 
 
 def _trial_row(study: Study, trial, status: str, seconds: float) -> dict:
@@ -77,6 +79,7 @@ class ResultsWriter(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.starts.setdefault(trial.trial_id, time.time())
+        self.state.first_start = self.state.first_start or time.time()
         self.running.add(trial.trial_id)
         self.state.running = len(self.running)
         self._update()
@@ -97,6 +100,7 @@ class ResultsWriter(tune.Callback):
 
     def _finish(self, trial, status: str):
         r, state = trial.last_result or {}, self.state
+        state.ends.append(time.time())
         if status != "failed" and r.get("failure"):
             status = "failed"
         elif status != "failed":
