@@ -122,7 +122,7 @@ def _step_fn(student, teacher, opt, memory, t_centroids, x, y, temperature=4.0, 
     return step
 
 
-def geometry_overhead(device: str, repeats: int, steps: int = 2) -> dict:
+def geometry_overhead(device: str, repeats: int, steps: int = 1) -> dict:
     """Many short interleaved repeats (5 per requested repeat): the noise of a shared machine averages out
     in the median instead of landing on one side of a long timing."""
     repeats *= 5

@@ -13,7 +13,7 @@ from rich.live import Live
 from rich.table import Table
 
 from .console import (Device, EvalWhen, LiveView, check_resources, device_or_error, epoch_progress, err, errors, out,
-                      summary_table, teacher_with_progress, threads_now)
+                      preload_report, summary_table, teacher_with_progress, threads_now)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Benchmark knowledge-distillation methods on accuracy and feature-space geometry.")
@@ -195,7 +195,7 @@ def tune(
     from .search import run_study
 
     view = LiveView(s.name)
-    teacher_progress = {}
+    teacher_progress, preloading = {}, []
 
     def on_teacher(row):
         if "bar" not in teacher_progress:
@@ -217,6 +217,8 @@ def tune(
     def on_update(state):
         view.state = state
         live.refresh()
+        if not preloading and state.running < s.concurrency and sum(state.counts.values()) + state.running >= state.total:
+            preloading.append(preload_report())  # the last trials run, a core idles: load the summary's libraries
 
     def teacher_ready(meta, hit):  # the live view starts once data and teacher are in place
         on_teacher_ready(meta, hit)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+import threading
 import time
 from enum import Enum
 
@@ -159,3 +160,19 @@ def check_resources(concurrency, cpus_per_trial, gpus_per_trial):
         raise StudyError(f"--cpus-per-trial {cpus_per_trial}: allowed: > 0")
     if gpus_per_trial is not None and not 0 <= gpus_per_trial <= 8:
         raise StudyError(f"--gpus-per-trial {gpus_per_trial}: allowed: 0..8")
+
+
+def preload_report() -> threading.Thread:
+    """Import the final summary's libraries (scipy, matplotlib, Optuna's fANOVA) in a background thread:
+    started while a search's last trials leave a core idle, the summary then begins at once."""
+
+    def load():
+        import optuna.importance  # noqa: F401
+
+        from . import plots, report  # noqa: F401
+
+        plots._pyplot()
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    return thread

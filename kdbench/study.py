@@ -179,7 +179,8 @@ class Study:
     checkpoint_every: int = 1  # epochs between a trial's checkpoints (0: none)
     checkpoint_minutes: float = 0.0  # also one at the first epoch's end this many minutes after the last (0: off)
     max_failures: int = 1  # retries of a trial whose worker died, each from its last checkpoint
-    asha_rank: str = "top1"  # rungs rank by val top-1 ("top1") or by non-dominated sorting on the objectives ("pareto")
+    asha_rank: str = "top1"  # rungs rank by val top-1 ("top1") or by non-dominated sorting on the objectives
+    # ("pareto", the default of searches, whose two objectives it keeps: see kdbench.search.moasha)
 
     @property
     def is_grid(self) -> bool:
@@ -371,7 +372,7 @@ def load_study(path: str | Path) -> Study:
 
     a = r.sub("asha")
     a.only({"enabled", "grace_period", "reduction_factor", "rank"})
-    asha_rank = a.get("rank", "top1", str, ("top1", "pareto"))
+    asha_rank = a.get("rank", "pareto" if has_search else "top1", str, ("top1", "pareto"))  # searches: 2 objectives
     asha = a.get("enabled", has_search, bool)
     grace = a.get("grace_period", max(1, recipe.epochs // 4), int, lo=1)
     rf = a.get("reduction_factor", 3, int, lo=2)

@@ -65,7 +65,7 @@ high = 0.99
 [asha]
 grace_period = 1
 reduction_factor = 2
-rank = "pareto"   # the two-objective stopping rule, for real in Ray
+rank = "pareto"   # the two-objective stopping rule (a search's default), for real in Ray
 """
 
 

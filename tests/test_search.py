@@ -32,6 +32,7 @@ high = 0.3
 [asha]
 grace_period = 1
 reduction_factor = 2
+rank = "top1"   # plain ASHA on val top-1 in Ray (the searched fixture of conftest runs the default, pareto)
 """
 
 

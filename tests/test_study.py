@@ -53,6 +53,8 @@ temperature = [2, 4, 8]
     s = load_study(p)
     assert s.is_grid and s.trial_count() == 2 * 2 * 3
     assert ("kd", 1, (("temperature", 8.0),)) in s.grid
+    assert s.asha_rank == "top1"  # a grid's objectives are nominal; a search's ASHA ranks on both of them
+    assert load_study(_write(tmp_path, BASE)).asha_rank == "pareto"
 
 
 def test_find_study_by_name_and_path(tmp_path):
