@@ -50,7 +50,6 @@ def train(
     """
     from . import results
     from .data import load_data
-    from .models import MODELS
     from .study import StudyError, apply_overrides, parse_sets
     from .train import DATASET_DEFAULTS, METHODS, TrainConfig, distill, trial_values
 
@@ -61,8 +60,7 @@ def train(
         raise StudyError(f"--method {method!r} is unknown; allowed: {', '.join(METHODS)}")
     defaults = DATASET_DEFAULTS[dataset]
     for flag, name in (("--student", student), ("--teacher", teacher)):
-        if name is not None and name not in MODELS:
-            raise StudyError(f"{flag} {name!r} is unknown; allowed: {', '.join(MODELS)}")
+        _check_model(flag, name)
     values = parse_sets(set_ or [])
     values |= {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
     m, recipe = apply_overrides(METHODS[method], defaults["recipe"], values, "--set")
@@ -115,14 +113,12 @@ def teacher(
 ):
     """Train a teacher (or find it in the cache, $KDBENCH_CACHE or ~/.cache/kdbench) and print it."""
     from .data import load_data
-    from .models import MODELS
     from .study import StudyError
     from .train import DATASET_DEFAULTS
 
     if dataset not in DATASET_DEFAULTS:
         raise StudyError(f"--dataset {dataset!r} is unknown; allowed: {', '.join(DATASET_DEFAULTS)}")
-    if arch is not None and arch not in MODELS:
-        raise StudyError(f"--arch {arch!r} is unknown; allowed: {', '.join(MODELS)}")
+    _check_model("--arch", arch)
     dev = device_or_error(device.value)
     data = load_data(dataset, data_root, 0, download, dev)
     t = teacher_with_progress(data, dataset, arch, epochs, seed, retrain, flag="--epochs")
@@ -150,6 +146,16 @@ def studies():
     for i, r in enumerate(rows):
         line = "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5]
         out.print(f"[bold]{line}[/bold]" if i == 0 else line, soft_wrap=True, highlight=False)
+
+
+def _check_model(flag: str, name: str | None):
+    from .models import check_model
+    from .study import StudyError
+
+    try:
+        name is None or check_model(name)
+    except ValueError as e:
+        raise StudyError(f"{flag} {e}") from None
 
 
 @app.command()

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-__all__ = ["MODELS", "build_model", "count_parameters"]
+__all__ = ["MODELS", "build_model", "check_model", "count_parameters"]
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:
@@ -105,11 +105,90 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def check_model(name: str) -> str:
+    """``name`` if kdbench can build it, else a ValueError that says what is allowed: a kdbench model,
+    ``tv:NAME`` (any torchvision classification model) or ``timm:NAME`` (any timm model; timm installed)."""
+    library, _, arch = name.partition(":")
+    if not arch:
+        if name not in MODELS:
+            raise ValueError(f"{name!r} is unknown; allowed: {', '.join(MODELS)}, tv:NAME (a torchvision "
+                             f"classification model), timm:NAME (a timm model)")
+        return name
+    if library == "tv":
+        import torchvision
+
+        known = torchvision.models.list_models(module=torchvision.models)  # classification models only
+        if arch not in known:
+            raise ValueError(f"{name!r}: torchvision has no classification model {arch!r}; allowed e.g. "
+                             f"{', '.join(k for k in known if k.startswith(arch[:3]))[:120] or ', '.join(known[:6])}")
+        return name
+    if library == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise ValueError(f"{name!r} needs timm, which is not installed; allowed once installed: "
+                             f"pip install \"kdbench[timm]\"") from None
+        if not timm.is_model(arch):
+            raise ValueError(f"{name!r}: timm has no model {arch!r}; allowed: a name from timm.list_models()")
+        return name
+    raise ValueError(f"{name!r}: unknown library {library!r}; allowed: tv:NAME, timm:NAME or {', '.join(MODELS)}")
+
+
 def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
-    """Construct ``MODELS[name]``; a ValueError names the allowed models."""
-    if name not in MODELS:
-        raise ValueError(f"model {name!r} is unknown; allowed: {', '.join(MODELS)}")
+    """Construct ``name`` (see :func:`check_model`) with the data set's classes and channels, untrained."""
+    library, _, arch = check_model(name).partition(":")
+    if library == "tv":
+        return _torchvision(arch, num_classes, in_channels)
+    if library == "timm":
+        return _timm(arch, num_classes, in_channels)
     return MODELS[name](num_classes, in_channels)
+
+
+def _adapt(model: nn.Module, head: nn.Linear, forward: Callable) -> nn.Module:
+    """Give a library model kdbench's ``forward(x) -> (features, logits)`` without renaming a parameter (the
+    library's own state_dicts load as they are): the instance's class becomes a subclass with that forward."""
+    object.__setattr__(model, "kd_head", head)  # not registered twice: it stays a module at its library path
+    model.feature_dim = head.in_features
+    base = type(model)
+    model.__class__ = type(base.__name__, (base,), {"forward": forward, "__module__": __name__})
+    return model
+
+
+def _torchvision(arch: str, num_classes: int, in_channels: int) -> nn.Module:
+    """A torchvision classifier. Its last ``nn.Linear`` is the head; the features are that layer's input in
+    the model's own forward pass (a hook keeps it), so ``logits == head(features)`` exactly."""
+    import torchvision
+
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    if in_channels != 3:  # the stem's first convolution takes the data set's channels
+        name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                          conv.dilation, conv.groups, conv.bias is not None))
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    head.register_forward_pre_hook(lambda module, args: module.__dict__.__setitem__("kd_input", args[0]))
+    library_forward = type(model).forward
+
+    def forward(self, x):
+        logits = library_forward(self, x)
+        return self.kd_head.__dict__.pop("kd_input"), logits
+
+    return _adapt(model, head, forward)
+
+
+def _timm(arch: str, num_classes: int, in_channels: int) -> nn.Module:
+    """A timm model: features from ``forward_features`` + ``forward_head(pre_logits=True)``, logits from its
+    classifier (``get_classifier()``) on them."""
+    import timm
+
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+
+    def forward(self, x):
+        feats = self.forward_head(self.forward_features(x), pre_logits=True)
+        return feats, self.kd_head(feats)
+
+    return _adapt(model, model.get_classifier(), forward)
 
 
 def count_parameters(model: nn.Module) -> int:

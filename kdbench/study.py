@@ -18,7 +18,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .data import DATASETS
-from .models import MODELS
+from .models import check_model
 from .train import DATASET_DEFAULTS, EVAL_WHEN, METHODS, SCHEDULES, Method, Recipe
 
 __all__ = ["Study", "Param", "Confirm", "StudyError", "load_study", "study_from_dict", "find_study",
@@ -65,12 +65,9 @@ def check_value(key: str, value, where: str):
     try:
         if isinstance(value, bool):
             raise ValueError
-        if kind == "int":
-            number = int(value) if not isinstance(value, float) or value.is_integer() else None
-            if number is None:
-                raise ValueError
-        else:
-            number = float(value)
+        if kind == "int" and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        number = int(value) if kind == "int" else float(value)
     except (TypeError, ValueError):
         raise StudyError(f"{where}: {key} = {value!r}; allowed: a number ({kind})") from None
     lo, hi, open_lo = _RULES.get(key, (0, None, False))  # term weights: >= 0
@@ -129,10 +126,9 @@ class Confirm:
 
 def check_confirm(seeds: int, top: int, with_: tuple[str, ...], methods: dict, where: str) -> Confirm:
     """Validate a confirmation's options (from ``[confirm]`` or the command line)."""
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise StudyError(f"{where}seeds {seeds!r}: allowed: an integer >= 1")
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise StudyError(f"{where}top {top!r}: allowed: an integer >= 1")
+    for key, v in (("seeds", seeds), ("top", top)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise StudyError(f"{where}{key} {v!r}: allowed: an integer >= 1")
     for m in with_:
         if m not in methods:
             raise StudyError(f"{where}with {m!r}: unknown preset; allowed: none or a comma-separated list of "
@@ -243,6 +239,13 @@ class _Reader:
                 raise StudyError(f"{self.where(key)}: unknown key; allowed: {', '.join(sorted(allowed))}")
 
 
+def _model(r: _Reader, key: str, default: str) -> str:
+    try:
+        return check_model(r.get(key, default, str))
+    except ValueError as e:
+        raise StudyError(f"{r.where(key)} = {e}") from None
+
+
 def _recipe(r: _Reader, base: Recipe) -> Recipe:
     r.only(_fields(Recipe))
     return apply_overrides(Method(), base, r.table, r.file + ": " + r.prefix.rstrip("."))[1]
@@ -274,16 +277,14 @@ def _space(r: _Reader, methods: dict) -> tuple[Param, ...]:
         p.only({"type", "low", "high", "choices", "when"})
         kind = p.get("type", "uniform", str, PARAM_TYPES)
         when = tuple(p.get("when", [], list))
-        for m in when:
-            if m not in methods:
-                p.fail("when", m, ", ".join(methods))
+        for m in (m for m in when if m not in methods):
+            p.fail("when", m, ", ".join(methods))
         if name == "method":
             if kind != "categorical":
                 p.fail("type", kind, "categorical (for method)")
             choices = tuple(p.get("choices", [], list))
-            for c in choices:
-                if c not in methods:
-                    p.fail("choices", c, ", ".join(methods))
+            for c in (c for c in choices if c not in methods):
+                p.fail("choices", c, ", ".join(methods))
             params.append(Param(name, kind, choices=choices, when=when))
             continue
         if name not in TUNABLE:
@@ -320,8 +321,7 @@ def load_study(path: str | Path) -> Study:
     r.only(_TOP_KEYS)
     dataset = r.get("dataset", "digits", str, tuple(DATASETS))
     d = DATASET_DEFAULTS[dataset]
-    teacher = r.get("teacher", d["teacher"], str, tuple(MODELS))
-    student = r.get("student", d["student"], str, tuple(MODELS))
+    teacher, student = (_model(r, key, d[key]) for key in ("teacher", "student"))
     recipe = _recipe(r.sub("recipe"), d["recipe"])
     teacher_recipe = _recipe(r.sub("teacher_recipe"), d["recipe"])
     methods = _methods(r.sub("methods"))

@@ -425,7 +425,7 @@ def get_teacher(data: Data, arch: str, recipe: Recipe, seed: int = 0, split_seed
     and metadata, and is read with ``weights_only=True``.
     """
     key = teacher_key(data.name, split_seed, arch, recipe, seed)
-    path = cache_dir() / f"{data.name}-{arch}-{key}.pt"
+    path = cache_dir() / f"{data.name}-{arch.replace(':', '_')}-{key}.pt"
     if use_cache and path.is_file():
         return load_teacher(path, data), True
     result = distill(TrainConfig(arch, METHODS["baseline"], recipe, seed, eval_val="every_epoch", eval_test="every_epoch"),
