@@ -198,9 +198,13 @@ class Folder:
         return self.study.get("name") or self.path.name
 
 
+# Identifiers stay text: a hex id such as trial_id "12345678" or a node "0123456789ab" is not a number.
+ID_COLUMNS = ("trial_id", "config_id", "node", "host")
+
+
 def _read_csv(path: Path) -> pd.DataFrame:
     try:
-        return pd.read_csv(path)
+        return pd.read_csv(path, dtype={c: str for c in ID_COLUMNS})
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:

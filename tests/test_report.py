@@ -86,3 +86,16 @@ def test_front_is_on_configuration_means_of_validation_with_baseline_reference()
 def test_empty_study_gives_an_empty_front():
     fr = report.front(report.trials_frame([_folder([])]))
     assert fr.rows.empty and fr.hypervolume == 0.0 and fr.knee is None
+
+
+def test_hex_ids_that_look_like_numbers_stay_text(tmp_path):
+    """A trial_id, config_id or node made of digits only (hex can be) is read back as the same text."""
+    import pandas as pd
+
+    from kdbench.results import _read_csv
+
+    pd.DataFrame({"trial_id": ["00123456"], "config_id": ["0123456789"], "node": ["000000000012"],
+                  "val_top1": [1.5]}).to_csv(tmp_path / "t.csv", index=False)
+    t = _read_csv(tmp_path / "t.csv")
+    assert t.loc[0, ["trial_id", "config_id", "node"]].tolist() == ["00123456", "0123456789", "000000000012"]
+    assert t["val_top1"].dtype.kind == "f"
