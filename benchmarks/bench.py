@@ -20,7 +20,8 @@ from kdbench import losses
 from kdbench.data import augment, load_data, normalize
 from kdbench.geometry import CentroidMemory
 from kdbench.models import build_model
-from kdbench.train import DATASET_DEFAULTS, METHODS, Recipe, TrainConfig, distill, get_teacher
+from kdbench.teacher import get_teacher
+from kdbench.train import DATASET_DEFAULTS, METHODS, Recipe, TrainConfig, distill
 
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)  # CIFAR-100
 
@@ -97,6 +98,41 @@ def data_path(device: str, repeats: int, n_images: int = 10_000, batches: int = 
         ratios.append(t_conv / t_kd)
         rates.append(batches * 64 / t_kd)
     return {"data_path_speedup": ratios, "data_path_images_per_second": rates}
+
+
+def folder_decode(repeats: int, classes: int = 20, per_class: int = 100, size: int = 64) -> dict:
+    """An image folder of ``classes * per_class`` JPEGs (80% train, 20% test): the first decode (a fresh cache,
+    the files already in the OS page cache) and the load from kdbench's cache, each repeat."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+
+    from kdbench.folder import read_folder
+
+    root = Path(tempfile.mkdtemp(prefix="kdbench-folder-bench-"))
+    rng = np.random.default_rng(0)
+    try:
+        for c in range(classes):
+            for i in range(per_class):
+                split = "train" if i < per_class * 4 // 5 else "test"
+                (root / "imgs" / split / f"c{c:02d}").mkdir(parents=True, exist_ok=True)
+                img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(img).save(root / "imgs" / split / f"c{c:02d}" / f"{i}.jpg", quality=90)
+        first, cached, rates = [], [], []
+        for r in range(repeats):
+            cache = root / f"cache{r}"
+            t0 = time.perf_counter()
+            read_folder(root / "imgs", cache=cache)
+            first.append(time.perf_counter() - t0)
+            rates.append(classes * per_class / first[-1])
+            t0 = time.perf_counter()
+            read_folder(root / "imgs", cache=cache)
+            cached.append(time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"folder_decode_seconds": first, "folder_images_per_second": rates, "folder_cache_load_seconds": cached}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,10 +18,26 @@ from .console import (Device, EvalWhen, LiveView, check_resources, device_or_err
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Benchmark knowledge-distillation methods on accuracy and feature-space geometry.")
 # Results go to stdout, progress, notes and errors to stderr. Piped output gets a wide page, not 80 columns.
+# Options that several commands share.
+DatasetName = Annotated[str, typer.Option("--dataset", help="digits | synthetic | cifar10 | cifar100 | folder:PATH "
+                                           "(an image folder: PATH/train/<class>/*, PATH/test/<class>/*)")]
+ImageSize = Annotated[Optional[int], typer.Option(help="image folders: resize (shorter side) and center-crop to this")]
+SkipBad = Annotated[bool, typer.Option(help="image folders: leave unreadable images out (counted) instead of stopping")]
+ValFraction = Annotated[Optional[float], typer.Option(help="share of train held out as val (default: the data set's)")]
+
+
+def _data(dataset: str, image_size, skip_bad_images: bool, val_fraction) -> tuple[str, dict]:
+    """The data set's canonical name and its checked options (the ones given)."""
+    from .data import canonical, check_data
+
+    given = {"image_size": image_size, "skip_bad_images": skip_bad_images or None, "val_fraction": val_fraction}
+    return canonical(dataset), check_data(dataset, {k: v for k, v in given.items() if v is not None})
+
+
 @app.command()
 @errors
 def train(
-    dataset: Annotated[str, typer.Option(help="digits | synthetic | cifar10 | cifar100")] = "digits",
+    dataset: DatasetName = "digits",
     method: Annotated[str, typer.Option(help="baseline | kd | feature | geometry | geometry_only | rkd | sp | cc | dkd")] = "geometry",
     student: Annotated[Optional[str], typer.Option(help="student model (default: the data set's)")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="teacher model (default: the data set's)")] = None,
@@ -32,6 +48,11 @@ def train(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE for any term weight or recipe field, "
                     "e.g. --set geometry=10 --set temperature=4 --set momentum=0.9 --set weight_decay=1e-4")] = None,
     teacher_epochs: Annotated[Optional[int], typer.Option(help="teacher epochs (default: the data set's recipe)")] = None,
+    teacher_checkpoint: Annotated[Optional[Path], typer.Option(help="the teacher's weights (a state_dict file): no "
+                                                               "teacher training")] = None,
+    image_size: ImageSize = None,
+    skip_bad_images: SkipBad = False,
+    val_fraction: ValFraction = None,
     data_root: Annotated[Path, typer.Option(help="folder holding cifar-100-python/ or cifar-10-batches-py/")] = Path("data"),
     download: Annotated[bool, typer.Option(help="download CIFAR into --data-root if missing")] = False,
     device: Annotated[Device, typer.Option(help="auto: CUDA when present")] = Device.auto,
@@ -51,14 +72,13 @@ def train(
     from . import results
     from .data import load_data
     from .study import StudyError, apply_overrides, parse_sets
-    from .train import DATASET_DEFAULTS, METHODS, TrainConfig, distill, trial_values
+    from .train import METHODS, TrainConfig, dataset_defaults, distill, trial_values
 
     # Validate everything before any work (and before anything is written).
-    if dataset not in DATASET_DEFAULTS:
-        raise StudyError(f"--dataset {dataset!r} is unknown; allowed: {', '.join(DATASET_DEFAULTS)}")
+    dataset, options = _data(dataset, image_size, skip_bad_images, val_fraction)
     if method not in METHODS:
         raise StudyError(f"--method {method!r} is unknown; allowed: {', '.join(METHODS)}")
-    defaults = DATASET_DEFAULTS[dataset]
+    defaults = dataset_defaults(dataset)
     for flag, name in (("--student", student), ("--teacher", teacher)):
         _check_model(flag, name)
     values = parse_sets(set_ or [])
@@ -74,9 +94,9 @@ def train(
         torch.set_num_threads(threads)
     dev = device_or_error(device.value)
 
-    data = load_data(dataset, data_root, 0, download, dev)
+    data = load_data(dataset, data_root, 0, download, dev, options)
     # Every method is measured against the teacher (geometry, CKA), baseline included, as in `tune`.
-    t = teacher_with_progress(data, dataset, teacher, teacher_epochs, 0)
+    t = teacher_with_progress(data, dataset, teacher, teacher_epochs, 0, checkpoint=teacher_checkpoint)
     cfg = TrainConfig(student or defaults["student"], m, recipe, seed, compile, eval_test=EvalWhen(eval_test).value)
     progress, report = epoch_progress(recipe.epochs, f"{cfg.student} · {m.name}")
     with progress:
@@ -88,11 +108,13 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
         results.write_csv(out_dir / "epochs.csv", history)
         tm = t.meta
-        context = {"dataset": dataset, "split_seed": tm["split_seed"], "teacher": tm["arch"], "teacher_recipe": tm["recipe"],
-                   "teacher_seed": tm["seed"], "student": cfg.student, "epochs": recipe.epochs}
+        context = results.run_context({
+            "dataset": dataset, "split_seed": tm["split_seed"], "teacher": tm["arch"], "teacher_recipe": tm["recipe"],
+            "teacher_seed": tm["seed"], "student": cfg.student, "recipe": {"epochs": recipe.epochs},
+            "data_options": options, "teacher_checkpoint": tm.get("checkpoint")})
         results.write_json(out_dir / "result.json", {
             "config_id": results.config_id(context, trial_values(m, recipe)),
-            "config": {"dataset": dataset, "student": cfg.student, "teacher": tm["arch"],
+            "config": {"dataset": dataset, "data_options": options, "student": cfg.student, "teacher": tm["arch"],
                        "method": dataclasses.asdict(m), "recipe": dataclasses.asdict(recipe), "seed": seed},
             "teacher": {k: v for k, v in tm.items() if k != "path"},
             "environment": results.environment(str(dev)) | {"threads": threads_now()}, "metrics": res})
@@ -102,26 +124,28 @@ def train(
 @app.command()
 @errors
 def teacher(
-    dataset: Annotated[str, typer.Option(help="digits | synthetic | cifar10 | cifar100")] = "digits",
+    dataset: DatasetName = "digits",
     arch: Annotated[Optional[str], typer.Option(help="teacher model (default: the data set's)")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="epochs (default: the data set's recipe)")] = None,
     seed: Annotated[int, typer.Option(help="training seed")] = 0,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="read the weights from this state_dict file (evaluated "
+                                                       "once and cached) instead of training")] = None,
+    image_size: ImageSize = None,
+    skip_bad_images: SkipBad = False,
+    val_fraction: ValFraction = None,
     data_root: Annotated[Path, typer.Option(help="folder holding the CIFAR archives")] = Path("data"),
     download: Annotated[bool, typer.Option(help="download CIFAR into --data-root if missing")] = False,
     device: Annotated[Device, typer.Option(help="auto: CUDA when present")] = Device.auto,
     retrain: Annotated[bool, typer.Option(help="train even if cached (and replace the cache entry)")] = False,
 ):
-    """Train a teacher (or find it in the cache, $KDBENCH_CACHE or ~/.cache/kdbench) and print it."""
+    """Train a teacher, or read it from --checkpoint (either is cached: $KDBENCH_CACHE or ~/.cache/kdbench), and print it."""
     from .data import load_data
-    from .study import StudyError
-    from .train import DATASET_DEFAULTS
 
-    if dataset not in DATASET_DEFAULTS:
-        raise StudyError(f"--dataset {dataset!r} is unknown; allowed: {', '.join(DATASET_DEFAULTS)}")
+    dataset, options = _data(dataset, image_size, skip_bad_images, val_fraction)
     _check_model("--arch", arch)
     dev = device_or_error(device.value)
-    data = load_data(dataset, data_root, 0, download, dev)
-    t = teacher_with_progress(data, dataset, arch, epochs, seed, retrain, flag="--epochs")
+    data = load_data(dataset, data_root, 0, download, dev, options)
+    t = teacher_with_progress(data, dataset, arch, epochs, seed, retrain, flag="--epochs", checkpoint=checkpoint)
     m = t.meta
     table = Table(title=f"teacher {m['arch']} on {dataset}")
     for c in ("val top-1 %", "test top-1 %", "best-epoch test top-1 %", "test kNN %", "params", "train s"):
@@ -173,6 +197,8 @@ def tune(
     cpus_per_trial: Annotated[Optional[float], typer.Option(help="CPUs per trial")] = None,
     storage: Annotated[Optional[str], typer.Option(help="where trials keep checkpoints: a shared folder or a URI "
                                                    "(s3://...); default: DIR/ray")] = None,
+    teacher_checkpoint: Annotated[Optional[Path], typer.Option(help="the teacher's weights (a state_dict file) "
+                                                               "instead of the study's teacher")] = None,
     verbose: Annotated[bool, typer.Option(help="show Ray's and Optuna's logs")] = False,
 ):
     """Search (or enumerate) a study's trials with Ray Tune + Optuna + ASHA; write a results folder."""
@@ -189,6 +215,8 @@ def tune(
         changes["samples"] = samples
     check_resources(concurrency, cpus_per_trial, gpus_per_trial)
     changes |= {k: v for k, v in (("concurrency", concurrency), ("cpus_per_trial", cpus_per_trial)) if v is not None}
+    if teacher_checkpoint is not None:
+        changes["teacher_checkpoint"] = str(teacher_checkpoint.expanduser().resolve())
     s = dataclasses.replace(s, **changes)
     if resume and out_dir is None:
         raise StudyError("--resume needs --out DIR (the folder of the run to continue)")

@@ -14,6 +14,7 @@ from enum import Enum
 
 import typer
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -37,7 +38,7 @@ def errors(fn):
         try:
             return fn(*args, **kwargs)
         except (StudyError, DataError, ResultsError) as e:
-            err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)  # '[timm]' is not markup
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/yellow]")
@@ -86,22 +87,27 @@ def epoch_progress(total: int, label: str):
 
 
 def teacher_with_progress(data, dataset: str, arch: str | None, epochs: int | None, seed: int, retrain: bool = False,
-             flag: str = "--teacher-epochs"):
+                          flag: str = "--teacher-epochs", checkpoint=None):
     from .study import check_value
-    from .train import DATASET_DEFAULTS, get_teacher
+    from .teacher import get_teacher
+    from .train import dataset_defaults
 
-    defaults = DATASET_DEFAULTS[dataset]
+    defaults = dataset_defaults(dataset)
     arch = arch or defaults["teacher"]
     recipe = defaults["recipe"]
     if epochs is not None:
         recipe = dataclasses.replace(recipe, epochs=check_value("epochs", epochs, flag))
-    progress, report = epoch_progress(recipe.epochs, f"teacher {arch}")
-    with progress:
-        teacher, hit = get_teacher(data, arch, recipe, seed, report=report, use_cache=not retrain)
-        if hit:
-            progress.update(progress.task_ids[0], visible=False)
+    if checkpoint:  # no training: read, evaluated once, cached
+        teacher, hit = get_teacher(data, arch, recipe, seed, use_cache=not retrain, checkpoint=checkpoint)
+    else:
+        progress, report = epoch_progress(recipe.epochs, f"teacher {arch}")
+        with progress:
+            teacher, hit = get_teacher(data, arch, recipe, seed, report=report, use_cache=not retrain)
+            if hit:
+                progress.update(progress.task_ids[0], visible=False)
     m = teacher.meta
-    err.print(f"teacher {arch} on {dataset}: {'loaded from cache' if hit else 'trained and cached'} "
+    made = f"read from {checkpoint}, evaluated and cached" if checkpoint else "trained and cached"
+    err.print(f"teacher {arch} on {dataset}: {'loaded from cache' if hit else made} "
               f"({m['path']}); test top-1 {m['test_top1']:.2f}%", highlight=False)
     return teacher
 

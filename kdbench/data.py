@@ -9,15 +9,20 @@ DataLoader workers in the hot loop.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
+import json
+import os
 import pickle
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["Data", "DATASETS", "DataError", "load_data", "augment", "normalize", "stratified_split"]
+__all__ = ["Data", "DATASETS", "DATA_OPTIONS", "DataError", "load_data", "check_data", "canonical", "cache_dir", "augment",
+           "normalize", "stratified_split"]
 
 
 class DataError(ValueError):
@@ -41,6 +46,8 @@ class Data:
     pad: int  # random-crop padding in pixels (0: no crop)
     flip: bool  # random horizontal flip
     class_names: tuple[str, ...] = ()
+    key: str = ""  # non-default options / an image folder's contents: part of the teacher's cache key
+    skipped: int = 0  # unreadable images left out (image folders with skip_bad_images)
 
     @property
     def in_channels(self) -> int:
@@ -133,20 +140,25 @@ def _stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(f.mean(axis=(0, 2, 3)).tolist()), tuple(f.std(axis=(0, 2, 3)).tolist())
 
 
-def _make(name, x_train, y_train, x_test, y_test, val_fraction, seed, num_classes, pad, flip, names=()):
-    """Carve a stratified val split out of train; standardise with train statistics."""
-    tr, va = stratified_split(y_train, (1 - val_fraction, val_fraction), seed)
-    mean, std = _stats(x_train[tr])
-    (trx, try_), (vax, vay), (tex, tey) = (_tensors(x_train[tr], y_train[tr]),
-                                           _tensors(x_train[va], y_train[va]), _tensors(x_test, y_test))
-    return Data(name, trx, try_, vax, vay, tex, tey, num_classes, mean, std, pad, flip, tuple(names))
+def _make(name, x_train, y_train, x_test, y_test, seed, num_classes, names, options: dict, val=None, **defaults):
+    """Carve a stratified val split out of train (unless ``val`` is given); standardise with train statistics.
+
+    ``defaults``: the data set's ``val_fraction``, ``pad`` and ``flip``, which ``options`` override."""
+    o = {**defaults, **{k: v for k, v in options.items() if k in defaults}}
+    if val is None:
+        tr, va = stratified_split(y_train, (1 - o["val_fraction"], o["val_fraction"]), seed)
+        x_train, y_train, val = x_train[tr], y_train[tr], (x_train[va], y_train[va])
+    mean, std = _stats(x_train)
+    (trx, try_), (vax, vay), (tex, tey) = (_tensors(x_train, y_train), _tensors(*val), _tensors(x_test, y_test))
+    key = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16] if options else ""
+    return Data(name, trx, try_, vax, vay, tex, tey, num_classes, mean, std, o["pad"], o["flip"], tuple(names), key)
 
 
 # ---------------------------------------------------------------------------------------------
 # The data sets
 
 
-def _digits(root: Path, seed: int, download: bool) -> Data:
+def _digits(root: Path, seed: int, download: bool, options: dict) -> Data:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes); no download."""
     from sklearn.datasets import load_digits
 
@@ -155,8 +167,8 @@ def _digits(root: Path, seed: int, download: bool) -> Data:
     y = d.target.astype(np.int64)
     rest, test = stratified_split(y, (0.8, 0.2), seed + 1)
     # A mirrored digit is another glyph: crop jitter of one pixel only, no flip.
-    return _make("digits", x[rest], y[rest], x[test], y[test], 0.125, seed, 10, pad=1, flip=False,
-                 names=[str(i) for i in range(10)])
+    return _make("digits", x[rest], y[rest], x[test], y[test], seed, 10, [str(i) for i in range(10)], options,
+                 val_fraction=0.125, pad=1, flip=False)
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -191,7 +203,7 @@ def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), np.asarray(d[label_key], dtype=np.int64)
 
 
-def _cifar(root: Path, seed: int, download: bool, fine: bool) -> Data:
+def _cifar(root: Path, seed: int, download: bool, options: dict, fine: bool) -> Data:
     """CIFAR-10/100 from the standard python-pickle archives under ``root``."""
     folder = root / ("cifar-100-python" if fine else "cifar-10-batches-py")
     name = "cifar100" if fine else "cifar10"
@@ -223,8 +235,8 @@ def _cifar(root: Path, seed: int, download: bool, fine: bool) -> Data:
     if y_train.min() < 0 or max(y_train.max(), y_test.max()) >= num_classes:
         raise DataError(f"{folder}: labels outside 0..{num_classes - 1}")
     names = _unpickle(meta).get(names_key, ()) if meta.is_file() else ()
-    return _make(name, x_train, y_train, x_test, y_test, 0.1, seed, num_classes, pad=4, flip=True,
-                 names=names)
+    return _make(name, x_train, y_train, x_test, y_test, seed, num_classes, names, options,
+                 val_fraction=0.1, pad=4, flip=True)
 
 
 def synthetic_images(n_per_class: int, seed: int, num_classes: int = 100, superclasses: int = 20):
@@ -252,33 +264,102 @@ def synthetic_images(n_per_class: int, seed: int, num_classes: int = 100, superc
     return x.numpy(), y.numpy(), coarse.numpy()
 
 
-def _synthetic(root: Path, seed: int, download: bool) -> Data:
+def _synthetic(root: Path, seed: int, download: bool, options: dict) -> Data:
     """100 classes in 20 superclasses, 60 images a class (42 train, 6 val, 12 test); images fixed, split from seed."""
     x, y, _ = synthetic_images(60, seed=1234)
     rest, test = stratified_split(y, (0.8, 0.2), seed + 1)
-    return _make("synthetic", x[rest], y[rest], x[test], y[test], 0.125, seed, 100, pad=4, flip=True,
-                 names=[f"class{i}" for i in range(100)])
+    return _make("synthetic", x[rest], y[rest], x[test], y[test], seed, 100, [f"class{i}" for i in range(100)],
+                 options, val_fraction=0.125, pad=4, flip=True)
+
+
+def _folder(path: str, seed: int, options: dict, device) -> Data:
+    """An image folder (see :mod:`kdbench.folder`); crop padding scales with the image (32 px -> 4)."""
+    from .folder import read_folder
+
+    if "val_fraction" in options and (Path(path).expanduser() / "val").is_dir():
+        raise DataError(f"folder:{path}: has a val/ folder; val_fraction applies only without one")
+    f = read_folder(path, options.get("image_size"), options.get("skip_bad_images", False), device, cache=cache_dir(),
+                    log=_news)
+    (x, y), (tx, ty) = (t.numpy() for t in f["splits"]["train"]), (t.numpy() for t in f["splits"]["test"])
+    val = tuple(t.numpy() for t in f["splits"]["val"]) if "val" in f["splits"] else None
+    d = _make(f"folder:{path}", x, y, tx, ty, seed, len(f["classes"]), f["classes"], options, val=val,
+              val_fraction=0.1, pad=max(1, round(x.shape[-1] / 8)), flip=True)
+    key = hashlib.sha256(f"{f['key']}{d.key}".encode()).hexdigest()[:16]
+    return dataclasses.replace(d, key=key, skipped=len(f["bad"]))
+
+
+def _news(line: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(line)
 
 
 DATASETS = {
     "digits": _digits,
     "synthetic": _synthetic,
-    "cifar10": lambda root, seed, download: _cifar(root, seed, download, fine=False),
-    "cifar100": lambda root, seed, download: _cifar(root, seed, download, fine=True),
+    "cifar10": lambda root, seed, download, options: _cifar(root, seed, download, options, fine=False),
+    "cifar100": lambda root, seed, download, options: _cifar(root, seed, download, options, fine=True),
 }
+
+# [data] options of a study (and --image-size, --val-fraction, --skip-bad-images): name -> (check, allowed)
+DATA_OPTIONS = {
+    "val_fraction": (lambda v: isinstance(v, float) and 0 < v < 1, "a number > 0 and < 1"),
+    "pad": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0 (0: no random crop)"),
+    "flip": (lambda v: isinstance(v, bool), "true or false"),
+    "image_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 4, "an integer >= 4 (pixels)"),
+    "skip_bad_images": (lambda v: isinstance(v, bool), "true or false"),
+}
+FOLDER_ONLY = ("image_size", "skip_bad_images")
+
+
+def check_data(name: str, options: dict | None = None, where: str = "--dataset") -> dict:
+    """Validate a data-set name (one of ``DATASETS`` or ``folder:PATH``) and its options; return the options."""
+    options = dict(options or {})
+    is_folder = name.startswith("folder:")
+    if not (name in DATASETS or (is_folder and name[len("folder:"):].strip())):
+        raise DataError(f"{where} {name!r} is unknown; allowed: {', '.join(DATASETS)}, folder:PATH (an image folder "
+                        f"with train/<class>/ and test/<class>/)")
+    for key, value in options.items():
+        if key not in DATA_OPTIONS:
+            raise DataError(f"{where}: data option {key!r} is unknown; allowed: {', '.join(DATA_OPTIONS)}")
+        if isinstance(value, int) and not isinstance(value, bool) and key == "val_fraction":
+            value = options[key] = float(value)
+        ok, allowed = DATA_OPTIONS[key]
+        if not ok(value):
+            raise DataError(f"{where}: {key} = {value!r}; allowed: {allowed}")
+        if key in FOLDER_ONLY and not is_folder:
+            raise DataError(f"{where}: {key} = {value!r}; allowed only for image folders (dataset = \"folder:PATH\")")
+    return options
+
+
+def canonical(name: str) -> str:
+    """A data set's name as results record it: an image folder's path made absolute."""
+    if name.startswith("folder:"):
+        return f"folder:{Path(name[len('folder:'):]).expanduser().resolve()}"
+    return name
+
+
+def cache_dir() -> Path:
+    """``$KDBENCH_CACHE``, else ``$XDG_CACHE_HOME/kdbench``, else ``~/.cache/kdbench``."""
+    if os.environ.get("KDBENCH_CACHE"):
+        return Path(os.environ["KDBENCH_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "kdbench"
 
 
 def load_data(name: str, root: str | Path = "data", seed: int = 0, download: bool = False,
-              device: torch.device | str = "cpu") -> Data:
+              device: torch.device | str = "cpu", options: dict | None = None) -> Data:
     """Load a data set by name, split with ``seed`` (fixed across trials), moved to ``device``.
 
     Args:
-        name: one of ``DATASETS``.
-        root: folder holding the CIFAR archives (ignored by ``digits`` and ``synthetic``).
+        name: one of ``DATASETS``, or ``folder:PATH`` (an image folder, see :mod:`kdbench.folder`).
+        root: folder holding the CIFAR archives (ignored by the others).
         seed: seed of the stratified train/val(/test) split.
         download: fetch CIFAR with torchvision when the archive is missing.
         device: where the tensors live for training.
+        options: ``DATA_OPTIONS`` (a study's ``[data]``): val_fraction, pad, flip; for folders also
+            image_size and skip_bad_images.
     """
-    if name not in DATASETS:
-        raise DataError(f"dataset {name!r} is unknown; allowed: {', '.join(DATASETS)}")
-    return DATASETS[name](Path(root).expanduser(), seed, download).to(device)
+    options = check_data(name, options)
+    if name.startswith("folder:"):
+        return _folder(name[len("folder:"):], seed, options, torch.device(device)).to(device)
+    return DATASETS[name](Path(root).expanduser(), seed, download, options).to(device)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from .data import load_data
 from .results import METRICS, ResultsError, read_folder
 from .study import StudyError, study_from_dict
 from .trial import resolve_trial, row_config, trial_config_id
-from .train import TrainConfig, distill, get_teacher, resolve_device
+from .teacher import study_data
+from .train import TrainConfig, distill, resolve_device
 
 __all__ = ["rerun_trial", "COMPARED"]
 
@@ -67,9 +67,7 @@ def rerun_trial(path: str | Path, trial_id: str, threads: int | None = None, dev
     dev = resolve_device(device or (recorded if usable else "auto"))
     epochs = int(row["epochs"])
 
-    data = load_data(study.dataset, str(Path(data_root or study.data_root).expanduser()), study.split_seed,
-                     device=dev)
-    teacher, _ = get_teacher(data, study.teacher, study.teacher_recipe, study.teacher_seed, study.split_seed)
+    data, teacher, _ = study_data(study, data_root, device=dev)
     last = {}
 
     def hook(r: dict):

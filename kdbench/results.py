@@ -119,6 +119,11 @@ def run_context(study: dict) -> dict:
     """What every run of a study shares (data set, split, teacher and how it was made, student, epochs)."""
     ctx = {k: study.get(k) for k in _CONTEXT}
     ctx["epochs"] = (study.get("recipe") or {}).get("epochs")
+    for k in ("data_options", "teacher_checkpoint"):  # only when set: the ids of earlier folders stay as they were
+        if study.get(k):
+            ctx[k] = study[k]
+    if study.get("teacher_checkpoint"):  # a teacher read from a file: no recipe, no seed
+        ctx["teacher_recipe"] = ctx["teacher_seed"] = None
     return ctx
 
 

@@ -17,9 +17,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .data import DATASETS
+from .data import DataError, canonical, check_data
 from .models import check_model
-from .train import DATASET_DEFAULTS, EVAL_WHEN, METHODS, SCHEDULES, Method, Recipe
+from .train import EVAL_WHEN, METHODS, SCHEDULES, Method, Recipe, dataset_defaults
 
 __all__ = ["Study", "Param", "Confirm", "StudyError", "load_study", "study_from_dict", "find_study",
            "bundled_studies", "apply_overrides", "check_value", "check_confirm",
@@ -175,6 +175,8 @@ class Study:
     checkpoint_every: int = 1  # epochs between a trial's checkpoints (0: none)
     checkpoint_minutes: float = 0.0  # also one at the first epoch's end this many minutes after the last (0: off)
     max_failures: int = 1  # retries of a trial whose worker died, each from its last checkpoint
+    data_options: dict = dataclasses.field(default_factory=dict)  # [data]: val_fraction, pad, flip, image_size, ...
+    teacher_checkpoint: str = ""  # read the teacher from this file (absolute) instead of training it
     asha_rank: str = "top1"  # rungs rank by val top-1 ("top1") or by non-dominated sorting on the objectives
     # ("pareto", the default of searches, whose two objectives it keeps: see kdbench.search.moasha)
 
@@ -193,7 +195,7 @@ class Study:
         return dataclasses.asdict(self)
 
 
-_TOP_KEYS = {"name", "description", "dataset", "data_root", "split_seed", "teacher", "teacher_seed",
+_TOP_KEYS = {"name", "description", "dataset", "data", "data_root", "split_seed", "teacher", "teacher_seed", "teacher_checkpoint",
              "student", "method", "seed", "recipe", "teacher_recipe", "methods", "search", "grid", "asha",
              "resources", "reference", "confirm", "checkpoint", "evaluation"}
 
@@ -244,6 +246,21 @@ def _model(r: _Reader, key: str, default: str) -> str:
         return check_model(r.get(key, default, str))
     except ValueError as e:
         raise StudyError(f"{r.where(key)} = {e}") from None
+
+
+def _data(r: _Reader) -> tuple[str, dict]:
+    """``dataset`` (an image folder's path made absolute) and the ``[data]`` options."""
+    dataset = r.get("dataset", "digits", str)
+    try:
+        check_data(dataset, None, r.where("dataset") + " =")
+        options = check_data(dataset, r.sub("data").table, f"{r.file}: data")
+    except DataError as e:
+        raise StudyError(str(e)) from None
+    return canonical(dataset), options
+
+
+def _path(p: str) -> str:
+    return str(Path(p).expanduser().resolve()) if p else ""
 
 
 def _recipe(r: _Reader, base: Recipe) -> Recipe:
@@ -319,8 +336,8 @@ def load_study(path: str | Path) -> Study:
         raise StudyError(f"{file}: not valid TOML ({e})") from None
     r = _Reader(file, raw)
     r.only(_TOP_KEYS)
-    dataset = r.get("dataset", "digits", str, tuple(DATASETS))
-    d = DATASET_DEFAULTS[dataset]
+    dataset, data_options = _data(r)
+    d = dataset_defaults(dataset)
     teacher, student = (_model(r, key, d[key]) for key in ("teacher", "student"))
     recipe = _recipe(r.sub("recipe"), d["recipe"])
     teacher_recipe = _recipe(r.sub("teacher_recipe"), d["recipe"])
@@ -411,7 +428,8 @@ def load_study(path: str | Path) -> Study:
     return Study(
         name=r.get("name", path.stem, str), path=str(path.resolve()), description=r.get("description", "", str),
         dataset=dataset, data_root=r.get("data_root", "data", str), split_seed=r.get("split_seed", 0, int, lo=0),
-        teacher=teacher, teacher_recipe=teacher_recipe, teacher_seed=r.get("teacher_seed", 0, int, lo=0),
+        data_options=data_options, teacher=teacher, teacher_recipe=teacher_recipe,
+        teacher_seed=r.get("teacher_seed", 0, int, lo=0), teacher_checkpoint=_path(r.get("teacher_checkpoint", "", str)),
         student=student, recipe=recipe, methods=methods, method=method, seed=seed, sampler=sampler,
         samples=samples, concurrency=concurrency, objectives=objectives, space=space, grid=grid, asha=asha,
         grace_period=grace, reduction_factor=rf, cpus_per_trial=cpus, gpus_per_trial=gpus, reference=reference,

@@ -1,4 +1,4 @@
-"""Training: one flat distillation loop, teacher training through the same loop, the teacher cache.
+"""Training: one flat distillation loop; a teacher is trained through the same loop (see kdbench.teacher).
 
 ``distill(cfg, data, teacher, report)`` trains a student with the term weights of ``cfg.method``
 and calls ``report(metrics)`` once per epoch; the same callback feeds the rich progress bar, the
@@ -8,13 +8,9 @@ tests and ``ray.tune.report``. A teacher is a student trained with ``baseline`` 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -27,9 +23,8 @@ from .evaluate import autocast, evaluate, forward_all, prepare
 from .geometry import CentroidMemory, class_centroids, similarity_matrix
 from .models import build_model, count_parameters
 
-__all__ = ["Method", "Recipe", "TrainConfig", "EVAL_WHEN", "Teacher", "METHODS", "DATASET_DEFAULTS", "distill",
-           "get_teacher", "load_teacher", "evaluate", "get_lr", "DivergedError", "resolve_device", "cache_dir",
-           "trial_values"]
+__all__ = ["Method", "Recipe", "TrainConfig", "EVAL_WHEN", "Teacher", "METHODS", "DATASET_DEFAULTS", "dataset_defaults",
+           "distill", "evaluate", "get_lr", "DivergedError", "resolve_device", "trial_values"]
 
 
 @dataclass(frozen=True)
@@ -130,7 +125,13 @@ DATASET_DEFAULTS: dict[str, dict] = {
     "synthetic": dict(teacher="cnn_teacher", student="cnn_student", recipe=Recipe(epochs=10, batch_size=64, lr=0.05)),
     "cifar10": dict(teacher="resnet50", student="resnet18", recipe=Recipe(epochs=30, batch_size=64, lr=0.05)),
     "cifar100": dict(teacher="resnet50", student="resnet18", recipe=Recipe(epochs=30, batch_size=64, lr=0.05)),
+    "folder": dict(teacher="resnet50", student="resnet18", recipe=Recipe(epochs=30, batch_size=64, lr=0.05)),
 }
+
+
+def dataset_defaults(name: str) -> dict:
+    """The default models and recipe of data set ``name`` (an image folder, ``folder:PATH``, gets CIFAR's)."""
+    return DATASET_DEFAULTS["folder" if name.startswith("folder:") else name]
 
 
 def trial_values(method: Method, recipe: Recipe) -> dict:
@@ -380,64 +381,3 @@ def _set_rng(rng: dict) -> None:
 def _train_features(model: nn.Module, data: Data):
     f, _ = forward_all(model, data.train_x, data)
     return f, data.train_y
-
-
-# ---------------------------------------------------------------------------------------------
-# Teacher: trained once through distill(), cached by (data set, split seed, architecture, recipe, seed)
-
-CACHE_VERSION = 1
-
-
-def cache_dir() -> Path:
-    """``$KDBENCH_CACHE``, else ``$XDG_CACHE_HOME/kdbench``, else ``~/.cache/kdbench``."""
-    if os.environ.get("KDBENCH_CACHE"):
-        return Path(os.environ["KDBENCH_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "kdbench"
-
-
-def teacher_key(dataset: str, split_seed: int, arch: str, recipe: Recipe, seed: int) -> str:
-    blob = json.dumps({"v": CACHE_VERSION, "dataset": dataset, "split_seed": split_seed, "arch": arch,
-                       "recipe": dataclasses.asdict(recipe), "seed": seed}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def load_teacher(source: str | Path | dict, data: Data) -> Teacher:
-    """A teacher on ``data``'s device, from a cache file (read with ``weights_only=True``) or from the
-    blob ``{"state_dict", "centroids", "meta"}`` that :meth:`Teacher.blob` gives (how trials on other
-    machines of a Ray cluster receive it)."""
-    device = data.train_x.device
-    blob = source if isinstance(source, dict) else torch.load(source, map_location=device, weights_only=True)
-    meta = blob["meta"]
-    model = build_model(meta["arch"], data.num_classes, data.in_channels).to(device)
-    model.load_state_dict(blob["state_dict"])
-    model.eval().requires_grad_(False)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    path = {"path": str(source)} if not isinstance(source, dict) else {}
-    return Teacher(model, blob["centroids"].to(device), {**meta, **path})
-
-
-def get_teacher(data: Data, arch: str, recipe: Recipe, seed: int = 0, split_seed: int = 0,
-                report: Callable[[dict], None] | None = None, use_cache: bool = True) -> tuple[Teacher, bool]:
-    """The teacher for ``data``: loaded from the cache, or trained now and cached.
-
-    Returns ``(teacher, cache_hit)``. The cache file holds the state_dict, the train-split centroids
-    and metadata, and is read with ``weights_only=True``.
-    """
-    key = teacher_key(data.name, split_seed, arch, recipe, seed)
-    path = cache_dir() / f"{data.name}-{arch.replace(':', '_')}-{key}.pt"
-    if use_cache and path.is_file():
-        return load_teacher(path, data), True
-    result = distill(TrainConfig(arch, METHODS["baseline"], recipe, seed, eval_val="every_epoch", eval_test="every_epoch"),
-                     data, report=report)
-    model = result["model"].eval().requires_grad_(False)
-    feats, _ = forward_all(model, data.train_x, data)
-    centroids = class_centroids(feats, data.train_y, data.num_classes).clone()
-    meta = {"dataset": data.name, "arch": arch, "seed": seed, "split_seed": split_seed, "key": key,
-            "recipe": dataclasses.asdict(recipe),
-            **{k: v for k, v in result.items() if k not in ("history", "model")}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"state_dict": model.state_dict(), "centroids": centroids.cpu(), "meta": meta}, tmp)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written teacher
-    return Teacher(model, centroids, {**meta, "path": str(path)}), False

@@ -20,7 +20,8 @@ def digits():
 @pytest.fixture(scope="session")
 def digits_teacher(digits):
     """The default digits teacher (trained once per session, then cached)."""
-    from kdbench.train import DATASET_DEFAULTS, get_teacher
+    from kdbench.teacher import get_teacher
+    from kdbench.train import DATASET_DEFAULTS
 
     teacher, _ = get_teacher(digits, "cnn_teacher", DATASET_DEFAULTS["digits"]["recipe"])
     return teacher

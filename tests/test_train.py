@@ -5,8 +5,8 @@ import statistics
 import pytest
 import torch
 
-from kdbench.train import (DATASET_DEFAULTS, METHODS, DivergedError, Recipe, TrainConfig, distill, get_lr,
-                           get_teacher, load_teacher)
+from kdbench.teacher import get_teacher, load_teacher
+from kdbench.train import DATASET_DEFAULTS, METHODS, DivergedError, Recipe, TrainConfig, distill, get_lr
 
 
 def test_get_lr_cosine_step_and_warmup():

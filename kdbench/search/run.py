@@ -17,9 +17,9 @@ from ray import tune
 
 from .. import checkpoints, results
 from ..confirm import plan_confirm
-from ..data import load_data
 from ..study import Confirm, Study, StudyError, study_from_dict
-from ..train import get_teacher, resolve_device
+from ..teacher import study_data
+from ..train import resolve_device
 from ..trial import resolve_trial
 from .moasha import ParetoASHA
 from .trials import ResumableASHA, _make_searcher, _trainable, _trial_configs_grid
@@ -42,11 +42,8 @@ def init_ray(address: str | None, verbose: bool):
 
 def _load(study: Study, data_root: str | None, download: bool, on_teacher, on_teacher_ready):
     """Data set and teacher, once, in the driver (teacher from the cache or trained here)."""
-    root = str(Path(data_root or study.data_root).expanduser().resolve())
     device = resolve_device("auto")
-    data = load_data(study.dataset, root, study.split_seed, download=download, device=device)
-    teacher, hit = get_teacher(data, study.teacher, study.teacher_recipe, study.teacher_seed, study.split_seed,
-                               report=on_teacher)
+    data, teacher, hit = study_data(study, data_root, download, device, on_teacher)
     on_teacher_ready(teacher.meta, hit)
     return device, data.to("cpu"), teacher, hit  # the trials get the data through Ray's object store
 
@@ -174,6 +171,8 @@ def _run(f: _Folder, resume: bool, teacher, hit, device, storage: str | None) ->
     study, out, rows = f.study, f.out, f.rows
     meta = {"name": study.name, "kind": "grid" if study.is_grid else "search", "study": study.to_dict(),
             "teacher": {k: v for k, v in teacher.meta.items() if k != "path"} | {"cache_hit": hit},
+            "data": {"name": f.data.name, "classes": f.data.num_classes, "shape": list(f.data.train_x.shape[1:]),
+                     **{s: len(f.data.split(s)[1]) for s in ("train", "val", "test")}, "skipped_images": f.data.skipped},
             "environment": results.environment(str(device)), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "ended": None, "samples": study.trial_count(), "reference": dict(study.reference), "storage": storage}
     if resume:

@@ -18,7 +18,8 @@ from ray.tune.search.optuna import OptunaSearch
 from .. import checkpoints
 from ..study import Study
 from ..trial import resolve_trial, trial_config_id
-from ..train import TrainConfig, distill, load_teacher, resolve_device
+from ..teacher import load_teacher
+from ..train import TrainConfig, distill, resolve_device
 
 def _trial_configs_grid(study: Study) -> list[dict]:
     return [{"point": i, "method": m, "seed": s, "stage": "grid", **dict(values)}

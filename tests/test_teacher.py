@@ -1,0 +1,93 @@
+"""Teachers read from checkpoint files (issue 10): the formats trainers save, evaluated once, cached by the
+file's hash; every bad file is one line and writes nothing."""
+
+import dataclasses
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import one_line_error
+from kdbench.cli import app
+from kdbench.models import build_model
+from kdbench.teacher import get_teacher
+from kdbench.train import Recipe
+
+runner = CliRunner()
+
+
+class NotWeights:  # pickled by reference to this module: code, which weights_only=True refuses
+    pass
+
+
+def test_every_usual_format_loads_into_the_same_teacher_evaluated_once(tmp_path, digits, digits_teacher):
+    sd = digits_teacher.model.state_dict()
+    formats = {"plain": sd, "state_dict": {"state_dict": sd, "epoch": 30}, "model": {"model": sd, "acc": 97.0},
+               "net": {"net": {f"module.{k}": v for k, v in sd.items()}}}  # RepDistiller, DataParallel prefixes
+    for name, blob in formats.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(blob, path)
+        t, hit = get_teacher(digits, "cnn_teacher", Recipe(), checkpoint=path)
+        assert not hit, name
+        for k, v in sd.items():
+            assert torch.equal(t.model.state_dict()[k], v), (name, k)
+        # Same weights, same data: the metrics and centroids of the trained teacher, measured again.
+        assert t.meta["test_top1"] == pytest.approx(digits_teacher.meta["test_top1"], abs=1e-9)
+        assert t.meta["val_top1"] == pytest.approx(digits_teacher.meta["val_top1"], abs=1e-9)
+        assert torch.allclose(t.centroids, digits_teacher.centroids, atol=1e-5)
+        assert t.meta["checkpoint"] == str(path.resolve()) and t.meta["train_seconds"] == 0.0
+    # Independently: test top-1 by hand from the logits.
+    with torch.inference_mode():
+        from kdbench.evaluate import forward_all
+
+        _, z = forward_all(t.model, digits.test_x, digits)
+    assert t.meta["test_top1"] == pytest.approx(100 * (z.argmax(1) == digits.test_y).double().mean().item())
+    again, hit = get_teacher(digits, "cnn_teacher", Recipe(), checkpoint=tmp_path / "net.pt")
+    assert hit and torch.equal(again.centroids, t.centroids)  # the same file: from the cache, no evaluation
+    torch.save({"net": {k: v + 1e-3 for k, v in sd.items()}}, tmp_path / "net.pt")  # new contents, same name
+    assert not get_teacher(digits, "cnn_teacher", Recipe(), checkpoint=tmp_path / "net.pt")[1]
+
+
+def test_a_plain_torchvision_state_dict_loads_into_its_tv_model_as_it_is(tmp_path):
+    import torchvision
+
+    from kdbench.data import load_data
+
+    data = load_data("synthetic")
+    data = dataclasses.replace(data, train_x=data.train_x[::20], train_y=data.train_y[::20], val_x=data.val_x[::10],
+                               val_y=data.val_y[::10], test_x=data.test_x[::10], test_y=data.test_y[::10])
+    torch.manual_seed(0)
+    sd = torchvision.models.resnet18(num_classes=100).state_dict()
+    torch.save(sd, tmp_path / "resnet18.pth")
+    t, _ = get_teacher(data, "tv:resnet18", Recipe(), checkpoint=tmp_path / "resnet18.pth")
+    assert all(torch.equal(t.model.state_dict()[k], v) for k, v in sd.items())
+    assert t.centroids.shape == (100, 512)
+
+
+def _bad(tmp_path, teacher):
+    sd = teacher.model.state_dict()
+    other = build_model("cnn_teacher", 7, 1).state_dict()
+    return {
+        "missing": (sd, lambda p: p.unlink(), ["no such file"]),
+        "list": ([1, 2, 3], torch.save, ["holds list, not a state_dict", "state_dict, model, net"]),
+        "keys": ({"weights": sd}, torch.save, ["holds a dict with keys weights"]),
+        "code": ({"model": NotWeights()}, torch.save, ["cannot be read with weights_only=True", "carries code"]),
+        "fewer": ({k: v for k, v in list(sd.items())[2:]}, torch.save, ["2 missing (", "does not fit cnn_teacher"]),
+        "more": ({**sd, "extra.weight": torch.ones(1)}, torch.save, ["1 unexpected (extra.weight)"]),
+        "classes": (other, torch.save, ["has 7 classes, the data set 10"]),
+        "arch": (build_model("resnet8x4", 10, 1).state_dict(), torch.save, ["missing (", "unexpected (", ", ...)"]),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "list", "keys", "code", "fewer", "more", "classes", "arch"])
+def test_bad_checkpoints_are_one_line_and_write_nothing(tmp_path, digits_teacher, case):
+    blob, write, fragments = _bad(tmp_path, digits_teacher)[case]
+    path = tmp_path / "t.pt"
+    torch.save(blob, path)
+    if write is not torch.save:
+        write(path)
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["train", "--teacher", "cnn_teacher", "--teacher-checkpoint", str(path), "--epochs", "1",
+                            "--out", str(out)])
+    one_line_error(r, str(path), *fragments)
+    assert not out.exists()
