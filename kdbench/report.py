@@ -99,7 +99,8 @@ def leaderboard(df: pd.DataFrame, folders: list[Folder], by: tuple[str, ...] = (
         lb.loc[mine, "reported_top1"] = lb.loc[mine, "method"].map(lambda m: ref.get(m, math.nan))
         t = f.study.get("teacher")
         if t:
-            teacher_rows.append({"study": f.name, "method": f"teacher ({t.get('arch')}{', checkpoint' if t.get('checkpoint') else ''})", "n": 1, "n_seeds": 1,
+            how = ", checkpoint" if t.get("checkpoint") else ""
+            teacher_rows.append({"study": f.name, "method": f"teacher ({t.get('arch')}{how})", "n": 1, "n_seeds": 1,
                                  "n_low": 0, "n_failed": 0, "rank": math.nan,
                                  "best_test_top1_mean": t.get("best_test_top1"), top1: t.get(f"{split}_top1"),
                                  f"{split}_knn_top1_mean": t.get(f"{split}_knn_top1"), "params_mean": t.get("params"),

@@ -68,7 +68,8 @@ def test_load_data_carves_val_or_takes_val_folder_and_scales_padding(tmp_path):
     assert d.val_y.tolist() == [0, 1, 2] and d.num_classes == 3 and d.class_names == CLASSES
     assert d.pad == 2 and d.flip and d.in_channels == 3
     f = d.train_x.double() / 255  # standardised with the train split's own statistics
-    assert d.mean == pytest.approx(tuple(f.mean((0, 2, 3)).tolist())) and d.std == pytest.approx(tuple(f.std((0, 2, 3), correction=0).tolist()))
+    assert d.mean == pytest.approx(tuple(f.mean((0, 2, 3)).tolist()))
+    assert d.std == pytest.approx(tuple(f.std((0, 2, 3), correction=0).tolist()))
     write_tree(tmp_path / "v", per_split=(("train", 4), ("val", 2), ("test", 1)))
     d = load_data(f"folder:{tmp_path / 'v'}", options={"image_size": 16, "pad": 0, "flip": False})
     assert (len(d.train_y), len(d.val_y), len(d.test_y)) == (12, 6, 3) and d.pad == 0 and not d.flip
