@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", dest="json_path", help="write the figures here as JSON")
     p.add_argument("--only", help="comma-separated subset: data,geometry,step,folder,ray,search,gpu")
+    p.add_argument("--val-fraction", type=float, help="search comparison: the study's [data] val_fraction")
     args = p.parse_args(argv)
     if args.device == "cuda":
         import torch
@@ -63,7 +64,8 @@ def main(argv=None) -> int:
     if args.device == "cpu":  # the default study on the CPU; on a GPU, the GPU check below instead
         plan.append(("ray_overhead", lambda: bench.ray_overhead(quick=args.quick)))
     if not args.quick:
-        plan.append(("search", lambda: bench.search_comparison(seeds=(0, 1, 2, 3, 4))))
+        options = {"val_fraction": args.val_fraction} if args.val_fraction else None
+        plan.append(("search", lambda: bench.search_comparison(seeds=(0, 1, 2, 3, 4), data_options=options)))
     if args.device == "cuda":
         from . import gpu
 

@@ -319,12 +319,13 @@ def ray_overhead(quick: bool) -> dict:
 # 5. ASHA + TPE against random search without early stopping (digits default study)
 
 
-def search_comparison(seeds=(0, 1, 2, 3, 4)) -> dict:
+def search_comparison(seeds=(0, 1, 2, 3, 4), data_options: dict | None = None) -> dict:
     """Per seed, the default study's search (its confirmation left out) three ways, same number of
     samples: TPE + top-1 ASHA (as bundled), TPE + multi-objective ASHA (``[asha] rank = "pareto"``) and
     random search without early stopping. Hypervolume of each run's full-fidelity (val_top1,
     val_geom_corr) points against one reference per seed: the component-wise worst full-fidelity
-    point of the three runs; budget: trial-epochs spent."""
+    point of the three runs; budget: trial-epochs spent. ``data_options``: the study's ``[data]`` (e.g. a
+    larger ``val_fraction``, for finer rung decisions)."""
     import numpy as np
     import pandas as pd
 
@@ -332,8 +333,8 @@ def search_comparison(seeds=(0, 1, 2, 3, 4)) -> dict:
     from kdbench.search import _init_ray, run_study
     from kdbench.study import find_study, load_study
 
-    base = dataclasses.replace(load_study(find_study("digits")), confirm=None)
-    variants = (("asha_tpe", {}), ("moasha_tpe", {"asha_rank": "pareto"}),
+    base = dataclasses.replace(load_study(find_study("digits")), confirm=None, data_options=dict(data_options or {}))
+    variants = (("asha_tpe", {"asha_rank": "top1"}), ("moasha_tpe", {"asha_rank": "pareto"}),
                 ("random", {"sampler": "random", "asha": False}))
     _init_ray(None, verbose=False)
     out = {"search_hv_ratio": [], "search_budget_ratio": [], "search_hv_ratio_pareto": [],
@@ -353,7 +354,7 @@ def search_comparison(seeds=(0, 1, 2, 3, 4)) -> dict:
             for label, suffix in (("asha_tpe", ""), ("moasha_tpe", "_pareto")):
                 out[f"search_hv_ratio{suffix}"].append(hv[label] / max(hv["random"], 1e-12))
                 out[f"search_budget_ratio{suffix}"].append(spent[label] / spent["random"])
-            out["search_runs"].append({"seed": seed, "reference": list(reference), **{f"{k}_hv": v for k, v in hv.items()},
+            out["search_runs"].append({"seed": seed, "data_options": base.data_options, "reference": list(reference), **{f"{k}_hv": v for k, v in hv.items()},
                                        **{f"{k}_trial_epochs": v for k, v in spent.items()},
                                        **{f"{k}_full_trials": len(p) for k, p in points.items()}})
     return out
