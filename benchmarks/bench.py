@@ -354,7 +354,8 @@ def search_comparison(seeds=(0, 1, 2, 3, 4), data_options: dict | None = None) -
             for label, suffix in (("asha_tpe", ""), ("moasha_tpe", "_pareto")):
                 out[f"search_hv_ratio{suffix}"].append(hv[label] / max(hv["random"], 1e-12))
                 out[f"search_budget_ratio{suffix}"].append(spent[label] / spent["random"])
-            out["search_runs"].append({"seed": seed, "data_options": base.data_options, "reference": list(reference), **{f"{k}_hv": v for k, v in hv.items()},
+            out["search_runs"].append({"seed": seed, "data_options": base.data_options, "reference": list(reference),
+                                       **{f"{k}_hv": v for k, v in hv.items()},
                                        **{f"{k}_trial_epochs": v for k, v in spent.items()},
                                        **{f"{k}_full_trials": len(p) for k, p in points.items()}})
     return out
