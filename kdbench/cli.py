@@ -231,21 +231,27 @@ def tune(
     view = LiveView(s.name)
     teacher_progress, preloading = {}, []
 
+    def header():  # once the data set is in place: a bad data set or teacher file stays one line
+        if "header" not in teacher_progress:
+            teacher_progress["header"] = True
+            err.print(f"study {s.name} ({s.path}): {s.trial_count()} trials, "
+                      f"{'grid' if s.is_grid else s.sampler + ' sampler'}, concurrency {s.concurrency}"
+                      f"{', ASHA' if s.asha else ''} → {folder}", highlight=False)
+
     def on_teacher(row):
+        header()
         if "bar" not in teacher_progress:
             teacher_progress["bar"], teacher_progress["report"] = epoch_progress(s.teacher_recipe.epochs, f"teacher {s.teacher}")
             teacher_progress["bar"].start()
         teacher_progress["report"](row)
 
     def on_teacher_ready(meta, hit):
+        header()
         if "bar" in teacher_progress:
             teacher_progress["bar"].stop()
         err.print(f"teacher {meta['arch']}: {'from cache' if hit else 'trained and cached'}, test top-1 "
                   f"{meta['test_top1']:.2f}%", highlight=False)
 
-    err.print(f"study {s.name} ({s.path}): {s.trial_count()} trials, "
-              f"{'grid' if s.is_grid else s.sampler + ' sampler'}, concurrency {s.concurrency}"
-              f"{', ASHA' if s.asha else ''} → {folder}", highlight=False)
     live = Live(view, console=err, refresh_per_second=2, transient=False)
 
     def on_update(state):

@@ -1,7 +1,9 @@
 """A real two-node Ray cluster on 127.0.0.1: `kdbench tune --address` spreads the trials over both nodes,
-and a search whose driver is killed (kill -9) mid-trial resumes there from its checkpoints."""
+a search whose driver is killed (kill -9) mid-trial resumes there from its checkpoints, and a confirmation
+killed there runs only its missing runs again."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +15,8 @@ import pytest
 import torch
 
 from kdbench import checkpoints
-from kdbench.study import load_study
+from kdbench.search import run_confirm
+from kdbench.study import Confirm, load_study
 from kdbench.trial import resolve_trial, row_config
 from kdbench.train import TrainConfig, distill
 
@@ -37,7 +40,7 @@ enabled = false
 """
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_nodes():
     from ray.cluster_utils import Cluster
 
@@ -50,12 +53,15 @@ def two_nodes():
     cluster.shutdown()
 
 
-def _tune(study, out, address, *more):
+def _kdbench(*args):
     # Ray maps 127.0.0.1 to the machine's other address unless told this is a loopback-only cluster:
     # the setting lives in the test's environment, never in kdbench.
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    return [sys.executable, "-m", "kdbench.cli", "tune", str(study), "--out", str(out), "--address", address,
-            *more], env
+    return [sys.executable, "-m", "kdbench.cli", *map(str, args)], env
+
+
+def _tune(study, out, address, *more):
+    return _kdbench("tune", study, "--out", out, "--address", address, *more)
 
 
 def _kill_mid_trial(cmd, env, out):
@@ -124,3 +130,25 @@ def test_kill_9_mid_trial_on_a_two_node_cluster_then_resume_there(tmp_path, two_
         assert {k: row[k] for k in METRICS} == {k: ref[k] for k in METRICS}
         assert history[history["trial_id"] == row["trial_id"]]["epoch"].tolist() == [1, 2, 3, 4, 5, 6]  # whole
     assert not (out / "ray").exists()  # every trial finished: no checkpoint left
+
+
+def test_kill_9_during_confirm_on_the_cluster_then_rerun_runs_only_the_missing_pairs(searched, tmp_path, two_nodes):
+    out = tmp_path / "out"
+    shutil.copytree(searched, out)
+    n_search = len(pd.read_csv(out / "trials.csv"))
+    cmd, env = _kdbench("confirm", out, "--seeds", "2", "--top", "1", "--with", "baseline", "--concurrency", "1",
+                        "--address", two_nodes.address)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(pd.read_csv(out / "trials.csv")) == n_search:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = pd.read_csv(out / "trials.csv")
+    assert n_search < len(before) < n_search + 4
+    summary = run_confirm(out, Confirm(seeds=2, top=1, with_=("baseline",)))  # here, on this process's Ray
+    after = pd.read_csv(out / "trials.csv")
+    confirm = after[after["stage"] == "confirm"]
+    assert summary["added"] == n_search + 4 - len(before)  # only the missing pairs ran
+    assert len(confirm) == 4 and not confirm.duplicated(["config_id", "seed"]).any()
+    pd.testing.assert_frame_equal(after.head(len(before))[before.columns], before)

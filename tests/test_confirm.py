@@ -3,10 +3,7 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 
 import pandas as pd
 import pytest
@@ -15,8 +12,6 @@ from typer.testing import CliRunner
 from kdbench.cli import app
 from conftest import one_line_error
 from kdbench.results import read_folder
-from kdbench.search import run_confirm
-from kdbench.study import Confirm
 
 runner = CliRunner()
 
@@ -129,29 +124,6 @@ def test_bad_folders_are_one_line_and_write_nothing(searched, tmp_path):
     before = (out3 / "trials.csv").read_bytes()
     _one_line_error(runner.invoke(app, ["confirm", str(out3)]), "does not match the study in study.json")
     assert (out3 / "trials.csv").read_bytes() == before
-
-
-def test_kill_9_during_confirm_then_rerun_runs_only_the_missing_pairs(searched, tmp_path):
-    out = _copy(searched, tmp_path)
-    n_search = len(pd.read_csv(out / "trials.csv"))
-    proc = subprocess.Popen([sys.executable, "-m", "kdbench.cli", "confirm", str(out), "--seeds", "2", "--top", "1",
-                             "--with", "baseline", "--concurrency", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if len(pd.read_csv(out / "trials.csv")) > n_search:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    before = pd.read_csv(out / "trials.csv")
-    assert n_search < len(before) < n_search + 4
-    summary = run_confirm(out, Confirm(seeds=2, top=1, with_=("baseline",)))
-    after = pd.read_csv(out / "trials.csv")
-    confirm = after[after["stage"] == "confirm"]
-    assert summary["added"] == n_search + 4 - len(before)  # only the missing pairs ran
-    assert len(confirm) == 4 and not confirm.duplicated(["config_id", "seed"]).any()
-    pd.testing.assert_frame_equal(after.head(len(before))[before.columns], before)
 
 
 def test_train_names_the_same_configuration_as_tune_and_measures_geometry_for_baseline(searched, tmp_path):

@@ -140,6 +140,14 @@ def test_bad_folders_are_one_line_and_write_nothing(tmp_path, break_it, extra, f
     assert not out.exists()
 
 
+def test_tune_on_a_bad_folder_is_one_line_and_writes_nothing(tmp_path):
+    root = write_tree(tmp_path / "imgs")
+    (tmp_path / "s.toml").write_text(f'dataset = "folder:{root}"\n[search]\n[search.space.geometry]\nlow = 1.0\nhigh = 9.0\n')
+    out = tmp_path / "out"
+    one_line_error(runner.invoke(app, ["tune", str(tmp_path / "s.toml"), "--out", str(out)]), "images differ in size")
+    assert not out.exists()
+
+
 def test_without_timm_a_timm_model_says_how_to_install(monkeypatch):
     import sys
 

@@ -131,3 +131,27 @@ def test_config_id_ignores_the_seed_and_names_every_hyperparameter():
     others |= {config_id({**ctx, k: "x"}, values) for k in ctx}
     assert len(others) == len(values) + len(ctx) and a not in others
     assert len(a) == 10 and all(ch in "0123456789abcdef" for ch in a)
+
+
+def test_data_options_and_a_teacher_checkpoint_enter_the_id_only_when_set():
+    """Folders written before [data] and teacher checkpoints existed keep their config ids; a committed search
+    still names each of its trials as the study in its study.json does today."""
+    from pathlib import Path
+
+    from kdbench.results import read_folder, run_context
+    from kdbench.study import study_from_dict
+    from kdbench.trial import resolve_trial, row_config, trial_config_id
+
+    study = {"dataset": "digits", "split_seed": 0, "teacher": "t", "teacher_recipe": {"epochs": 30}, "teacher_seed": 0,
+             "student": "s", "recipe": {"epochs": 30}}
+    old = run_context(study)
+    assert set(old) == {"dataset", "split_seed", "teacher", "teacher_recipe", "teacher_seed", "student", "epochs"}
+    assert run_context({**study, "data_options": {}, "teacher_checkpoint": ""}) == old
+    ckpt = run_context({**study, "teacher_checkpoint": "/t.pt"})
+    assert ckpt["teacher_recipe"] is None and ckpt["teacher_seed"] is None  # a file has no recipe
+    contexts = (old, run_context({**study, "data_options": {"val_fraction": 0.3}}), ckpt)
+    assert len({config_id(c, {"kd": 1.0}) for c in contexts}) == 3
+    folder = read_folder(Path(__file__).resolve().parents[1] / "results" / "digits")
+    s = study_from_dict(folder.study["study"])
+    for row in folder.trials.to_dict("records"):
+        assert trial_config_id(s, *resolve_trial(s, row_config(row))[:2]) == row["config_id"]

@@ -86,6 +86,10 @@ def test_find_study_by_name_and_path(tmp_path):
     ("[search]", "[confirm]\nseeds = 0\n[search]", r"confirm.seeds 0: allowed: an integer >= 1"),
     ("[search]", "[confirm]\nwith = ['magic']\n[search]", r"confirm.with 'magic': unknown preset"),
     ('name = "t"', 'name = "t"\ncolour = "red"', r"s.toml: colour: unknown key"),
+    ("[search]", "[data]\nimage_size = 16\n[search]", r"s.toml: data: image_size = 16; allowed only for image folders"),
+    ("[search]", "[data]\nval_fraction = 1.5\n[search]", r"data: val_fraction = 1.5; allowed: a number > 0 and < 1"),
+    ("[search]", "[data]\nzoom = 2\n[search]", r"data: data option 'zoom' is unknown; allowed: val_fraction"),
+    ('dataset = "digits"', 'dataset = "folder:"', r"dataset = 'folder:' is unknown; allowed: .*folder:PATH"),
     ("[search]", "[grid]\n[search]", r"needs exactly one of \[search\]"),
 ])
 def test_bad_values_name_file_key_value_and_what_is_allowed(tmp_path, old, new, match):

@@ -44,11 +44,15 @@ def test_every_usual_format_loads_into_the_same_teacher_evaluated_once(tmp_path,
     assert t.meta["test_top1"] == pytest.approx(100 * (z.argmax(1) == digits.test_y).double().mean().item())
     again, hit = get_teacher(digits, "cnn_teacher", Recipe(), checkpoint=tmp_path / "net.pt")
     assert hit and torch.equal(again.centroids, t.centroids)  # the same file: from the cache, no evaluation
+    r = runner.invoke(app, ["teacher", "--arch", "cnn_teacher", "--checkpoint", str(tmp_path / "net.pt")])
+    assert r.exit_code == 0 and "loaded from cache" in r.output and f"{t.meta['test_top1']:.2f}" in r.output, r.output
     torch.save({"net": {k: v + 1e-3 for k, v in sd.items()}}, tmp_path / "net.pt")  # new contents, same name
     assert not get_teacher(digits, "cnn_teacher", Recipe(), checkpoint=tmp_path / "net.pt")[1]
 
 
-def test_a_plain_torchvision_state_dict_loads_into_its_tv_model_as_it_is(tmp_path):
+@pytest.mark.parametrize("name", ["tv:resnet18", "timm:resnet18"])
+def test_a_plain_library_state_dict_loads_into_its_model_as_it_is(tmp_path, name):
+    import timm
     import torchvision
 
     from kdbench.data import load_data
@@ -56,12 +60,16 @@ def test_a_plain_torchvision_state_dict_loads_into_its_tv_model_as_it_is(tmp_pat
     data = load_data("synthetic")
     data = dataclasses.replace(data, train_x=data.train_x[::20], train_y=data.train_y[::20], val_x=data.val_x[::10],
                                val_y=data.val_y[::10], test_x=data.test_x[::10], test_y=data.test_y[::10])
-    torch.manual_seed(0)
-    sd = torchvision.models.resnet18(num_classes=100).state_dict()
-    torch.save(sd, tmp_path / "resnet18.pth")
-    t, _ = get_teacher(data, "tv:resnet18", Recipe(), checkpoint=tmp_path / "resnet18.pth")
-    assert all(torch.equal(t.model.state_dict()[k], v) for k, v in sd.items())
+    torch.manual_seed(0)  # as the library itself builds and saves it
+    lib = torchvision.models.resnet18(num_classes=100) if name.startswith("tv:") else timm.create_model("resnet18",
+                                                                                                      num_classes=100)
+    torch.save(lib.state_dict(), tmp_path / "resnet18.pth")
+    t, _ = get_teacher(data, name, Recipe(), checkpoint=tmp_path / "resnet18.pth")
+    assert all(torch.equal(t.model.state_dict()[k], v) for k, v in lib.state_dict().items())
     assert t.centroids.shape == (100, 512)
+    with torch.inference_mode():  # and computes the library model's own logits
+        x = torch.randn(2, 3, 32, 32)
+        assert torch.allclose(t.model(x)[1], lib.eval()(x), atol=1e-5)
 
 
 def _bad(tmp_path, teacher):
