@@ -18,6 +18,13 @@ def digits():
 
 
 @pytest.fixture(scope="session")
+def synthetic():
+    from kdbench.data import load_data
+
+    return load_data("synthetic")
+
+
+@pytest.fixture(scope="session")
 def digits_teacher(digits):
     """The default digits teacher (trained once per session, then cached)."""
     from kdbench.teacher import get_teacher

@@ -63,17 +63,16 @@ def test_library_model_takes_the_data_sets_channels():
 
 
 @pytest.mark.parametrize("name", ECOSYSTEM)
-def test_library_student_takes_a_distillation_step_with_the_geometry_term(name):
+def test_library_student_takes_a_distillation_step_with_the_geometry_term(name, synthetic):
     """distill() with the geometry method (CE + KD + geometry) on a few synthetic images: finite losses, weights move."""
     import dataclasses
     import math
 
-    from kdbench.data import load_data
     from kdbench.evaluate import forward_all
     from kdbench.geometry import class_centroids
     from kdbench.train import METHODS, Recipe, Teacher, TrainConfig, distill
 
-    data = load_data("synthetic")
+    data = synthetic
     data = dataclasses.replace(data, train_x=data.train_x[:64], train_y=data.train_y[:64], val_x=data.val_x[:32],
                                val_y=data.val_y[:32], test_x=data.test_x[:32], test_y=data.test_y[:32])
     teacher = build_model("cnn_student", data.num_classes, 3).eval().requires_grad_(False)

@@ -51,13 +51,11 @@ def test_every_usual_format_loads_into_the_same_teacher_evaluated_once(tmp_path,
 
 
 @pytest.mark.parametrize("name", ["tv:resnet18", "timm:resnet18"])
-def test_a_plain_library_state_dict_loads_into_its_model_as_it_is(tmp_path, name):
+def test_a_plain_library_state_dict_loads_into_its_model_as_it_is(tmp_path, name, synthetic):
     import timm
     import torchvision
 
-    from kdbench.data import load_data
-
-    data = load_data("synthetic")
+    data = synthetic
     data = dataclasses.replace(data, train_x=data.train_x[::20], train_y=data.train_y[::20], val_x=data.val_x[::10],
                                val_y=data.val_y[::10], test_x=data.test_x[::10], test_y=data.test_y[::10])
     torch.manual_seed(0)  # as the library itself builds and saves it

@@ -100,10 +100,8 @@ def test_every_method_trains_on_digits(name, digits, digits_teacher):
     assert res["test_top1"] > 10.0  # above chance after two epochs
 
 
-def test_every_method_trains_on_synthetic():
-    from kdbench.data import load_data
-
-    data = load_data("synthetic")
+def test_every_method_trains_on_synthetic(synthetic):
+    data = synthetic
     assert data.train_x.shape[1:] == (3, 32, 32) and data.num_classes == 100
     # Real shapes, fewer images and a small teacher: this checks that every method runs, not how well.
     data = dataclasses.replace(data, train_x=data.train_x[::16], train_y=data.train_y[::16],
