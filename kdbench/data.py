@@ -141,7 +141,7 @@ def _stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     mean, std = [], []
     for c in range(x.shape[1]):
         h = np.bincount(np.ascontiguousarray(x[:, c]).reshape(-1), minlength=256)
-        m = float(h @ v) / h.sum()
+        m = float(h @ v / h.sum())
         mean.append(m)
         std.append(float(np.sqrt(h @ (v - m) ** 2 / h.sum())))
     return tuple(mean), tuple(std)
