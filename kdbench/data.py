@@ -97,8 +97,8 @@ def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | 
 
 @functools.lru_cache(maxsize=16)
 def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: str):
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device).view(1, -1, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, -1, 1, 1)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32, device=device).view(1, -1, 1, 1)
     return scale, shift
 
 
