@@ -50,12 +50,22 @@ def _trial_row(study: Study, trial, status: str, seconds: float) -> dict:
 
 def _reason(trial) -> str:
     """Why Ray gave a trial up: the last error's type and first line (e.g. its worker process died)."""
-    try:
-        error = trial.get_pickled_error()  # the exception itself, where Ray could pickle it
-    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError):
-        error = None
+    error = None
+    # The exception itself, where Ray could pickle it: from the trial's local folder, where Ray writes it before
+    # this callback (its copy in the storage may not be synced yet), else from the storage.
+    local = getattr(trial, "pickled_error_file", None)
+    readers = ([lambda: pickle.loads(Path(local).read_bytes())] if local and Path(local).is_file() else [])
+    for read in readers + [trial.get_pickled_error]:
+        try:
+            error = read()
+        except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError):
+            continue
+        if error is not None:
+            break
     if error is None:
-        text = trial.get_error() or ""  # "Failure # N (occurred at T)\n<the error>", once per failure
+        local = getattr(trial, "error_file", None)
+        text = Path(local).read_text() if local and Path(local).is_file() else ""
+        text = text or str(trial.get_error() or "")  # "Failure # N (occurred at T)\n<the error>", once per failure
         lines = [line.strip() for line in text.rsplit("Failure # ", 1)[-1].splitlines()[1:] if line.strip()]
         return lines[0][:200] if lines else "the trial raised an error"
     detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
