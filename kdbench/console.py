@@ -174,6 +174,7 @@ def preload_report() -> threading.Thread:
 
     def load():
         import optuna.importance  # noqa: F401
+        import scipy.stats  # noqa: F401  (the intervals; kdbench.stats imports it where used)
 
         from . import plots, report  # noqa: F401
 

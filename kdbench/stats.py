@@ -17,7 +17,6 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
 
 from .pareto import knee_index, pareto_mask, pareto_ranks
 
@@ -39,6 +38,8 @@ def mean_ci(values, confidence: float = 0.95, n_resamples: int = N_RESAMPLES, se
         return math.nan, math.nan
     if np.all(v == v[0]):  # no spread: the bootstrap distribution is one point
         return float(v[0]), float(v[0])
+    from scipy import stats as sps  # here: scipy.stats costs 0.4 s to import, and `tune` needs it only at the end
+
     ci = sps.bootstrap((v,), np.mean, n_resamples=n_resamples, confidence_level=confidence, method="percentile",
                        rng=np.random.default_rng(seed)).confidence_interval
     return float(ci.low), float(ci.high)
@@ -50,6 +51,8 @@ def p_improvement(x, y) -> float:
     x, y = x[np.isfinite(x)], y[np.isfinite(y)]
     if len(x) == 0 or len(y) == 0:
         return math.nan
+    from scipy import stats as sps
+
     return float(sps.mannwhitneyu(x, y, alternative="two-sided").statistic / (len(x) * len(y)))
 
 
