@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", dest="json_path", help="write the figures here as JSON")
     p.add_argument("--only", help="comma-separated subset: data,geometry,step,folder,ray,search,gpu")
     p.add_argument("--val-fraction", type=float, help="search comparison: the study's [data] val_fraction")
+    p.add_argument("--search-study", default="digits", help="search comparison: the bundled study to search")
     args = p.parse_args(argv)
     if args.device == "cuda":
         import torch
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
         plan.append(("ray_overhead", lambda: bench.ray_overhead(quick=args.quick)))
     if not args.quick:
         options = {"val_fraction": args.val_fraction} if args.val_fraction else None
-        plan.append(("search", lambda: bench.search_comparison(seeds=(0, 1, 2, 3, 4), data_options=options)))
+        plan.append(("search", lambda: bench.search_comparison(seeds=(0, 1, 2, 3, 4), data_options=options,
+                                                               study_name=args.search_study)))
     if args.device == "cuda":
         from . import gpu
 

@@ -319,8 +319,8 @@ def ray_overhead(quick: bool) -> dict:
 # 5. ASHA + TPE against random search without early stopping (digits default study)
 
 
-def search_comparison(seeds=(0, 1, 2, 3, 4), data_options: dict | None = None) -> dict:
-    """Per seed, the default study's search (its confirmation left out) three ways, same number of
+def search_comparison(seeds=(0, 1, 2, 3, 4), data_options: dict | None = None, study_name: str = "digits") -> dict:
+    """Per seed, a study's search (the default one; its confirmation left out) three ways, same number of
     samples: TPE + top-1 ASHA (as bundled), TPE + multi-objective ASHA (``[asha] rank = "pareto"``) and
     random search without early stopping. Hypervolume of each run's full-fidelity (val_top1,
     val_geom_corr) points against one reference per seed: the component-wise worst full-fidelity
@@ -333,7 +333,7 @@ def search_comparison(seeds=(0, 1, 2, 3, 4), data_options: dict | None = None) -
     from kdbench.search import _init_ray, run_study
     from kdbench.study import find_study, load_study
 
-    base = dataclasses.replace(load_study(find_study("digits")), confirm=None, data_options=dict(data_options or {}))
+    base = dataclasses.replace(load_study(find_study(study_name)), confirm=None, data_options=dict(data_options or {}))
     variants = (("asha_tpe", {"asha_rank": "top1"}), ("moasha_tpe", {"asha_rank": "pareto"}),
                 ("random", {"sampler": "random", "asha": False}))
     _init_ray(None, verbose=False)
@@ -354,7 +354,7 @@ def search_comparison(seeds=(0, 1, 2, 3, 4), data_options: dict | None = None) -
             for label, suffix in (("asha_tpe", ""), ("moasha_tpe", "_pareto")):
                 out[f"search_hv_ratio{suffix}"].append(hv[label] / max(hv["random"], 1e-12))
                 out[f"search_budget_ratio{suffix}"].append(spent[label] / spent["random"])
-            out["search_runs"].append({"seed": seed, "data_options": base.data_options, "reference": list(reference),
+            out["search_runs"].append({"seed": seed, "study": study_name, "data_options": base.data_options, "reference": list(reference),
                                        **{f"{k}_hv": v for k, v in hv.items()},
                                        **{f"{k}_trial_epochs": v for k, v in spent.items()},
                                        **{f"{k}_full_trials": len(p) for k, p in points.items()}})
