@@ -180,22 +180,27 @@ def read_folder(root: str | Path, image_size: int | None = None, skip_bad_images
         raise _error(f"folder:{root}: {len(good):,} images of {channels}x{h}x{w} take {_gib(need)} decoded, over "
                      f"the budget of {_gib(limit)} (half the free {what}); {hint} ([data] image_size or --image-size)")
 
-    arrays = [None] * len(good)
-    report = _progress(len(good), f"decoding {root.name}")
-    with report as advance, ThreadPoolExecutor(workers) as pool:
+    # Decoded straight into one array (no second copy); ``good`` is in split order, so each split is a slice.
+    x_all, failed = np.empty((len(good), channels, h, w), dtype=np.uint8), {}
+    with _progress(len(good), f"decoding {root.name}") as advance, ThreadPoolExecutor(workers) as pool:
         for i, a in enumerate(pool.map(lambda f: _decode(f[0][1], mode, image_size), good)):
-            arrays[i] = a
+            if isinstance(a, str):
+                failed[i] = a
+            else:
+                x_all[i] = a
             advance()
-    bad += [(str(f[0][1].relative_to(root)), a) for f, a in zip(good, arrays) if isinstance(a, str)]
+    bad += [(str(good[i][0][1].relative_to(root)), why) for i, why in failed.items()]
     _bad(root, bad, skip_bad_images)
-    splits = {}
+    splits, split_of = {}, np.array([f[0][0] for f in good])
+    keep = np.ones(len(good), dtype=bool)
+    keep[list(failed)] = False
     for s in files:
-        idx = [i for i, ((split, _, _), _) in enumerate(good) if split == s and not isinstance(arrays[i], str)]
-        if not idx:
+        rows = np.flatnonzero((split_of == s) & keep)
+        if not len(rows):
             raise _error(f"{root / s}: no readable images")
-        x = torch.from_numpy(np.stack([arrays[i] for i in idx]))
-        y = torch.tensor([good[i][0][2] for i in idx], dtype=torch.int64)
-        splits[s] = (x, y)
+        whole = len(rows) == rows[-1] - rows[0] + 1
+        x = x_all[rows[0]:rows[-1] + 1] if whole else x_all[rows]  # a view when nothing was left out
+        splits[s] = (torch.from_numpy(x), torch.tensor([good[i][0][2] for i in rows], dtype=torch.int64))
     seconds = time.perf_counter() - t0
     out = {"splits": splits, "classes": classes, "bad": bad, "key": key,
            "decode_seconds": seconds}
