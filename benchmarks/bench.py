@@ -333,7 +333,8 @@ def search_comparison(seeds=(0, 1, 2, 3, 4), data_options: dict | None = None, s
     from kdbench.search import _init_ray, run_study
     from kdbench.study import find_study, load_study
 
-    base = dataclasses.replace(load_study(find_study(study_name)), confirm=None, data_options=dict(data_options or {}))
+    base = load_study(find_study(study_name))
+    base = dataclasses.replace(base, confirm=None, data_options={**base.data_options, **(data_options or {})})
     variants = (("asha_tpe", {"asha_rank": "top1"}), ("moasha_tpe", {"asha_rank": "pareto"}),
                 ("random", {"sampler": "random", "asha": False}))
     _init_ray(None, verbose=False)
