@@ -10,6 +10,15 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _threads():
+    """In-process commands (`kdbench train --threads 1` through CliRunner) set torch's thread count for the
+    whole process: put it back, or every later test runs on one core."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def digits():
     from kdbench.data import load_data
