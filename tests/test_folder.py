@@ -205,6 +205,8 @@ enabled = false
     assert r.exit_code == 0, r.output
     res = json.loads((one / "result.json").read_text())
     assert res["config_id"] == row["config_id"] and res["metrics"]["test_top1"] == row["test_top1"]
+    r = runner.invoke(app, ["rerun", str(out), str(row["trial_id"])])  # from study.json: [data], checkpoint
+    assert r.exit_code == 0 and "identical to the recorded trial, bit for bit" in r.output, r.output
     r = runner.invoke(app, ["compare", str(out), "--format", "json"])
     assert r.exit_code == 0, r.output
     shown = json.loads(r.output)
