@@ -10,6 +10,15 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 
+RAY = {"ray_session", "searched_run", "searched", "two_nodes"}  # the fixtures that start Ray or a cluster
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that need Ray run last (in their usual order): a live Ray instance in this process slows the
+    CPU-bound tests that would otherwise run beside it."""
+    items.sort(key=lambda item: bool(RAY & set(item.fixturenames)))
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     """In-process commands (`kdbench train --threads 1` through CliRunner) set torch's thread count for the

@@ -156,7 +156,7 @@ def test_without_timm_a_timm_model_says_how_to_install(monkeypatch):
                    "needs timm, which is not installed", 'pip install "kdbench[timm]"')
 
 
-def test_tune_train_and_compare_on_a_folder_with_a_torchvision_student_and_a_checkpoint_teacher(tmp_path):
+def test_tune_train_and_compare_on_a_folder_with_a_torchvision_student_and_a_checkpoint_teacher(tmp_path, ray_session):
     from kdbench.train import METHODS, Recipe, TrainConfig, distill
 
     root = write_tree(tmp_path / "imgs", per_split=(("train", 12), ("test", 4)))
