@@ -44,7 +44,8 @@ def _upper(s: torch.Tensor) -> torch.Tensor:
 def geometry_corr(s_student: torch.Tensor, s_teacher: torch.Tensor) -> float:
     """Pearson correlation of the strict upper triangles of two similarity matrices (1 = same).
 
-    Clamped to [-1, 1]: identical inputs can round to 1 + 2e-16 on some CPUs.
+    Clamped to [-1, 1]: identical inputs can round to 1 + 2e-16 on some CPUs. A constant matrix (a student
+    whose features collapsed, e.g. to zero) keeps no geometry: 0, not NaN, so a search can still rank it.
     """
     a, b = _upper(s_student).double(), _upper(s_teacher).double()
     a, b = a - a.mean(), b - b.mean()
