@@ -29,6 +29,10 @@ def test_geometry_corr_equals_numpy_pearson_on_upper_triangle():
     expected = np.corrcoef(sa.numpy()[iu], sb.numpy()[iu])[0, 1]
     assert geometry_corr(sa, sb) == pytest.approx(expected, abs=1e-5)
     assert geometry_corr(sa, sa) == pytest.approx(1.0, abs=1e-9)
+    # Collapsed student features (all zero): a zero similarity matrix keeps no geometry, 0 (not NaN), and
+    # is as far from the teacher's as zero is (relative error 1).
+    collapsed = similarity_matrix(torch.zeros(8, 3))
+    assert geometry_corr(collapsed, sb) == 0.0 and geom_err(collapsed, sb) == pytest.approx(1.0)
 
 
 def test_geom_err_hand_case():
