@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="comma-separated subset: data,geometry,step,folder,ray,search,gpu")
     p.add_argument("--val-fraction", type=float, help="search comparison: the study's [data] val_fraction")
     p.add_argument("--search-study", default="digits", help="search comparison: the bundled study to search")
+    p.add_argument("--search-seeds", type=int, default=5, help="search comparison: seeds 0..N-1")
+    p.add_argument("--search-samples", type=int, help="search comparison: trials per search (default: the study's)")
+    p.add_argument("--search-epochs", type=int, help="search comparison: epochs per trial (default: the study's)")
     args = p.parse_args(argv)
     if args.device == "cuda":
         import torch
@@ -66,8 +69,9 @@ def main(argv=None) -> int:
         plan.append(("ray_overhead", lambda: bench.ray_overhead(quick=args.quick)))
     if not args.quick:
         options = {"val_fraction": args.val_fraction} if args.val_fraction else None
-        plan.append(("search", lambda: bench.search_comparison(seeds=(0, 1, 2, 3, 4), data_options=options,
-                                                               study_name=args.search_study)))
+        plan.append(("search", lambda: bench.search_comparison(
+            seeds=tuple(range(args.search_seeds)), data_options=options, study_name=args.search_study,
+            samples=args.search_samples, epochs=args.search_epochs)))
     if args.device == "cuda":
         from . import gpu
 

@@ -319,7 +319,8 @@ def ray_overhead(quick: bool) -> dict:
 # 5. ASHA + TPE against random search without early stopping (digits default study)
 
 
-def search_comparison(seeds=(0, 1, 2, 3, 4), data_options: dict | None = None, study_name: str = "digits") -> dict:
+def search_comparison(seeds=(0, 1, 2, 3, 4), data_options: dict | None = None, study_name: str = "digits",
+                      samples: int | None = None, epochs: int | None = None) -> dict:
     """Per seed, a study's search (the default one; its confirmation left out) three ways, same number of
     samples: TPE + top-1 ASHA (as bundled), TPE + multi-objective ASHA (``[asha] rank = "pareto"``) and
     random search without early stopping. Hypervolume of each run's full-fidelity (val_top1,
@@ -334,7 +335,11 @@ def search_comparison(seeds=(0, 1, 2, 3, 4), data_options: dict | None = None, s
     from kdbench.study import find_study, load_study
 
     base = load_study(find_study(study_name))
-    base = dataclasses.replace(base, confirm=None, data_options={**base.data_options, **(data_options or {})})
+    base = dataclasses.replace(base, confirm=None, data_options={**base.data_options, **(data_options or {})},
+                               samples=samples or base.samples)
+    if epochs:  # a shorter recipe (and ASHA's first rung within it)
+        base = dataclasses.replace(base, recipe=dataclasses.replace(base.recipe, epochs=epochs),
+                                   grace_period=min(base.grace_period, epochs))
     variants = (("asha_tpe", {"asha_rank": "top1"}), ("moasha_tpe", {"asha_rank": "pareto"}),
                 ("random", {"sampler": "random", "asha": False}))
     _init_ray(None, verbose=False)
@@ -355,7 +360,8 @@ def search_comparison(seeds=(0, 1, 2, 3, 4), data_options: dict | None = None, s
             for label, suffix in (("asha_tpe", ""), ("moasha_tpe", "_pareto")):
                 out[f"search_hv_ratio{suffix}"].append(hv[label] / max(hv["random"], 1e-12))
                 out[f"search_budget_ratio{suffix}"].append(spent[label] / spent["random"])
-            out["search_runs"].append({"seed": seed, "study": study_name, "data_options": base.data_options, "reference": list(reference),
+            out["search_runs"].append({"seed": seed, "study": study_name, "samples": base.samples,
+                                       "epochs": base.recipe.epochs, "data_options": base.data_options, "reference": list(reference),
                                        **{f"{k}_hv": v for k, v in hv.items()},
                                        **{f"{k}_trial_epochs": v for k, v in spent.items()},
                                        **{f"{k}_full_trials": len(p) for k, p in points.items()}})
