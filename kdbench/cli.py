@@ -12,28 +12,13 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from .console import (Device, EvalWhen, LiveView, check_resources, device_or_error, epoch_progress, err, errors, out,
-                      preload_report, summary_table, teacher_with_progress, threads_now)
+from .console import (DatasetName, Device, EvalWhen, ImageSize, LiveView, SkipBad, ValFraction, check_resources,
+                      data_options, device_or_error, epoch_progress, err, errors, out, preload_report, summary_table,
+                      teacher_with_progress, threads_now)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Benchmark knowledge-distillation methods on accuracy and feature-space geometry.")
 # Results go to stdout, progress, notes and errors to stderr. Piped output gets a wide page, not 80 columns.
-# Options that several commands share.
-DatasetName = Annotated[str, typer.Option("--dataset", help="digits | synthetic | cifar10 | cifar100 | folder:PATH "
-                                           "(an image folder: PATH/train/<class>/*, PATH/test/<class>/*)")]
-ImageSize = Annotated[Optional[int], typer.Option(help="image folders: resize (shorter side) and center-crop to this")]
-SkipBad = Annotated[bool, typer.Option(help="image folders: leave unreadable images out (counted) instead of stopping")]
-ValFraction = Annotated[Optional[float], typer.Option(help="share of train held out as val (default: the data set's)")]
-
-
-def _data(dataset: str, image_size, skip_bad_images: bool, val_fraction) -> tuple[str, dict]:
-    """The data set's canonical name and its checked options (the ones given)."""
-    from .data import canonical, check_data
-
-    given = {"image_size": image_size, "skip_bad_images": skip_bad_images or None, "val_fraction": val_fraction}
-    return canonical(dataset), check_data(dataset, {k: v for k, v in given.items() if v is not None})
-
-
 @app.command()
 @errors
 def train(
@@ -75,7 +60,7 @@ def train(
     from .train import METHODS, TrainConfig, dataset_defaults, distill, trial_values
 
     # Validate everything before any work (and before anything is written).
-    dataset, options = _data(dataset, image_size, skip_bad_images, val_fraction)
+    dataset, options = data_options(dataset, image_size, skip_bad_images, val_fraction)
     if method not in METHODS:
         raise StudyError(f"--method {method!r} is unknown; allowed: {', '.join(METHODS)}")
     defaults = dataset_defaults(dataset)
@@ -141,7 +126,7 @@ def teacher(
     """Train a teacher, or read it from --checkpoint (either is cached: $KDBENCH_CACHE or ~/.cache/kdbench), and print it."""
     from .data import load_data
 
-    dataset, options = _data(dataset, image_size, skip_bad_images, val_fraction)
+    dataset, options = data_options(dataset, image_size, skip_bad_images, val_fraction)
     _check_model("--arch", arch)
     dev = device_or_error(device.value)
     data = load_data(dataset, data_root, 0, download, dev, options)

@@ -1,4 +1,4 @@
-"""Console pieces the commands share: the two consoles, one-line errors, progress bars, live views.
+"""Console pieces the commands share: the two consoles, one-line errors, shared options, progress bars, live views.
 
 Results go to stdout (``out``); progress, notes and errors to stderr (``err``).
 """
@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from enum import Enum
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console, Group
@@ -45,6 +46,22 @@ def errors(fn):
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+# Options that several commands share.
+DatasetName = Annotated[str, typer.Option("--dataset", help="digits | synthetic | cifar10 | cifar100 | folder:PATH "
+                                           "(an image folder: PATH/train/<class>/*, PATH/test/<class>/*)")]
+ImageSize = Annotated[Optional[int], typer.Option(help="image folders: resize (shorter side) and center-crop to this")]
+SkipBad = Annotated[bool, typer.Option(help="image folders: leave unreadable images out (counted) instead of stopping")]
+ValFraction = Annotated[Optional[float], typer.Option(help="share of train held out as val (default: the data set's)")]
+
+
+def data_options(dataset: str, image_size, skip_bad_images: bool, val_fraction) -> tuple[str, dict]:
+    """The data set's canonical name and its checked options (the ones given)."""
+    from .data import canonical, check_data
+
+    given = {"image_size": image_size, "skip_bad_images": skip_bad_images or None, "val_fraction": val_fraction}
+    return canonical(dataset), check_data(dataset, {k: v for k, v in given.items() if v is not None})
 
 
 class EvalWhen(str, Enum):
