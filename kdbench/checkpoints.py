@@ -18,6 +18,7 @@ import json
 import os
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
@@ -26,9 +27,9 @@ from .study import StudyError
 __all__ = ["resolve_storage", "experiment_root", "find", "remove", "save", "load", "STATE_FILE", "META_FILE"]
 
 STATE_FILE, META_FILE = "state.pt", "kdbench.json"
-# What pyarrow's file systems raise: ArrowInvalid (a ValueError) for a bad URI, ArrowNotImplementedError
-# for an unknown scheme, OSError (FileNotFoundError, PermissionError, ...) for the I/O itself.
-FS_ERRORS = (ValueError, NotImplementedError, OSError)
+# What pyarrow's file systems raise: ArrowInvalid (a ValueError; a bad JSON file raises one too) for a bad
+# URI, ArrowNotImplementedError for an unknown scheme, OSError (FileNotFoundError, ...) for the I/O itself.
+FS_ERRORS = (ValueError, pa.ArrowNotImplementedError, OSError)
 
 
 def _fs(uri: str):

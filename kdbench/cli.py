@@ -13,8 +13,8 @@ from rich.live import Live
 from rich.table import Table
 
 from .console import (DatasetName, Device, EvalWhen, ImageSize, LiveView, SkipBad, ValFraction, check_resources,
-                      data_options, device_or_error, epoch_progress, err, errors, out, preload_report, summary_table,
-                      teacher_with_progress, threads_now)
+                      check_model_flag, data_options, device_or_error, epoch_progress, err, errors, out, preload_report,
+                      summary_table, teacher_table, teacher_with_progress, threads_now)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Benchmark knowledge-distillation methods on accuracy and feature-space geometry.")
@@ -65,7 +65,7 @@ def train(
         raise StudyError(f"--method {method!r} is unknown; allowed: {', '.join(METHODS)}")
     defaults = dataset_defaults(dataset)
     for flag, name in (("--student", student), ("--teacher", teacher)):
-        _check_model(flag, name)
+        check_model_flag(flag, name)
     values = parse_sets(set_ or [])
     values |= {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
     m, recipe = apply_overrides(METHODS[method], defaults["recipe"], values, "--set")
@@ -127,17 +127,11 @@ def teacher(
     from .data import load_data
 
     dataset, options = data_options(dataset, image_size, skip_bad_images, val_fraction)
-    _check_model("--arch", arch)
+    check_model_flag("--arch", arch)
     dev = device_or_error(device.value)
     data = load_data(dataset, data_root, 0, download, dev, options)
     t = teacher_with_progress(data, dataset, arch, epochs, seed, retrain, flag="--epochs", checkpoint=checkpoint)
-    m = t.meta
-    table = Table(title=f"teacher {m['arch']} on {dataset}")
-    for c in ("val top-1 %", "test top-1 %", "best-epoch test top-1 %", "test kNN %", "params", "train s"):
-        table.add_column(c, justify="right")
-    table.add_row(f"{m['val_top1']:.2f}", f"{m['test_top1']:.2f}", f"{m['best_test_top1']:.2f}",
-                  f"{m['test_knn_top1']:.2f}", f"{m['params']:,}", f"{m['train_seconds']:.1f}")
-    out.print(table)
+    out.print(teacher_table(t.meta, dataset))
 
 
 @app.command()
@@ -155,16 +149,6 @@ def studies():
     for i, r in enumerate(rows):
         line = "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5]
         out.print(f"[bold]{line}[/bold]" if i == 0 else line, soft_wrap=True, highlight=False)
-
-
-def _check_model(flag: str, name: str | None):
-    from .models import check_model
-    from .study import StudyError
-
-    try:
-        name is None or check_model(name)
-    except ValueError as e:
-        raise StudyError(f"{flag} {e}") from None
 
 
 @app.command()

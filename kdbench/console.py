@@ -153,6 +153,26 @@ def summary_table(res: dict, cfg, dataset: str) -> Table:
     return t
 
 
+def teacher_table(m: dict, dataset: str) -> Table:
+    t = Table(title=f"teacher {m['arch']} on {dataset}")
+    for c in ("val top-1 %", "test top-1 %", "best-epoch test top-1 %", "test kNN %", "params", "train s"):
+        t.add_column(c, justify="right")
+    t.add_row(f"{m['val_top1']:.2f}", f"{m['test_top1']:.2f}", f"{m['best_test_top1']:.2f}",
+              f"{m['test_knn_top1']:.2f}", f"{m['params']:,}", f"{m['train_seconds']:.1f}")
+    return t
+
+
+def check_model_flag(flag: str, name: str | None):
+    """A model named on the command line, checked: one line naming the flag otherwise."""
+    from .models import check_model
+    from .study import StudyError
+
+    try:
+        name is None or check_model(name)
+    except ValueError as e:
+        raise StudyError(f"{flag} {e}") from None
+
+
 class LiveView:
     """The tune (or confirm) view, re-rendered on every refresh so the clock moves."""
 

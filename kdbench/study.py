@@ -19,83 +19,17 @@ else:  # pragma: no cover
 
 from .data import DataError, canonical, check_data
 from .models import check_model
-from .train import EVAL_WHEN, METHODS, SCHEDULES, Method, Recipe, dataset_defaults
+from .train import EVAL_WHEN, METHODS, Method, Recipe, dataset_defaults
+from .values import TUNABLE, StudyError, field_types, apply_overrides, check_value, parse_sets
 
 __all__ = ["Study", "Param", "Confirm", "StudyError", "load_study", "study_from_dict", "find_study",
-           "bundled_studies", "apply_overrides", "check_value", "check_confirm",
-           "SAMPLERS", "OBJECTIVES"]
+           "bundled_studies", "apply_overrides", "check_value", "parse_sets", "TUNABLE", "check_confirm",
+           "SAMPLERS", "OBJECTIVES"]  # StudyError and the single-value checks live in kdbench.values
 
 SAMPLERS = ("tpe", "nsga2", "random")
 OBJECTIVES = ("top1", "geom_corr", "geom_err", "cka")  # searchable, measured on val each epoch
 PARAM_TYPES = ("uniform", "loguniform", "int", "categorical")
 STUDIES_DIR = Path(__file__).resolve().parent / "studies"
-
-
-class StudyError(ValueError):
-    """Bad configuration: names the file, the key, the value and what is allowed."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Single values: one table of rules serves study files, --set and the search space bounds
-
-_RULES = {  # field -> (minimum, maximum, minimum is exclusive); None = unbounded
-    "epochs": (1, None, False), "batch_size": (2, None, False), "lr": (0, None, True),
-    "sgd_momentum": (0, 1, False), "weight_decay": (0, None, False), "warmup_epochs": (0, None, False),
-    "temperature": (0, None, True), "momentum": (0, 0.999, False), "cc_gamma": (0, None, True),
-    "cc_order": (0, 8, False), "dkd_warmup": (0, 1, False),
-}
-
-
-def _fields(cls) -> dict[str, str]:
-    return {f.name: f.type for f in dataclasses.fields(cls) if f.name != "name"}
-
-
-TUNABLE = {**_fields(Method), **_fields(Recipe)}  # every key --set and a search space may name
-
-
-def check_value(key: str, value, where: str):
-    """Coerce ``value`` to the type of field ``key`` (of Method or Recipe) and range-check it."""
-    kind = TUNABLE.get(key)
-    if kind is None:
-        raise StudyError(f"{where}: key {key!r} is unknown; allowed: {', '.join(TUNABLE)}")
-    if kind == "str":
-        if key == "schedule" and value not in SCHEDULES:
-            raise StudyError(f"{where}: {key} = {value!r}; allowed: {', '.join(SCHEDULES)}")
-        return str(value)
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        if kind == "int" and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        number = int(value) if kind == "int" else float(value)
-    except (TypeError, ValueError):
-        raise StudyError(f"{where}: {key} = {value!r}; allowed: a number ({kind})") from None
-    lo, hi, open_lo = _RULES.get(key, (0, None, False))  # term weights: >= 0
-    if number != number or (lo is not None and (number < lo or (open_lo and number == lo))) \
-            or (hi is not None and number > hi):
-        span = f"{'>' if open_lo else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
-        raise StudyError(f"{where}: {key} = {value!r}; allowed: {span}")
-    return number
-
-
-def apply_overrides(method: Method, recipe: Recipe, values: dict, where: str) -> tuple[Method, Recipe]:
-    """Set any Method or Recipe field from ``values`` (validated)."""
-    m, r = {}, {}
-    for key, value in values.items():
-        v = check_value(key, value, where)
-        (m if key in _fields(Method) else r)[key] = v
-    return dataclasses.replace(method, **m), dataclasses.replace(recipe, **r)
-
-
-def parse_sets(pairs: list[str]) -> dict:
-    """``["geometry=10", "lr=0.1"]`` -> ``{"geometry": "10", "lr": "0.1"}`` (checked later)."""
-    out = {}
-    for p in pairs:
-        key, sep, value = p.partition("=")
-        if not sep or not key.strip():
-            raise StudyError(f"--set {p!r}: expected KEY=VALUE with KEY one of: {', '.join(TUNABLE)}")
-        out[key.strip()] = value.strip()
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +198,7 @@ def _path(p: str) -> str:
 
 
 def _recipe(r: _Reader, base: Recipe) -> Recipe:
-    r.only(_fields(Recipe))
+    r.only(field_types(Recipe))
     return apply_overrides(Method(), base, r.table, r.file + ": " + r.prefix.rstrip("."))[1]
 
 
@@ -281,7 +215,7 @@ def _methods(r: _Reader) -> dict[str, Method]:
         values = {k: v for k, v in table.items() if k != "base"}
         m, _ = apply_overrides(dataclasses.replace(methods[base], name=name), Recipe(), values,
                                f"{r.file}: methods.{name}")
-        if any(k in _fields(Recipe) for k in values):
+        if any(k in field_types(Recipe) for k in values):
             raise StudyError(f"{r.file}: methods.{name}: recipe keys belong in [recipe]")
         methods[name] = m
     return methods

@@ -1,0 +1,74 @@
+"""One setting at a time: a term weight, a hyperparameter or a recipe field, checked against one table of
+rules that serves study files, ``--set KEY=VALUE`` and the bounds of a search space alike."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .train import SCHEDULES, Method, Recipe
+
+__all__ = ["StudyError", "TUNABLE", "field_types", "check_value", "apply_overrides", "parse_sets"]
+
+
+class StudyError(ValueError):
+    """Bad configuration: names the file, the key, the value and what is allowed."""
+
+
+_RULES = {  # field -> (minimum, maximum, minimum is exclusive); None = unbounded
+    "epochs": (1, None, False), "batch_size": (2, None, False), "lr": (0, None, True),
+    "sgd_momentum": (0, 1, False), "weight_decay": (0, None, False), "warmup_epochs": (0, None, False),
+    "temperature": (0, None, True), "momentum": (0, 0.999, False), "cc_gamma": (0, None, True),
+    "cc_order": (0, 8, False), "dkd_warmup": (0, 1, False),
+}
+
+
+def field_types(cls) -> dict[str, str]:
+    return {f.name: f.type for f in dataclasses.fields(cls) if f.name != "name"}
+
+
+TUNABLE = {**field_types(Method), **field_types(Recipe)}  # every key --set and a search space may name
+
+
+def check_value(key: str, value, where: str):
+    """Coerce ``value`` to the type of field ``key`` (of Method or Recipe) and range-check it."""
+    kind = TUNABLE.get(key)
+    if kind is None:
+        raise StudyError(f"{where}: key {key!r} is unknown; allowed: {', '.join(TUNABLE)}")
+    if kind == "str":
+        if key == "schedule" and value not in SCHEDULES:
+            raise StudyError(f"{where}: {key} = {value!r}; allowed: {', '.join(SCHEDULES)}")
+        return str(value)
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        if kind == "int" and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        number = int(value) if kind == "int" else float(value)
+    except (TypeError, ValueError):
+        raise StudyError(f"{where}: {key} = {value!r}; allowed: a number ({kind})") from None
+    lo, hi, open_lo = _RULES.get(key, (0, None, False))  # term weights: >= 0
+    if number != number or (lo is not None and (number < lo or (open_lo and number == lo))) \
+            or (hi is not None and number > hi):
+        span = f"{'>' if open_lo else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+        raise StudyError(f"{where}: {key} = {value!r}; allowed: {span}")
+    return number
+
+
+def apply_overrides(method: Method, recipe: Recipe, values: dict, where: str) -> tuple[Method, Recipe]:
+    """Set any Method or Recipe field from ``values`` (validated)."""
+    m, r = {}, {}
+    for key, value in values.items():
+        v = check_value(key, value, where)
+        (m if key in field_types(Method) else r)[key] = v
+    return dataclasses.replace(method, **m), dataclasses.replace(recipe, **r)
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    """``["geometry=10", "lr=0.1"]`` -> ``{"geometry": "10", "lr": "0.1"}`` (checked later)."""
+    out = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key.strip():
+            raise StudyError(f"--set {p!r}: expected KEY=VALUE with KEY one of: {', '.join(TUNABLE)}")
+        out[key.strip()] = value.strip()
+    return out
