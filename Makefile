@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/kdbench tune studies/digits.toml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks --quick

@@ -1,22 +1,80 @@
+import glob
+import json
 import os
 import tempfile
 
-# Keep the tests' teacher cache out of the user's: one folder per test session.
-os.environ["KDBENCH_CACHE"] = tempfile.mkdtemp(prefix="kdbench-test-cache-")
+# Keep the tests' teacher cache out of the user's: one folder per test run, made here by the first process that
+# imports this file and inherited by pytest-xdist's workers (`make test` runs two, see below).
+if "KDBENCH_TEST_CACHE" not in os.environ:
+    os.environ["KDBENCH_TEST_CACHE"] = tempfile.mkdtemp(prefix="kdbench-test-cache-")
+os.environ["KDBENCH_CACHE"] = os.environ["KDBENCH_TEST_CACHE"]
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# Two workers on two cores: one thread each (a second thread would only fight the other worker for a core).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
-RAY = {"ray_session", "searched_run", "searched", "two_nodes"}  # the fixtures that start Ray or a cluster
+def _group(item):
+    """The Ray instance a test needs: "cluster" (the two-node cluster), "ray" (this process's), or None."""
+    names = set(item.fixturenames)
+    return "cluster" if "two_nodes" in names else "ray" if names & {"ray_session", "searched_run"} else None
 
 
-def pytest_collection_modifyitems(items):
-    """Tests that need Ray run last (in their usual order): a live Ray instance in this process slows the
-    CPU-bound tests that would otherwise run beside it."""
-    items.sort(key=lambda item: bool(RAY & set(item.fixturenames)))
+def pytest_collection_modifyitems(config, items):
+    """In one process, tests that need Ray run last (in their usual order): a live Ray instance in this process
+    slows the CPU-bound tests that would run beside it. Tests marked slow run first among the others, so that
+    under xdist the longest one never runs alone at the end. In an xdist worker, tell the controller each test's group
+    (it sees only test ids): see pytest_xdist_make_scheduler."""
+    items.sort(key=lambda item: (_group(item) is not None, item.get_closest_marker("slow") is None))
+    if hasattr(config, "workerinput"):
+        path = os.path.join(os.environ["KDBENCH_TEST_CACHE"], f"groups-{config.workerinput['workerid']}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump({item.nodeid: _group(item) for item in items if _group(item)}, f)
+        os.replace(path + ".tmp", path)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs two xdist workers. All tests of one Ray instance go to one worker (one Ray start, one
+    shared search), the two instances to different workers (the largest units go out first), and every other
+    test is a unit of its own, handed to whichever worker runs low. (xdist's own --dist loadgroup cannot be used:
+    it renames test ids, which pytest 9.2 no longer allows.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByRayInstance(LoadScopeScheduling):
+        groups = None
+
+        def _split_scope(self, nodeid):
+            if self.groups is None:  # every worker has finished its collection when the scopes are asked for
+                self.groups = {}
+                for path in glob.glob(os.path.join(os.environ["KDBENCH_TEST_CACHE"], "groups-*.json")):
+                    with open(path) as f:
+                        self.groups |= json.load(f)
+            return self.groups.get(nodeid, nodeid)
+
+    return ByRayInstance(config, log)
+
+
+def pytest_sessionstart(session):
+    """Under xdist, the controller trains the default digits teacher into the shared cache before the workers
+    start (xdist starts them once this returns): once, with both cores, instead of in one worker while the
+    other waits for it. (In a thread beside the starting workers it was slower: they fight for the cores.)"""
+    if getattr(session.config.option, "numprocesses", None) and not hasattr(session.config, "workerinput"):
+        _digits_teacher(_load("digits"))
+
+
+def _load(name):
+    from kdbench.data import load_data
+
+    return load_data(name)
+
+
+def _digits_teacher(digits):
+    from kdbench.teacher import get_teacher
+    from kdbench.train import DATASET_DEFAULTS
+
+    return get_teacher(digits, "cnn_teacher", DATASET_DEFAULTS["digits"]["recipe"])[0]
 
 
 @pytest.fixture(autouse=True)
@@ -30,26 +88,18 @@ def _threads():
 
 @pytest.fixture(scope="session")
 def digits():
-    from kdbench.data import load_data
-
-    return load_data("digits")
+    return _load("digits")
 
 
 @pytest.fixture(scope="session")
 def synthetic():
-    from kdbench.data import load_data
-
-    return load_data("synthetic")
+    return _load("synthetic")
 
 
 @pytest.fixture(scope="session")
 def digits_teacher(digits):
-    """The default digits teacher (trained once per session, then cached)."""
-    from kdbench.teacher import get_teacher
-    from kdbench.train import DATASET_DEFAULTS
-
-    teacher, _ = get_teacher(digits, "cnn_teacher", DATASET_DEFAULTS["digits"]["recipe"])
-    return teacher
+    """The default digits teacher (trained once per test run, then cached)."""
+    return _digits_teacher(digits)
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +130,7 @@ dataset = "digits"
 epochs = 3
 [search]
 samples = 5
+concurrency = 1   # one worker process: a second costs seconds of start-up and tests nothing here
 [search.space.geometry]
 type = "loguniform"
 low = 1.0

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from kdbench import checkpoints
-from kdbench.search import run_confirm
-from kdbench.study import Confirm, load_study
+from kdbench.study import load_study
 from kdbench.trial import resolve_trial, row_config
 from kdbench.train import TrainConfig, distill
 
@@ -82,20 +81,26 @@ def _kill_mid_trial(cmd, env, out):
     return found
 
 
-def test_kill_9_mid_trial_on_a_two_node_cluster_then_resume_there(tmp_path, two_nodes, digits, digits_teacher):
-    """Trials run on both nodes; kill -9 of `kdbench tune` mid-trial, then --resume on the same cluster: finished
-    trials are kept as they were, interrupted ones continue from their checkpoints and end bit for bit as an
-    uninterrupted run, and Optuna asks for their parameters again first."""
-    p = tmp_path / "k.toml"
+@pytest.fixture(scope="module")
+def killed_search(tmp_path_factory, two_nodes):
+    """A search on the cluster whose driver was killed (kill -9) mid-trial, then resumed there with --resume:
+    (study file, results folder, trials.csv at the kill, the checkpoints on disk at the kill, the resume)."""
+    p = tmp_path_factory.mktemp("killed") / "k.toml"
     p.write_text(STUDY)
-    out = tmp_path / "out"
+    out = p.parent / "out"
     cmd, env = _tune(p, out, two_nodes.address)
     found = _kill_mid_trial(cmd, env, out)
     before = pd.read_csv(out / "trials.csv")
-    assert 1 <= len(before) < 4
-
     cmd, env = _tune(p, out, two_nodes.address, "--resume")
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    return p, out, before, found, subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+
+
+def test_kill_9_mid_trial_on_a_two_node_cluster_then_resume_there(killed_search, digits, digits_teacher):
+    """Trials run on both nodes; kill -9 of `kdbench tune` mid-trial, then --resume on the same cluster: finished
+    trials are kept as they were, interrupted ones continue from their checkpoints and end bit for bit as an
+    uninterrupted run, and Optuna asks for their parameters again first."""
+    p, out, before, found, r = killed_search
+    assert 1 <= len(before) < 4
     assert r.returncode == 0, r.stderr[-2000:]
     after = pd.read_csv(out / "trials.csv")
     assert len(after) == 4 and after["trial_id"].is_unique and (after["status"] == "completed").all()
@@ -132,9 +137,10 @@ def test_kill_9_mid_trial_on_a_two_node_cluster_then_resume_there(tmp_path, two_
     assert not (out / "ray").exists()  # every trial finished: no checkpoint left
 
 
-def test_kill_9_during_confirm_on_the_cluster_then_rerun_runs_only_the_missing_pairs(searched, tmp_path, two_nodes):
+def test_kill_9_during_confirm_on_the_cluster_then_rerun_runs_only_the_missing_pairs(killed_search, tmp_path,
+                                                                                    two_nodes):
     out = tmp_path / "out"
-    shutil.copytree(searched, out)
+    shutil.copytree(killed_search[1], out)  # the finished search of the test above
     n_search = len(pd.read_csv(out / "trials.csv"))
     cmd, env = _kdbench("confirm", out, "--seeds", "2", "--top", "1", "--with", "baseline", "--concurrency", "1",
                         "--address", two_nodes.address)
@@ -146,9 +152,10 @@ def test_kill_9_during_confirm_on_the_cluster_then_rerun_runs_only_the_missing_p
     proc.wait()
     before = pd.read_csv(out / "trials.csv")
     assert n_search < len(before) < n_search + 4
-    summary = run_confirm(out, Confirm(seeds=2, top=1, with_=("baseline",)))  # here, on this process's Ray
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)  # the same command again
+    assert r.returncode == 0, r.stderr[-2000:]
     after = pd.read_csv(out / "trials.csv")
     confirm = after[after["stage"] == "confirm"]
-    assert summary["added"] == n_search + 4 - len(before)  # only the missing pairs ran
+    assert f"{n_search + 4 - len(before)} runs added" in r.stderr, r.stderr[-2000:]  # only the missing pairs ran
     assert len(confirm) == 4 and not confirm.duplicated(["config_id", "seed"]).any()
     pd.testing.assert_frame_equal(after.head(len(before))[before.columns], before)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdbench.data import DataError, augment, load_data, normalize, stratified_split, synthetic_images
+from kdbench.data import DataError, _digits_arrays, augment, load_data, normalize, stratified_split, synthetic_images
 
 
 def test_stratified_split_is_deterministic_disjoint_and_proportional():
@@ -66,6 +66,18 @@ def test_digits_splits_are_stratified_uint8_and_cover_every_image():
         counts = torch.bincount(d.split(split)[1], minlength=10).float()
         assert counts.min() / counts.max() > 0.8
     assert d.train_x.max() == 255
+
+
+def test_digits_are_read_as_scikit_learn_loads_them():
+    from sklearn.datasets import load_digits
+
+    images, y = _digits_arrays()
+    ref = load_digits()
+    assert np.array_equal(images, ref.images) and np.array_equal(y, ref.target) and y.dtype == np.int64
+    d = load_data("digits")  # every image, once, in some split (the scaling 0..16 -> 0..255 is exact for 16)
+    x = torch.cat([d.train_x, d.val_x, d.test_x]).reshape(-1, 64).double()
+    expect = torch.tensor(np.round(ref.data * 255 / 16))
+    assert sorted(map(tuple, x.tolist())) == sorted(map(tuple, expect.tolist()))
 
 
 def test_synthetic_is_deterministic_and_has_superclass_geometry():

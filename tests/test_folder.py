@@ -179,6 +179,7 @@ epochs = 2
 batch_size = 16
 [search]
 samples = 4
+concurrency = 1
 [search.space.geometry]
 type = "loguniform"
 low = 1.0

@@ -20,7 +20,7 @@ method = "geometry"
 epochs = 6
 [search]
 samples = {samples}
-concurrency = 2
+concurrency = 1
 [search.space.geometry]
 type = "loguniform"
 low = 1.0
@@ -101,6 +101,7 @@ dataset = "digits"
 epochs = 2
 [grid]
 methods = ["baseline", "geometry"]
+concurrency = 1
 [grid.values]
 lr = [0.05, 1e12]
 [asha]

@@ -77,6 +77,7 @@ def test_teacher_cache_round_trip(digits, digits_teacher):
     assert not any(p.requires_grad for p in loaded.model.parameters())
 
 
+@pytest.mark.slow
 def test_digits_acceptance_teacher_accuracy_and_geometry_gain(digits, digits_teacher):
     """Issue 2's acceptance: teacher >= 97 % test top-1; over 3 seeds the geometry student keeps
     the teacher's geometry better than the baseline student, by more than the seed std."""
