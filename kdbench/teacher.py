@@ -13,10 +13,16 @@ import json
 import os
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None
 
 from .data import Data, DataError, cache_dir, load_data
 from .evaluate import evaluate, forward_all
@@ -79,6 +85,23 @@ def get_teacher(data: Data, arch: str, recipe: Recipe, seed: int = 0, split_seed
     path = _cache_path(data, arch, key)
     if use_cache and path.is_file():
         return load_teacher(path, data), True
+    with _training(path):  # another process training this teacher now: wait for it, then read what it cached
+        if use_cache and path.is_file():
+            return load_teacher(path, data), True
+        return _train(path, data, arch, recipe, seed, split_seed, key, report), False
+
+
+@contextmanager
+def _training(path: Path):
+    """An exclusive lock on ``path``'s ``.lock`` file (POSIX; elsewhere none) while its teacher is trained."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+        yield
+
+
+def _train(path, data, arch, recipe, seed, split_seed, key, report) -> Teacher:
     result = distill(TrainConfig(arch, METHODS["baseline"], recipe, seed, eval_val="every_epoch", eval_test="every_epoch"),
                      data, report=report)
     model = result["model"].eval().requires_grad_(False)
@@ -86,7 +109,7 @@ def get_teacher(data: Data, arch: str, recipe: Recipe, seed: int = 0, split_seed
     meta = {"dataset": data.name, "arch": arch, "seed": seed, "split_seed": split_seed, "key": key,
             "recipe": dataclasses.asdict(recipe),
             **{k: v for k, v in result.items() if k not in ("history", "model")}}
-    return _save(path, model, class_centroids(feats, data.train_y, data.num_classes).clone(), meta), False
+    return _save(path, model, class_centroids(feats, data.train_y, data.num_classes).clone(), meta)
 
 
 def study_data(study, data_root: str | None = None, download: bool = False, device="cpu",

@@ -23,11 +23,12 @@ def _group(item):
 
 
 def pytest_collection_modifyitems(config, items):
-    """In one process, tests that need Ray run last (in their usual order): a live Ray instance in this process
-    slows the CPU-bound tests that would run beside it. Tests marked slow run first among the others, so that
-    under xdist the longest one never runs alone at the end. In an xdist worker, tell the controller each test's group
-    (it sees only test ids): see pytest_xdist_make_scheduler."""
-    items.sort(key=lambda item: (_group(item) is not None, item.get_closest_marker("slow") is None))
+    """In one process, tests that need Ray run last (in their usual order), the cluster's before the local
+    instance's: a live Ray instance in this process slows the CPU-bound tests that would run beside it. Tests
+    marked slow run first among the others, so that under xdist the longest one never runs alone at the end.
+    In an xdist worker, tell the controller each test's group (it sees only test ids): see
+    pytest_xdist_make_scheduler."""
+    items.sort(key=lambda item: ({None: 0, "cluster": 1, "ray": 2}[_group(item)], item.get_closest_marker("slow") is None))
     if hasattr(config, "workerinput"):
         path = os.path.join(os.environ["KDBENCH_TEST_CACHE"], f"groups-{config.workerinput['workerid']}.json")
         with open(path + ".tmp", "w") as f:
@@ -56,10 +57,11 @@ def pytest_xdist_make_scheduler(config, log):
     return ByRayInstance(config, log)
 
 
-def pytest_sessionstart(session):
-    """Under xdist, the controller trains the default digits teacher into the shared cache before the workers
-    start (xdist starts them once this returns): once, with both cores, instead of in one worker while the
-    other waits for it. (In a thread beside the starting workers it was slower: they fight for the cores.)"""
+@pytest.hookimpl(tryfirst=True)  # on the controller: after xdist has started the workers, inside pytest's timing
+def pytest_collection(session):
+    """Under xdist, the controller trains the default digits teacher into the shared cache while the workers
+    start and collect: once, with both cores, instead of in one worker while the other waits for it. No worker
+    runs a test before this returns: the controller hands tests out after its collection step."""
     if getattr(session.config.option, "numprocesses", None) and not hasattr(session.config, "workerinput"):
         _digits_teacher(_load("digits"))
 

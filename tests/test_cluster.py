@@ -82,9 +82,10 @@ def _kill_mid_trial(cmd, env, out):
 
 
 @pytest.fixture(scope="module")
-def killed_search(tmp_path_factory, two_nodes):
+def killed_search(tmp_path_factory, two_nodes, digits_teacher):
     """A search on the cluster whose driver was killed (kill -9) mid-trial, then resumed there with --resume:
-    (study file, results folder, trials.csv at the kill, the checkpoints on disk at the kill, the resume)."""
+    (study file, results folder, trials.csv at the kill, the checkpoints on disk at the kill, the resume).
+    The default teacher is in the cache first: the commands read it, and the timing is the search's."""
     p = tmp_path_factory.mktemp("killed") / "k.toml"
     p.write_text(STUDY)
     out = p.parent / "out"

@@ -1,5 +1,6 @@
 """Teachers read from checkpoint files (issue 10): the formats trainers save, evaluated once, cached by the
-file's hash; every bad file is one line and writes nothing."""
+file's hash; every bad file is one line and writes nothing. A teacher trained by another process (or thread)
+right now is waited for, not trained twice."""
 
 import dataclasses
 
@@ -97,3 +98,25 @@ def test_bad_checkpoints_are_one_line_and_write_nothing(tmp_path, digits_teacher
                             "--out", str(out)])
     one_line_error(r, str(path), *fragments)
     assert not out.exists()
+
+
+def test_a_teacher_being_trained_elsewhere_is_waited_for_then_read_from_its_cache(tmp_path, monkeypatch, digits):
+    """A second caller arrives while the first trains (at its first epoch's report, one epoch still to go): it
+    waits on the cache entry's lock, then reads what the first cached. Without the lock it would train too."""
+    import threading
+
+    monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path))
+    recipe, got = Recipe(epochs=2), {}
+    second = threading.Thread(target=lambda: got.setdefault("second", get_teacher(digits, "cnn_student", recipe)))
+
+    def report(row):
+        if row["epoch"] == 1:
+            second.start()
+            second.join(timeout=0.5)  # it is blocked on the lock, not finished: nothing is cached yet
+            assert second.is_alive() and not list(tmp_path.glob("*.pt"))
+
+    first, hit = get_teacher(digits, "cnn_student", recipe, report=report)
+    second.join()
+    assert not hit and got["second"][1]  # trained once, then read from the cache
+    assert torch.equal(first.centroids, got["second"][0].centroids)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
