@@ -36,6 +36,7 @@ def pytest_collection_modifyitems(config, items):
         os.replace(path + ".tmp", path)
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without it, plain pytest runs everything in one process
 def pytest_xdist_make_scheduler(config, log):
     """`make test` runs two xdist workers. All tests of one Ray instance go to one worker (one Ray start, one
     shared search), the two instances to different workers (the largest units go out first), and every other
