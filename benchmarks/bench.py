@@ -22,6 +22,7 @@ from kdbench.geometry import CentroidMemory
 from kdbench.models import build_model
 from kdbench.teacher import get_teacher
 from kdbench.train import DATASET_DEFAULTS, METHODS, Recipe, TrainConfig, distill
+from kdbench.results import read_table
 
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)  # CIFAR-100
 
@@ -287,7 +288,6 @@ def _run_tune(args: list[str], env: dict) -> tuple[float, float]:
 def ray_overhead(quick: bool) -> dict:
     """The default study as a user runs it (24 trials), in a subprocess: Python start-up, Ray start and
     stop, the teacher step and the final summary all count against kdbench."""
-    import pandas as pd
 
     samples = 24
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -297,7 +297,7 @@ def ray_overhead(quick: bool) -> dict:
         out = Path(tmp) / "run"
         launched = time.time()
         wall, peak = _run_tune(["digits", "--samples", str(samples), "--out", str(out)], env)
-        trials = pd.read_csv(out / "trials.csv")
+        trials = read_table(out / "trials.csv")
         meta = json.loads((out / "study.json").read_text())
     concurrency, t = meta["study"]["concurrency"], meta["timings"]
     busy = trials["seconds"].sum() / concurrency
@@ -328,7 +328,6 @@ def search_comparison(seeds=(0, 1, 2, 3, 4), data_options: dict | None = None, s
     point of the three runs; budget: trial-epochs spent. ``data_options``: the study's ``[data]`` (e.g. a
     larger ``val_fraction``, for finer rung decisions)."""
     import numpy as np
-    import pandas as pd
 
     from kdbench.pareto import hypervolume_2d
     from kdbench.search import _init_ray, run_study
@@ -352,7 +351,7 @@ def search_comparison(seeds=(0, 1, 2, 3, 4), data_options: dict | None = None, s
                 study = dataclasses.replace(base, seed=seed, name=f"{label}-{seed}", **changes)
                 folder = Path(tmp) / study.name
                 run_study(study, folder)
-                runs[label] = pd.read_csv(folder / "trials.csv")
+                runs[label] = read_table(folder / "trials.csv")
             points = {k: t[t["fidelity"] == "full"][["val_top1", "val_geom_corr"]].to_numpy() for k, t in runs.items()}
             reference = tuple(np.vstack(list(points.values())).min(0) - 1e-9)
             hv = {k: hypervolume_2d(p, reference) for k, p in points.items()}

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from kdbench.data import load_data
+from kdbench.results import read_table
 from kdbench.evaluate import forward_all
 from kdbench.geometry import class_centroids
 from kdbench.models import build_model
@@ -99,7 +100,7 @@ def tune_end_to_end() -> dict:
         wall = time.perf_counter() - t0
         wanted = ("study.json", "trials.csv", "epochs.csv", "optuna.db", "front.csv", "leaderboard.md", "pareto.png")
         missing = [n for n in wanted if not (out / n).is_file()]
-        trials = pd.read_csv(out / "trials.csv") if (out / "trials.csv").is_file() else pd.DataFrame()
+        trials = read_table(out / "trials.csv") if (out / "trials.csv").is_file() else pd.DataFrame()
         meta = json.loads((out / "study.json").read_text()) if (out / "study.json").is_file() else {}
     return {"gpu_tune_exit_code": r.returncode, "gpu_tune_wall_seconds": wall, "gpu_tune_trials": len(trials),
             "gpu_tune_statuses": trials["status"].value_counts().to_dict() if len(trials) else {},

@@ -31,6 +31,7 @@ from pathlib import Path
 import pandas as pd
 
 from kdbench import checkpoints
+from kdbench.results import read_table
 
 STUDY = """
 name = "kill"
@@ -54,7 +55,7 @@ every = 1
 
 def _rows(out: Path) -> pd.DataFrame:
     p = out / "trials.csv"
-    return pd.read_csv(p) if p.exists() and p.stat().st_size else pd.DataFrame()
+    return read_table(p) if p.exists() and p.stat().st_size else pd.DataFrame()
 
 
 def main(argv=None) -> int:

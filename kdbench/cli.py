@@ -375,13 +375,20 @@ def compare(
     fmt: Annotated[str, typer.Option("--format", help="table | md | csv | json")] = "table",
     val: Annotated[bool, typer.Option("--val", help="use validation metrics instead of test")] = False,
     save: Annotated[bool, typer.Option(help="also write leaderboard.md, front.csv and pareto.png into the (single) folder")] = False,
+    interval: Annotated[str, typer.Option(help="95% interval of a configuration's mean: t (Student-t, covers 95% at "
+                                               "3 seeds) | bootstrap (percentile; too narrow at few seeds)")] = "t",
 ):
-    """Leaderboard of configurations (mean ± std and 95% interval over seeds, P(improvement) over the
-    baseline), the Pareto front on configuration means, its stability after `confirm`, importances."""
+    """Leaderboard (mean ± std, 95% interval, P(improvement) over seeds), the Pareto front with P(on front), importances.
+
+    Configurations are ranked on their means over seeds; the front is decided on validation means, with
+    its stability after `confirm`."""
     from .results import ResultsError, find_latest
+    from .stats import INTERVALS
 
     if fmt not in ("table", "md", "csv", "json"):
         raise ResultsError(f"--format {fmt!r}: allowed: table, md, csv, json")
+    if interval not in INTERVALS:
+        raise ResultsError(f"--interval {interval!r}: allowed: {', '.join(INTERVALS)}")
     if not folders:
         latest = find_latest("results")
         if latest is None:
@@ -389,10 +396,10 @@ def compare(
         folders = [latest]
     if save and len(folders) != 1:
         raise ResultsError(f"--save: writes into one results folder; got {len(folders)}")
-    _compare(folders, tuple(c.strip() for c in by.split(",") if c.strip()), plot, fmt, val, save=save)
+    _compare(folders, tuple(c.strip() for c in by.split(",") if c.strip()), plot, fmt, val, save=save, interval=interval)
 
 
-def _compare(folders, by, plot, fmt, val, top: int | None = None, save: bool = False):
+def _compare(folders, by, plot, fmt, val, top: int | None = None, save: bool = False, interval: str = "t"):
     from . import report
     from .results import ResultsError
 
@@ -410,21 +417,24 @@ def _compare(folders, by, plot, fmt, val, top: int | None = None, save: bool = F
     if df.empty:
         err.print(f"{', '.join(f.name for f in loaded)}: no finished trials yet")
         return
-    lb = report.leaderboard(df, loaded, by, split)
-    fr = report.front(df, report.objectives_of(loaded), split, searched=report.searched_of(loaded))
+    lb = report.leaderboard(df, loaded, by, split, interval)
+    fr = report.front(df, report.objectives_of(loaded), split, searched=report.searched_of(loaded), interval=interval)
     imp, note = report.importances(loaded[0]) if len(loaded) == 1 else (None, "")
     if fmt == "json":
         sys.stdout.write(report.to_json(lb, fr, imp) + "\n")
     elif fmt == "csv":
         sys.stdout.write(lb.to_csv(index=False))
     elif fmt == "md":
-        sys.stdout.write(report.to_markdown(lb, by, split))
+        sys.stdout.write(report.to_markdown(lb, by, split, interval))
     elif fmt == "table":
         shown = lb if top is None else lb.head(top)
         more = f" (top {top} of {len(lb)}; all: kdbench compare DIR)" if top is not None and len(lb) > top else ""
-        out.print(report.leaderboard_table(shown, by, split, f"Leaderboard — {', '.join(f.name for f in loaded)}{more}"))
+        out.print(report.leaderboard_table(shown, by, split, f"Leaderboard — {', '.join(f.name for f in loaded)}{more}",
+                                           interval))
         out.print(report.front_table(fr, f"Pareto front on configuration means: {len(fr.rows)} of {len(fr.points)} "
                                          f"configurations (validation {' vs '.join(fr.objectives)})"))
+        for line in report.unsettled_lines(fr):
+            out.print(line, highlight=False, soft_wrap=True)
         counts = df["status"].value_counts().to_dict()
         out.print("trials: " + ", ".join(f"{k} {v}" for k, v in counts.items()), highlight=False)
         if note and "no optuna.db" not in note:

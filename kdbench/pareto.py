@@ -8,17 +8,18 @@ __all__ = ["pareto_mask", "pareto_ranks", "hypervolume_2d", "knee_index"]
 
 
 def pareto_mask(points: np.ndarray) -> np.ndarray:
-    """Boolean mask of the non-dominated rows of ``points`` ``(n, k)``, every objective maximised.
+    """Boolean mask of the non-dominated rows of ``points`` ``(..., n, k)``, every objective maximised
+    (leading dimensions: independent point sets, e.g. bootstrap resamples).
 
     Row ``i`` is dominated when some row is ``>=`` on every objective and ``>`` on at least one.
     Duplicates do not dominate each other: all copies of a non-dominated point are kept.
     """
     p = np.asarray(points, dtype=float)
     if p.size == 0:
-        return np.zeros(len(p), dtype=bool)
-    ge = (p[:, None, :] >= p[None, :, :]).all(-1)  # ge[j, i]: row j >= row i everywhere
-    gt = (p[:, None, :] > p[None, :, :]).any(-1)
-    return ~(ge & gt).any(0)
+        return np.zeros(p.shape[:-1], dtype=bool)
+    ge = (p[..., :, None, :] >= p[..., None, :, :]).all(-1)  # ge[..., j, i]: row j >= row i everywhere
+    gt = (p[..., :, None, :] > p[..., None, :, :]).any(-1)
+    return ~(ge & gt).any(-2)
 
 
 def pareto_ranks(points: np.ndarray) -> np.ndarray:

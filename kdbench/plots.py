@@ -34,8 +34,9 @@ def _save(fig, path) -> None:
 
 def plot_front(df: pd.DataFrame, fr, folders: list[Folder], path: str | Path) -> None:
     """Two panels, validation (where the front is decided) and the reported split: each configuration's
-    mean with 95% intervals on both axes, its seeds faint behind; confirmed configurations as squares;
-    the front, its knee, the teacher's top-1."""
+    mean with 95% intervals on both axes, its seeds faint behind, its marker as opaque as its P(on front)
+    (a floor of 0.25 keeps every configuration visible); confirmed configurations as squares; the front, its
+    knee, the teacher's top-1."""
     plt = _pyplot()
     o1, o2 = fr.objectives
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.4), dpi=120)
@@ -59,7 +60,10 @@ def plot_front(df: pd.DataFrame, fr, folders: list[Folder], path: str | Path) ->
                 ax.errorbar(g[f"{x}_mean"], g[f"{y}_mean"], xerr=np.nan_to_num(xerr), yerr=np.nan_to_num(yerr),
                             fmt="none", ecolor=colours[m], alpha=0.6, linewidth=1)
                 on = g["config_id"].isin(front_ids).to_numpy()
-                ax.scatter(g[f"{x}_mean"], g[f"{y}_mean"], s=np.where(on, 60, 28), marker=marker, color=colours[m],
+                p = g["p_on_front"].to_numpy(float) if "p_on_front" in g.columns else np.ones(len(g))
+                alpha = 0.25 + 0.75 * np.nan_to_num(p, nan=1.0)
+                ax.scatter(g[f"{x}_mean"], g[f"{y}_mean"], s=np.where(on, 60, 28), marker=marker,
+                           color=[(*colours[m], a) for a in alpha],
                            edgecolor=np.where(on, "black", "white"), linewidth=np.where(on, 1.2, 0.5), zorder=3,
                            label=f"{m}{', confirmed' if confirmed else ''} ({len(g)})" if split == "val" else None)
         if len(fr.rows):
@@ -79,7 +83,8 @@ def plot_front(df: pd.DataFrame, fr, folders: list[Folder], path: str | Path) ->
         ax.set_title(("validation: the front is chosen here" if split == "val" else f"{split}: the same configurations"),
                      fontsize=9)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"Accuracy vs geometry kept, configuration means with 95% CIs — {', '.join(f.name for f in folders)}",
+    fig.suptitle(f"Accuracy vs geometry kept, configuration means with 95% intervals ({stats.INTERVALS[fr.interval]}); "
+                 f"opacity = P(on front) — {', '.join(f.name for f in folders)}",
                  fontsize=10)
     fig.legend(fontsize=7, loc="center right", frameon=False)
     fig.tight_layout(rect=(0, 0, 0.85, 1))

@@ -66,11 +66,11 @@ def _col(split: str, m: str) -> str:
 
 
 def leaderboard(df: pd.DataFrame, folders: list[Folder], by: tuple[str, ...] = ("config",),
-                split: str = "test") -> pd.DataFrame:
+                split: str = "test", interval: str = "t") -> pd.DataFrame:
     """One row per (study, group): ``by = ("config",)`` groups by configuration (seeds of one
     configuration together), any other columns group by their values (e.g. ``method``).
 
-    Per metric: mean, std, 95% bootstrap interval over the runs the group's claim rests on (see
+    Per metric: mean, std, 95% interval (``interval``: see :func:`kdbench.stats.mean_ci`) over the runs the group's claim rests on (see
     :func:`kdbench.stats.claim_rows`); ``n_low`` and ``n_failed`` count early-stopped and failed runs,
     never ranked. P(improvement) over ``baseline`` and ``kd``; ``delta_top1``/``delta_geom_corr``: the
     difference of means to the baseline. Rank: groups with two or more seeds first (they carry an
@@ -81,7 +81,7 @@ def leaderboard(df: pd.DataFrame, folders: list[Folder], by: tuple[str, ...] = (
     for col in keys:
         if col not in df.columns:
             raise ResultsError(f"--by {col}: no such column; allowed: config, {', '.join(sorted(map(str, df.columns)))}")
-    lb = stats.summarise(df, ALL_METRICS, keys, split)
+    lb = stats.summarise(df, ALL_METRICS, keys, split, interval=interval)
     if lb.empty:
         return lb
     if keys == ("config_id",):  # a configuration only stopped early or failed has nothing to claim
@@ -145,17 +145,20 @@ class Front:
     objectives: tuple[str, str]
     split: str  # the split reported beside (test by default)
     multi_seed_front: list  # config_ids on the front among configurations with 2+ seeds: what can be claimed
+    interval: str = "t"  # how the intervals were computed (stats.INTERVALS)
+    unsettled: list = ()  # stats.unsettled: front members and rivals the seeds cannot separate yet
 
 
 def front(df: pd.DataFrame, objectives: tuple[str, str] = ("top1", "geom_corr"), split: str = "test",
-          reference: tuple[float, float] | None = None, searched: list[str] = ()) -> Front:
-    """Pareto front over configuration means (never single seeds), membership on validation means.
+          reference: tuple[float, float] | None = None, searched: list[str] = (), interval: str = "t") -> Front:
+    """Pareto front over configuration means (never single seeds), membership on validation means;
+    every configuration's ``p_on_front`` (see :func:`kdbench.stats.p_on_front`).
 
     The hypervolume's reference point is ``reference`` if given, else the validation means of the
     ``baseline`` configuration with the most seeds, else (0, -1) (oriented: a minimised objective
     is negated).
     """
-    table = stats.summarise(df, ALL_METRICS, ("config_id",), split) if len(df) else pd.DataFrame()
+    table = stats.summarise(df, ALL_METRICS, ("config_id",), split, interval=interval) if len(df) else pd.DataFrame()
     cols = [f"val_{o}_mean" for o in objectives]
     if not table.empty and all(c in table.columns for c in cols):
         table = table[(table["n"] > 0)].dropna(subset=cols).reset_index(drop=True)
@@ -170,7 +173,8 @@ def front(df: pd.DataFrame, objectives: tuple[str, str] = ("top1", "geom_corr"),
         else:
             reference, source = (0.0, -1.0), "(0, -1)"
     if table.empty:
-        return Front(table, table, 0.0, reference, source, None, None, tuple(objectives), split, [])
+        return Front(table, table, 0.0, reference, source, None, None, tuple(objectives), split, [], interval)
+    table["p_on_front"] = stats.p_on_front(df, table, objectives)
     table.attrs["searched"] = list(searched)
     mask, knee = stats.front_on_means(table, objectives, "val")
     rows = table[mask].sort_values(cols, ascending=False)
@@ -179,7 +183,8 @@ def front(df: pd.DataFrame, objectives: tuple[str, str] = ("top1", "geom_corr"),
     confirmed = multi.loc[stats.front_on_means(multi, objectives, "val")[0], "config_id"].tolist() if len(multi) else []
     hv = hypervolume_2d(stats.oriented(table[cols].to_numpy(float), objectives), reference)
     return Front(rows, table, hv, reference, source, table.loc[knee].to_dict() if knee is not None else None,
-                 stats.front_stability(df, table, objectives), tuple(objectives), split, confirmed)
+                 stats.front_stability(df, table, objectives), tuple(objectives), split, confirmed, interval,
+                 stats.unsettled(table, objectives))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,15 +233,15 @@ def _seeds(r: dict) -> str:
         + (f" (+{int(r['n_failed'])} failed)" if r.get("n_failed") else "")
 
 
-def _leader_columns(split: str, wide: bool = True):
+def _leader_columns(split: str, wide: bool = True, interval: str = "t"):
     """(header, formatter) of the leaderboard; a column empty in every row is dropped. ``wide`` (markdown):
     stds beside the intervals, and the columns a console has no room for."""
     t = split
     cols = [
         ("#", lambda r: "" if _nan(r.get("rank")) else str(int(r["rank"]))),
         ("seeds", _seeds),
-        ("top-1 % [95% CI]", lambda r: _ci(r, f"{t}_top1", std=wide)),
-        ("geom_corr [95% CI]", lambda r: _ci(r, f"{t}_geom_corr", "{:.3f}", std=wide)),
+        (f"top-1 % [95% {_short(interval)}]", lambda r: _ci(r, f"{t}_top1", std=wide)),
+        (f"geom_corr [95% {_short(interval)}]", lambda r: _ci(r, f"{t}_geom_corr", "{:.3f}", std=wide)),
         ("P(>base) top-1 / geom", lambda r: "—" if _nan(r.get("p_improve_top1_vs_baseline")) else
          f"{_prob(r.get('p_improve_top1_vs_baseline'))} / {_prob(r.get('p_improve_geom_corr_vs_baseline'))}"),
         ("reported top-1 %", lambda r: _pm(r.get("reported_top1"), None)),
@@ -253,6 +258,11 @@ def _leader_columns(split: str, wide: bool = True):
     return cols
 
 
+def _short(interval: str) -> str:
+    """The interval's name in a column header."""
+    return {"t": "t-CI", "bootstrap": "bootstrap CI"}[interval]
+
+
 def _label_columns(lb: pd.DataFrame, by: tuple[str, ...], wide: bool = True) -> list[str]:
     """Columns that name a row. Configurations: id, method and the hyperparameters that vary (on a
     console only the searched ones, ``lb.attrs["searched"]``: the method names the presets)."""
@@ -266,9 +276,9 @@ def _label_columns(lb: pd.DataFrame, by: tuple[str, ...], wide: bool = True) -> 
     return ["config_id", "method", *hp]
 
 
-def _leader_cells(lb: pd.DataFrame, by: tuple[str, ...], split: str = "test", wide: bool = True):
+def _leader_cells(lb: pd.DataFrame, by: tuple[str, ...], split: str = "test", wide: bool = True, interval: str = "t"):
     records = lb.to_dict("records")
-    cols = [c for c in _leader_columns(split, wide) if any(c[1](r) not in ("—", "") for r in records)]
+    cols = [c for c in _leader_columns(split, wide, interval) if any(c[1](r) not in ("—", "") for r in records)]
     labels = _label_columns(lb, by, wide)
     multi = lb["study"].nunique() > 1
     rank, cols = cols[:1], cols[1:]
@@ -285,13 +295,13 @@ def _fmt_key(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def leaderboard_table(lb: pd.DataFrame, by: tuple[str, ...], split: str, title: str) -> Table:
-    head, body = _leader_cells(lb, by, split, wide=False)
-    t = Table(title=title, caption=f"mean ± std [95% bootstrap CI of the mean] over seeds, {split} split, last epoch; "
+def leaderboard_table(lb: pd.DataFrame, by: tuple[str, ...], split: str, title: str, interval: str = "t") -> Table:
+    head, body = _leader_cells(lb, by, split, wide=False, interval=interval)
+    t = Table(title=title, caption=f"mean ± std [{stats.interval_label(interval)}] over seeds, {split} split, last epoch; "
                                    f"✓ = confirmed on fresh seeds (the search seed is then left out: it chose the "
                                    f"configuration); P(>base) = P(a run beats a baseline run); configurations with "
                                    f"2+ seeds rank first")
-    values = dict(_leader_columns(split))
+    values = dict(_leader_columns(split, interval=interval))
     for h in head:
         t.add_column(h, justify="right" if h in values else "left", no_wrap=h in values or h == "config",
                      overflow="ellipsis", min_width=8 if h == "method" else None)
@@ -315,7 +325,9 @@ def front_table(fr: Front, title: str) -> Table:
     single = [r["config_id"] for r in fr.rows.to_dict("records") if r["n_seeds"] == 1]
     t = Table(title=title, caption=f"membership on validation means; hypervolume {fr.hypervolume:.3f} above "
                                    f"({fr.reference_point[0]:.2f}, {fr.reference_point[1]:.3f}), {fr.reference_source}; "
-                                   f"★ = knee; {_stability_text(fr)}"
+                                   f"★ = knee; P(front) = share of bootstrap resamples of the seeds in which the "
+                                   f"configuration is on the front; intervals: {stats.interval_label(fr.interval)}; "
+                                   f"{_stability_text(fr)}"
                                    + (f"; {len(single)} single-seed: not a claim yet (confirm more with kdbench confirm "
                                       f"DIR --top N)" if single else "")
                                    + (f"; among configurations with 2+ seeds the front is {', '.join(fr.multi_seed_front)}"
@@ -323,21 +335,34 @@ def front_table(fr: Front, title: str) -> Table:
     hp = [c for c in _label_columns(fr.rows, ("config",), wide=False) if c not in ("config_id", "method")]
     o1, o2 = fr.objectives
     s = fr.split
-    for h in ["", "config", "method", *hp, "seeds", f"val {o1}", f"val {o2}", f"{s} top-1 % [95% CI]",
-              f"{s} geom_corr [95% CI]"]:
+    ci = _short(fr.interval)
+    for h in ["", "config", "method", *hp, "seeds", f"val {o1}", f"val {o2}", "P(front)", f"{s} top-1 % [95% {ci}]",
+              f"{s} geom_corr [95% {ci}]"]:
         t.add_column(h, justify="left" if h in ("config", "method") else "right",
                      no_wrap=h.startswith((s, "config", "val", "seeds")), overflow="ellipsis")
     knee = fr.knee["config_id"] if fr.knee else None
     for r in fr.rows.to_dict("records"):
         t.add_row("★" if r["config_id"] == knee else "", r["config_id"], str(r.get("method", "")),
                   *[_fmt_key(r.get(h)) for h in hp], _seeds(r),
-                  f"{r[f'val_{o1}_mean']:.4g}", f"{r[f'val_{o2}_mean']:.4g}", _ci(r, f"{s}_top1", std=False),
+                  f"{r[f'val_{o1}_mean']:.4g}", f"{r[f'val_{o2}_mean']:.4g}", _prob(r.get("p_on_front")),
+                  _ci(r, f"{s}_top1", std=False),
                   _ci(r, f"{s}_geom_corr", "{:.3f}", std=False))
     return t
 
 
-def to_markdown(lb: pd.DataFrame, by: tuple[str, ...], split: str = "test") -> str:
-    head, body = _leader_cells(lb, by, split)
+def unsettled_lines(fr: Front) -> list[str]:
+    """One line per front member and rival the seeds cannot separate yet, with the seeds that would."""
+    out = []
+    for u in fr.unsettled:
+        more = (f"~{u['seeds_needed']} seeds each would separate them on val {u['objective']} (gap {u['gap']:.3g})"
+                if u["seeds_needed"] else "no number of seeds would separate them at this spread")
+        out.append(f"not separated: {u['member']} (front) and {u['rival']}: their val intervals overlap on both "
+                   f"objectives; {more}")
+    return out
+
+
+def to_markdown(lb: pd.DataFrame, by: tuple[str, ...], split: str = "test", interval: str = "t") -> str:
+    head, body = _leader_cells(lb, by, split, interval=interval)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines) + "\n"
@@ -363,7 +388,8 @@ def to_json(lb: pd.DataFrame, fr: Front, imp: pd.DataFrame | None = None) -> str
            "single_seed_on_front": [r["config_id"] for r in fr.rows.to_dict("records") if r["n_seeds"] == 1],
            "front_of_multi_seed_configurations": fr.multi_seed_front,
            "importances": None if imp is None else imp.to_dict("records"), "split": fr.split,
-           "interval": f"95% percentile bootstrap of the mean over seeds ({stats.N_RESAMPLES} resamples, fixed seed)"}
+           "interval_method": fr.interval, "interval": f"{stats.interval_label(fr.interval)} over seeds",
+           "unsettled": list(fr.unsettled)}
     return json.dumps(_jsonable(doc), indent=2)
 
 
@@ -408,12 +434,13 @@ def importances(folder: Folder) -> tuple[pd.DataFrame | None, str]:
 
 def save_summary(folder: Folder, lb: pd.DataFrame, fr: Front, df: pd.DataFrame, by: tuple[str, ...],
                  imp: pd.DataFrame | None = None) -> list[str]:
-    """Write ``leaderboard.md``, ``front.csv``, ``pareto.png`` and, for searches, ``slices.png`` and
-    ``importances.csv`` into a results folder (each atomically); return the names written."""
+    """Write ``leaderboard.md`` (with the interval named under it), ``front.csv``, ``pareto.png`` and, for searches,
+    ``slices.png`` and ``importances.csv`` into a results folder (each atomically); return the names written."""
     from .plots import plot_front, plot_slices
     from .results import write_csv, write_text
 
-    write_text(folder.path / "leaderboard.md", to_markdown(lb, by))
+    write_text(folder.path / "leaderboard.md", to_markdown(lb, by, interval=fr.interval)
+               + f"\nIntervals: {stats.interval_label(fr.interval)} over seeds.\n")
     write_csv(folder.path / "front.csv", fr.rows)
     written = ["leaderboard.md", "front.csv", "pareto.png"]
     for name, draw in (("pareto.png", lambda p: plot_front(df, fr, [folder], p) or True),

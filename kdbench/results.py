@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 __all__ = ["write_json", "write_text", "write_csv", "environment", "ResultsError", "read_folder", "Folder",
-           "TRIAL_COLUMNS", "METRICS", "STAGES", "find_latest", "config_id", "run_context", "FolderLock", "read_study"]
+           "read_table", "TRIAL_COLUMNS", "METRICS", "STAGES", "find_latest", "config_id", "run_context", "FolderLock", "read_study"]
 
 # Final metrics of DESIGN §5, one column per split, in a stable order.
 METRICS = ("top1", "geom_corr", "geom_err", "cka", "knn_top1")
@@ -207,7 +207,9 @@ class Folder:
 ID_COLUMNS = ("trial_id", "config_id", "node", "host")
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A results table (trials.csv, epochs.csv) with its id columns as text (empty file: empty frame)."""
+    path = Path(path)
     try:
         return pd.read_csv(path, dtype={c: str for c in ID_COLUMNS})
     except pd.errors.EmptyDataError:
@@ -248,12 +250,12 @@ def read_folder(path: str | Path) -> Folder:
     else:
         if not (path / "trials.csv").exists():
             raise ResultsError(f"{path}: trials.csv is missing")
-        trials = _read_csv(path / "trials.csv")
+        trials = read_table(path / "trials.csv")
         missing = [c for c in ("trial_id", "status", "fidelity") if len(trials) and c not in trials.columns]
         if missing:
             raise ResultsError(f"{path / 'trials.csv'}: missing columns {', '.join(missing)}")
         trials = _backfill(trials, study)
-    epochs = _read_csv(path / "epochs.csv") if (path / "epochs.csv").exists() else None
+    epochs = read_table(path / "epochs.csv") if (path / "epochs.csv").exists() else None
     return Folder(path, study, trials, epochs)
 
 

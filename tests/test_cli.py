@@ -3,12 +3,12 @@
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from kdbench.cli import app
 from conftest import one_line_error
+from kdbench.results import read_table
 
 runner = CliRunner()
 
@@ -42,7 +42,7 @@ def test_train_writes_result_and_history_and_refuses_to_overwrite(tmp_path, digi
     assert r.exit_code == 0, r.output
     res = json.loads((out / "result.json").read_text())
     assert res["config"]["method"]["temperature"] == 2.0 and res["config"]["recipe"]["epochs"] == 3
-    history = pd.read_csv(out / "epochs.csv")
+    history = read_table(out / "epochs.csv")
     assert history["epoch"].tolist() == [1, 2, 3]
     assert res["metrics"]["test_top1"] == pytest.approx(history["test_top1"].iloc[-1])
     assert res["metrics"]["best_test_top1"] == pytest.approx(history["test_top1"].max())
@@ -79,7 +79,7 @@ def test_tune_then_compare_json_front_is_the_non_dominated_full_rows(tmp_path, s
     doc = json.loads(r.stdout)
     assert {"leaderboard", "configurations", "front", "hypervolume", "reference_point", "knee", "front_stability",
             "importances"} <= set(doc)
-    trials = pd.read_csv(out / "trials.csv")
+    trials = read_table(out / "trials.csv")
     assert trials["config_id"].str.fullmatch(r"[0-9a-f]{10}").all() and set(trials["stage"]) == {"search"}
     # The front is on configuration means of the validation split (one seed each here).
     full = trials[trials["fidelity"] == "full"]

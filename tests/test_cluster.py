@@ -18,6 +18,7 @@ from kdbench import checkpoints
 from kdbench.study import load_study
 from kdbench.trial import resolve_trial, row_config
 from kdbench.train import TrainConfig, distill
+from kdbench.results import read_table
 
 METRICS = ("val_top1", "test_top1", "val_geom_corr", "test_geom_corr", "test_cka", "test_knn_top1", "last_test_top1")
 
@@ -70,7 +71,7 @@ def _kill_mid_trial(cmd, env, out):
     try:
         while time.time() < deadline:
             found = checkpoints.find(str(out / "ray"))
-            rows = pd.read_csv(out / "trials.csv") if (out / "trials.csv").exists() else pd.DataFrame()
+            rows = read_table(out / "trials.csv") if (out / "trials.csv").exists() else pd.DataFrame()
             done = set(zip(rows["config_id"], rows["seed"])) if len(rows) else set()
             if len(rows) >= 1 and any(c["epoch"] >= 2 for k, c in found.items() if k not in done):  # not a stale one
                 break
@@ -91,7 +92,7 @@ def killed_search(tmp_path_factory, two_nodes, digits_teacher):
     out = p.parent / "out"
     cmd, env = _tune(p, out, two_nodes.address)
     found = _kill_mid_trial(cmd, env, out)
-    before = pd.read_csv(out / "trials.csv")
+    before = read_table(out / "trials.csv")
     cmd, env = _tune(p, out, two_nodes.address, "--resume")
     return p, out, before, found, subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
 
@@ -103,7 +104,7 @@ def test_kill_9_mid_trial_on_a_two_node_cluster_then_resume_there(killed_search,
     p, out, before, found, r = killed_search
     assert 1 <= len(before) < 4
     assert r.returncode == 0, r.stderr[-2000:]
-    after = pd.read_csv(out / "trials.csv")
+    after = read_table(out / "trials.csv")
     assert len(after) == 4 and after["trial_id"].is_unique and (after["status"] == "completed").all()
     pd.testing.assert_frame_equal(after.head(len(before))[before.columns], before)  # finished trials kept as they were
     assert not after.duplicated(["config_id", "seed"]).any()
@@ -122,7 +123,7 @@ def test_kill_9_mid_trial_on_a_two_node_cluster_then_resume_there(killed_search,
     # from its latest checkpoint (a worker of the killed run may persist one more epoch before Ray stops it).
     # (Rarely no trial continues: see the note of issue 12; the worker-death test in test_search and
     # test_train's resume test check the continuation itself deterministically.)
-    history = pd.read_csv(out / "epochs.csv")
+    history = read_table(out / "epochs.csv")
     for row in after[after["resumed_from"] > 0].to_dict("records"):
         ck = found.get((row["config_id"], int(row["seed"])))
         assert ck is None or row["resumed_from"] >= ck["epoch"]
@@ -142,20 +143,20 @@ def test_kill_9_during_confirm_on_the_cluster_then_rerun_runs_only_the_missing_p
                                                                                     two_nodes):
     out = tmp_path / "out"
     shutil.copytree(killed_search[1], out)  # the finished search of the test above
-    n_search = len(pd.read_csv(out / "trials.csv"))
+    n_search = len(read_table(out / "trials.csv"))
     cmd, env = _kdbench("confirm", out, "--seeds", "2", "--top", "1", "--with", "baseline", "--concurrency", "1",
                         "--address", two_nodes.address)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120
-    while time.time() < deadline and len(pd.read_csv(out / "trials.csv")) == n_search:
+    while time.time() < deadline and len(read_table(out / "trials.csv")) == n_search:
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    before = pd.read_csv(out / "trials.csv")
+    before = read_table(out / "trials.csv")
     assert n_search < len(before) < n_search + 4
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)  # the same command again
     assert r.returncode == 0, r.stderr[-2000:]
-    after = pd.read_csv(out / "trials.csv")
+    after = read_table(out / "trials.csv")
     confirm = after[after["stage"] == "confirm"]
     assert f"{n_search + 4 - len(before)} runs added" in r.stderr, r.stderr[-2000:]  # only the missing pairs ran
     assert len(confirm) == 4 and not confirm.duplicated(["config_id", "seed"]).any()

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from kdbench.cli import app
 from conftest import one_line_error
 from kdbench.results import read_folder
+from kdbench.results import read_table
 
 runner = CliRunner()
 
@@ -26,12 +27,12 @@ _one_line_error = one_line_error
 
 def test_confirm_adds_seeds_times_candidates_then_nothing(searched, tmp_path):
     out = _copy(searched, tmp_path)
-    search = pd.read_csv(out / "trials.csv")
+    search = read_table(out / "trials.csv")
     r = runner.invoke(app, ["confirm", str(out), "--seeds", "2", "--top", "1", "--with", "baseline"])
     assert r.exit_code == 0, r.output
     meta = json.loads((out / "study.json").read_text())
     cands = meta["confirm"]["candidates"]
-    after = pd.read_csv(out / "trials.csv")
+    after = read_table(out / "trials.csv")
     confirm = after[after["stage"] == "confirm"]
     assert len(confirm) == 2 * len(cands) and len(after) == len(search) + 2 * len(cands)
     assert set(confirm["seed"]) == {1, 2}  # never the search's seed 0
@@ -63,7 +64,7 @@ def test_confirm_adds_seeds_times_candidates_then_nothing(searched, tmp_path):
 def test_config_id_of_an_old_folder_is_derived_the_same_way(searched, tmp_path):
     """Folders written before config_id existed get it from their rows, identical to what is written now."""
     out = _copy(searched, tmp_path)
-    written = pd.read_csv(out / "trials.csv")
+    written = read_table(out / "trials.csv")
     written.drop(columns=["config_id", "stage"]).to_csv(out / "trials.csv", index=False)
     derived = read_folder(out).trials
     assert derived["config_id"].tolist() == written["config_id"].tolist()
@@ -118,7 +119,7 @@ def test_bad_folders_are_one_line_and_write_nothing(searched, tmp_path):
 
     # Another study's trials under this study.json.
     out3 = _copy(searched, tmp_path / "c")
-    t = pd.read_csv(out3 / "trials.csv")
+    t = read_table(out3 / "trials.csv")
     t.loc[t["status"] == "completed", "geometry"] *= 2
     t.to_csv(out3 / "trials.csv", index=False)
     before = (out3 / "trials.csv").read_bytes()
@@ -127,7 +128,7 @@ def test_bad_folders_are_one_line_and_write_nothing(searched, tmp_path):
 
 
 def test_train_names_the_same_configuration_as_tune_and_measures_geometry_for_baseline(searched, tmp_path):
-    row = pd.read_csv(searched / "trials.csv").iloc[0]
+    row = read_table(searched / "trials.csv").iloc[0]
     out = tmp_path / "one"
     r = runner.invoke(app, ["train", "--method", "geometry", "--epochs", "3", "--set", f"geometry={float(row['geometry'])!r}",
                             "--set", f"momentum={float(row['momentum'])!r}", "--seed", "5", "--out", str(out)])

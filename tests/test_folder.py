@@ -5,7 +5,6 @@ import json
 import os
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -15,6 +14,7 @@ from conftest import one_line_error
 from kdbench.cli import app
 from kdbench.data import DataError, load_data
 from kdbench.folder import read_folder
+from kdbench.results import read_table
 
 runner = CliRunner()
 CLASSES = ("cat", "dog", "owl")
@@ -190,7 +190,7 @@ enabled = false
     out = tmp_path / "out"
     r = runner.invoke(app, ["tune", str(study), "--out", str(out)])
     assert r.exit_code == 0, r.output
-    t = pd.read_csv(out / "trials.csv")
+    t = read_table(out / "trials.csv")
     assert len(t) == 4 and (t["status"] == "completed").all() and t["config_id"].is_unique
     meta = json.loads((out / "study.json").read_text())
     assert meta["teacher"]["checkpoint"] == str(ckpt) and meta["teacher"]["epochs"] == 0  # read, not trained

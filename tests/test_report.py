@@ -32,8 +32,11 @@ def test_leaderboard_means_stds_intervals_deltas_and_unranked_low_fidelity():
     g = lb[lb["method"] == "geometry"].iloc[0]
     assert g["n"] == 2 and g["n_seeds"] == 2 and g["n_low"] == 1 and g["rank"] == 1
     assert g["test_top1_mean"] == pytest.approx(96.0) and g["test_top1_std"] == pytest.approx(math.sqrt(2))  # ddof=1
-    # Two runs: the bootstrap means are 95 (1/4), 96 (1/2), 97 (1/4): the 95% interval is [95, 97].
-    assert (g["test_top1_ci_low"], g["test_top1_ci_high"]) == (95.0, 97.0)
+    # Two runs: Student-t, 96 ± t_{0.975, 1} · sqrt(2) / sqrt(2) = 96 ± 12.7062, clipped to top-1's 100.
+    assert g["test_top1_ci_low"] == pytest.approx(96 - 12.7062, abs=1e-4) and g["test_top1_ci_high"] == 100.0
+    # The percentile bootstrap, asked for: its means are 95 (1/4), 96 (1/2), 97 (1/4): the interval is [95, 97].
+    b = report.leaderboard(df, [f], ("method",), interval="bootstrap").set_index("method").loc["geometry"]
+    assert (b["test_top1_ci_low"], b["test_top1_ci_high"]) == (95.0, 97.0)
     assert g["delta_top1"] == pytest.approx(96 - 91) and g["delta_geom_corr"] == pytest.approx(0.925 - 0.6)
     assert g["p_improve_top1_vs_baseline"] == 1.0  # 95 and 97 beat 90 and 92 in all four pairs
     assert g["reported_top1"] == pytest.approx(75.81)
@@ -42,7 +45,7 @@ def test_leaderboard_means_stds_intervals_deltas_and_unranked_low_fidelity():
     teacher = lb[lb["method"] == "teacher (big)"].iloc[0]
     assert teacher["test_top1_mean"] == 99.0 and math.isnan(teacher["rank"])
     md = report.to_markdown(lb, ("method",))
-    assert "96.00 ± 1.41 [95.00, 97.00]" in md and "+5.00" in md
+    assert "96.00 ± 1.41 [83.29, 100.00]" in md and "+5.00" in md and "t-CI" in md
 
 
 def test_single_seed_configurations_rank_after_those_with_intervals_and_say_so():
@@ -52,7 +55,7 @@ def test_single_seed_configurations_rank_after_those_with_intervals_and_say_so()
     lb = report.leaderboard(report.trials_frame([f]), [f])
     assert lb["config_id"].tolist() == ["baseline", "lucky"]  # 99 % on one seed ranks second
     md = report.to_markdown(lb, ("config",))
-    assert "99.00 (1 seed)" in md and "90.50 ± 0.71 [90.00, 91.00]" in md
+    assert "99.00 (1 seed)" in md and "90.50 ± 0.71 [84.15, 96.85]" in md  # 90.5 ± 12.7062 · 0.5
 
 
 def test_confirmed_configuration_rests_on_its_confirmation_seeds_only():
@@ -92,10 +95,10 @@ def test_hex_ids_that_look_like_numbers_stay_text(tmp_path):
     """A trial_id, config_id or node made of digits only (hex can be) is read back as the same text."""
     import pandas as pd
 
-    from kdbench.results import _read_csv
+    from kdbench.results import read_table
 
     pd.DataFrame({"trial_id": ["00123456"], "config_id": ["0123456789"], "node": ["000000000012"],
                   "val_top1": [1.5]}).to_csv(tmp_path / "t.csv", index=False)
-    t = _read_csv(tmp_path / "t.csv")
+    t = read_table(tmp_path / "t.csv")
     assert t.loc[0, ["trial_id", "config_id", "node"]].tolist() == ["00123456", "0123456789", "000000000012"]
     assert t["val_top1"].dtype.kind == "f"

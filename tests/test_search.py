@@ -11,6 +11,7 @@ import pytest
 
 from kdbench.search import run_study
 from kdbench.study import load_study
+from kdbench.results import read_table
 
 STUDY = """
 name = "{name}"
@@ -46,8 +47,8 @@ def test_search_results_folder_asha_and_two_objective_optuna(tmp_path, ray_sessi
     study = _study(tmp_path)
     out = tmp_path / "out"
     summary = run_study(study, out)
-    trials = pd.read_csv(out / "trials.csv")
-    epochs = pd.read_csv(out / "epochs.csv")
+    trials = read_table(out / "trials.csv")
+    epochs = read_table(out / "epochs.csv")
     assert len(trials) == 6 and summary["trials"] == 6
     # ASHA really stops poor trials (a misspelt metric or time_attr would silently stop none).
     assert (trials["status"] == "stopped").sum() >= 1 and (trials["status"] == "completed").sum() >= 1
@@ -77,11 +78,11 @@ def test_resume_runs_only_the_missing_trials(tmp_path, searched, digits_teacher)
 
     out = tmp_path / "out"
     shutil.copytree(searched, out)
-    before = pd.read_csv(out / "trials.csv")
+    before = read_table(out / "trials.csv")
     study = load_study(searched.parent / "c.toml")
     # As if the first run had been interrupted after its 5 trials of 7.
     run_study(dataclasses.replace(study, samples=7), out, resume=True)
-    after = pd.read_csv(out / "trials.csv")
+    after = read_table(out / "trials.csv")
     assert len(after) == 7 and after["trial_id"].is_unique
     pd.testing.assert_frame_equal(after.head(5)[before.columns], before)
     ot = optuna.load_study(study_name="c", storage=f"sqlite:///{out / 'optuna.db'}")
@@ -90,7 +91,7 @@ def test_resume_runs_only_the_missing_trials(tmp_path, searched, digits_teacher)
 
     with pytest.raises(StudyError, match="holds study 'c', not 'other'"):
         run_study(dataclasses.replace(study, name="other"), out, resume=True)
-    assert len(pd.read_csv(out / "trials.csv")) == 7
+    assert len(read_table(out / "trials.csv")) == 7
 
 
 def test_grid_with_asha_records_a_diverged_trial_and_goes_on(tmp_path, ray_session, digits_teacher):
@@ -111,14 +112,14 @@ grace_period = 1
     study = load_study(p)
     out = tmp_path / "out"
     run_study(study, out)
-    trials = pd.read_csv(out / "trials.csv").sort_values(["method", "lr"])
+    trials = read_table(out / "trials.csv").sort_values(["method", "lr"])
     assert len(trials) == 4
     assert (trials["status"] == "failed").tolist() == [False, True, False, True]  # the others ran on (ASHA may stop one)
     assert trials["failure"].fillna("").str.contains("DivergedError").tolist() == [False, True, False, True]
     assert set(trials["point"]) == {0, 1, 2, 3}
     # Resuming a finished grid runs nothing more.
     run_study(study, out, resume=True)
-    assert len(pd.read_csv(out / "trials.csv")) == 4
+    assert len(read_table(out / "trials.csv")) == 4
 
 
 def test_existing_folder_is_not_overwritten(tmp_path, digits_teacher):
@@ -197,12 +198,12 @@ def test_a_dead_worker_is_retried_from_its_checkpoint_then_failed_with_the_reaso
     os.kill(first, signal.SIGKILL)
     os.kill(_wait_for_checkpoint(out / "ray", 5, 1, not_pid=first)["pid"], signal.SIGKILL)  # its retry dies too
     run.join(timeout=180)
-    rows = pd.read_csv(out / "trials.csv").set_index("seed")
+    rows = read_table(out / "trials.csv").set_index("seed")
     ok, failed = rows.loc[4], rows.loc[5]
     assert ok["status"] == "completed" and ok["resumed_from"] >= 1, ok.to_dict()
     ref = _uninterrupted(study, digits, digits_teacher, 4)
     assert {k: ok[k] for k in METRICS} == {k: ref[k] for k in METRICS}
-    history = pd.read_csv(out / "epochs.csv")
+    history = read_table(out / "epochs.csv")
     assert history[history["trial_id"] == ok["trial_id"]]["epoch"].tolist() == list(range(1, 7))
     assert failed["status"] == "failed" and "(after 1 retries)" in failed["failure"], failed.to_dict()
     assert "Actor" in failed["failure"] or "died" in failed["failure"], failed["failure"]

@@ -154,5 +154,5 @@ def _read_done(out: Path) -> tuple[list, list]:
     """Rows of a previous, interrupted run of this folder."""
     def rows(name):
         p = out / name
-        return results._read_csv(p).to_dict("records") if p.exists() and p.stat().st_size else []
+        return results.read_table(p).to_dict("records") if p.exists() and p.stat().st_size else []
     return rows("trials.csv"), rows("epochs.csv")
