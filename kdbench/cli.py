@@ -276,6 +276,11 @@ def confirm(
     cpus_per_trial: Annotated[Optional[float], typer.Option(help="CPUs per trial")] = None,
     storage: Annotated[Optional[str], typer.Option(help="where trials keep checkpoints (default: the search's)")] = None,
     verbose: Annotated[bool, typer.Option(help="show Ray's logs")] = False,
+    until_settled: Annotated[bool, typer.Option("--until-settled", help="then add seeds in rounds to the configurations "
+                                                "whose front membership the seeds do not settle yet")] = False,
+    max_seeds: Annotated[int, typer.Option(help="with --until-settled: the most seeds a configuration gets")] = 8,
+    min_seeds: Annotated[Optional[int], typer.Option(help="with --until-settled: the seeds every configuration gets "
+                                                          "first (default: --seeds)")] = None,
 ):
     """Retrain a search's best configurations and reference presets on fresh seeds, in the same folder.
 
@@ -295,7 +300,8 @@ def confirm(
         methods = study_from_dict(meta["study"]).methods
     except (KeyError, TypeError, ValueError) as e:
         raise StudyError(f"{folder / 'study.json'}: not a study this version of kdbench reads ({e!r})") from None
-    c = check_confirm(seeds, top, presets, methods, "--")
+    names = ("--min-seeds" if min_seeds is not None else "--seeds", "--top", "--max-seeds", "--with")
+    c = check_confirm(min_seeds if min_seeds is not None else seeds, top, presets, methods, "", until_settled, max_seeds, names)
     check_resources(concurrency, cpus_per_trial, gpus_per_trial)
     if storage is not None:
         from .checkpoints import resolve_storage
@@ -326,7 +332,9 @@ def confirm(
                               on_update=on_update, on_plan=on_plan)
     finally:
         live.stop()
-    err.print(f"{summary['added']} runs added ({summary['planned']} planned) in {summary['seconds']:.0f} s → {folder}")
+    rounds = f" over {summary['rounds']} rounds" if c.until_settled else ""
+    err.print(f"{summary['added']} runs added ({summary['planned']} planned first{rounds}) in {summary['seconds']:.0f} s "
+              f"→ {folder}")
     _compare([folder], ("config",), None, "none", False, save=True)
     _compare([folder], ("config",), None, "table", False, top=10)
 

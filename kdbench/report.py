@@ -91,6 +91,9 @@ def leaderboard(df: pd.DataFrame, folders: list[Folder], by: tuple[str, ...] = (
     teacher_rows = []
     for f in folders:
         mine = lb["study"] == f.name
+        settled = (f.study.get("confirm") or {}).get("settled") if keys == ("config_id",) else None
+        if settled:  # confirm --until-settled: why each configuration got the seeds it has
+            lb.loc[mine, "stop"] = lb.loc[mine, "config_id"].map(lambda c: (settled.get(c) or {}).get("stop"))
         base = lb[mine & (lb["method"] == "baseline") & (lb["n"] > 0)].sort_values("n_seeds", ascending=False)
         if len(base):
             lb.loc[mine, "delta_top1"] = lb.loc[mine, top1] - float(base[top1].iloc[0])
@@ -228,7 +231,8 @@ def _prob(v) -> str:
 
 
 def _seeds(r: dict) -> str:
-    s = f"{int(r['n_seeds'])}" + (" ✓" if r.get("stage") == "confirm" else "")
+    s = f"{int(r['n_seeds'])}" + (" ✓" if r.get("stage") == "confirm" else "") \
+        + (f" {r['stop']}" if isinstance(r.get("stop"), str) else "")
     return s + (f" (+{int(r['n_low'])} low)" if r.get("n_low") else "") \
         + (f" (+{int(r['n_failed'])} failed)" if r.get("n_failed") else "")
 
@@ -339,7 +343,7 @@ def front_table(fr: Front, title: str) -> Table:
     for h in ["", "config", "method", *hp, "seeds", f"val {o1}", f"val {o2}", "P(front)", f"{s} top-1 % [95% {ci}]",
               f"{s} geom_corr [95% {ci}]"]:
         t.add_column(h, justify="left" if h in ("config", "method") else "right",
-                     no_wrap=h.startswith((s, "config", "val", "seeds")), overflow="ellipsis")
+                     no_wrap=h.startswith((s, "config", "val", "seeds", "P(")), overflow="ellipsis")
     knee = fr.knee["config_id"] if fr.knee else None
     for r in fr.rows.to_dict("records"):
         t.add_row("★" if r["config_id"] == knee else "", r["config_id"], str(r.get("method", "")),

@@ -152,7 +152,7 @@ def _varying(rows: pd.DataFrame, known: set) -> list[str]:
     return out
 
 
-_BOOKKEEPING = {"study", "config_id", "trial_id", "stage", "status", "fidelity", "seed", "epochs", "point",
+_BOOKKEEPING = {"study", "config_id", "trial_id", "stage", "stop", "status", "fidelity", "seed", "epochs", "point",
                 "failure", "seconds", "params", "images_per_second", "method", "node", "host", "threads", "device", "resumed_from"}
 
 
@@ -259,17 +259,18 @@ def p_on_front(df: pd.DataFrame, table: pd.DataFrame, objectives, split: str = "
 
 
 def unsettled(table: pd.DataFrame, objectives, split: str = "val") -> list[dict]:
-    """Pairs the seeds cannot yet separate: a front member (on ``split`` means) and a configuration off the
-    front whose intervals overlap the member's on every objective. Each pair with the seeds (each) a
-    Student-t interval would need to tell them apart on the objective that needs fewest, at the pair's
-    larger observed spread."""
+    """Pairs the seeds cannot yet separate: a front member (on ``split`` means) and a configuration it
+    dominates on those means whose intervals overlap the member's on every objective (so the seeds do not
+    show that it is dominated). Each pair with the seeds (each) a Student-t interval would need to tell them
+    apart on the objective that needs fewest, at the pair's larger observed spread."""
     mask, _ = front_on_means(table, objectives, split)
     rows = table.to_dict("records")
+    pts = oriented(table[[f"{split}_{o}_mean" for o in objectives]].to_numpy(float), objectives) if len(table) else None
     out = []
     for i in np.flatnonzero(mask):
         a = rows[i]
         for j, b in enumerate(rows):
-            if mask[j] or b.get("n_seeds", 0) < 2 or a.get("n_seeds", 0) < 2:
+            if mask[j] or b.get("n_seeds", 0) < 2 or a.get("n_seeds", 0) < 2 or not (pts[i] >= pts[j]).all():
                 continue
             if all(max(a[f"{split}_{o}_ci_low"], b[f"{split}_{o}_ci_low"]) <= min(a[f"{split}_{o}_ci_high"], b[f"{split}_{o}_ci_high"])
                    for o in objectives):

@@ -51,23 +51,32 @@ class Param:
 @dataclass(frozen=True)
 class Confirm:
     """A confirmation stage: retrain the search's best ``top`` configurations and the presets ``with``
-    on ``seeds`` fresh seeds (``kdbench confirm``; run by ``tune`` when a study has ``[confirm]``)."""
+    on ``seeds`` fresh seeds (``kdbench confirm``; run by ``tune`` when a study has ``[confirm]``).
+
+    ``until_settled``: then add seeds in rounds, one at a time to the configurations whose front
+    membership the seeds do not settle yet, up to ``max_seeds`` each (see :mod:`kdbench.confirm`)."""
 
     seeds: int = 3
     top: int = 3
     with_: tuple[str, ...] = ("baseline", "kd")
+    until_settled: bool = False
+    max_seeds: int = 8
 
 
-def check_confirm(seeds: int, top: int, with_: tuple[str, ...], methods: dict, where: str) -> Confirm:
-    """Validate a confirmation's options (from ``[confirm]`` or the command line)."""
-    for key, v in (("seeds", seeds), ("top", top)):
+def check_confirm(seeds: int, top: int, with_: tuple[str, ...], methods: dict, where: str,
+                  until_settled: bool = False, max_seeds: int = 8, names=("seeds", "top", "max_seeds", "with")) -> Confirm:
+    """Validate a confirmation's options (from ``[confirm]`` or the command line; ``names``: what the seed
+    count, top and max seeds are called there)."""
+    for key, v in zip(names, (seeds, top, max_seeds)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise StudyError(f"{where}{key} {v!r}: allowed: an integer >= 1")
+    if until_settled and max_seeds < seeds:
+        raise StudyError(f"{where}{names[2]} {max_seeds}: allowed: an integer >= {where}{names[0]} ({seeds})")
     for m in with_:
         if m not in methods:
-            raise StudyError(f"{where}with {m!r}: unknown preset; allowed: none or a comma-separated list of "
+            raise StudyError(f"{where}{names[3]} {m!r}: unknown preset; allowed: none or a comma-separated list of "
                              f"{', '.join(methods)}")
-    return Confirm(seeds, top, tuple(with_))
+    return Confirm(seeds, top, tuple(with_), bool(until_settled), max_seeds)
 
 
 @dataclass(frozen=True)
@@ -354,11 +363,11 @@ def load_study(path: str | Path) -> Study:
     confirm = None
     if "confirm" in raw:
         c = r.sub("confirm")
-        c.only({"seeds", "top", "with"})
+        c.only({"seeds", "top", "with", "until_settled", "max_seeds"})
         if not has_search:
             c.fail("seeds", c.table.get("seeds", 3), "no [confirm] in a grid study: its seeds are already there")
         confirm = check_confirm(c.get("seeds", 3, int), c.get("top", 3, int), tuple(c.get("with", ["baseline", "kd"], list)),
-                                methods, f"{file}: confirm.")
+                                methods, f"{file}: confirm.", c.get("until_settled", False, bool), c.get("max_seeds", 8, int))
     return Study(
         name=r.get("name", path.stem, str), path=str(path.resolve()), description=r.get("description", "", str),
         dataset=dataset, data_root=r.get("data_root", "data", str), split_seed=r.get("split_seed", 0, int, lo=0),
@@ -381,7 +390,7 @@ def study_from_dict(d: dict) -> Study:
     d["grid"] = tuple((m, s, tuple(tuple(kv) for kv in values)) for m, s, values in d["grid"])
     d["reference"] = tuple(tuple(kv) for kv in d.get("reference", ()))
     c = d.get("confirm")
-    d["confirm"] = Confirm(c["seeds"], c["top"], tuple(c["with_"])) if c else None
+    d["confirm"] = Confirm(**{**c, "with_": tuple(c["with_"])}) if c else None
     return Study(**d)
 
 

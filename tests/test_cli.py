@@ -29,6 +29,7 @@ _one_line_error = one_line_error
     (["tune", "digits", "--resume"], ["--resume needs --out"]),
     (["compare", "/nonexistent/folder"], ["no such results folder"]),
     (["compare", "--format", "xml", "/tmp"], ["--format 'xml'"]),
+    (["compare", "--interval", "wald", "/tmp"], ["--interval 'wald'", "allowed: t, bootstrap"]),
     (["rerun", "/nonexistent/folder", "abc"], ["no such results folder"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, fragments):

@@ -11,8 +11,7 @@ from typer.testing import CliRunner
 
 from kdbench.cli import app
 from conftest import one_line_error
-from kdbench.results import read_folder
-from kdbench.results import read_table
+from kdbench.results import read_folder, read_table
 
 runner = CliRunner()
 
@@ -71,8 +70,83 @@ def test_config_id_of_an_old_folder_is_derived_the_same_way(searched, tmp_path):
     assert set(derived["stage"]) == {"search"}
 
 
+def test_until_settled_adds_seeds_in_rounds_then_nothing_and_finishes_a_recorded_round(searched, tmp_path):
+    """Racing on the CLI: 2 seeds each first, then one more for the configurations the seeds do not settle,
+    at most 3 each; every configuration says why it stopped; a second run adds nothing. A round recorded in
+    study.json (as a kill mid-round leaves it) is finished as planned: only its missing runs."""
+    from kdbench.confirm import STOP_REASONS
+    from kdbench.search.run import _pending
+    from kdbench.study import study_from_dict
+
+    out = _copy(searched, tmp_path)
+    args = ["confirm", str(out), "--seeds", "2", "--top", "2", "--with", "baseline", "--until-settled", "--max-seeds", "3"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    meta = json.loads((out / "study.json").read_text())["confirm"]
+    rows = read_table(out / "trials.csv")
+    confirm = rows[rows["stage"] == "confirm"]
+    seeds = confirm.groupby("config_id")["seed"].apply(sorted).to_dict()
+    assert all(s in ([1, 2], [1, 2, 3]) for s in seeds.values()), seeds  # fresh seeds, in order, never 0
+    rounds = meta["rounds"]
+    assert len(rounds[0]["pairs"]) == 2 * len(seeds) and all("front" in x for x in rounds)
+    assert sum(len(x["pairs"]) for x in rounds) == len(confirm) and not confirm.duplicated(["config_id", "seed"]).any()
+    if len(rounds) > 1:  # round 1 never settles alone (no earlier front to compare with): the front got a seed
+        assert set(rounds[0]["front"]) <= {c for c, _ in rounds[1]["pairs"]}
+    settled = meta["settled"]
+    assert set(settled) == set(seeds) and all(v["stop"] in STOP_REASONS and v["seeds"] == len(seeds[c])
+                                              for c, v in settled.items())
+    assert {c for c, v in settled.items() if v["stop"] == "separated"} <= set(rounds[-1]["front"])
+    assert f"over {len(rounds)} rounds" in r.output
+
+    before = (out / "trials.csv").read_bytes()
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "0 runs added" in again.output, again.output
+    assert (out / "trials.csv").read_bytes() == before
+    doc = json.loads(runner.invoke(app, ["compare", str(out), "--format", "json"]).stdout)
+    assert doc["interval_method"] == "t" and {r["config_id"]: r["stop"] for r in doc["leaderboard"]
+                                               if r.get("stop")} == {c: v["stop"] for c, v in settled.items()}
+    assert all(0 <= c["p_on_front"] <= 1 for c in doc["configurations"])
+
+    # A recorded round with one run done and one not: only the missing one is planned, nothing re-decided.
+    study = study_from_dict(json.loads((out / "study.json").read_text())["study"])
+    trials = read_folder(out).trials
+    from kdbench.study import Confirm
+
+    c = Confirm(2, 2, ("baseline",), True, 4)
+    cid = next(iter(seeds))
+    recorded = {"rounds": rounds + [{"pairs": [[cid, seeds[cid][0]], [cid, 7]]}]}
+    todo, _, decision = _pending(study, trials, c, recorded, str(out))
+    assert [(t["config_id"], t["seed"]) for t in todo] == [(cid, 7)] and decision is None
+
+
+def test_settle_gives_the_front_and_its_overlapping_rivals_one_more_seed():
+    """a and b: b dominated by a on means, intervals overlapping; c far below (dominated, separated)."""
+    from types import SimpleNamespace
+
+    from kdbench.confirm import settle
+    from kdbench.study import Confirm
+
+    runs = {"a": [(97, 0.90), (98, 0.92), (96, 0.91)], "b": [(96.5, 0.89), (97.5, 0.90), (96, 0.91)],
+            "c": [(80, 0.50), (81, 0.51), (80.5, 0.52)]}
+    trials = pd.DataFrame([{"trial_id": f"{c}{i}", "config_id": c, "stage": "confirm", "seed": i + 1, "method": "m",
+                            "status": "completed", "fidelity": "full", "val_top1": t, "val_geom_corr": g}
+                           for c, v in runs.items() for i, (t, g) in enumerate(v)]
+                          + [{"trial_id": "s", "config_id": "a", "stage": "search", "seed": 0, "method": "m",
+                              "status": "completed", "fidelity": "full", "val_top1": 99, "val_geom_corr": 0.99}])
+    study = SimpleNamespace(objectives=("top1", "geom_corr"))
+    d = settle(study, trials, ["a", "b", "c"], Confirm(3, 1, (), True, 8), None)
+    assert d["front"] == ["a"] and d["next"] == [("a", 4), ("b", 4)] and not d["settled"]  # seed 4: 0 is the search's
+    assert d["reasons"] == {"a": "max seeds", "b": "max seeds", "c": "dominated"}  # what they would be if it ended now
+    d = settle(study, trials, ["a", "b", "c"], Confirm(3, 1, (), True, 3), ["a"])
+    assert d["next"] == [] and d["reasons"]["b"] == "max seeds"  # at max_seeds: nothing more
+    d = settle(study, trials, ["a", "c"], Confirm(3, 1, (), True, 8), ["a"])
+    assert d["settled"] and d["next"] == [] and d["reasons"] == {"a": "separated", "c": "dominated"}
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["--seeds", "0"], ["--seeds 0", "allowed: an integer >= 1"]),
+    (["--until-settled", "--max-seeds", "2"], ["--max-seeds 2", "allowed: an integer >= --seeds (3)"]),
+    (["--until-settled", "--min-seeds", "4", "--max-seeds", "3"], ["--max-seeds 3", ">= --min-seeds (4)"]),
     (["--top", "0"], ["--top 0", "allowed: an integer >= 1"]),
     (["--with", "kd,magic"], ["--with 'magic': unknown preset", "baseline"]),
     (["--concurrency", "0"], ["--concurrency 0"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -16,7 +17,7 @@ import ray
 from ray import tune
 
 from .. import checkpoints, results
-from ..confirm import plan_confirm
+from ..confirm import plan_confirm, settle
 from ..study import Confirm, Study, StudyError, study_from_dict
 from ..teacher import study_data
 from ..train import resolve_device
@@ -234,10 +235,11 @@ def run_confirm(out: Path, confirm: Confirm, *, concurrency: int | None = None, 
                                                              ("cpus_per_trial", cpus_per_trial)) if v is not None})
     folder = results.read_folder(out)
     plan, picked = plan_confirm(study, folder.trials, confirm, str(out))
-    done = _confirmed_pairs(folder.trials)
-    on_plan(picked, [p for p in plan if (p["config_id"], p["seed"]) not in done])
-    if all((p["config_id"], p["seed"]) in done for p in plan):
-        return {"out": str(out), "added": 0, "planned": len(plan), "candidates": picked, "seconds": 0.0}
+    todo, _, _ = _pending(study, folder.trials, confirm, meta.get("confirm") or {}, str(out))
+    on_plan(picked, todo)
+    if not todo:  # nothing left: neither Ray nor the teacher is needed
+        return {"out": str(out), "added": 0, "planned": len(plan), "candidates": picked, "seconds": 0.0,
+                "rounds": len((meta.get("confirm") or {}).get("rounds") or [plan])}
     root, _ = _storage(study, out, storage or meta.get("storage"))
     _, data, teacher, _ = _load(study, data_root, False, on_teacher, on_teacher_ready)
     started_ray = init_ray(address, verbose)
@@ -261,28 +263,63 @@ def _confirmed_pairs(trials) -> set:
     return set(zip(c["config_id"].astype(str), c["seed"].astype(int)))
 
 
+def _pending(study: Study, trials, confirm: Confirm, recorded: dict, where: str) -> tuple[list[dict], list[dict], dict | None]:
+    """The confirmation runs still to make, the candidates, and the racing decision that chose them (None when
+    the runs finish a recorded round, or without ``until_settled``).
+
+    Round 1 is the plan of :func:`kdbench.confirm.plan_confirm`; each later round is recorded in study.json
+    before it runs, so a round interrupted by a kill is finished as planned (only its missing runs), never
+    re-decided on partial results.
+    """
+    plan, picked = plan_confirm(study, trials, confirm, where)
+    done = _confirmed_pairs(trials)
+    values = {p["config_id"]: p for p in picked}
+    runs = lambda pairs: [{"config_id": c, "method": values[c]["method"], "seed": int(s), "stage": "confirm",
+                           **values[c]["values"]} for c, s in pairs]
+    rounds = recorded.get("rounds") or [{"pairs": [(p["config_id"], p["seed"]) for p in plan]}]
+    missing = [r for r in runs(rounds[-1]["pairs"]) if (r["config_id"], r["seed"]) not in done]
+    if missing or not confirm.until_settled:
+        return missing, picked, None
+    decision = settle(study, trials, list(values), confirm, rounds[-2].get("front") if len(rounds) > 1 else None)
+    return runs(decision["next"]), picked, decision
+
+
 def _confirm(f: _Folder, confirm: Confirm) -> dict:
     started, out = time.time(), f.out
-    plan, picked = plan_confirm(f.study, results.read_folder(out).trials, confirm, str(out))
-    done = {(str(r["config_id"]), int(r["seed"])) for r in f.rows if r.get("stage") == "confirm"}
-    todo = [p for p in plan if (p["config_id"], p["seed"]) not in done]
-    # Longest first: runs with a teacher forward (about twice a baseline's cost) before those without, so
-    # that the run left alone at the end, with a core idle beside it, is a short one.
-    todo.sort(key=lambda p: not resolve_trial(f.study, p)[0].needs_teacher_forward)
     meta = results.read_study(out)
+    previous = meta.get("confirm") or {}
+    trials = results.read_folder(out).trials
+    plan, picked = plan_confirm(f.study, trials, confirm, str(out))
     meta["confirm"] = {"seeds": sorted({p["seed"] for p in plan}), "top": confirm.top, "with": list(confirm.with_),
+                       "until_settled": confirm.until_settled, "max_seeds": confirm.max_seeds,
                        "candidates": [{k: v for k, v in p.items() if k != "values"} for p in picked],
-                       "started": meta.get("confirm", {}).get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
-                       "ended": None}
+                       "rounds": previous.get("rounds") or [{"pairs": [[p["config_id"], p["seed"]] for p in plan]}],
+                       "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")), "ended": None}
     results.write_json(out / "study.json", meta)
-    state = SearchState(total=len(plan))
-    state.counts["completed"] = len(done & {(p["config_id"], p["seed"]) for p in plan})
-    if todo:
-        _fit(f, state, len(todo), todo, asha=False, stage="confirm")
+    added = 0
+    while True:
+        todo, _, decision = _pending(f.study, trials, confirm, meta["confirm"], str(out))
+        if decision is not None:  # a round has ended: what it settled, and the next one (recorded before it runs)
+            meta["confirm"]["rounds"][-1]["front"] = decision["front"]
+            meta["confirm"]["settled"] = {c: {"seeds": n, "stop": decision["reasons"][c]} for c, n in decision["seeds"].items()}
+            if todo:
+                meta["confirm"]["rounds"].append({"pairs": [[r["config_id"], r["seed"]] for r in todo]})
+            results.write_json(out / "study.json", meta)
+        if not todo:
+            break
+        # Longest first: runs with a teacher forward (about twice a baseline's cost) before those without, so
+        # that the run left alone at the end, with a core idle beside it, is a short one.
+        todo.sort(key=lambda p: not resolve_trial(f.study, p)[0].needs_teacher_forward)
+        _fit(f, SearchState(total=len(todo)), len(todo), todo, asha=False, stage="confirm")
+        added += len(todo)
+        trials = results.read_folder(out).trials
     meta["confirm"]["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     results.write_json(out / "study.json", meta)
-    return {"out": str(out), "added": len(todo), "planned": len(plan), "candidates": picked,
-            "seconds": time.time() - started}
+    return {"out": str(out), "added": added, "planned": len(plan), "candidates": picked,
+            "seconds": time.time() - started, "rounds": len(meta["confirm"]["rounds"])}
+
+
+_FITS = itertools.count()  # a fit's experiment name is unique even for two fits within one second
 
 
 def _fit(f: _Folder, state: SearchState, remaining: int, todo: list | None, asha: bool | None = None,
@@ -328,7 +365,7 @@ def _fit(f: _Folder, state: SearchState, remaining: int, todo: list | None, asha
         # reuse_actors: a finished trial's worker process (torch imported, data in memory) runs the next one
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
                                     max_concurrent_trials=study.concurrency, reuse_actors=True),
-        run_config=tune.RunConfig(name=f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", storage_path=f.storage,
+        run_config=tune.RunConfig(name=f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{next(_FITS)}", storage_path=f.storage,
                                   verbose=1 if f.verbose else 0,
                                   callbacks=[ResultsWriter(study, f.out, state, f.rows, f.epochs, f.on_update,
                                                            f.resume_from)],
