@@ -243,8 +243,9 @@ def tune(
     err.print(f"\n{summary['trials']} trials in {summary['seconds']:.0f} s → {summary['out']}")
     if "confirm" in summary:
         c = summary["confirm"]
+        rounds = f", then racing: {c['rounds']} rounds in all" if s.confirm.until_settled else ""
         err.print(f"confirmation: {c['added']} runs added ({c['planned']} planned: {len(c['candidates'])} configurations "
-                  f"× {s.confirm.seeds} fresh seeds) in {c['seconds']:.0f} s", highlight=False)
+                  f"× {s.confirm.seeds} fresh seeds{rounds}) in {c['seconds']:.0f} s", highlight=False, soft_wrap=True)
     complete = summary["trials"] == s.trial_count()
     if not complete:
         err.print(f"[yellow]interrupted after {summary['trials']} of {s.trial_count()} trials[/yellow]; continue with: "

@@ -301,7 +301,7 @@ def _fmt_key(v) -> str:
 
 def leaderboard_table(lb: pd.DataFrame, by: tuple[str, ...], split: str, title: str, interval: str = "t") -> Table:
     head, body = _leader_cells(lb, by, split, wide=False, interval=interval)
-    t = Table(title=title, caption=f"mean ± std [{stats.interval_label(interval)}] over seeds, {split} split, last epoch; "
+    t = Table(title=title, caption=f"mean ± std [{stats.interval_label(interval)}], {split} split, last epoch; "
                                    f"✓ = confirmed on fresh seeds (the search seed is then left out: it chose the "
                                    f"configuration); P(>base) = P(a run beats a baseline run); configurations with "
                                    f"2+ seeds rank first")
@@ -392,7 +392,7 @@ def to_json(lb: pd.DataFrame, fr: Front, imp: pd.DataFrame | None = None) -> str
            "single_seed_on_front": [r["config_id"] for r in fr.rows.to_dict("records") if r["n_seeds"] == 1],
            "front_of_multi_seed_configurations": fr.multi_seed_front,
            "importances": None if imp is None else imp.to_dict("records"), "split": fr.split,
-           "interval_method": fr.interval, "interval": f"{stats.interval_label(fr.interval)} over seeds",
+           "interval_method": fr.interval, "interval": stats.interval_label(fr.interval),
            "unsettled": list(fr.unsettled)}
     return json.dumps(_jsonable(doc), indent=2)
 
@@ -444,7 +444,7 @@ def save_summary(folder: Folder, lb: pd.DataFrame, fr: Front, df: pd.DataFrame, 
     from .results import write_csv, write_text
 
     write_text(folder.path / "leaderboard.md", to_markdown(lb, by, interval=fr.interval)
-               + f"\nIntervals: {stats.interval_label(fr.interval)} over seeds.\n")
+               + f"\nIntervals: {stats.interval_label(fr.interval)}.\n")
     write_csv(folder.path / "front.csv", fr.rows)
     written = ["leaderboard.md", "front.csv", "pareto.png"]
     for name, draw in (("pareto.png", lambda p: plot_front(df, fr, [folder], p) or True),

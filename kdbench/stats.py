@@ -36,9 +36,9 @@ INTERVALS = {"t": "Student-t interval of the mean", "bootstrap": "percentile boo
 
 
 def interval_label(method: str = "t", confidence: float = 0.95) -> str:
-    """What a caption or a json says of an interval, e.g. ``95% Student-t interval of the mean``."""
-    extra = f" ({N_RESAMPLES} resamples, fixed seed)" if method == "bootstrap" else ", clipped to the metric's range"
-    return f"{confidence:.0%} {INTERVALS[method]}{extra}"
+    """What a caption or a json says of an interval, e.g. ``95% Student-t interval of the mean over seeds (...)``."""
+    extra = f"{N_RESAMPLES} resamples, fixed seed" if method == "bootstrap" else "clipped to the metric's range"
+    return f"{confidence:.0%} {INTERVALS[method]} over seeds ({extra})"
 
 
 def metric_bounds(name: str) -> tuple[float, float]:
