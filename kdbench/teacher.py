@@ -27,12 +27,12 @@ except ImportError:  # not POSIX
 from .data import Data, DataError, cache_dir, load_data
 from .evaluate import evaluate, forward_all
 from .geometry import class_centroids
-from .models import build_model, count_parameters
+from .models import build_model, count_parameters, fitting_models
 from .train import METHODS, Recipe, Teacher, TrainConfig, distill
 
 __all__ = ["get_teacher", "load_teacher", "study_data", "teacher_key", "read_state_dict", "file_digest"]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the CIFAR ResNets under RepDistiller's parameter names
 CHECKPOINT_KEYS = ("state_dict", "model", "net")  # where RepDistiller, mdistiller and most trainers keep the weights
 
 
@@ -161,13 +161,21 @@ def read_state_dict(path: Path) -> dict:
     return state
 
 
+def model_in_channels(model) -> int:
+    """The input channels of a model's first convolution (3 where it has none)."""
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else 3
+
+
 def _load_strict(model, state: dict, path: Path, arch: str, num_classes: int) -> None:
     own = model.state_dict()
     missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
     if missing or unexpected:
         parts = [f"{len(x)} {what} ({', '.join(x[:3])}{', ...' if len(x) > 3 else ''})"
                  for x, what in ((missing, "missing"), (unexpected, "unexpected")) if x]
-        raise DataError(f"--teacher-checkpoint {path}: does not fit {arch}: {' and '.join(parts)} keys; allowed: "
+        fits = fitting_models(state, model_in_channels(model))
+        hint = f"; its keys fit {', '.join(fits)}" if fits else ""
+        raise DataError(f"--teacher-checkpoint {path}: does not fit {arch}: {' and '.join(parts)} keys{hint}; allowed: "
                         f"a state_dict of {arch} itself")
     for k, v in own.items():
         if v.shape != state[k].shape:

@@ -51,6 +51,26 @@ def test_every_usual_format_loads_into_the_same_teacher_evaluated_once(tmp_path,
     assert not get_teacher(digits, "cnn_teacher", Recipe(), checkpoint=tmp_path / "net.pt")[1]
 
 
+def test_a_repdistiller_teacher_file_loads_end_to_end(tmp_path, synthetic):
+    """Saved as RepDistiller's train_teacher.py saves it ({'epoch', 'model', 'accuracy', 'optimizer'}; here also
+    through DataParallel's module. prefix): `kdbench teacher --checkpoint` reads it strictly and evaluates it."""
+    torch.manual_seed(0)
+    model = build_model("resnet8", 100, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model(torch.randn(4, 3, 32, 32))[1].sum().backward()
+    opt.step()
+    path = tmp_path / "ckpt_epoch_240.pth"
+    torch.save({"epoch": 240, "model": {f"module.{k}": v for k, v in model.state_dict().items()}, "accuracy": 12.5,
+                "optimizer": opt.state_dict()}, path)
+    r = runner.invoke(app, ["teacher", "--dataset", "synthetic", "--arch", "resnet8", "--checkpoint", str(path)])
+    assert r.exit_code == 0 and "resnet8" in r.output, r.output
+    t, hit = get_teacher(synthetic, "resnet8", Recipe(), checkpoint=path)
+    assert hit and all(torch.equal(t.model.state_dict()[k].cpu(), v) for k, v in model.state_dict().items())
+    # The same file for another zoo name is refused, naming the architecture its keys fit.
+    one_line_error(runner.invoke(app, ["teacher", "--dataset", "synthetic", "--arch", "resnet14", "--checkpoint",
+                                       str(path)]), "does not fit resnet14", "its keys fit resnet8")
+
+
 @pytest.mark.parametrize("name", ["tv:resnet18", "timm:resnet18"])
 def test_a_plain_library_state_dict_loads_into_its_model_as_it_is(tmp_path, name, synthetic):
     import timm
@@ -82,7 +102,8 @@ def _bad(tmp_path, teacher):
         "fewer": ({k: v for k, v in list(sd.items())[2:]}, torch.save, ["2 missing (", "does not fit cnn_teacher"]),
         "more": ({**sd, "extra.weight": torch.ones(1)}, torch.save, ["1 unexpected (extra.weight)"]),
         "classes": (other, torch.save, ["has 7 classes, the data set 10"]),
-        "arch": (build_model("resnet8x4", 10, 1).state_dict(), torch.save, ["missing (", "unexpected (", ", ...)"]),
+        "arch": (build_model("resnet8x4", 10, 1).state_dict(), torch.save, ["missing (", "unexpected (", ", ...)",
+                                                                             "its keys fit resnet8x4"]),
     }
 
 
