@@ -24,9 +24,11 @@ import torch
 
 from .study import StudyError
 
-__all__ = ["resolve_storage", "experiment_root", "find", "remove", "save", "load", "STATE_FILE", "META_FILE"]
+__all__ = ["resolve_storage", "experiment_root", "find", "remove", "save", "load", "save_student", "read_student",
+           "STATE_FILE", "META_FILE", "STUDENT_FILE"]
 
-STATE_FILE, META_FILE = "state.pt", "kdbench.json"
+# A finished trial's last checkpoint holds only STUDENT_FILE (no STATE_FILE, so a resume never continues from it).
+STATE_FILE, META_FILE, STUDENT_FILE = "state.pt", "kdbench.json", "student.pt"
 # What pyarrow's file systems raise: ArrowInvalid (a ValueError; a bad JSON file raises one too) for a bad
 # URI, ArrowNotImplementedError for an unknown scheme, OSError (FileNotFoundError, ...) for the I/O itself.
 FS_ERRORS = (ValueError, pa.ArrowNotImplementedError, OSError)
@@ -125,3 +127,20 @@ def save(folder: Path, state: dict, meta: dict) -> None:
 def load(folder: Path) -> dict:
     """The state of a checkpoint folder, on the CPU, read with ``weights_only=True``."""
     return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def save_student(folder: Path, blob: dict) -> None:
+    """A finished trial's checkpoint folder: its trained student (see :func:`kdbench.results.student_file`)."""
+    torch.save(blob, Path(folder) / STUDENT_FILE)
+
+
+def read_student(checkpoint) -> dict | None:
+    """The student a finished trial's Ray ``Checkpoint`` holds, on the CPU; None when it holds none."""
+    import io
+
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STUDENT_FILE}") as f:
+            raw = f.read()
+    except FS_ERRORS:
+        return None
+    return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)

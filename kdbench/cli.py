@@ -45,7 +45,7 @@ def train(
     threads: Annotated[Optional[int], typer.Option(help="torch threads (a run is bit-reproducible only at the same count)")] = None,
     eval_test: Annotated[EvalWhen, typer.Option(help="evaluate test at the end, or every epoch (the paper's "
                                                 "best-epoch top-1)")] = "end",
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="write result.json and epochs.csv here")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="write result.json, epochs.csv and student.pt here")] = None,
 ):
     """Distill one student (training or loading the teacher first) and print its metrics.
 
@@ -87,7 +87,7 @@ def train(
     with progress:
         res = distill(cfg, data, t, report)
     history = res.pop("history")
-    res.pop("model")
+    model = res.pop("model")
     out.print(summary_table(res, cfg, dataset))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -97,13 +97,16 @@ def train(
             "dataset": dataset, "split_seed": tm["split_seed"], "teacher": tm["arch"], "teacher_recipe": tm["recipe"],
             "teacher_seed": tm["seed"], "student": cfg.student, "recipe": {"epochs": recipe.epochs},
             "data_options": options, "teacher_checkpoint": tm.get("checkpoint")})
+        cid = results.config_id(context, trial_values(m, recipe))
+        results.write_student(out_dir / "student.pt", results.student_file(
+            {k: v.cpu() for k, v in model.state_dict().items()}, cfg.student, data.num_classes, cid, recipe.epochs, res))
         results.write_json(out_dir / "result.json", {
-            "config_id": results.config_id(context, trial_values(m, recipe)),
+            "config_id": cid,
             "config": {"dataset": dataset, "data_options": options, "student": cfg.student, "teacher": tm["arch"],
                        "method": dataclasses.asdict(m), "recipe": dataclasses.asdict(recipe), "seed": seed},
             "teacher": {k: v for k, v in tm.items() if k != "path"},
             "environment": results.environment(str(dev)) | {"threads": threads_now()}, "metrics": res})
-        err.print(f"wrote {out_dir / 'result.json'} and {out_dir / 'epochs.csv'}")
+        err.print(f"wrote {out_dir / 'result.json'}, {out_dir / 'epochs.csv'} and {out_dir / 'student.pt'}")
 
 
 @app.command()
@@ -130,7 +133,8 @@ def teacher(
     check_model_flag("--arch", arch)
     dev = device_or_error(device.value)
     data = load_data(dataset, data_root, 0, download, dev, options)
-    t = teacher_with_progress(data, dataset, arch, epochs, seed, retrain, flag="--epochs", checkpoint=checkpoint)
+    t = teacher_with_progress(data, dataset, arch, epochs, seed, retrain, flag="--epochs", checkpoint=checkpoint,
+                              checkpoint_flag="--checkpoint")
     out.print(teacher_table(t.meta, dataset))
 
 
@@ -338,6 +342,54 @@ def confirm(
               f"→ {folder}")
     _compare([folder], ("config",), None, "none", False, save=True)
     _compare([folder], ("config",), None, "table", False, top=10)
+
+
+@app.command()
+@errors
+def evaluate(
+    files: Annotated[Optional[list[Path]], typer.Argument(help="student files: kdbench's student.pt, RepDistiller or "
+                                                               "mdistiller checkpoints, or plain state_dicts")] = None,
+    student: Annotated[Optional[str], typer.Option(help="the students' architecture (a zoo name, tv:NAME or timm:NAME)")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="results folder: new, or an evaluate folder to add to")] = None,
+    dataset: DatasetName = "digits",
+    teacher: Annotated[Optional[str], typer.Option(help="teacher model (default: the data set's)")] = None,
+    teacher_checkpoint: Annotated[Optional[Path], typer.Option(help="the teacher's weights (default: the cached or "
+                                                               "trained teacher, as train has it)")] = None,
+    label: Annotated[str, typer.Option(help="the method's name in compare; files with one label are its seeds")] = "evaluated",
+    image_size: ImageSize = None,
+    skip_bad_images: SkipBad = False,
+    val_fraction: ValFraction = None,
+    data_root: Annotated[Path, typer.Option(help="folder holding cifar-100-python/ or cifar-10-batches-py/")] = Path("data"),
+    device: Annotated[Device, typer.Option(help="auto: CUDA when present")] = Device.auto,
+):
+    """Measure students trained anywhere against a teacher (no training): every metric per file, as rows compare ranks."""
+    from .assess import check_students, evaluate_students
+    from .data import load_data
+
+    from .data import DataError
+
+    dataset, options = data_options(dataset, image_size, skip_bad_images, val_fraction)
+    for flag, v, allowed in (("--student", student, "the students' architecture"), ("--out", out_dir, "a results folder")):
+        if v is None:
+            raise DataError(f"{flag}: missing; allowed: {allowed}")
+    check_model_flag("--student", student)
+    check_model_flag("--teacher", teacher)
+    if not files:
+        raise DataError("--student: no student files given; allowed: kdbench evaluate FILE [FILE ...] --student ARCH")
+    dev = device_or_error(device.value)
+    data = load_data(dataset, data_root, 0, False, dev, options)
+    check_students(student, list(files), data, out_dir)  # before the teacher is read or trained
+    t = teacher_with_progress(data, dataset, teacher, None, 0, checkpoint=teacher_checkpoint)
+    tm = t.meta
+    study = {"dataset": dataset, "split_seed": 0, "teacher": tm["arch"], "teacher_recipe": tm.get("recipe"),
+             "teacher_seed": tm.get("seed"), "student": student, "recipe": {"epochs": None},
+             "data_options": options, "teacher_checkpoint": tm.get("checkpoint") or ""}
+    rows = evaluate_students(out_dir, data, t, student, list(files or ()), label, study, str(dev))
+    for r in rows:
+        out.print(f"{Path(r['file']).name}: test top-1 {r['test_top1']:.2f}%  geom_corr {r.get('test_geom_corr', float('nan')):.3f}"
+                  f"  cka {r.get('test_cka', float('nan')):.3f}  kNN {r['test_knn_top1']:.2f}%", highlight=False)
+    err.print(f"{len(rows)} students measured ({len(files) - len(rows)} already there) → {out_dir}; "
+              f"kdbench compare {out_dir}", highlight=False)
 
 
 @app.command()

@@ -104,7 +104,7 @@ def epoch_progress(total: int, label: str):
 
 
 def teacher_with_progress(data, dataset: str, arch: str | None, epochs: int | None, seed: int, retrain: bool = False,
-                          flag: str = "--teacher-epochs", checkpoint=None):
+                          flag: str = "--teacher-epochs", checkpoint=None, checkpoint_flag: str = "--teacher-checkpoint"):
     from .study import check_value
     from .teacher import get_teacher
     from .train import dataset_defaults
@@ -115,7 +115,8 @@ def teacher_with_progress(data, dataset: str, arch: str | None, epochs: int | No
     if epochs is not None:
         recipe = dataclasses.replace(recipe, epochs=check_value("epochs", epochs, flag))
     if checkpoint:  # no training: read, evaluated once, cached
-        teacher, hit = get_teacher(data, arch, recipe, seed, use_cache=not retrain, checkpoint=checkpoint)
+        teacher, hit = get_teacher(data, arch, recipe, seed, use_cache=not retrain, checkpoint=checkpoint,
+                                   option=checkpoint_flag)
     else:
         progress, report = epoch_progress(recipe.epochs, f"teacher {arch}")
         with progress:

@@ -12,7 +12,7 @@ from torch import nn
 from .data import Data, normalize
 from .geometry import class_centroids, geom_err, geometry_corr, knn_top1, linear_cka, similarity_matrix
 
-__all__ = ["autocast", "prepare", "forward_all", "evaluate"]
+__all__ = ["autocast", "prepare", "forward_all", "evaluate", "teacher_views"]
 
 
 def autocast(device: torch.device):
@@ -59,3 +59,18 @@ def evaluate(model: nn.Module, data: Data, split: str, teacher_view: dict | None
         ref_f = knn if isinstance(knn, torch.Tensor) else forward_all(model, data.train_x, data)[0]
         out["knn_top1"] = knn_top1(ref_f, data.train_y, f, y, data.num_classes)
     return {f"{split}_{k}": float(v) for k, v in out.items()}
+
+
+def teacher_views(teacher: nn.Module, data: Data) -> dict:
+    """The teacher's fixed views of the evaluation splits: ``{split: {"features", "S"}}`` (its features and its
+    centroid-similarity matrix), what every student's geometry is measured against. Splits without images
+    (``val_fraction = 0``) are left out."""
+    teacher.eval()
+    views = {}
+    for split in ("val", "test"):
+        x, y = data.split(split)
+        if len(x) == 0:
+            continue
+        f, _ = forward_all(teacher, x, data)
+        views[split] = {"features": f.clone(), "S": similarity_matrix(class_centroids(f, y, data.num_classes)).clone()}
+    return views

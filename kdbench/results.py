@@ -20,7 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 __all__ = ["write_json", "write_text", "write_csv", "environment", "ResultsError", "read_folder", "Folder",
-           "read_table", "TRIAL_COLUMNS", "METRICS", "STAGES", "find_latest", "config_id", "run_context", "FolderLock", "read_study"]
+           "read_table", "TRIAL_COLUMNS", "METRICS", "STAGES", "find_latest", "config_id", "run_context", "FolderLock", "read_study",
+           "student_file", "write_student", "final_metrics", "STUDENTS", "KEEP_STUDENTS"]
 
 # Final metrics of DESIGN §5, one column per split, in a stable order.
 METRICS = ("top1", "geom_corr", "geom_err", "cka", "knn_top1")
@@ -28,7 +29,7 @@ METRICS = ("top1", "geom_corr", "geom_err", "cka", "knn_top1")
 # seed, see :func:`config_id`); ``stage`` says which step produced the row; ``node`` (Ray node id),
 # ``host``, ``threads`` and ``device`` say where and how it ran (``kdbench rerun`` reads them);
 # ``resumed_from``: the epoch of the checkpoint an interrupted trial continued from (0: none).
-STAGES = ("search", "grid", "confirm", "train")
+STAGES = ("search", "grid", "confirm", "train", "evaluate")
 TRIAL_COLUMNS = ("trial_id", "config_id", "stage", "status", "fidelity", "method", "seed", "epochs",
                  *(f"{s}_{m}" for s in ("val", "test") for m in METRICS),
                  "best_test_top1", "last_test_top1", "params", "train_seconds", "images_per_second",
@@ -64,6 +65,34 @@ def write_csv(path: str | Path, rows: list[dict] | pd.DataFrame, columns: tuple[
     df = df[first + [c for c in df.columns if c not in first]]
     tmp = _tmp(path)
     df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+# Trained students: ``student.pt`` of a single run, ``students/<trial_id>.pt`` of a search, grid or confirmation.
+STUDENTS = "students"
+KEEP_STUDENTS = ("full", "front", "none")  # every full-fidelity run's student, the front's only, or none
+
+
+def final_metrics(row: dict) -> dict:
+    """A run's final metrics (val, test, best- and last-epoch top-1, cost), as numbers, from a result row."""
+    return {k: float(v) for k, v in row.items() if (k.startswith(("val_", "test_", "best_", "last_")) or k in (
+        "params", "train_seconds", "images_per_second")) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def student_file(state_dict: dict, arch: str, num_classes: int, config_id: str, epoch: int, metrics: dict) -> dict:
+    """What a student file holds: RepDistiller's and mdistiller's loaders read its ``model`` entry as they are."""
+    return {"model": state_dict, "arch": arch, "num_classes": int(num_classes), "config_id": config_id,
+            "epoch": int(epoch), "metrics": final_metrics(metrics)}
+
+
+def write_student(path: str | Path, blob: dict) -> None:
+    """Write a student file atomically (readable with ``torch.load(..., weights_only=True)``)."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    torch.save(blob, tmp)
     os.replace(tmp, path)
 
 

@@ -18,6 +18,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .data import DataError, canonical, check_data
+from .results import KEEP_STUDENTS
 from .models import check_model
 from .train import EVAL_WHEN, METHODS, Method, Recipe, dataset_defaults
 from .values import TUNABLE, StudyError, field_types, apply_overrides, check_value, parse_sets
@@ -120,6 +121,7 @@ class Study:
     max_failures: int = 1  # retries of a trial whose worker died, each from its last checkpoint
     data_options: dict = dataclasses.field(default_factory=dict)  # [data]: val_fraction, pad, flip, image_size, ...
     teacher_checkpoint: str = ""  # read the teacher from this file (absolute) instead of training it
+    keep_students: str = "full"  # [results]: the trained students kept under students/ (results.KEEP_STUDENTS)
     asha_rank: str = "top1"  # rungs rank by val top-1 ("top1") or by non-dominated sorting on the objectives
     # ("pareto", the default of searches, whose two objectives it keeps: see kdbench.search.moasha)
 
@@ -140,7 +142,7 @@ class Study:
 
 _TOP_KEYS = {"name", "description", "dataset", "data", "data_root", "split_seed", "teacher", "teacher_seed", "teacher_checkpoint",
              "student", "method", "seed", "recipe", "teacher_recipe", "methods", "search", "grid", "asha",
-             "resources", "reference", "confirm", "checkpoint", "evaluation"}
+             "resources", "reference", "confirm", "checkpoint", "evaluation", "results"}
 
 
 class _Reader:
@@ -360,6 +362,9 @@ def load_study(path: str | Path) -> Study:
     ck.only({"every", "minutes", "max_failures"})
     checkpoint_every, max_failures = ck.get("every", 1, int, lo=0), ck.get("max_failures", 1, int, lo=0)
     checkpoint_minutes = ck.get("minutes", 0.0, float, lo=0.0)
+    res_table = r.sub("results")
+    res_table.only({"keep_students"})
+    keep_students = res_table.get("keep_students", "full", str, choices=KEEP_STUDENTS)
     confirm = None
     if "confirm" in raw:
         c = r.sub("confirm")
@@ -377,7 +382,8 @@ def load_study(path: str | Path) -> Study:
         samples=samples, concurrency=concurrency, objectives=objectives, space=space, grid=grid, asha=asha,
         grace_period=grace, reduction_factor=rf, cpus_per_trial=cpus, gpus_per_trial=gpus, reference=reference,
         confirm=confirm, checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,
-        max_failures=max_failures, eval_val=eval_val, eval_test=eval_test, asha_rank=asha_rank)
+        max_failures=max_failures, eval_val=eval_val, eval_test=eval_test, asha_rank=asha_rank,
+        keep_students=keep_students)
 
 
 def study_from_dict(d: dict) -> Study:

@@ -30,7 +30,7 @@ from .geometry import class_centroids
 from .models import build_model, count_parameters, fitting_models
 from .train import METHODS, Recipe, Teacher, TrainConfig, distill
 
-__all__ = ["get_teacher", "load_teacher", "study_data", "teacher_key", "read_state_dict", "file_digest"]
+__all__ = ["get_teacher", "load_teacher", "study_data", "teacher_key", "read_state_dict", "load_strict", "file_digest"]
 
 CACHE_VERSION = 2  # 2: the CIFAR ResNets under RepDistiller's parameter names
 CHECKPOINT_KEYS = ("state_dict", "model", "net")  # where RepDistiller, mdistiller and most trainers keep the weights
@@ -74,13 +74,13 @@ def _save(path: Path, model, centroids, meta: dict) -> Teacher:
 
 def get_teacher(data: Data, arch: str, recipe: Recipe, seed: int = 0, split_seed: int = 0,
                 report: Callable[[dict], None] | None = None, use_cache: bool = True,
-                checkpoint: str | Path | None = None) -> tuple[Teacher, bool]:
+                checkpoint: str | Path | None = None, option: str = "--teacher-checkpoint") -> tuple[Teacher, bool]:
     """The teacher for ``data``: loaded from the cache, else trained now (or read from ``checkpoint``) and cached.
 
     Returns ``(teacher, cache_hit)``.
     """
     if checkpoint:
-        return _from_checkpoint(Path(checkpoint).expanduser(), data, arch, split_seed, use_cache)
+        return _from_checkpoint(Path(checkpoint).expanduser(), data, arch, split_seed, use_cache, option)
     key = teacher_key(data, split_seed, arch, {"recipe": dataclasses.asdict(recipe), "seed": seed})
     path = _cache_path(data, arch, key)
     if use_cache and path.is_file():
@@ -136,25 +136,25 @@ def _is_state_dict(obj) -> bool:
                                                        for k, v in obj.items())
 
 
-def read_state_dict(path: Path) -> dict:
+def read_state_dict(path: Path, option: str = "--teacher-checkpoint") -> dict:
     """The state_dict a checkpoint file holds: the file itself, or its ``state_dict``, ``model`` or ``net``
     entry; read with ``weights_only=True`` (a file that carries code is refused); a DataParallel
-    ``module.`` prefix is removed."""
+    ``module.`` prefix is removed. Errors name ``option``, the command's own name for the file."""
     if not path.is_file():
-        raise DataError(f"--teacher-checkpoint {path}: no such file")
+        raise DataError(f"{option} {path}: no such file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         why = "it carries code or objects other than tensors" if "weights_only" in str(e) or "Unsupported global" in str(e) \
             else "not a PyTorch checkpoint"
-        raise DataError(f"--teacher-checkpoint {path}: cannot be read with weights_only=True: {why} ({first[:160]}); "
+        raise DataError(f"{option} {path}: cannot be read with weights_only=True: {why} ({first[:160]}); "
                         f"allowed: a state_dict, or a dict holding one under {', '.join(CHECKPOINT_KEYS)}") from None
     state = obj if _is_state_dict(obj) else next(
         (obj[k] for k in CHECKPOINT_KEYS if isinstance(obj, dict) and _is_state_dict(obj.get(k))), None)
     if state is None:
         found = f"a dict with keys {', '.join(map(str, list(obj)[:6]))}" if isinstance(obj, dict) else type(obj).__name__
-        raise DataError(f"--teacher-checkpoint {path}: holds {found}, not a state_dict; allowed: a state_dict, or a "
+        raise DataError(f"{option} {path}: holds {found}, not a state_dict; allowed: a state_dict, or a "
                         f"dict holding one under {', '.join(CHECKPOINT_KEYS)}")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
@@ -167,7 +167,9 @@ def model_in_channels(model) -> int:
     return conv.in_channels if conv is not None else 3
 
 
-def _load_strict(model, state: dict, path: Path, arch: str, num_classes: int) -> None:
+def load_strict(model, state: dict, path: Path, arch: str, num_classes: int, option: str = "--teacher-checkpoint") -> None:
+    """Load ``state`` into ``model`` with ``strict=True``, or one line naming what does not fit (and the zoo
+    architecture its keys do fit, if any)."""
     own = model.state_dict()
     missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
     if missing or unexpected:
@@ -175,22 +177,25 @@ def _load_strict(model, state: dict, path: Path, arch: str, num_classes: int) ->
                  for x, what in ((missing, "missing"), (unexpected, "unexpected")) if x]
         fits = fitting_models(state, model_in_channels(model))
         hint = f"; its keys fit {', '.join(fits)}" if fits else ""
-        raise DataError(f"--teacher-checkpoint {path}: does not fit {arch}: {' and '.join(parts)} keys{hint}; allowed: "
+        raise DataError(f"{option} {path}: does not fit {arch}: {' and '.join(parts)} keys{hint}; allowed: "
                         f"a state_dict of {arch} itself")
     for k, v in own.items():
         if v.shape != state[k].shape:
             if v.ndim and v.shape[0] == num_classes and v.shape[1:] == state[k].shape[1:]:  # the classifier
-                raise DataError(f"--teacher-checkpoint {path}: its classifier {k} has {state[k].shape[0]} classes, the "
-                                f"data set {num_classes}; allowed: a teacher trained on these classes")
-            raise DataError(f"--teacher-checkpoint {path}: {k} has shape {tuple(state[k].shape)}, {arch} needs "
-                            f"{tuple(v.shape)}; allowed: a state_dict of {arch} itself")
+                raise DataError(f"{option} {path}: its classifier {k} has {state[k].shape[0]} classes, the "
+                                f"data set {num_classes}; allowed: a model trained on these classes")
+            fits = fitting_models(state, model_in_channels(model))
+            hint = f"; its keys and shapes fit {', '.join(fits)}" if fits else ""
+            raise DataError(f"{option} {path}: {k} has shape {tuple(state[k].shape)}, {arch} needs "
+                            f"{tuple(v.shape)}{hint}; allowed: a state_dict of {arch} itself")
     model.load_state_dict(state, strict=True)
 
 
-def _from_checkpoint(path: Path, data: Data, arch: str, split_seed: int, use_cache: bool) -> tuple[Teacher, bool]:
+def _from_checkpoint(path: Path, data: Data, arch: str, split_seed: int, use_cache: bool,
+                     option: str = "--teacher-checkpoint") -> tuple[Teacher, bool]:
     """A teacher read from a checkpoint: evaluated once (val and test top-1, kNN), centroids computed, cached
     by the file's hash: no training at all."""
-    state = read_state_dict(path)
+    state = read_state_dict(path, option)
     digest = file_digest(path)
     key = teacher_key(data, split_seed, arch, {"checkpoint": digest})
     cached = _cache_path(data, arch, key)
@@ -199,7 +204,7 @@ def _from_checkpoint(path: Path, data: Data, arch: str, split_seed: int, use_cac
     t0 = time.perf_counter()
     device = data.train_x.device
     model = build_model(arch, data.num_classes, data.in_channels)
-    _load_strict(model, state, path, arch, data.num_classes)
+    load_strict(model, state, path, arch, data.num_classes, option)
     model = model.to(device).eval().requires_grad_(False)
     feats, _ = forward_all(model, data.train_x, data)
     metrics = {**evaluate(model, data, "val"), **evaluate(model, data, "test", knn=feats)}

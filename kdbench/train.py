@@ -19,8 +19,8 @@ from torch import nn
 
 from . import losses
 from .data import Data, augment
-from .evaluate import autocast, evaluate, forward_all, prepare
-from .geometry import CentroidMemory, class_centroids, similarity_matrix
+from .evaluate import autocast, evaluate, forward_all, prepare, teacher_views
+from .geometry import CentroidMemory
 from .models import build_model, count_parameters
 
 __all__ = ["Method", "Recipe", "TrainConfig", "EVAL_WHEN", "Teacher", "METHODS", "DATASET_DEFAULTS", "dataset_defaults",
@@ -205,7 +205,7 @@ def get_lr(step: int, total_steps: int, recipe: Recipe, steps_per_epoch: int) ->
 
 def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             report: Callable[[dict], None] | None = None, resume: dict | None = None,
-            state_when: Callable[[int], bool] | None = None) -> dict:
+            state_when: Callable[[int], bool] | None = None, final_weights: bool = False) -> dict:
     """Train ``cfg.student`` on ``data`` with the loss of ``cfg.method``; return the final metrics.
 
     Args:
@@ -219,6 +219,8 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         state_when: ``state_when(epoch)`` true (never after the last epoch): that epoch's report row also
             holds ``state``: everything an exact continuation needs (weights, trainable extras,
             centroid memory, optimiser, step, every RNG state, history), on the CPU.
+        final_weights: the last epoch's report row also holds ``final_weights``: the trained student's
+            state_dict on the CPU (what a search keeps of a finished trial).
 
     Returns:
         The last epoch's metrics, which are the final ones: val and test top-1, geometry (with a
@@ -249,14 +251,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
     net = torch.compile(student) if cfg.compile else student
 
     # --- 2. the teacher's fixed views: eval-split features and similarity matrices, once -------
-    views = {}
-    if teacher is not None:
-        teacher.model.eval()
-        for split in ("val", "test"):
-            x, y = data.split(split)
-            f, _ = forward_all(teacher.model, x, data)
-            views[split] = {"features": f.clone(),
-                            "S": similarity_matrix(class_centroids(f, y, data.num_classes)).clone()}
+    views = teacher_views(teacher.model, data) if teacher is not None else {}
     memory, t_centroids = None, None
     if "geometry" in terms:
         memory = CentroidMemory(data.num_classes, student.feature_dim, method.momentum).to(device)
@@ -342,6 +337,8 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         if last:
             row["last_test_top1"] = row["test_top1"]
         history.append(row)
+        if last and final_weights:
+            row = {**row, "final_weights": _cpu(student.state_dict())}
         if report is not None:
             if state_when is not None and not last and state_when(epoch):
                 state = {name: module.state_dict() for name, module in modules.items()}

@@ -153,9 +153,9 @@ def test_settle_gives_the_front_and_its_overlapping_rivals_one_more_seed():
 ])
 def test_bad_options_are_one_line_and_write_nothing(searched, tmp_path, args, fragments):
     out = _copy(searched, tmp_path)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     _one_line_error(runner.invoke(app, ["confirm", str(out), *args]), *fragments)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_bad_folders_are_one_line_and_write_nothing(searched, tmp_path):

@@ -67,13 +67,15 @@ def test_find_study_by_name_and_path(tmp_path):
 
 @pytest.mark.parametrize("old, new, match", [
     ('dataset = "digits"', 'dataset = "mnist"', r"s.toml: dataset = 'mnist' is unknown; allowed: digits, synthetic"),
-    ('dataset = "digits"', 'dataset = "digits"\nstudent = "vgg"', r"s.toml: student = 'vgg' is unknown; allowed: resnet8, resnet14, .*ShuffleV2"),
+    ('dataset = "digits"', 'dataset = "digits"\nstudent = "vgg"', r"student = 'vgg' is unknown; allowed: resnet8, resnet14, .*ShuffleV2"),
     ('method = "geometry"', 'method = "magic"', r"s.toml: method = 'magic'; allowed: baseline"),
     ("epochs = 6", "epochs = 6\nlr = -1", r"s.toml: recipe: lr = -1; allowed: > 0"),
     ("epochs = 6", "epochs = 6\nbatch_size = 1", r"batch_size = 1; allowed: >= 2"),
     ("[search]", "[methods.geometry]\nmomentum = 1.5\n[search]", r"methods.geometry: momentum = 1.5; allowed: >= 0"),
     ("[search]", "[methods.kd]\ntemperature = 'hot'\n[search]", r"temperature = 'hot'; allowed: a number"),
     ("samples = 4", 'samples = 4\nsampler = "grid"', r"search.sampler = 'grid'; allowed: tpe, nsga2, random"),
+    ("[search]", '[results]\nkeep_students = "best"\n[search]', r"s.toml: results.keep_students = 'best'; allowed: full, front, none"),
+    ("[search]", "[confirm]\nuntil_settled = true\nmax_seeds = 2\n[search]", r"max_seeds 2: allowed: an integer >= .*confirm.seeds \(3\)"),
     ('type = "loguniform"', 'type = "normal"', r"search.space.geometry.type = 'normal'; allowed: uniform"),
     ("high = 100.0", "high = 0.5", r"search.space.geometry.high = 0.5; allowed: > low"),
     ("[search.space.geometry]", "[search.space.wings]", r"search.space.wings: unknown parameter"),

@@ -142,6 +142,7 @@ def run_study(study: Study, out: Path, *, resume: bool = False, address: str | N
                 summary["confirm"] = _confirm(f, study.confirm)
             if complete:  # every trial finished: no checkpoint is needed any more
                 checkpoints.remove(root)
+                _prune_students(out, study)
         return summary
     finally:
         t0 = time.time()
@@ -250,10 +251,29 @@ def run_confirm(out: Path, confirm: Confirm, *, concurrency: int | None = None, 
                         verbose, on_update)
             summary = _confirm(f, confirm)
             checkpoints.remove(root)  # every planned run has finished
+            _prune_students(out, study)
             return summary
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def _prune_students(out: Path, study: Study) -> None:
+    """``keep_students = "front"``: remove the student files of runs whose configuration is off the front (on
+    validation means, every finished full-fidelity configuration of the folder)."""
+    folder = out / results.STUDENTS
+    if study.keep_students != "front" or not folder.is_dir():
+        return
+    from .. import stats
+
+    trials = results.read_folder(out).trials.assign(study=study.name)
+    table = stats.summarise(trials, [f"val_{o}" for o in study.objectives])
+    table = table[table["n"] > 0].reset_index(drop=True)
+    on = set(table.loc[stats.front_on_means(table, study.objectives)[0], "config_id"])
+    keep = set(trials.loc[trials["config_id"].isin(on), "trial_id"].astype(str))
+    for f in folder.glob("*.pt"):
+        if f.stem not in keep:
+            f.unlink()
 
 
 def _confirmed_pairs(trials) -> set:

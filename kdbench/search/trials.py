@@ -15,7 +15,7 @@ import torch
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from .. import checkpoints
+from .. import checkpoints, results
 from ..study import Study
 from ..trial import resolve_trial, trial_config_id
 from ..teacher import load_teacher
@@ -99,6 +99,12 @@ def _trainable(config: dict, study: Study, teacher: dict, data, threads: int, re
         nonlocal last_epoch, last_saved
         last_epoch = row["epoch"]
         snapshot = row.pop("state", None)
+        final = row.pop("final_weights", None)
+        if final is not None:  # the trained student, through the storage to the driver (see ResultsWriter)
+            with tempfile.TemporaryDirectory(prefix="kdbench-student-") as d:
+                checkpoints.save_student(Path(d), results.student_file(final, study.student, data.num_classes, cid,
+                                                                       row["epoch"], {}))
+                return tune.report({**row, **where}, checkpoint=tune.Checkpoint.from_directory(d))
         if snapshot is None:
             return tune.report({**row, **where})
         last_saved = time.monotonic()
@@ -109,7 +115,7 @@ def _trainable(config: dict, study: Study, teacher: dict, data, threads: int, re
 
     try:
         distill(TrainConfig(study.student, method, recipe, seed, eval_val=study.eval_val, eval_test=study.eval_test),
-                data, teacher, report, resume=state, state_when=due)
+                data, teacher, report, resume=state, state_when=due, final_weights=study.keep_students != "none")
     except Exception as e:  # NaN loss, OOM, a bug: the trial is failed, with its reason; the search goes on
         tune.report({"epoch": last_epoch, "failure": f"{type(e).__name__}: {e}", **where})
 

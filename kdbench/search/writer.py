@@ -125,6 +125,11 @@ class ResultsWriter(tune.Callback):
         history = {(e["trial_id"], e["epoch"]): e for e in self.epochs if e["trial_id"] in finished}
         results.write_csv(self.out / "epochs.csv", list(history.values()))
         results.write_csv(self.out / "trials.csv", self.rows, results.TRIAL_COLUMNS)
+        if status == "completed" and self.study.keep_students != "none" and trial.checkpoint is not None:
+            student = checkpoints.read_student(trial.checkpoint)
+            if student is not None:  # its final metrics are the row's
+                student["metrics"] = results.final_metrics(row)
+                results.write_student(self.out / results.STUDENTS / f"{trial.trial_id}.pt", student)
         # A finished trial needs no checkpoint: neither its own nor the one it resumed from.
         if trial.checkpoint is not None:
             checkpoints.remove(trial.checkpoint)
