@@ -9,6 +9,7 @@ configuration.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -69,22 +70,16 @@ def evaluate_students(out: Path, data: Data, teacher: Teacher, arch: str, files:
     (rows are appended; a file already there under the same label is not measured again). ``study``: the
     data set, teacher and student as ``study.json`` records them. Returns the rows added.
     """
-    if not files:
-        raise DataError("--student: no student files given; allowed: --student ARCH FILE [FILE ...]")
-    for f in files:
-        if not f.is_file():
-            raise DataError(f"--student {f}: no such file")
     out = Path(out)
+    check_students(arch, files, data, out)
     existing = []
     if (out / "study.json").exists():
         meta = results.read_study(out)
-        if meta.get("kind") != "evaluate" or meta.get("study") != study:
-            raise DataError(f"--out {out}: holds another run ({meta.get('kind', 'single')} of "
-                            f"{(meta.get('study') or {}).get('dataset')}); allowed: a new folder or an evaluate folder "
-                            f"of the same data set, teacher and student")
+        if meta.get("study") != json.loads(json.dumps(results.jsonable(study))):  # as study.json holds it
+            raise DataError(f"--out {out}: evaluates another data set, teacher or student ({meta['study'].get('dataset')}, "
+                            f"{meta['study'].get('teacher')}, {meta['study'].get('student')}); allowed: a new folder or an "
+                            f"evaluate folder of the same data set, teacher and student")
         existing = results.read_table(out / "trials.csv").to_dict("records")
-    elif out.exists() and any(out.iterdir()):
-        raise DataError(f"--out {out}: folder exists and is not empty; allowed: a new folder or an evaluate folder")
     done = {r["trial_id"] for r in existing}
     todo = [f for f in files if f"{label}-{file_digest(f)[:8]}" not in done]
     context = results.run_context(study)

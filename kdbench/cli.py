@@ -142,13 +142,16 @@ def teacher(
 @errors
 def studies():
     """List the bundled studies, one line each."""
-    from .study import bundled_studies, load_study
+    from .pairs import load_studies
+    from .study import bundled_studies
 
     rows = [("study", "kind", "trials", "data set", "teacher → student", "description")]
     for name, path in bundled_studies().items():
-        s = load_study(path)
-        rows.append((name, "grid" if s.is_grid else f"search/{s.sampler}", str(s.trial_count()), s.dataset,
-                     f"{s.teacher} → {s.student}", s.description))
+        ss = load_studies(path)
+        s = ss[0]
+        pairs = f"{len(ss)} pairs" if len(ss) > 1 else f"{s.teacher} → {s.student}"
+        rows.append((name, "grid" if s.is_grid else f"search/{s.sampler}", str(sum(x.trial_count() for x in ss)),
+                     s.dataset, pairs, s.description))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for i, r in enumerate(rows):
         line = "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5]
@@ -173,32 +176,57 @@ def tune(
     teacher_checkpoint: Annotated[Optional[Path], typer.Option(help="the teacher's weights (a state_dict file) "
                                                                "instead of the study's teacher")] = None,
     verbose: Annotated[bool, typer.Option(help="show Ray's and Optuna's logs")] = False,
+    plan: Annotated[bool, typer.Option("--plan", help="print what would run (studies, trials, trial-epochs, "
+                                                      "resources) and exit: no data, no teacher, nothing written")] = False,
 ):
-    """Search (or enumerate) a study's trials with Ray Tune + Optuna + ASHA; write a results folder."""
-    command_started = time.time()
-    from .study import StudyError, find_study, load_study
+    """Search (or enumerate) a study's trials with Ray Tune + Optuna + ASHA; write a results folder.
 
-    s = load_study(find_study(study))
+    A study with [pairs] runs one study per teacher-student pair, each into DIR/<teacher>-<student>.
+    """
+    command_started = time.time()
+    from .pairs import load_studies, pair_name, plan_lines
+    from .study import StudyError, find_study
+
+    studies = load_studies(find_study(study))
     changes = {}
     if samples is not None:
-        if s.is_grid:
-            raise StudyError(f"--samples: {s.path} is a grid study ({s.trial_count()} trials); allowed only for searches")
+        if studies[0].is_grid:
+            raise StudyError(f"--samples: {studies[0].path} is a grid study ({studies[0].trial_count()} trials); "
+                             f"allowed only for searches")
         if samples < 1:
             raise StudyError(f"--samples {samples}: allowed: >= 1")
         changes["samples"] = samples
     check_resources(concurrency, cpus_per_trial, gpus_per_trial)
     changes |= {k: v for k, v in (("concurrency", concurrency), ("cpus_per_trial", cpus_per_trial)) if v is not None}
     if teacher_checkpoint is not None:
+        if len(studies) > 1:
+            raise StudyError(f"--teacher-checkpoint: {studies[0].path} has {len(studies)} pairs, each with its own "
+                             f"teacher; allowed: [pairs] teacher_checkpoint in the study")
         changes["teacher_checkpoint"] = str(teacher_checkpoint.expanduser().resolve())
-    s = dataclasses.replace(s, **changes)
+    studies = [dataclasses.replace(s, **changes) for s in studies]
+    if plan:
+        for line in plan_lines(studies):
+            out.print(line, highlight=False, soft_wrap=True)
+        return
     if resume and out_dir is None:
         raise StudyError("--resume needs --out DIR (the folder of the run to continue)")
-    folder = out_dir or Path("results") / f"{s.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = out_dir or Path("results") / f"{Path(studies[0].path).stem if len(studies) > 1 else studies[0].name}-" \
+        f"{time.strftime('%Y%m%d-%H%M%S')}"
+    folders = [base] if len(studies) == 1 else [base / pair_name(s.teacher, s.student) for s in studies]
     if storage is not None:  # before anything is printed or written
         from .checkpoints import resolve_storage
 
-        resolve_storage(storage, folder)
+        resolve_storage(storage, base)
+    for s, folder in zip(studies, folders):
+        again = resume and (len(studies) == 1 or (folder / "study.json").exists())  # pairs: the ones begun resume
+        _tune_one(s, study, folder, again, address, data_root, download, gpus_per_trial, storage, verbose,
+                  command_started, base)
 
+
+def _tune_one(s, study: str, folder: Path, resume: bool, address, data_root, download, gpus_per_trial, storage,
+              verbose, command_started: float, base: Path):
+    """One study's tune: header, teacher, live view, the run, its summary and comparison (``base``: the --out
+    that continues it)."""
     from .search import run_study
 
     view = LiveView(s.name)
@@ -253,7 +281,7 @@ def tune(
     complete = summary["trials"] == s.trial_count()
     if not complete:
         err.print(f"[yellow]interrupted after {summary['trials']} of {s.trial_count()} trials[/yellow]; continue with: "
-                  f"kdbench tune {study} --out {folder} --resume", highlight=False)
+                  f"kdbench tune {study} --out {base} --resume", highlight=False)
     t0 = time.time()
     _compare([Path(summary["out"])], ("config",), None, "table", False, top=10, save=complete)
     if not complete:
@@ -493,7 +521,7 @@ def _compare(folders, by, plot, fmt, val, top: int | None = None, save: bool = F
         out.print(report.leaderboard_table(shown, by, split, f"Leaderboard — {', '.join(f.name for f in loaded)}{more}",
                                            interval))
         out.print(report.front_table(fr, f"Pareto front on configuration means: {len(fr.rows)} of {len(fr.points)} "
-                                         f"configurations (validation {' vs '.join(fr.objectives)})"))
+                                         f"configurations ({'validation' if fr.on == 'val' else fr.on} {' vs '.join(fr.objectives)})"))
         for line in report.unsettled_lines(fr):
             out.print(line, highlight=False, soft_wrap=True)
         counts = df["status"].value_counts().to_dict()

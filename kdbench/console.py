@@ -144,8 +144,9 @@ def summary_table(res: dict, cfg, dataset: str) -> Table:
     for name, fmt in (("top1", "{:.2f} %"), ("geom_corr", "{:.4f}"), ("geom_err", "{:.4f}"), ("cka", "{:.4f}"),
                       ("knn_top1", "{:.2f} %")):
         v, te = res.get(f"val_{name}"), res.get(f"test_{name}")
-        if v is not None:
-            t.add_row(name + (" (last epoch)" if name == "top1" else ""), fmt.format(v), fmt.format(te))
+        if v is not None or te is not None:  # val_fraction = 0: no val column
+            t.add_row(name + (" (last epoch)" if name == "top1" else ""), "" if v is None else fmt.format(v),
+                      "" if te is None else fmt.format(te))
     if "best_test_top1" in res:
         t.add_row("top1 (best epoch)", "", f"{res['best_test_top1']:.2f} %")
     t.add_row("parameters", "", f"{res['params']:,}")
@@ -158,7 +159,7 @@ def teacher_table(m: dict, dataset: str) -> Table:
     t = Table(title=f"teacher {m['arch']} on {dataset}")
     for c in ("val top-1 %", "test top-1 %", "best-epoch test top-1 %", "test kNN %", "params", "train s"):
         t.add_column(c, justify="right")
-    t.add_row(f"{m['val_top1']:.2f}", f"{m['test_top1']:.2f}", f"{m['best_test_top1']:.2f}",
+    t.add_row(f"{m['val_top1']:.2f}" if "val_top1" in m else "—", f"{m['test_top1']:.2f}", f"{m['best_test_top1']:.2f}",
               f"{m['test_knn_top1']:.2f}", f"{m['params']:,}", f"{m['train_seconds']:.1f}")
     return t
 

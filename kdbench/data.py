@@ -157,6 +157,14 @@ def _make(name, x_train, y_train, x_test, y_test, seed, num_classes, names, opti
     if val is None:
         tr, va = stratified_split(y_train, (1 - o["val_fraction"], o["val_fraction"]), seed)
         x_train, y_train, val = x_train[tr], y_train[tr], (x_train[va], y_train[va])
+    # The first k images of each class of a split: a quick run of a big recipe (a smoke test, not a result).
+    first = lambda y, k: np.sort(np.concatenate([np.flatnonzero(y == c)[:k] for c in np.unique(y)]))
+    if "train_per_class" in options:
+        keep = first(y_train, options["train_per_class"])
+        x_train, y_train = x_train[keep], y_train[keep]
+    if "test_per_class" in options:
+        keep = first(y_test, options["test_per_class"])
+        x_test, y_test = x_test[keep], y_test[keep]
     mean, std = _stats(x_train)
     (trx, try_), (vax, vay), (tex, tey) = (_tensors(x_train, y_train), _tensors(*val), _tensors(x_test, y_test))
     key = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16] if options else ""
@@ -325,11 +333,16 @@ DATASETS = {
 
 # [data] options of a study (and --image-size, --val-fraction, --skip-bad-images): name -> (check, allowed)
 DATA_OPTIONS = {
-    "val_fraction": (lambda v: isinstance(v, float) and 0 < v < 1, "a number > 0 and < 1"),
+    "val_fraction": (lambda v: isinstance(v, float) and 0 <= v < 1,
+                     "a number >= 0 and < 1 (0: train on the whole training split, no validation; grids only)"),
     "pad": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0 (0: no random crop)"),
     "flip": (lambda v: isinstance(v, bool), "true or false"),
     "image_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 4, "an integer >= 4 (pixels)"),
     "skip_bad_images": (lambda v: isinstance(v, bool), "true or false"),
+    "train_per_class": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                        "an integer >= 1 (train on the first N images of each class)"),
+    "test_per_class": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                       "an integer >= 1 (test on the first N images of each class)"),
 }
 FOLDER_ONLY = ("image_size", "skip_bad_images")
 

@@ -39,12 +39,14 @@ def plot_front(df: pd.DataFrame, fr, folders: list[Folder], path: str | Path) ->
     knee, the teacher's top-1."""
     plt = _pyplot()
     o1, o2 = fr.objectives
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.4), dpi=120)
+    panels = (fr.on,) if fr.on == fr.split else (fr.on, fr.split)  # no validation split: one panel
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.4), dpi=120, squeeze=False)
+    axes = axes[0]
     methods = sorted(fr.points["method"].dropna().astype(str).unique()) if len(fr.points) else []
     colours = dict(zip(methods, plt.get_cmap("tab10").colors))
     claims = stats.claim_rows(df) if len(df) else df
     front_ids = set(fr.rows["config_id"]) if len(fr.rows) else set()
-    for ax, split in zip(axes, ("val", fr.split)):
+    for ax, split in zip(axes, panels):
         x, y = f"{split}_{o1}", f"{split}_{o2}"
         for m in methods:
             pts = fr.points[fr.points["method"] == m]
@@ -65,14 +67,14 @@ def plot_front(df: pd.DataFrame, fr, folders: list[Folder], path: str | Path) ->
                 ax.scatter(g[f"{x}_mean"], g[f"{y}_mean"], s=np.where(on, 60, 28), marker=marker,
                            color=[(*colours[m], a) for a in alpha],
                            edgecolor=np.where(on, "black", "white"), linewidth=np.where(on, 1.2, 0.5), zorder=3,
-                           label=f"{m}{', confirmed' if confirmed else ''} ({len(g)})" if split == "val" else None)
+                           label=f"{m}{', confirmed' if confirmed else ''} ({len(g)})" if split == fr.on else None)
         if len(fr.rows):
-            if split == "val":
+            if split == fr.on:
                 line = fr.rows.sort_values(f"{x}_mean")
                 ax.step(line[f"{x}_mean"], line[f"{y}_mean"], where="post", color="black", linewidth=1, label="front")
             if fr.knee is not None:
                 ax.scatter([fr.knee[f"{x}_mean"]], [fr.knee[f"{y}_mean"]], marker="*", s=260, color="gold",
-                           edgecolor="black", zorder=5, label="knee" if split == "val" else None)
+                           edgecolor="black", zorder=5, label="knee" if split == fr.on else None)
         t = [(f.study.get("teacher") or {}).get(x) for f in folders]
         for v in [v for v in t if v is not None][:1]:
             ax.axvline(v, color="grey", linestyle="--", linewidth=1)
@@ -80,7 +82,8 @@ def plot_front(df: pd.DataFrame, fr, folders: list[Folder], path: str | Path) ->
                     transform=ax.get_xaxis_transform())
         ax.set_xlabel(f"{split} {o1}" + (" (%)" if o1 == "top1" else ""))
         ax.set_ylabel(f"{split} {o2}")
-        ax.set_title(("validation: the front is chosen here" if split == "val" else f"{split}: the same configurations"),
+        ax.set_title((f"{'validation' if split == 'val' else split}: the front is drawn here" if split == fr.on
+                      else f"{split}: the same configurations"),
                      fontsize=9)
         ax.grid(alpha=0.3)
     fig.suptitle(f"Accuracy vs geometry kept, configuration means with 95% intervals ({stats.INTERVALS[fr.interval]}); "

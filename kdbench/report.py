@@ -100,6 +100,10 @@ def leaderboard(df: pd.DataFrame, folders: list[Folder], by: tuple[str, ...] = (
             lb.loc[mine, "delta_geom_corr"] = lb.loc[mine, corr] - float(base[corr].iloc[0])
         ref = f.study.get("reference") or {}
         lb.loc[mine, "reported_top1"] = lb.loc[mine, "method"].map(lambda m: ref.get(m, math.nan))
+        measured = set(lb.loc[mine, "method"])
+        teacher_rows += [{"study": f.name, "method": f"{m} (published)", "n": 0, "n_seeds": 0, "n_low": 0, "n_failed": 0,
+                          "rank": math.nan, "reported_top1": v} for m, v in ref.items()
+                         if m not in measured and m != "teacher"]  # what the study's source reports, unmeasured here
         t = f.study.get("teacher")
         if t:
             how = ", checkpoint" if t.get("checkpoint") else ""
@@ -150,6 +154,7 @@ class Front:
     multi_seed_front: list  # config_ids on the front among configurations with 2+ seeds: what can be claimed
     interval: str = "t"  # how the intervals were computed (stats.INTERVALS)
     unsettled: list = ()  # stats.unsettled: front members and rivals the seeds cannot separate yet
+    on: str = "val"  # the split membership is decided on: val, or test where a folder has no validation split
 
 
 def front(df: pd.DataFrame, objectives: tuple[str, str] = ("top1", "geom_corr"), split: str = "test",
@@ -162,7 +167,10 @@ def front(df: pd.DataFrame, objectives: tuple[str, str] = ("top1", "geom_corr"),
     is negated).
     """
     table = stats.summarise(df, ALL_METRICS, ("config_id",), split, interval=interval) if len(df) else pd.DataFrame()
-    cols = [f"val_{o}_mean" for o in objectives]
+    # Membership on validation; a folder without a validation split (val_fraction = 0, a fixed grid: nothing is
+    # chosen) draws its front on test means, and says so.
+    on = "val" if len(table) and table.filter(like="val_top1_mean").notna().any().any() else "test"
+    cols = [f"{on}_{o}_mean" for o in objectives]
     if not table.empty and all(c in table.columns for c in cols):
         table = table[(table["n"] > 0)].dropna(subset=cols).reset_index(drop=True)
     else:
@@ -172,22 +180,22 @@ def front(df: pd.DataFrame, objectives: tuple[str, str] = ("top1", "geom_corr"),
         base = table[table["method"] == "baseline"].sort_values("n_seeds", ascending=False) if len(table) else table
         if len(base):
             reference = tuple(stats.oriented(base[cols].to_numpy(float)[:1], objectives)[0])
-            source = "baseline mean (val)"
+            source = f"baseline mean ({on})"
         else:
             reference, source = (0.0, -1.0), "(0, -1)"
     if table.empty:
-        return Front(table, table, 0.0, reference, source, None, None, tuple(objectives), split, [], interval)
-    table["p_on_front"] = stats.p_on_front(df, table, objectives)
+        return Front(table, table, 0.0, reference, source, None, None, tuple(objectives), split, [], interval, (), on)
+    table["p_on_front"] = stats.p_on_front(df, table, objectives, on)
     table.attrs["searched"] = list(searched)
-    mask, knee = stats.front_on_means(table, objectives, "val")
+    mask, knee = stats.front_on_means(table, objectives, on)
     rows = table[mask].sort_values(cols, ascending=False)
     rows.attrs["searched"] = list(searched)
     multi = table[table["n_seeds"] >= 2].reset_index(drop=True)
-    confirmed = multi.loc[stats.front_on_means(multi, objectives, "val")[0], "config_id"].tolist() if len(multi) else []
+    confirmed = multi.loc[stats.front_on_means(multi, objectives, on)[0], "config_id"].tolist() if len(multi) else []
     hv = hypervolume_2d(stats.oriented(table[cols].to_numpy(float), objectives), reference)
     return Front(rows, table, hv, reference, source, table.loc[knee].to_dict() if knee is not None else None,
                  stats.front_stability(df, table, objectives), tuple(objectives), split, confirmed, interval,
-                 stats.unsettled(table, objectives))
+                 stats.unsettled(table, objectives, on), on)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,9 +333,13 @@ def _stability_text(fr: Front) -> str:
     return f"front stability {s['kept']} of {s['of']} (search-front configurations still non-dominated on confirmed means)"
 
 
+_ON = {"val": "validation means", "test": "test means (no validation split: a description of a fixed grid, not a "
+                                         "choice)"}
+
+
 def front_table(fr: Front, title: str) -> Table:
     single = [r["config_id"] for r in fr.rows.to_dict("records") if r["n_seeds"] == 1]
-    t = Table(title=title, caption=f"membership on validation means; hypervolume {fr.hypervolume:.3f} above "
+    t = Table(title=title, caption=f"membership on {_ON[fr.on]}; hypervolume {fr.hypervolume:.3f} above "
                                    f"({fr.reference_point[0]:.2f}, {fr.reference_point[1]:.3f}), {fr.reference_source}; "
                                    f"★ = knee; P(front) = share of bootstrap resamples of the seeds in which the "
                                    f"configuration is on the front; intervals: {stats.interval_label(fr.interval)}; "
@@ -340,15 +352,15 @@ def front_table(fr: Front, title: str) -> Table:
     o1, o2 = fr.objectives
     s = fr.split
     ci = _short(fr.interval)
-    for h in ["", "config", "method", *hp, "seeds", f"val {o1}", f"val {o2}", "P(front)", f"{s} top-1 % [95% {ci}]",
+    for h in ["", "config", "method", *hp, "seeds", f"{fr.on} {o1}", f"{fr.on} {o2}", "P(front)", f"{s} top-1 % [95% {ci}]",
               f"{s} geom_corr [95% {ci}]"]:
         t.add_column(h, justify="left" if h in ("config", "method") else "right",
-                     no_wrap=h.startswith((s, "config", "val", "seeds", "P(")), overflow="ellipsis")
+                     no_wrap=h.startswith((s, "config", fr.on, "seeds", "P(")), overflow="ellipsis")
     knee = fr.knee["config_id"] if fr.knee else None
     for r in fr.rows.to_dict("records"):
         t.add_row("★" if r["config_id"] == knee else "", r["config_id"], str(r.get("method", "")),
                   *[_fmt_key(r.get(h)) for h in hp], _seeds(r),
-                  f"{r[f'val_{o1}_mean']:.4g}", f"{r[f'val_{o2}_mean']:.4g}", _prob(r.get("p_on_front")),
+                  f"{r[f'{fr.on}_{o1}_mean']:.4g}", f"{r[f'{fr.on}_{o2}_mean']:.4g}", _prob(r.get("p_on_front")),
                   _ci(r, f"{s}_top1", std=False),
                   _ci(r, f"{s}_geom_corr", "{:.3f}", std=False))
     return t
@@ -386,7 +398,7 @@ def _jsonable(v):
 
 def to_json(lb: pd.DataFrame, fr: Front, imp: pd.DataFrame | None = None) -> str:
     doc = {"leaderboard": lb.to_dict("records"), "configurations": fr.points.to_dict("records"),
-           "front": _front_records(fr), "front_on": "validation means", "objectives": list(fr.objectives),
+           "front": _front_records(fr), "front_on": _ON[fr.on].split(" (")[0], "objectives": list(fr.objectives),
            "hypervolume": fr.hypervolume, "reference_point": list(fr.reference_point),
            "reference_source": fr.reference_source, "knee": fr.knee, "front_stability": fr.stability,
            "single_seed_on_front": [r["config_id"] for r in fr.rows.to_dict("records") if r["n_seeds"] == 1],

@@ -21,7 +21,7 @@ import pandas as pd
 
 __all__ = ["write_json", "write_text", "write_csv", "environment", "ResultsError", "read_folder", "Folder",
            "read_table", "TRIAL_COLUMNS", "METRICS", "STAGES", "find_latest", "config_id", "run_context", "FolderLock", "read_study",
-           "student_file", "write_student", "final_metrics", "STUDENTS", "KEEP_STUDENTS"]
+           "student_file", "write_student", "final_metrics", "jsonable", "STUDENTS", "KEEP_STUDENTS"]
 
 # Final metrics of DESIGN §5, one column per split, in a stable order.
 METRICS = ("top1", "geom_corr", "geom_err", "cka", "knn_top1")
@@ -96,6 +96,11 @@ def write_student(path: str | Path, blob: dict) -> None:
     os.replace(tmp, path)
 
 
+def jsonable(obj):
+    """``obj`` as JSON holds it: NaN/inf as None, tuples as lists, numpy and torch scalars as numbers."""
+    return _clean(obj)
+
+
 def _clean(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
@@ -144,9 +149,23 @@ def environment(device: str) -> dict:
 _CONTEXT = ("dataset", "split_seed", "teacher", "teacher_recipe", "teacher_seed", "student")
 
 
+# Fields added after results were first published: they enter a run's identity (its config_id, its trials.csv
+# columns, its teacher recipe) only when set to something else than this, so earlier folders keep their ids.
+LATER_FIELDS = {"milestones": (), "gamma": 0.1}
+
+
+def later_fields_dropped(values: dict) -> dict:
+    """``values`` without the LATER_FIELDS that hold their default (a tuple and a JSON list alike)."""
+    same = lambda k, v: k in LATER_FIELDS and (list(v) if isinstance(v, (list, tuple)) else v) == (
+        list(LATER_FIELDS[k]) if isinstance(LATER_FIELDS[k], tuple) else LATER_FIELDS[k])
+    return {k: v for k, v in values.items() if not same(k, v)}
+
+
 def run_context(study: dict) -> dict:
     """What every run of a study shares (data set, split, teacher and how it was made, student, epochs)."""
     ctx = {k: study.get(k) for k in _CONTEXT}
+    if isinstance(ctx.get("teacher_recipe"), dict):
+        ctx["teacher_recipe"] = later_fields_dropped(ctx["teacher_recipe"])
     ctx["epochs"] = (study.get("recipe") or {}).get("epochs")
     for k in ("data_options", "teacher_checkpoint"):  # only when set: the ids of earlier folders stay as they were
         if study.get(k):

@@ -152,7 +152,7 @@ def _varying(rows: pd.DataFrame, known: set) -> list[str]:
     return out
 
 
-_BOOKKEEPING = {"study", "config_id", "trial_id", "stage", "stop", "file", "status", "fidelity", "seed", "epochs", "point",
+_BOOKKEEPING = {"study", "config_id", "trial_id", "stage", "stop", "file", "p_on_front", "status", "fidelity", "seed", "epochs", "point",
                 "failure", "seconds", "params", "images_per_second", "method", "node", "host", "threads", "device", "resumed_from"}
 
 

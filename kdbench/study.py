@@ -23,7 +23,7 @@ from .models import check_model
 from .train import EVAL_WHEN, METHODS, Method, Recipe, dataset_defaults
 from .values import TUNABLE, StudyError, field_types, apply_overrides, check_value, parse_sets
 
-__all__ = ["Study", "Param", "Confirm", "StudyError", "load_study", "study_from_dict", "find_study",
+__all__ = ["Study", "Param", "Confirm", "StudyError", "load_study", "parse_study", "read_toml", "study_from_dict", "find_study",
            "bundled_studies", "apply_overrides", "check_value", "parse_sets", "TUNABLE", "check_confirm",
            "SAMPLERS", "OBJECTIVES"]  # StudyError and the single-value checks live in kdbench.values
 
@@ -269,16 +269,29 @@ def _space(r: _Reader, methods: dict) -> tuple[Param, ...]:
     return tuple(params)
 
 
-def load_study(path: str | Path) -> Study:
-    """Read and validate a study file."""
-    path = Path(path)
-    file = str(path)
+def read_toml(path: str | Path) -> dict:
+    """A study file's TOML, or one line saying why it cannot be read."""
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise StudyError(f"{file}: no such study file") from None
+        raise StudyError(f"{path}: no such study file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise StudyError(f"{file}: not valid TOML ({e})") from None
+        raise StudyError(f"{path}: not valid TOML ({e})") from None
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and validate a study file (one with ``[pairs]`` is many studies: :func:`kdbench.pairs.load_studies`)."""
+    raw = read_toml(path)
+    if "pairs" in raw:
+        raise StudyError(f"{path}: holds [pairs], one study per teacher-student pair; allowed here: a single study "
+                         f"(kdbench tune reads [pairs])")
+    return parse_study(raw, path)
+
+
+def parse_study(raw: dict, path: str | Path, where: str | None = None) -> Study:
+    """Validate a study's TOML table (``where``: how errors name it; default the file)."""
+    path = Path(path)
+    file = where or str(path)
     r = _Reader(file, raw)
     r.only(_TOP_KEYS)
     dataset, data_options = _data(r)
@@ -340,6 +353,9 @@ def load_study(path: str | Path) -> Study:
     rf = a.get("reduction_factor", 3, int, lo=2)
     if grace > recipe.epochs:
         a.fail("grace_period", grace, f"<= recipe.epochs ({recipe.epochs})")
+    if data_options.get("val_fraction") == 0 and (has_search or asha):  # nothing to choose on, nothing to stop on
+        raise StudyError(f"{r.file}: data.val_fraction = 0.0 (no validation split); allowed only in a grid without "
+                         f"ASHA: a search and ASHA choose and stop on validation metrics")
 
     res = r.sub("resources")
     res.only({"cpus_per_trial", "gpus_per_trial"})
@@ -389,7 +405,8 @@ def load_study(path: str | Path) -> Study:
 def study_from_dict(d: dict) -> Study:
     """The :class:`Study` a results folder was run with, from its ``study.json`` (``Study.to_dict()``)."""
     d = dict(d)
-    d["recipe"], d["teacher_recipe"] = Recipe(**d["recipe"]), Recipe(**d["teacher_recipe"])
+    recipe = lambda r: Recipe(**{**r, "milestones": tuple(r.get("milestones") or ())})
+    d["recipe"], d["teacher_recipe"] = recipe(d["recipe"]), recipe(d["teacher_recipe"])
     d["methods"] = {k: Method(**v) for k, v in d["methods"].items()}
     d["objectives"] = tuple(d["objectives"])
     d["space"] = tuple(Param(**{**p, "choices": tuple(p["choices"]), "when": tuple(p["when"])}) for p in d["space"])

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import losses
+from .results import later_fields_dropped
 from .data import Data, augment
 from .evaluate import autocast, evaluate, forward_all, prepare, teacher_views
 from .geometry import CentroidMemory
@@ -115,6 +116,8 @@ class Recipe:
     weight_decay: float = 5e-4
     schedule: str = "cosine"  # cosine | step | constant
     warmup_epochs: float = 0.0
+    milestones: tuple[int, ...] = ()  # step: the epochs after which lr is multiplied by gamma (default: 50%, 75%)
+    gamma: float = 0.1  # step: the factor at each milestone
 
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -136,11 +139,13 @@ def dataset_defaults(name: str) -> dict:
 
 def trial_values(method: Method, recipe: Recipe) -> dict:
     """Every term weight, hyperparameter and recipe field of a run: the trials.csv columns that define it
-    (``method`` holds the method's name; the epoch count is the study's)."""
+    (``method`` holds the method's name; the epoch count is the study's; see ``LATER_FIELDS``)."""
     hp = {**dataclasses.asdict(method), **dataclasses.asdict(recipe)}
     hp.pop("epochs")
     hp["method"] = hp.pop("name")
-    return hp
+    if hp.get("milestones"):
+        hp["milestones"] = " ".join(map(str, hp["milestones"]))  # one CSV cell, one id however it was spelt
+    return later_fields_dropped(hp)
 
 
 EVAL_WHEN = ("end", "every_epoch")
@@ -198,8 +203,11 @@ def get_lr(step: int, total_steps: int, recipe: Recipe, steps_per_epoch: int) ->
     t = (step - warm) / max(total_steps - warm, 1)  # progress 0 -> 1 after warm-up
     if recipe.schedule == "cosine":
         return recipe.lr * 0.5 * (1 + math.cos(math.pi * t))
-    if recipe.schedule == "step":  # x0.1 at 50% and 75% of training
-        return recipe.lr * (0.1 ** ((t >= 0.5) + (t >= 0.75)))
+    if recipe.schedule == "step" and recipe.milestones:  # x gamma after each milestone epoch (RepDistiller's 150/180/210)
+        epoch = step // steps_per_epoch  # epochs completed before this step
+        return recipe.lr * recipe.gamma ** sum(epoch >= m for m in recipe.milestones)
+    if recipe.schedule == "step":  # x gamma at 50% and 75% of training
+        return recipe.lr * (recipe.gamma ** ((t >= 0.5) + (t >= 0.75)))
     return recipe.lr
 
 
@@ -326,7 +334,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             raise DivergedError(f"training loss is {row['train_loss']} at epoch {epoch}")
         train_features = _train_features(student, data)[0] if last else False  # kNN's reference, once
         for split, when in (("val", cfg.eval_val), ("test", cfg.eval_test)):
-            if last or when == "every_epoch":
+            if (last or when == "every_epoch") and len(data.split(split)[1]):  # val_fraction = 0: no val split
                 row |= evaluate(student, data, split, views.get(split), knn=train_features)
         if cfg.eval_test == "every_epoch":
             best_test = max(best_test, row["test_top1"])

@@ -18,7 +18,7 @@ _RULES = {  # field -> (minimum, maximum, minimum is exclusive); None = unbounde
     "epochs": (1, None, False), "batch_size": (2, None, False), "lr": (0, None, True),
     "sgd_momentum": (0, 1, False), "weight_decay": (0, None, False), "warmup_epochs": (0, None, False),
     "temperature": (0, None, True), "momentum": (0, 0.999, False), "cc_gamma": (0, None, True),
-    "cc_order": (0, 8, False), "dkd_warmup": (0, 1, False),
+    "cc_order": (0, 8, False), "dkd_warmup": (0, 1, False), "gamma": (0, 1, True),
 }
 
 
@@ -34,6 +34,17 @@ def check_value(key: str, value, where: str):
     kind = TUNABLE.get(key)
     if kind is None:
         raise StudyError(f"{where}: key {key!r} is unknown; allowed: {', '.join(TUNABLE)}")
+    if key == "milestones":  # epochs: a list (TOML), or "150,180,210" / "150 180 210" (--set, trials.csv)
+        items = value.replace(",", " ").split() if isinstance(value, str) else \
+            [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        try:
+            ms = tuple(int(x) for x in items) if isinstance(items, (list, tuple)) and \
+                all(not isinstance(x, bool) and float(x).is_integer() for x in items) else None
+        except (TypeError, ValueError):
+            ms = None
+        if ms is None or any(m < 1 for m in ms) or list(ms) != sorted(set(ms)):
+            raise StudyError(f"{where}: milestones = {value!r}; allowed: increasing epochs >= 1, e.g. [150, 180, 210]")
+        return ms
     if kind == "str":
         if key == "schedule" and value not in SCHEDULES:
             raise StudyError(f"{where}: {key} = {value!r}; allowed: {', '.join(SCHEDULES)}")
@@ -60,7 +71,11 @@ def apply_overrides(method: Method, recipe: Recipe, values: dict, where: str) ->
     for key, value in values.items():
         v = check_value(key, value, where)
         (m if key in field_types(Method) else r)[key] = v
-    return dataclasses.replace(method, **m), dataclasses.replace(recipe, **r)
+    recipe = dataclasses.replace(recipe, **r)
+    if recipe.milestones and recipe.milestones[-1] >= recipe.epochs:
+        raise StudyError(f"{where}: milestones = {list(recipe.milestones)}; allowed: epochs before the last "
+                         f"(epochs = {recipe.epochs})")
+    return dataclasses.replace(method, **m), recipe
 
 
 def parse_sets(pairs: list[str]) -> dict:

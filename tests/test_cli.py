@@ -20,7 +20,7 @@ _one_line_error = one_line_error
     (["train", "--method", "magic"], ["--method 'magic' is unknown", "geometry_only"]),
     (["train", "--dataset", "mnist"], ["--dataset 'mnist' is unknown", "cifar100"]),
     (["train", "--student", "vgg"], ["--student 'vgg' is unknown", "resnet18"]),
-    (["train", "--set", "gamma=2"], ["--set: key 'gamma' is unknown", "temperature"]),
+    (["train", "--set", "zeta=2"], ["--set: key 'zeta' is unknown", "temperature"]),
     (["train", "--set", "temperature=-1"], ["temperature = '-1'; allowed: > 0"]),
     (["train", "--epochs", "0"], ["epochs = 0; allowed: >= 1"]),
     (["train", "--dataset", "cifar100", "--data-root", "/nonexistent"], ["no cifar-100-python/ folder"]),
