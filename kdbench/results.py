@@ -149,23 +149,9 @@ def environment(device: str) -> dict:
 _CONTEXT = ("dataset", "split_seed", "teacher", "teacher_recipe", "teacher_seed", "student")
 
 
-# Fields added after results were first published: they enter a run's identity (its config_id, its trials.csv
-# columns, its teacher recipe) only when set to something else than this, so earlier folders keep their ids.
-LATER_FIELDS = {"milestones": (), "gamma": 0.1}
-
-
-def later_fields_dropped(values: dict) -> dict:
-    """``values`` without the LATER_FIELDS that hold their default (a tuple and a JSON list alike)."""
-    same = lambda k, v: k in LATER_FIELDS and (list(v) if isinstance(v, (list, tuple)) else v) == (
-        list(LATER_FIELDS[k]) if isinstance(LATER_FIELDS[k], tuple) else LATER_FIELDS[k])
-    return {k: v for k, v in values.items() if not same(k, v)}
-
-
 def run_context(study: dict) -> dict:
     """What every run of a study shares (data set, split, teacher and how it was made, student, epochs)."""
     ctx = {k: study.get(k) for k in _CONTEXT}
-    if isinstance(ctx.get("teacher_recipe"), dict):
-        ctx["teacher_recipe"] = later_fields_dropped(ctx["teacher_recipe"])
     ctx["epochs"] = (study.get("recipe") or {}).get("epochs")
     for k in ("data_options", "teacher_checkpoint"):  # only when set: the ids of earlier folders stay as they were
         if study.get(k):

@@ -20,7 +20,7 @@ else:  # pragma: no cover
 from .data import DataError, canonical, check_data
 from .results import KEEP_STUDENTS
 from .models import check_model
-from .train import EVAL_WHEN, METHODS, Method, Recipe, dataset_defaults
+from .train import EVAL_WHEN, METHODS, Method, Recipe, dataset_defaults, fields_dict
 from .values import TUNABLE, StudyError, field_types, apply_overrides, check_value, parse_sets
 
 __all__ = ["Study", "Param", "Confirm", "StudyError", "load_study", "parse_study", "read_toml", "study_from_dict", "find_study",
@@ -137,7 +137,8 @@ class Study:
         return len(self.grid) if self.is_grid else self.samples
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "recipe": fields_dict(self.recipe), "teacher_recipe": fields_dict(self.teacher_recipe),
+                "methods": {k: fields_dict(m) for k, m in self.methods.items()}}
 
 
 _TOP_KEYS = {"name", "description", "dataset", "data", "data_root", "split_seed", "teacher", "teacher_seed", "teacher_checkpoint",

@@ -7,7 +7,6 @@ made, its val/test top-1), and is read with ``weights_only=True``. Trained teach
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -28,7 +27,7 @@ from .data import Data, DataError, cache_dir, load_data
 from .evaluate import evaluate, forward_all
 from .geometry import class_centroids
 from .models import build_model, count_parameters, fitting_models
-from .train import METHODS, Recipe, Teacher, TrainConfig, distill
+from .train import METHODS, Recipe, Teacher, TrainConfig, distill, fields_dict
 
 __all__ = ["get_teacher", "load_teacher", "study_data", "teacher_key", "read_state_dict", "load_strict", "file_digest"]
 
@@ -81,7 +80,7 @@ def get_teacher(data: Data, arch: str, recipe: Recipe, seed: int = 0, split_seed
     """
     if checkpoint:
         return _from_checkpoint(Path(checkpoint).expanduser(), data, arch, split_seed, use_cache, option)
-    key = teacher_key(data, split_seed, arch, {"recipe": dataclasses.asdict(recipe), "seed": seed})
+    key = teacher_key(data, split_seed, arch, {"recipe": fields_dict(recipe), "seed": seed})
     path = _cache_path(data, arch, key)
     if use_cache and path.is_file():
         return load_teacher(path, data), True
@@ -107,7 +106,7 @@ def _train(path, data, arch, recipe, seed, split_seed, key, report) -> Teacher:
     model = result["model"].eval().requires_grad_(False)
     feats, _ = forward_all(model, data.train_x, data)
     meta = {"dataset": data.name, "arch": arch, "seed": seed, "split_seed": split_seed, "key": key,
-            "recipe": dataclasses.asdict(recipe),
+            "recipe": fields_dict(recipe),
             **{k: v for k, v in result.items() if k not in ("history", "model")}}
     return _save(path, model, class_centroids(feats, data.train_y, data.num_classes).clone(), meta)
 

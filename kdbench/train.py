@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import losses
-from .results import later_fields_dropped
 from .data import Data, augment
 from .evaluate import autocast, evaluate, forward_all, prepare, teacher_views
 from .geometry import CentroidMemory
@@ -137,15 +136,27 @@ def dataset_defaults(name: str) -> dict:
     return DATASET_DEFAULTS["folder" if name.startswith("folder:") else name]
 
 
+# Fields added after results were first published: a run's values (its config_id, its trials.csv columns) and a
+# study's recipes (study.json, hence the teacher's part of every config_id) hold them only when they are set to
+# something else than their default, so that earlier folders keep their ids.
+LATER_FIELDS = {"milestones", "gamma"}
+
+
+def fields_dict(obj) -> dict:
+    """``dataclasses.asdict(obj)`` without the LATER_FIELDS that hold their default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(obj)}
+    return {k: v for k, v in dataclasses.asdict(obj).items() if not (k in LATER_FIELDS and v == defaults[k])}
+
+
 def trial_values(method: Method, recipe: Recipe) -> dict:
     """Every term weight, hyperparameter and recipe field of a run: the trials.csv columns that define it
     (``method`` holds the method's name; the epoch count is the study's; see ``LATER_FIELDS``)."""
-    hp = {**dataclasses.asdict(method), **dataclasses.asdict(recipe)}
+    hp = {**fields_dict(method), **fields_dict(recipe)}
     hp.pop("epochs")
     hp["method"] = hp.pop("name")
     if hp.get("milestones"):
         hp["milestones"] = " ".join(map(str, hp["milestones"]))  # one CSV cell, one id however it was spelt
-    return later_fields_dropped(hp)
+    return hp
 
 
 EVAL_WHEN = ("end", "every_epoch")
