@@ -57,7 +57,7 @@ def train(
     from . import results
     from .data import load_data
     from .study import StudyError, apply_overrides, parse_sets
-    from .train import METHODS, TrainConfig, dataset_defaults, distill, trial_values
+    from .train import METHODS, TrainConfig, check_method, dataset_defaults, distill, trial_values
 
     # Validate everything before any work (and before anything is written).
     dataset, options = data_options(dataset, image_size, skip_bad_images, val_fraction)
@@ -83,6 +83,7 @@ def train(
     # Every method is measured against the teacher (geometry, CKA), baseline included, as in `tune`.
     t = teacher_with_progress(data, dataset, teacher, teacher_epochs, 0, checkpoint=teacher_checkpoint)
     cfg = TrainConfig(student or defaults["student"], m, recipe, seed, compile, eval_test=EvalWhen(eval_test).value)
+    check_method(m, cfg.student, t, data)  # before the progress bar: a method these models cannot run is one line
     progress, report = epoch_progress(recipe.epochs, f"{cfg.student} · {m.name}")
     with progress:
         res = distill(cfg, data, t, report)

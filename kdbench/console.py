@@ -35,10 +35,11 @@ def errors(fn):
         from .data import DataError
         from .results import ResultsError
         from .study import StudyError
+        from .terms import MethodError
 
         try:
             return fn(*args, **kwargs)
-        except (StudyError, DataError, ResultsError) as e:
+        except (StudyError, DataError, ResultsError, MethodError) as e:
             err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)  # '[timm]' is not markup
             raise typer.Exit(2) from None
         except KeyboardInterrupt:

@@ -14,15 +14,26 @@ import torch.nn.functional as F
 
 from .geometry import similarity_matrix
 
-__all__ = ["kd", "feature", "geometry", "rkd", "sp", "cc", "dkd", "LOSSES"]
+__all__ = ["kd", "feature", "geometry", "rkd", "sp", "cc", "dkd", "at", "pkt", "nst", "vid", "dist", "standardize",
+           "pair_stages", "match_size", "LOSSES"]
 
 
-def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def standardize(logits: torch.Tensor) -> torch.Tensor:
+    """Logit standardisation, Sun et al., CVPR 2024: ``(z - mean z) / (1e-7 + std z)`` over the classes, std with
+    Bessel's correction (as the authors' code). The softmax of the result no longer depends on the logits' shift
+    or scale, so the student matches the teacher's relations between logits, not their magnitude."""
+    return (logits - logits.mean(dim=1, keepdim=True)) / (1e-7 + logits.std(dim=1, keepdim=True))
+
+
+def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+       standardize_logits: bool = False) -> torch.Tensor:
     """Logit distillation, Hinton et al. 2015: ``KL(softmax(t/T) || softmax(s/T)) * T^2``.
 
     KL summed over classes and averaged over the batch ("batchmean"); the ``T^2`` keeps the
-    gradient scale independent of ``T``.
+    gradient scale independent of ``T``. ``standardize_logits``: both sides through :func:`standardize` first.
     """
+    if standardize_logits:
+        student_logits, teacher_logits = standardize(student_logits.float()), standardize(teacher_logits.float())
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)  # the teacher is a constant
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature ** 2
@@ -127,14 +138,17 @@ def cc(student_embedding: torch.Tensor, teacher_embedding: torch.Tensor, gamma: 
 
 
 def dkd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, alpha: float = 1.0,
-        beta: float = 8.0, temperature: float = 4.0) -> torch.Tensor:
+        beta: float = 8.0, temperature: float = 4.0, standardize_logits: bool = False) -> torch.Tensor:
     """Decoupled KD, Zhao et al., CVPR 2022: ``alpha * TCKD + beta * NCKD``.
 
     TCKD: KL between the teacher's and the student's binary (target, rest) distributions at
     temperature T. NCKD: KL between the distributions over the non-target classes (the target logit
     masked out). Each KL summed over classes, times T^2, averaged over the batch. Computed in log
     space, so confident predictions stay finite. The warm-up ramp belongs to the training loop.
+    ``standardize_logits``: both sides through :func:`standardize` first (DKD + LS).
     """
+    if standardize_logits:
+        student_logits, teacher_logits = standardize(student_logits.float()), standardize(teacher_logits.float())
     T = temperature
     s, t = student_logits.float() / T, teacher_logits.float().detach() / T
     gt = F.one_hot(target, s.shape[1]).bool()
@@ -151,4 +165,116 @@ def dkd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torc
     return alpha * tckd + beta * nckd
 
 
-LOSSES = {"kd": kd, "feature": feature, "geometry": geometry, "rkd": rkd, "sp": sp, "cc": cc, "dkd": dkd}
+# ---------------------------------------------------------------------------------------------
+# Stage feature maps
+
+def pair_stages(maps_s: list[torch.Tensor], maps_t: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Which student stage meets which teacher stage, for every method that reads stage maps.
+
+    The stages after the stem (``maps[1:]``), paired from the deepest: with ``k`` = the smaller count, the last
+    ``k`` of each side, in order. For every pair of RepDistiller's benchmark both sides have as many stages, and
+    this is their pairing (and mdistiller's): stage i with stage i.
+    """
+    s, t = maps_s[1:], maps_t[1:]
+    k = min(len(s), len(t))
+    return list(zip(s[len(s) - k:], t[len(t) - k:]))
+
+
+def match_size(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The larger of two maps average-pooled to the smaller's spatial size (``(B, C, H, W)`` each)."""
+    hs, ht = f_s.shape[2], f_t.shape[2]
+    if hs > ht:
+        f_s = F.adaptive_avg_pool2d(f_s, (ht, f_t.shape[3]))
+    elif ht > hs:
+        f_t = F.adaptive_avg_pool2d(f_t, (hs, f_s.shape[3]))
+    return f_s, f_t
+
+
+def _attention(f: torch.Tensor, p: float) -> torch.Tensor:
+    """``(B, C, H, W)`` -> the L2-normalised spatial attention map ``mean_c |f|^p``, flattened ``(B, H*W)``."""
+    return F.normalize(f.pow(p).mean(1).flatten(1), dim=1)
+
+
+def at(maps_s: list[torch.Tensor], maps_t: list[torch.Tensor], p: float = 2.0) -> torch.Tensor:
+    """Attention transfer, Zagoruyko & Komodakis, ICLR 2017: match the stages' normalised attention maps.
+
+    Per stage pair (:func:`pair_stages`, the larger map pooled to the smaller): mean over batch and positions
+    of ``(a_s - a_t)^2``, ``a = normalize(mean_c f^p)``; summed over the pairs. Channel counts may differ.
+    """
+    total = 0.0
+    for f_s, f_t in pair_stages(maps_s, maps_t):
+        f_s, f_t = match_size(f_s.float(), f_t.float().detach())
+        total = total + (_attention(f_s, p) - _attention(f_t, p)).pow(2).mean()
+    return total
+
+
+def pkt(student_features: torch.Tensor, teacher_features: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Probabilistic knowledge transfer, Passalis & Tefas, ECCV 2018, on the pooled features.
+
+    Cosine similarities within the batch, mapped to [0, 1] and normalised per row into conditional
+    probabilities; ``mean_ij P_t log((P_t + eps) / (P_s + eps))`` (a KL averaged over all B x B entries).
+    """
+    def probabilities(f):
+        f = f / (f.norm(dim=1, keepdim=True) + eps)
+        sim = (f @ f.T + 1.0) / 2.0
+        return sim / sim.sum(dim=1, keepdim=True)
+
+    ps, pt = probabilities(student_features.float()), probabilities(teacher_features.float().detach())
+    return (pt * torch.log((pt + eps) / (ps + eps))).mean()
+
+
+def _poly_mmd(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """Squared MMD between the channels' normalised activation patterns, kernel ``k(x, y) = (x . y)^2``."""
+    b = f_s.shape[0]
+    s = F.normalize(f_s.reshape(b, f_s.shape[1], -1), dim=2)  # (B, C_s, HW)
+    t = F.normalize(f_t.reshape(b, f_t.shape[1], -1), dim=2)  # (B, C_t, HW)
+    k = lambda x, y: (x @ y.transpose(1, 2)).pow(2).mean()
+    return k(t, t) + k(s, s) - 2 * k(s, t)
+
+
+def nst(maps_s: list[torch.Tensor], maps_t: list[torch.Tensor]) -> torch.Tensor:
+    """Neuron selectivity transfer, Huang & Wang, 2017: polynomial-kernel (d = 2, c = 0) MMD between the
+    distributions of the student's and the teacher's channels (each channel's spatial pattern, L2-normalised),
+    per stage pair (:func:`pair_stages`, pooled to the smaller size), summed. Channel counts may differ."""
+    total = 0.0
+    for f_s, f_t in pair_stages(maps_s, maps_t):
+        f_s, f_t = match_size(f_s.float(), f_t.float().detach())
+        total = total + _poly_mmd(f_s, f_t)
+    return total
+
+
+def vid(pred_mean: torch.Tensor, log_scale: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Variational information distillation, Ahn et al., CVPR 2019: the negative log-likelihood of the teacher's
+    map under a Gaussian with the student's regressed mean and a learned per-channel variance.
+
+    ``pred_mean``, ``target``: ``(B, C_t, H, W)``; ``log_scale``: ``(C_t,)``, variance ``softplus(log_scale) + eps``.
+    Returns ``mean(0.5 * ((mu - t)^2 / var + log var))`` (the constant ``0.5 log 2 pi`` left out).
+    """
+    var = (F.softplus(log_scale.float()) + eps).view(1, -1, 1, 1)
+    return (0.5 * ((pred_mean.float() - target.float().detach()) ** 2 / var + torch.log(var))).mean()
+
+
+def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def dist(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 1.0, gamma: float = 1.0,
+         tau: float = 1.0, standardize_logits: bool = False) -> torch.Tensor:
+    """DIST, Huang et al., NeurIPS 2022: match relations of the softened predictions, not their values.
+
+    ``y = softmax(z / tau)``; inter-class: ``1 - mean_i pearson(y_s[i, :], y_t[i, :])`` (each sample's class
+    ranking); intra-class: the same over the columns (each class's ranking of the samples). Returns
+    ``tau^2 (beta * inter + gamma * intra)``. Invariant to adding a constant to a sample's logits.
+    """
+    if standardize_logits:
+        student_logits, teacher_logits = standardize(student_logits.float()), standardize(teacher_logits.float())
+    ys = F.softmax(student_logits.float() / tau, dim=1)
+    yt = F.softmax(teacher_logits.float().detach() / tau, dim=1)
+    inter = 1 - _pearson_rows(ys, yt).mean()
+    intra = 1 - _pearson_rows(ys.T, yt.T).mean()
+    return tau ** 2 * (beta * inter + gamma * intra)
+
+
+LOSSES = {"kd": kd, "feature": feature, "geometry": geometry, "rkd": rkd, "sp": sp, "cc": cc, "dkd": dkd, "at": at,
+          "pkt": pkt, "nst": nst, "vid": vid, "dist": dist}

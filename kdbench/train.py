@@ -14,25 +14,25 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import losses
+from .terms import TERMS, TEACHER_READS, Shapes, build_parts, reads_of
 from .data import Data, augment
 from .evaluate import autocast, evaluate, forward_all, prepare, teacher_views
 from .geometry import CentroidMemory
-from .models import build_model, count_parameters
+from .models import StagesUnavailable, build_model, count_parameters
 
 __all__ = ["Method", "Recipe", "TrainConfig", "EVAL_WHEN", "Teacher", "METHODS", "DATASET_DEFAULTS", "dataset_defaults",
-           "distill", "evaluate", "get_lr", "DivergedError", "resolve_device", "trial_values"]
+           "distill", "evaluate", "get_lr", "DivergedError", "resolve_device", "trial_values", "check_method"]
 
 
 @dataclass(frozen=True)
 class Method:
     """Term weights of the student loss and the terms' own hyperparameters (DESIGN §4).
 
-    A term is on when its weight (``ce``, ``kd``, ``feature``, ``geometry``, ``rkd``, ``sp``, ``cc``,
-    ``dkd``) is non-zero; any preset can be turned into a combination by setting more weights.
+    A term is on when its weight (a name of :data:`kdbench.terms.TERMS`: ``ce``, ``kd``, ``feature``,
+    ``geometry``, ``rkd``, ``sp``, ``cc``, ``dkd``, ``at``, ``pkt``, ``nst``, ``fitnet``, ``vid``, ``dist``)
+    is non-zero; any preset can be turned into a combination by setting more weights.
     """
 
     name: str = "baseline"
@@ -53,22 +53,38 @@ class Method:
     dkd_alpha: float = 1.0
     dkd_beta: float = 8.0
     dkd_warmup: float = 1 / 12  # fraction of the run over which the dkd weight ramps up (20 of 240 epochs)
+    at: float = 0.0
+    at_p: float = 2.0  # the power of the attention maps
+    pkt: float = 0.0
+    nst: float = 0.0
+    fitnet: float = 0.0  # the hint at one stage map (a conv regressor), beside `feature` on the pooled features
+    fitnet_stage: int = 2  # which map: 0 the stem, 1.. the stages (RepDistiller's and mdistiller's hint layer 2)
+    vid: float = 0.0
+    vid_init_var: float = 5.0  # the variances' initial value
+    dist: float = 0.0
+    dist_beta: float = 1.0  # inter-class relation weight
+    dist_gamma: float = 1.0  # intra-class relation weight
+    dist_tau: float = 1.0  # DIST's temperature
+    standardize: int = 0  # 1: logit standardisation (Sun et al., CVPR 2024) in kd, dkd and dist
 
     @property
     def terms(self) -> dict[str, float]:
         """The loss terms with a non-zero weight, in a fixed order."""
-        return {t: getattr(self, t) for t in ("ce", *losses.LOSSES) if getattr(self, t) != 0}
+        return {t: getattr(self, t) for t in TERMS if getattr(self, t) != 0}
 
     @property
     def needs_teacher_forward(self) -> bool:
         """Whether a term reads the teacher's per-batch outputs (geometry only reads cached centroids)."""
-        return any(t in self.terms for t in ("kd", "feature", "rkd", "sp", "cc", "dkd"))
+        return bool(reads_of(self.terms) & TEACHER_READS)
 
 
 # Presets are just term weights; a study or --set overrides any of them. Weights of the zoo are the
 # published CIFAR-100 settings: RKD 25/50 with CE (Park et al.; RepDistiller), SP 3000 (RepDistiller),
 # CC 0.02 with gamma 0.4 and a 2nd-order kernel (RepDistiller, Peng et al.), DKD alpha 1, beta 8, T 4
-# with CE and a 20-of-240-epoch warm-up (Zhao et al.; mdistiller).
+# with CE and a 20-of-240-epoch warm-up (Zhao et al.; mdistiller); AT 1000 (p = 2), PKT 30000, NST 50,
+# VID 1 (initial variance 5), FitNet 100 at stage map 2, each with CE 1 (mdistiller's CIFAR-100 configs);
+# DIST 1 with beta = gamma = 2, tau = 4 (Huang et al.'s CIFAR-100 setting, from the paper); KD + LS:
+# CE 0.1, KD 9, T 2; DKD + LS: alpha 9, beta 72, T 2 (Sun et al.'s README: --base-temp 2 --kd-weight 9).
 METHODS: dict[str, Method] = {
     "baseline": Method("baseline"),
     "kd": Method("kd", ce=0.1, kd=0.9, temperature=4.0),
@@ -79,29 +95,15 @@ METHODS: dict[str, Method] = {
     "sp": Method("sp", ce=1.0, sp=3000.0),
     "cc": Method("cc", ce=1.0, cc=0.02),
     "dkd": Method("dkd", ce=1.0, dkd=1.0, temperature=4.0),
+    "at": Method("at", ce=1.0, at=1000.0),
+    "pkt": Method("pkt", ce=1.0, pkt=30000.0),
+    "nst": Method("nst", ce=1.0, nst=50.0),
+    "vid": Method("vid", ce=1.0, vid=1.0),
+    "fitnet": Method("fitnet", ce=1.0, fitnet=100.0),
+    "dist": Method("dist", ce=1.0, dist=1.0, dist_beta=2.0, dist_gamma=2.0, dist_tau=4.0),
+    "kd_ls": Method("kd_ls", ce=0.1, kd=9.0, temperature=2.0, standardize=1),
+    "dkd_ls": Method("dkd_ls", ce=1.0, dkd=1.0, dkd_alpha=9.0, dkd_beta=72.0, temperature=2.0, standardize=1),
 }
-
-
-def _term(name: str, m: Method, b: dict) -> torch.Tensor:
-    """One loss term on one batch. ``b``: the student's feat/logits, the labels, the teacher's
-    t_feat/t_logits, and the loop's trainable extras (projections, centroid memory)."""
-    if name == "ce":
-        return F.cross_entropy(b["logits"], b["y"])
-    if name == "kd":
-        return losses.kd(b["logits"], b["t_logits"], m.temperature)
-    if name == "feature":
-        return losses.feature(b["proj"](b["feat"]), b["t_feat"])
-    if name == "geometry":
-        return losses.geometry(b["memory"](b["feat"], b["y"]), b["t_centroids"])
-    if name == "rkd":
-        return losses.rkd(b["feat"], b["t_feat"], m.rkd_distance, m.rkd_angle)
-    if name == "sp":
-        return losses.sp(b["feat"], b["t_feat"])
-    if name == "cc":
-        return losses.cc(b["proj"](b["feat"]), b["t_feat"], m.cc_gamma, int(m.cc_order))
-    if name == "dkd":
-        return losses.dkd(b["logits"], b["t_logits"], b["y"], m.dkd_alpha, m.dkd_beta, m.temperature)
-    raise KeyError(name)
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,8 @@ def dataset_defaults(name: str) -> dict:
 # Fields added after results were first published: a run's values (its config_id, its trials.csv columns) and a
 # study's recipes (study.json, hence the teacher's part of every config_id) hold them only when they are set to
 # something else than their default, so that earlier folders keep their ids.
-LATER_FIELDS = {"milestones", "gamma"}
+LATER_FIELDS = {"milestones", "gamma", "at", "at_p", "pkt", "nst", "fitnet", "fitnet_stage", "vid", "vid_init_var",
+                "dist", "dist_beta", "dist_gamma", "dist_tau", "standardize"}
 
 
 def fields_dict(obj) -> dict:
@@ -258,9 +261,11 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
     student = build_model(cfg.student, data.num_classes, data.in_channels).to(device)
     if device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
-    extras = nn.ModuleDict()
-    if "feature" in terms or "cc" in terms:  # FitNets regressor / CC embedding d_s -> d_t, trained with the student
-        extras["proj"] = nn.Linear(student.feature_dim, teacher.centroids.shape[1]).to(device)
+    reads = reads_of(terms)
+    stage_maps = bool(reads & {"maps", "t_maps"})  # computed only where a term reads them
+    shapes = Shapes(student.feature_dim, teacher.centroids.shape[1] if teacher is not None else 0,
+                    *(_map_shapes(student, teacher.model, data) if stage_maps else (None, None)))
+    extras = build_parts(terms, method, shapes).to(device)  # the terms' trainable parts
     params = [*student.parameters(), *extras.parameters()]
     decay = [p for p in params if p.ndim > 1]  # no weight decay on BN and biases
     no_decay = [p for p in params if p.ndim <= 1]
@@ -307,17 +312,24 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             lr = get_lr(step, total_steps, recipe, steps_per_epoch)
             for g in opt.param_groups:
                 g["lr"] = lr
+            b = {"y": y, "memory": memory, "t_centroids": t_centroids}
             if method.needs_teacher_forward:
                 with torch.inference_mode(), autocast(device):
-                    t_feat, t_logits = teacher.model(x)
-                t_feat, t_logits = t_feat.float().clone(), t_logits.float().clone()  # leave inference mode
+                    ts = teacher.model.forward_stages(x) if stage_maps else None
+                    t_feat, t_logits = (ts.features, ts.logits) if stage_maps else teacher.model(x)
+                # leave inference mode: copies the student's graph may hold
+                b |= {"t_feat": t_feat.float().clone(), "t_logits": t_logits.float().clone()}
+                if stage_maps:
+                    b["t_maps"] = [m.float().clone() for m in ts.maps]
             with autocast(device):
-                feat, logits = net(x)
-            feat, logits = feat.float(), logits.float()
-            b = {"feat": feat, "logits": logits, "y": y, **extras, "memory": memory, "t_centroids": t_centroids}
-            if method.needs_teacher_forward:
-                b |= {"t_feat": t_feat, "t_logits": t_logits}
-            parts = [_term(name, method, b) for name in terms]  # everything else is shared by all methods
+                if stage_maps:
+                    ss = student.forward_stages(x)
+                    feat, logits, b["maps"] = ss.features, ss.logits, [m.float() for m in ss.maps]
+                else:
+                    feat, logits = net(x)
+            b |= {"feat": feat.float(), "logits": logits.float()}
+            logits = b["logits"]
+            parts = [TERMS[t].compute(b, method, extras[t] if t in extras else None) for t in terms]
             if "dkd" in terms:  # DKD's warm-up: its weight ramps linearly over the first dkd_warmup of the run
                 i = list(terms).index("dkd")
                 parts[i] = parts[i] * min(1.0, step / max(method.dkd_warmup * total_steps, 1.0))
@@ -392,6 +404,38 @@ def _set_rng(rng: dict) -> None:
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
+
+
+def check_method(method: Method, student: str, teacher: Teacher | None, data: Data) -> None:
+    """Raise MethodError (one line) when ``method`` cannot run with these models: a term reading stage maps a
+    model does not expose, a stage that does not exist. Builds the parts once on the CPU; trains nothing."""
+    terms = method.terms
+    if teacher is None or not reads_of(terms) & {"maps", "t_maps"} and not any(TERMS[t].parts for t in terms):
+        return
+    model = build_model(student, data.num_classes, data.in_channels).to(data.train_x.device)
+    maps = _map_shapes(model, teacher.model, data) if reads_of(terms) & {"maps", "t_maps"} else (None, None)
+    build_parts(terms, method, Shapes(model.feature_dim, teacher.centroids.shape[1], *maps))
+
+
+def _map_shapes(student: nn.Module, teacher: nn.Module, data: Data):
+    """The ``(C, H, W)`` of each stage map of both models, from one eval-mode pass over two training images
+    (None for a model that has no ``forward_stages``)."""
+    x = prepare(data.train_x[:2], data)
+
+    def shapes(model):
+        if not hasattr(model, "forward_stages"):
+            return None
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return [tuple(m.shape[1:]) for m in model.forward_stages(x).maps]
+        except StagesUnavailable:
+            return None
+        finally:
+            model.train(was)
+
+    return shapes(student), shapes(teacher)
 
 
 def _train_features(model: nn.Module, data: Data):

@@ -20,7 +20,7 @@ from .. import checkpoints, results
 from ..confirm import plan_confirm, settle
 from ..study import Confirm, Study, StudyError, study_from_dict
 from ..teacher import study_data
-from ..train import resolve_device
+from ..train import check_method, resolve_device
 from ..trial import resolve_trial
 from .moasha import ParetoASHA
 from .trials import ResumableASHA, _make_searcher, _trainable, _trial_configs_grid
@@ -49,6 +49,10 @@ def _load(study: Study, data_root: str | None, download: bool, on_teacher, on_te
     """Data set and teacher, once, in the driver (teacher from the cache or trained here)."""
     device = resolve_device("auto")
     data, teacher, hit = study_data(study, data_root, download, device, on_teacher)
+    names = {m for m, _, _ in study.grid} if study.is_grid else {study.method} | {
+        c for p in study.space if p.name == "method" for c in p.choices}
+    for name in sorted(names):  # a method these models cannot run: one line now, not a failed trial in an hour
+        check_method(study.methods[name], study.student, teacher, data)
     on_teacher_ready(teacher.meta, hit)
     return device, data.to("cpu"), teacher, hit  # the trials get the data through Ray's object store
 
