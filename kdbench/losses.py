@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .geometry import similarity_matrix
 
 __all__ = ["kd", "feature", "geometry", "rkd", "sp", "cc", "dkd", "at", "pkt", "nst", "vid", "dist", "standardize",
-           "pair_stages", "match_size", "LOSSES"]
+           "pair_stages", "match_size", "crd_nce", "LOSSES"]
 
 
 def standardize(logits: torch.Tensor) -> torch.Tensor:
@@ -276,5 +276,18 @@ def dist(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float
     return tau ** 2 * (beta * inter + gamma * intra)
 
 
+def crd_nce(scores: torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tensor:
+    """CRD's NCE loss (Tian et al., ICLR 2020) of normalised scores ``(B, K + 1)``, the positive in column 0.
+
+    With noise probability ``P_n = 1 / n_data``: ``-(sum_i log(P_i0 / (P_i0 + K P_n)) + sum_ik log(K P_n / (P_ik +
+    K P_n))) / B`` — a binary classification of the positive against ``K`` noise samples.
+    """
+    k, pn = scores.shape[1] - 1, 1.0 / n_data
+    pos, neg = scores[:, 0], scores[:, 1:]
+    log_d1 = torch.log(pos / (pos + k * pn + eps))
+    log_d0 = torch.log((k * pn) / (neg + k * pn + eps))
+    return -(log_d1.sum() + log_d0.sum()) / scores.shape[0]
+
+
 LOSSES = {"kd": kd, "feature": feature, "geometry": geometry, "rkd": rkd, "sp": sp, "cc": cc, "dkd": dkd, "at": at,
-          "pkt": pkt, "nst": nst, "vid": vid, "dist": dist}
+          "pkt": pkt, "nst": nst, "vid": vid, "dist": dist, "crd": crd_nce}

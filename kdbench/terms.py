@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import losses
+from .crd import CRD
 
 __all__ = ["Term", "TERMS", "Shapes", "MethodError", "build_parts", "reads_of"]
 
@@ -35,6 +36,7 @@ class Shapes:
     d_t: int
     maps_s: list[tuple[int, int, int]] | None
     maps_t: list[tuple[int, int, int]] | None
+    train_y: torch.Tensor | None = None  # the training labels (CRD's memory and its negatives)
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,9 @@ TERMS: dict[str, Term] = {
     "fitnet": Term(MAPS, lambda b, m, p: losses.feature(p(b["maps"][int(m.fitnet_stage)]),
                                                         b["t_maps"][int(m.fitnet_stage)]), _fitnet_parts),
     "vid": Term(MAPS, _vid, lambda sh, m: _VIDParts(_pairs(sh, "vid"), m.vid_init_var)),
+    "crd": Term(FEATURES | {"target", "index"}, lambda b, m, p: p(b["feat"], b["t_feat"], b["index"], b["y"], b["gen"]),
+                lambda sh, m: CRD(sh.d_s, sh.d_t, sh.train_y, int(m.crd_dim), int(m.crd_negatives), m.crd_temperature,
+                                  m.crd_momentum)),
     "dist": Term(LOGITS, lambda b, m, p: losses.dist(b["logits"], b["t_logits"], m.dist_beta, m.dist_gamma, m.dist_tau,
                                                      bool(m.standardize))),
 }

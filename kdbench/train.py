@@ -66,6 +66,11 @@ class Method:
     dist_gamma: float = 1.0  # intra-class relation weight
     dist_tau: float = 1.0  # DIST's temperature
     standardize: int = 0  # 1: logit standardisation (Sun et al., CVPR 2024) in kd, dkd and dist
+    crd: float = 0.0
+    crd_dim: int = 128  # embedding width
+    crd_negatives: int = 16384  # K, capped by the training samples of other classes
+    crd_temperature: float = 0.07
+    crd_momentum: float = 0.5  # of the memory banks
 
     @property
     def terms(self) -> dict[str, float]:
@@ -83,7 +88,8 @@ class Method:
 # CC 0.02 with gamma 0.4 and a 2nd-order kernel (RepDistiller, Peng et al.), DKD alpha 1, beta 8, T 4
 # with CE and a 20-of-240-epoch warm-up (Zhao et al.; mdistiller); AT 1000 (p = 2), PKT 30000, NST 50,
 # VID 1 (initial variance 5), FitNet 100 at stage map 2, each with CE 1 (mdistiller's CIFAR-100 configs);
-# DIST 1 with beta = gamma = 2, tau = 4 (Huang et al.'s CIFAR-100 setting, from the paper); KD + LS:
+# DIST 1 with beta = gamma = 2, tau = 4 (Huang et al.'s CIFAR-100 setting, from the paper); CRD 0.8 with CE 1
+# (mdistiller's config, RepDistiller's "-a 0 -b 0.8"; crd_kd adds KD 1 at T 4: its "CRD+KD"); KD + LS:
 # CE 0.1, KD 9, T 2; DKD + LS: alpha 9, beta 72, T 2 (Sun et al.'s README: --base-temp 2 --kd-weight 9).
 METHODS: dict[str, Method] = {
     "baseline": Method("baseline"),
@@ -101,6 +107,8 @@ METHODS: dict[str, Method] = {
     "vid": Method("vid", ce=1.0, vid=1.0),
     "fitnet": Method("fitnet", ce=1.0, fitnet=100.0),
     "dist": Method("dist", ce=1.0, dist=1.0, dist_beta=2.0, dist_gamma=2.0, dist_tau=4.0),
+    "crd": Method("crd", ce=1.0, crd=0.8),
+    "crd_kd": Method("crd_kd", ce=1.0, kd=1.0, temperature=4.0, crd=0.8),
     "kd_ls": Method("kd_ls", ce=0.1, kd=9.0, temperature=2.0, standardize=1),
     "dkd_ls": Method("dkd_ls", ce=1.0, dkd=1.0, dkd_alpha=9.0, dkd_beta=72.0, temperature=2.0, standardize=1),
 }
@@ -142,7 +150,8 @@ def dataset_defaults(name: str) -> dict:
 # study's recipes (study.json, hence the teacher's part of every config_id) hold them only when they are set to
 # something else than their default, so that earlier folders keep their ids.
 LATER_FIELDS = {"milestones", "gamma", "at", "at_p", "pkt", "nst", "fitnet", "fitnet_stage", "vid", "vid_init_var",
-                "dist", "dist_beta", "dist_gamma", "dist_tau", "standardize"}
+                "dist", "dist_beta", "dist_gamma", "dist_tau", "standardize", "crd", "crd_dim", "crd_negatives",
+                "crd_temperature", "crd_momentum"}
 
 
 def fields_dict(obj) -> dict:
@@ -264,7 +273,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
     reads = reads_of(terms)
     stage_maps = bool(reads & {"maps", "t_maps"})  # computed only where a term reads them
     shapes = Shapes(student.feature_dim, teacher.centroids.shape[1] if teacher is not None else 0,
-                    *(_map_shapes(student, teacher.model, data) if stage_maps else (None, None)))
+                    *(_map_shapes(student, teacher.model, data) if stage_maps else (None, None)), data.train_y)
     extras = build_parts(terms, method, shapes).to(device)  # the terms' trainable parts
     params = [*student.parameters(), *extras.parameters()]
     decay = [p for p in params if p.ndim > 1]  # no weight decay on BN and biases
@@ -312,7 +321,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             lr = get_lr(step, total_steps, recipe, steps_per_epoch)
             for g in opt.param_groups:
                 g["lr"] = lr
-            b = {"y": y, "memory": memory, "t_centroids": t_centroids}
+            b = {"y": y, "index": idx, "gen": gen, "memory": memory, "t_centroids": t_centroids}
             if method.needs_teacher_forward:
                 with torch.inference_mode(), autocast(device):
                     ts = teacher.model.forward_stages(x) if stage_maps else None
@@ -414,7 +423,7 @@ def check_method(method: Method, student: str, teacher: Teacher | None, data: Da
         return
     model = build_model(student, data.num_classes, data.in_channels).to(data.train_x.device)
     maps = _map_shapes(model, teacher.model, data) if reads_of(terms) & {"maps", "t_maps"} else (None, None)
-    build_parts(terms, method, Shapes(model.feature_dim, teacher.centroids.shape[1], *maps))
+    build_parts(terms, method, Shapes(model.feature_dim, teacher.centroids.shape[1], *maps, data.train_y))
 
 
 def _map_shapes(student: nn.Module, teacher: nn.Module, data: Data):

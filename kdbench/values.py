@@ -19,7 +19,9 @@ _RULES = {  # field -> (minimum, maximum, minimum is exclusive); None = unbounde
     "sgd_momentum": (0, 1, False), "weight_decay": (0, None, False), "warmup_epochs": (0, None, False),
     "temperature": (0, None, True), "momentum": (0, 0.999, False), "cc_gamma": (0, None, True),
     "cc_order": (0, 8, False), "dkd_warmup": (0, 1, False), "gamma": (0, 1, True),
-    "at_p": (0, None, True), "vid_init_var": (0, None, True), "dist_tau": (0, None, True), "standardize": (0, 1, False),
+    "crd_dim": (1, None, False), "crd_negatives": (1, None, False), "crd_temperature": (0, None, True),
+    "crd_momentum": (0, 0.999, False), "at_p": (0, None, True), "vid_init_var": (0, None, True),
+    "dist_tau": (0, None, True), "standardize": (0, 1, False),
 }
 
 

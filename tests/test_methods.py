@@ -3,6 +3,7 @@ logit standardisation. Each loss against an independent formulation written out 
 cases and the invariances its paper claims; each preset trains; a method its models cannot run is one line.
 (Their agreement with mdistiller's and the authors' own functions, to 1e-5: benchmarks/methods.py.)"""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -134,7 +135,37 @@ def test_logit_standardisation_is_bessel_z_score_and_makes_kd_affine_invariant()
         losses.dkd(zs, zt, y, 9.0, 72.0, 2.0, True).item(), rel=1e-4)
 
 
-NEW = ["at", "pkt", "nst", "vid", "fitnet", "dist", "kd_ls", "dkd_ls"]
+NEW = ["at", "pkt", "nst", "vid", "fitnet", "dist", "kd_ls", "dkd_ls", "crd", "crd_kd"]
+
+
+def test_crd_nce_by_hand():
+    # One sample, K = 2, n_data = 4 (P_n = 1/4, K P_n = 1/2): -(log(1/(1 + 1/2)) + log((1/2)/(1/2 + 1/2)) * 2).
+    x = torch.tensor([[1.0, 0.5, 0.5]])
+    expected = -(math.log(1 / 1.5) + 2 * math.log(0.5 / 1.0))
+    assert losses.crd_nce(x, 4).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_crd_negatives_are_other_classes_uniformly_and_the_memory_moves_toward_the_batch():
+    from kdbench.crd import CRD
+
+    y = torch.arange(40) % 4  # 10 samples a class
+    crd = CRD(6, 8, y, dim=5, negatives=1000)
+    assert crd.k == 30  # capped: 30 samples of other classes
+    gen = torch.Generator().manual_seed(0)
+    neg = crd.negatives(torch.tensor([0, 1, 2, 3] * 50), gen)  # (200, 30)
+    cls = y[neg]
+    assert all((cls[i] != (i % 4)).all() for i in range(200))  # never the sample's own class
+    counts = torch.bincount(neg.flatten(), minlength=40).float()
+    # Each of the 150 rows whose class is not c draws 30 of c's... : every sample is drawn 150 * 30 / 30 = 150 times
+    # on average (binomial, sd ~ 12): uniform within and across classes.
+    assert counts.min() > 100 and counts.max() < 200, counts
+    before = crd.memory_s.clone()
+    index = torch.tensor([0, 5])
+    crd(torch.randn(2, 6), torch.randn(2, 8), index, y[index], gen)
+    changed = (crd.memory_s != before).any(1)
+    assert changed[index].all() and changed.sum() == 2  # only the batch's own rows
+    assert torch.allclose(crd.memory_s[index].norm(dim=1), torch.ones(2))  # kept on the unit sphere
+    assert (crd.z > 0).all()  # fixed by the first batch
 
 
 def test_the_new_presets_carry_the_published_settings():
@@ -144,12 +175,17 @@ def test_the_new_presets_carry_the_published_settings():
     assert (m["fitnet"].fitnet, m["fitnet"].fitnet_stage) == (100.0, 2)
     assert (m["kd_ls"].ce, m["kd_ls"].kd, m["kd_ls"].temperature, m["kd_ls"].standardize) == (0.1, 9.0, 2.0, 1)
     assert (m["dkd_ls"].dkd_alpha, m["dkd_ls"].dkd_beta, m["dkd_ls"].temperature) == (9.0, 72.0, 2.0)
+    assert (m["crd"].crd, m["crd"].crd_dim, m["crd"].crd_negatives, m["crd"].crd_temperature, m["crd"].crd_momentum,
+            m["crd"].kd) == (0.8, 128, 16384, 0.07, 0.5, 0.0) and m["crd_kd"].kd == 1.0
     assert all(METHODS[n].ce == (0.1 if n == "kd_ls" else 1.0) for n in NEW)
 
 
 @pytest.mark.parametrize("name", NEW)
 def test_every_new_method_trains_on_digits_and_resumes_exactly(name, digits, digits_teacher):
-    cfg = TrainConfig("cnn_student", METHODS[name], Recipe(epochs=2), seed=3)
+    method = METHODS[name]
+    if method.crd:  # fewer negatives than the preset's (capped at ~900 on digits): the same path, a third of the time
+        method = dataclasses.replace(method, crd_negatives=128)
+    cfg = TrainConfig("cnn_student", method, Recipe(epochs=2), seed=3)
     states = {}
     full = distill(cfg, digits, digits_teacher, lambda r: states.update({r["epoch"]: r["state"]}) if "state" in r else None,
                    state_when=lambda e: True)
@@ -168,3 +204,5 @@ def test_a_method_its_models_cannot_run_is_one_line(digits_teacher, tmp_path):
     assert last.startswith("error: fitnet_stage = 7: the student has stage maps 0..2"), r.output
     one_line_error(runner.invoke(app, ["train", "--method", "kd", "--set", "standardize=2", "--epochs", "1"]),
                    "standardize = '2'; allowed: >= 0 and <= 1")
+    one_line_error(runner.invoke(app, ["train", "--method", "crd", "--set", "crd_negatives=0", "--epochs", "1"]),
+                   "crd_negatives = '0'; allowed: >= 1")

@@ -1,0 +1,127 @@
+"""kdbench's loss functions against the published implementations they name, on random tensors.
+
+    python -m benchmarks.methods --mdistiller PATH --logit-standardization PATH [--json FILE]
+
+PATH: checkouts of megvii-research/mdistiller and sunshangquan/logit-standardization-KD (not part of
+kdbench: their loss functions are imported from there at run time, never copied). DIST is compared with the
+formula of the authors' ``dist_kd.py`` (hunto/image_classification_sota), written out here. Stage maps of other
+sizes and channel counts where the method allows them. Prints the max relative error of each (tolerance 1e-5).
+Not part of the test suite: CI has neither repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+from kdbench import losses
+
+
+def _distillers(root: Path) -> dict:
+    """Load ``<root>/mdistiller/distillers/*.py`` without the package's __init__ (which needs its engine)."""
+    for name in [k for k in sys.modules if k == "mdistiller" or k.startswith("mdistiller.")]:
+        del sys.modules[name]
+    for pkg, path in (("mdistiller", root / "mdistiller"), ("mdistiller.distillers", root / "mdistiller" / "distillers")):
+        m = types.ModuleType(pkg)
+        m.__path__ = [str(path)]
+        sys.modules[pkg] = m
+    out = {}
+    names = ("_base", "_common", "AT", "PKT", "NST", "VID", "KD", "DKD")
+    names += ("CRD",) if (root / "mdistiller/distillers/CRD.py").is_file() else ()
+    for name in names:
+        spec = importlib.util.spec_from_file_location(f"mdistiller.distillers.{name}", root / "mdistiller" / "distillers" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        out[name] = mod
+    return out
+
+
+def _dist_reference(zs, zt, beta, gamma, tau):
+    cos = lambda a, b, eps=1e-8: (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+    pearson = lambda a, b: cos(a - a.mean(1).unsqueeze(1), b - b.mean(1).unsqueeze(1))
+    inter = lambda a, b: 1 - pearson(a, b).mean()
+    ys, yt = (zs / tau).softmax(1), (zt / tau).softmax(1)
+    return tau ** 2 * (beta * inter(ys, yt) + gamma * inter(ys.T, yt.T))
+
+
+def _crd(theirs) -> float:
+    """kdbench's CRD module against mdistiller's CRD loss (embeddings, ContrastMemory, ContrastLoss) with the
+    same weights, banks and contrast indices (kdbench's sampler draws them; theirs is given them), two steps."""
+    from kdbench.crd import CRD
+
+    theirs.AliasMethod.cuda = lambda self: self  # their memory moves its sampler to CUDA; it is not used here
+    torch.manual_seed(1)
+    y_all = torch.arange(500) % 10
+    ours = CRD(64, 96, y_all, 128, 300)
+
+    class Ref(torch.nn.Module):
+        crd_loss = theirs.CRD.crd_loss
+
+    ref = Ref()
+    ref.embed_s, ref.embed_t = theirs.Embed(64, 128), theirs.Embed(96, 128)
+    ref.contrast = theirs.ContrastMemory(128, 500, 300, 0.07, 0.5)
+    ref.criterion_s, ref.criterion_t = theirs.ContrastLoss(500), theirs.ContrastLoss(500)
+    ref.embed_s.linear.load_state_dict(ours.embed_s.state_dict())
+    ref.embed_t.linear.load_state_dict(ours.embed_t.state_dict())
+    ref.contrast.memory_v1.copy_(ours.memory_s)
+    ref.contrast.memory_v2.copy_(ours.memory_t)
+    worst, gen = 0.0, torch.Generator().manual_seed(2)
+    for _ in range(2):
+        index = torch.randperm(500)[:32]
+        f_s, f_t = torch.randn(32, 64), torch.randn(32, 96)
+        state = gen.get_state()
+        a = ours(f_s, f_t, index, y_all[index], gen)
+        gen2 = torch.Generator()
+        gen2.set_state(state)
+        contrast = torch.cat([index[:, None], ours.negatives(y_all[index], gen2)], 1)
+        b = ref.crd_loss(f_s, f_t, index, contrast)
+        worst = max(worst, float((a - b).abs() / b.abs()), float((ours.memory_s - ref.contrast.memory_v1).abs().max()))
+    return worst
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.methods", description=__doc__.splitlines()[0])
+    p.add_argument("--mdistiller", required=True, type=Path)
+    p.add_argument("--logit-standardization", required=True, type=Path)
+    p.add_argument("--json", type=Path)
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    rel = lambda x, y: float((x - y).abs().max() / y.abs().max().clamp(min=1e-12))
+    ms = [torch.randn(8, 16, 32, 32), torch.randn(8, 32, 16, 16), torch.randn(8, 64, 8, 8), torch.randn(8, 128, 4, 4)]
+    mt = [torch.randn(8, 24, 32, 32), torch.randn(8, 48, 32, 32), torch.randn(8, 96, 8, 8), torch.randn(8, 200, 8, 8)]
+    fs, ft = torch.randn(64, 256), torch.randn(64, 512)
+    zs, zt, y = torch.randn(64, 100) * 3, torch.randn(64, 100) * 5, torch.randint(0, 100, (64,))
+    reg, log_scale = torch.nn.Conv2d(64, 96, 1), torch.randn(96)
+    rows = {}
+    with torch.no_grad():
+        md = _distillers(a.mdistiller)
+        rows["at (p 2; stage maps of other sizes and widths)"] = rel(losses.at(ms, mt), md["AT"].at_loss(ms[1:], mt[1:], 2))
+        rows["nst (idem)"] = rel(losses.nst(ms, mt), md["NST"].nst_loss(ms[1:], mt[1:]))
+        rows["pkt (256- vs 512-d features)"] = rel(losses.pkt(fs, ft), md["PKT"].pkt_loss(fs.clone(), ft.clone()))
+        rows["vid (one stage)"] = rel(losses.vid(reg(ms[2]), log_scale, mt[2]), md["VID"].vid_loss(reg, log_scale, ms[2], mt[2]))
+        rows["kd (T 4)"] = rel(losses.kd(zs, zt, 4.0), md["KD"].kd_loss(zs, zt, 4.0))
+        rows["dkd (1, 8, T 4)"] = rel(losses.dkd(zs, zt, y, 1.0, 8.0, 4.0), md["DKD"].dkd_loss(zs, zt, y, 1.0, 8.0, 4.0))
+        ls = _distillers(a.logit_standardization)
+        rows["kd + LS (T 2)"] = rel(losses.kd(zs, zt, 2.0, True), ls["KD"].kd_loss(zs, zt, 2.0, True))
+        rows["dkd + LS (9, 72, T 2)"] = rel(losses.dkd(zs, zt, y, 9.0, 72.0, 2.0, True),
+                                            ls["DKD"].dkd_loss(zs, zt, y, 9.0, 72.0, 2.0, True))
+        rows["dist (2, 2, tau 4)"] = rel(losses.dist(zs, zt, 2.0, 2.0, 4.0), _dist_reference(zs, zt, 2.0, 2.0, 4.0))
+        rows["crd (two steps: NCE of both directions, memory update, Z)"] = _crd(md["CRD"])
+    for k, v in rows.items():
+        print(f"{k:50s} max relative error {v:.1e}")
+    worst = max(rows.values())
+    print(f"worst {worst:.1e} (tolerance 1e-5)")
+    if a.json:
+        a.json.write_text(json.dumps({"torch": torch.__version__, "relative_error": rows, "worst": worst}, indent=2) + "\n")
+    return 0 if worst <= 1e-5 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
