@@ -365,3 +365,33 @@ def search_comparison(seeds=(0, 1, 2, 3, 4), data_options: dict | None = None, s
                                        **{f"{k}_trial_epochs": v for k, v in spent.items()},
                                        **{f"{k}_full_trials": len(p) for k, p in points.items()}})
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-method cost: a training epoch of each preset through distill(), relative to KD, on the
+# ResNet-32x4 -> ResNet-8x4 pair at batch 64 (100 classes, 32x32), interleaved repeat by repeat
+
+
+def method_cost(device: str, repeats: int, images: int = 256) -> dict:
+    """``images_per_second(kd) / images_per_second(method)`` of one training epoch (distill's own timing, which
+    leaves evaluation out), for every preset: the extra cost of each method's terms, teacher maps and parts."""
+    from kdbench.data import load_data
+    from kdbench.geometry import class_centroids
+    from kdbench.evaluate import forward_all
+    from kdbench.train import METHODS, Recipe, Teacher, TrainConfig, distill
+
+    data = load_data("synthetic", options={"val_fraction": 0.0, "train_per_class": max(1, images // 100),
+                                           "test_per_class": 1}).to(device)
+    torch.manual_seed(0)
+    t_model = build_model("resnet32x4", 100, 3).to(device).eval()
+    teacher = Teacher(t_model, class_centroids(forward_all(t_model, data.train_x, data)[0], data.train_y, 100), {})
+    recipe = Recipe(epochs=1, batch_size=64)
+    ips = lambda m: distill(TrainConfig("resnet8x4", METHODS[m], recipe), data, teacher)["images_per_second"]
+    names = [m for m in METHODS if m != "kd"]
+    ips("kd")  # warm up
+    out = {f"method_cost_{m}": [] for m in names}
+    for _ in range(repeats):
+        for m in names:
+            kd = ips("kd")
+            out[f"method_cost_{m}"].append(kd / ips(m))
+    return out

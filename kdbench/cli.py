@@ -430,8 +430,9 @@ def rerun(
     device: Annotated[Optional[Device], typer.Option(help="default: the trial's recorded device, where present")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="folder holding the CIFAR archives")] = None,
 ):
-    """Train one recorded trial again — its configuration, seed, thread count and device — and print
-    its metrics beside the recorded ones (zero differences on the same machine)."""
+    """Train one recorded trial again (its configuration, seed, threads and device); print recorded vs rerun metrics.
+
+    On the same machine the differences are zero, bit for bit."""
     from .rerun import rerun_trial
     from .study import StudyError
 

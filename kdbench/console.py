@@ -22,9 +22,10 @@ from rich.table import Table
 __all__ = ["out", "err", "errors", "Device", "EvalWhen", "device_or_error", "epoch_progress", "LiveView", "summary_table",
            "check_resources", "threads_now", "teacher_with_progress"]
 
-# Piped output gets a wide page, not 80 columns.
+# Piped output gets a wide page, not 80 columns; piped notes and errors are never hard-wrapped (one line stays
+# one line in a log that grep reads).
 out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 
 
 def errors(fn):

@@ -23,12 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import DataError
+
 __all__ = ["Data", "DATASETS", "DATA_OPTIONS", "DataError", "load_data", "check_data", "canonical", "cache_dir", "augment",
            "normalize", "stratified_split"]
-
-
-class DataError(ValueError):
-    """Bad data-set input: unknown name, missing or malformed archive."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import DataError
+
 __all__ = ["read_folder", "SUFFIXES"]
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
@@ -27,8 +29,6 @@ GRAY = ("1", "L", "I", "I;16", "F")  # modes that decode to one channel
 
 
 def _error(msg: str) -> Exception:
-    from .data import DataError
-
     return DataError(msg)
 
 

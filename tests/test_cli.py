@@ -147,3 +147,17 @@ def test_bad_study_file_is_one_line_and_creates_no_results_folder(tmp_path, text
     out = tmp_path / "never"
     _one_line_error(runner.invoke(app, ["tune", str(study), "--out", str(out)]), "bad.toml", fragment)
     assert not out.exists()
+
+
+def test_errors_and_notes_stay_one_line_in_a_pipe(tmp_path):
+    """Piped stderr is never hard-wrapped: a long error is one line that grep finds whole."""
+    import subprocess
+    import sys
+
+    (tmp_path / "F" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "F" / "test" / "a").mkdir(parents=True)
+    name = "tv:" + "no_such_model_" * 10
+    r = subprocess.run([sys.executable, "-m", "kdbench.cli", "train", "--dataset", f"folder:{tmp_path / 'F'}", "--student",
+                        name], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert name in r.stderr and len(r.stderr.strip()) > 200

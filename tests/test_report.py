@@ -1,5 +1,7 @@
 import math
 
+import numpy as np
+
 import pandas as pd
 import pytest
 
@@ -102,3 +104,28 @@ def test_hex_ids_that_look_like_numbers_stay_text(tmp_path):
     t = read_table(tmp_path / "t.csv")
     assert t.loc[0, ["trial_id", "config_id", "node"]].tolist() == ["00123456", "0123456789", "000000000012"]
     assert t["val_top1"].dtype.kind == "f"
+
+
+def test_importances_fall_back_to_the_deepest_epoch_enough_trials_reached(tmp_path):
+    """Two completed trials (too few), eight that reached epoch 2: fANOVA at epoch 2, where val_top1 depends on x
+    only and val_geom_corr on y only (an independent expectation: each objective's importance goes to its own)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}", directions=["maximize"] * 2)
+    rng = np.random.default_rng(0)
+    xs, ys = rng.uniform(0, 1, 10), rng.uniform(0, 1, 10)
+    trials = pd.DataFrame([{"trial_id": f"t{i}", "config_id": f"c{i}", "stage": "search", "status": "completed" if i < 2
+                            else "stopped", "fidelity": "full" if i < 2 else "low", "method": "geometry", "seed": 0,
+                            "x": xs[i], "y": ys[i]} for i in range(10)])
+    epochs = pd.DataFrame([{"trial_id": f"t{i}", "epoch": e, "val_top1": 10 * xs[i] + e, "val_geom_corr": ys[i]}
+                           for i in range(10) for e in ((1, 2, 3, 4) if i < 2 else (1, 2))])
+    space = [{"name": "x", "type": "uniform", "low": 0.0, "high": 1.0, "choices": [], "when": []},
+             {"name": "y", "type": "uniform", "low": 0.0, "high": 1.0, "choices": [], "when": []}]
+    f = Folder(tmp_path, {"name": "s", "study": {"space": space, "objectives": ["top1", "geom_corr"], "recipe": {"epochs": 4}}},
+               trials, epochs)
+    imp, note = report.importances(f)
+    assert "10 trials at epoch 2 of 4" in note, note
+    got = {(r["objective"], r["param"]): r["importance"] for r in imp.to_dict("records")}
+    assert got[("val_top1", "x")] > 0.7 > got[("val_top1", "y")]  # fANOVA's forest on 10 points: not exactly 1
+    assert got[("val_geom_corr", "y")] > 0.7 > got[("val_geom_corr", "x")]

@@ -59,7 +59,7 @@ def test_search_results_folder_asha_and_two_objective_optuna(tmp_path, ray_sessi
         trials.set_index("trial_id")["epochs"].sort_index().tolist()
     # Optuna: two directions; full trials COMPLETE with their values, early-stopped ones PRUNED.
     ot = optuna.load_study(study_name="s", storage=f"sqlite:///{out / 'optuna.db'}")
-    assert len(ot.directions) == 2
+    assert len(ot.directions) == 2 and ot.metric_names == ["val_top1", "val_geom_corr"]  # as optuna-dashboard shows them
     states = [t.state.name for t in ot.trials]
     assert states.count("COMPLETE") == (trials["status"] == "completed").sum()
     assert states.count("PRUNED") == (trials["status"] == "stopped").sum()

@@ -144,6 +144,11 @@ class FidelityAwareOptuna(OptunaSearch):
         super().__init__(*args, **kwargs)
         self.max_epochs = max_epochs
 
+    def _setup_study(self, mode):
+        super()._setup_study(mode)
+        if isinstance(self._metric, list) and self._ot_study is not None:  # optuna-dashboard shows these names
+            self._ot_study.set_metric_names(list(self._metric))
+
     def on_trial_complete(self, trial_id, result=None, error=False):
         if result is not None and result.get("failure"):
             return super().on_trial_complete(trial_id, None, error=True)
