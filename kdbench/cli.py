@@ -14,7 +14,7 @@ from rich.table import Table
 
 from .console import (DatasetName, Device, EvalWhen, ImageSize, LiveView, SkipBad, ValFraction, check_resources,
                       check_model_flag, data_options, device_or_error, epoch_progress, err, errors, out, preload_report,
-                      summary_table, teacher_table, teacher_with_progress, threads_now)
+                      summary_table, teacher_table, teacher_with_progress, threads_now, finished_lines)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Benchmark knowledge-distillation methods on accuracy and feature-space geometry.")
@@ -254,17 +254,18 @@ def _tune_one(s, study: str, folder: Path, resume: bool, address, data_root, dow
         err.print(f"teacher {meta['arch']}: {'from cache' if hit else 'trained and cached'}, test top-1 "
                   f"{meta['test_top1']:.2f}%", highlight=False)
 
-    live = Live(view, console=err, refresh_per_second=2, transient=False)
+    live, printed = Live(view, console=err, refresh_per_second=2, transient=False), [0]
 
     def on_update(state):
         view.state = state
-        live.refresh()
+        _show(live, state, printed)
         if not preloading and state.running < s.concurrency and sum(state.counts.values()) + state.running >= state.total:
             preloading.append(preload_report())  # the last trials run, a core idles: load the summary's libraries
 
     def teacher_ready(meta, hit):  # the live view starts once data and teacher are in place
         on_teacher_ready(meta, hit)
-        live.start()
+        if err.is_terminal:
+            live.start()
 
     try:
         summary = run_study(s, folder, resume=resume, address=address,
@@ -294,6 +295,16 @@ def _tune_one(s, study: str, folder: Path, resume: bool, address, data_root, dow
     meta = read_study(Path(summary["out"]))
     write_json(Path(summary["out"]) / "study.json", meta | {"timings": summary.get("timings", {}) | {
         "report": time.time() - t0, "command_started": command_started, "command_ended": time.time()}})
+
+
+def _show(live, state, printed: list) -> None:
+    """A terminal: redraw the live view. A log: one plain line per trial that finished since the last call."""
+    if err.is_terminal:
+        live.refresh()
+        return
+    for line in finished_lines(state, printed[0]):
+        err.print(line, highlight=False, soft_wrap=True)
+    printed[0] = len(state.finished)
 
 
 @app.command()
@@ -351,13 +362,13 @@ def confirm(
         err.print(f"confirm {folder}: {len(picked)} configurations ({names}) × {c.seeds} seeds; {len(todo)} runs to go",
                   highlight=False)
 
-    live = Live(view, console=err, refresh_per_second=2, transient=False)
+    live, printed = Live(view, console=err, refresh_per_second=2, transient=False), [0]
 
     def on_update(state):
         view.state = state
-        if not live.is_started:
+        if err.is_terminal and not live.is_started:
             live.start()
-        live.refresh()
+        _show(live, state, printed)
 
     try:
         summary = run_confirm(folder, c, concurrency=concurrency, cpus_per_trial=cpus_per_trial,

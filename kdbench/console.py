@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 __all__ = ["out", "err", "errors", "Device", "EvalWhen", "device_or_error", "epoch_progress", "LiveView", "summary_table",
+           "finished_lines",
            "check_resources", "threads_now", "teacher_with_progress"]
 
 # Piped output gets a wide page, not 80 columns; piped notes and errors are never hard-wrapped (one line stays
@@ -196,6 +197,13 @@ class LiveView:
                   f"[red]failed {s.counts.get('failed', 0)}[/red]", f"{el // 60:.0f}:{el % 60:04.1f}")
         best = "  ".join(f"best val {k}: {v:.4g} ({tid})" for k, (v, tid) in s.best.items()) or "no full trial yet"
         return Group(t, best)
+
+
+def finished_lines(state, printed: int) -> list[str]:
+    """One plain line per trial that finished since the first ``printed`` (what a log gets instead of a live view)."""
+    fmt = lambda v: "—" if v is None or v != v else f"{v:.4g}"
+    return [f"{r['trial_id']} {r['status']} after {r['epochs']} epochs: " +
+            "  ".join(f"{k} {fmt(v)}" for k, v in r.items() if k.startswith("val_")) for r in state.finished[printed:]]
 
 
 def check_resources(concurrency, cpus_per_trial, gpus_per_trial):

@@ -43,7 +43,8 @@ def plot_front(df: pd.DataFrame, fr, folders: list[Folder], path: str | Path) ->
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.4), dpi=120, squeeze=False)
     axes = axes[0]
     methods = sorted(fr.points["method"].dropna().astype(str).unique()) if len(fr.points) else []
-    colours = dict(zip(methods, plt.get_cmap("tab10").colors))
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")  # 20 presets exist: never run out of colours
+    colours = {m: tuple(cmap(i % cmap.N)[:3]) for i, m in enumerate(methods)}
     claims = stats.claim_rows(df) if len(df) else df
     front_ids = set(fr.rows["config_id"]) if len(fr.rows) else set()
     for ax, split in zip(axes, panels):

@@ -62,6 +62,14 @@ def _brute_front(points):
 def test_tune_then_compare_json_front_is_the_non_dominated_full_rows(tmp_path, searched_run):
     out, r = searched_run  # `kdbench tune` of conftest.SEARCHED (samples 5, two parameters, pareto ASHA)
     assert "Pareto front" in r.output and "Leaderboard" in r.output
+    # Not a terminal: one plain line per finished trial, with its status, epochs and objectives; no redraws.
+    from kdbench.results import read_table
+
+    rows = read_table(out / "trials.csv")
+    for row in rows.to_dict("records"):
+        lines = [line for line in r.output.splitlines() if line.startswith(f"{row['trial_id']} {row['status']} after "
+                                                                             f"{int(row['epochs'])} epochs: val_top1 ")]
+        assert len(lines) == 1, (row["trial_id"], r.output[-3000:])
     for name in ("trials.csv", "epochs.csv", "optuna.db", "front.csv", "pareto.png", "leaderboard.md"):
         assert (out / name).is_file(), name
     assert not any(p.name.startswith(".") for p in out.iterdir())  # no temporary files left behind

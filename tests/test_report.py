@@ -129,3 +129,15 @@ def test_importances_fall_back_to_the_deepest_epoch_enough_trials_reached(tmp_pa
     got = {(r["objective"], r["param"]): r["importance"] for r in imp.to_dict("records")}
     assert got[("val_top1", "x")] > 0.7 > got[("val_top1", "y")]  # fANOVA's forest on 10 points: not exactly 1
     assert got[("val_geom_corr", "y")] > 0.7 > got[("val_geom_corr", "x")]
+
+
+def test_the_front_plot_has_a_colour_for_every_method_of_a_twenty_method_zoo(tmp_path):
+    """(A plot of more than ten methods once ran out of colours and failed after every trial had finished.)"""
+    from kdbench.plots import plot_front
+
+    rows = [_row(f"{m}{s}", f"m{m}", 90 + m * 0.3 + s * 0.1, 0.5 + m * 0.02, seed=s, cid=f"c{m}")
+            for m in range(20) for s in range(2)]
+    f = _folder(rows)
+    df = report.trials_frame([f])
+    plot_front(df, report.front(df), [f], tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 10_000

@@ -147,7 +147,11 @@ class FidelityAwareOptuna(OptunaSearch):
     def _setup_study(self, mode):
         super()._setup_study(mode)
         if isinstance(self._metric, list) and self._ot_study is not None:  # optuna-dashboard shows these names
-            self._ot_study.set_metric_names(list(self._metric))
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self._ot_study.set_metric_names(list(self._metric))
 
     def on_trial_complete(self, trial_id, result=None, error=False):
         if result is not None and result.get("failure"):

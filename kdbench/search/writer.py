@@ -27,6 +27,7 @@ class SearchState:
     last: str = ""
     first_start: float | None = None  # when this fit's first trial started (time.time())
     ends: list = field(default_factory=list)  # when each of its trials ended
+    finished: list = field(default_factory=list)  # per finished trial: id, status, epochs, its val objectives
 
 
 def _trial_row(study: Study, trial, status: str, seconds: float) -> dict:
@@ -146,6 +147,8 @@ class ResultsWriter(tune.Callback):
                 if v is not None and (o not in state.best or better(v, state.best[o][0])):
                     state.best[o] = (v, trial.trial_id)
         state.last = f"{trial.trial_id}: {status}"
+        state.finished.append({"trial_id": trial.trial_id, "status": status, "epochs": row.get("epochs", 0),
+                               **{f"val_{o}": row.get(f"val_{o}") for o in self.study.objectives}})
         self._update()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
