@@ -218,10 +218,21 @@ def tune(
         from .checkpoints import resolve_storage
 
         resolve_storage(storage, base)
-    for s, folder in zip(studies, folders):
-        again = resume and (len(studies) == 1 or (folder / "study.json").exists())  # pairs: the ones begun resume
-        _tune_one(s, study, folder, again, address, data_root, download, gpus_per_trial, storage, verbose,
-                  command_started, base)
+    started_ray = False
+    if len(studies) > 1:  # one Ray instance for every pair (each would start and stop its own)
+        from .search import init_ray
+
+        started_ray = init_ray(address, verbose)
+    try:
+        for s, folder in zip(studies, folders):
+            again = resume and (len(studies) == 1 or (folder / "study.json").exists())  # pairs: the ones begun resume
+            _tune_one(s, study, folder, again, address, data_root, download, gpus_per_trial, storage, verbose,
+                      command_started, base)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
 
 
 def _tune_one(s, study: str, folder: Path, resume: bool, address, data_root, download, gpus_per_trial, storage,
