@@ -79,7 +79,7 @@ def test_until_settled_adds_seeds_in_rounds_then_nothing_and_finishes_a_recorded
     from kdbench.study import study_from_dict
 
     out = _copy(searched, tmp_path)
-    args = ["confirm", str(out), "--seeds", "2", "--top", "2", "--with", "baseline", "--until-settled", "--max-seeds", "3"]
+    args = ["confirm", str(out), "--seeds", "2", "--top", "1", "--with", "baseline", "--until-settled", "--max-seeds", "3"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     meta = json.loads((out / "study.json").read_text())["confirm"]
