@@ -24,7 +24,7 @@ def _copy(searched, tmp_path):
 _one_line_error = one_line_error
 
 
-def test_confirm_adds_seeds_times_candidates_then_nothing(searched, tmp_path):
+def test_confirm_adds_seeds_times_candidates_then_nothing_then_races_until_settled(searched, tmp_path):
     out = _copy(searched, tmp_path)
     search = read_table(out / "trials.csv")
     r = runner.invoke(app, ["confirm", str(out), "--seeds", "2", "--top", "1", "--with", "baseline"])
@@ -69,16 +69,14 @@ def test_config_id_of_an_old_folder_is_derived_the_same_way(searched, tmp_path):
     assert derived["config_id"].tolist() == written["config_id"].tolist()
     assert set(derived["stage"]) == {"search"}
 
-
-def test_until_settled_adds_seeds_in_rounds_then_nothing_and_finishes_a_recorded_round(searched, tmp_path):
-    """Racing on the CLI: 2 seeds each first, then one more for the configurations the seeds do not settle,
-    at most 3 each; every configuration says why it stopped; a second run adds nothing. A round recorded in
-    study.json (as a kill mid-round leaves it) is finished as planned: only its missing runs."""
+    # Then racing on the same folder (one search configuration and the baseline, as above): its first round is
+    # the confirmation just run; then one more seed for the configurations the seeds do not settle, at most 3
+    # each; every configuration says why it stopped; a second run adds nothing. A round recorded in study.json
+    # (as a kill mid-round leaves it) is finished as planned: only its missing runs.
     from kdbench.confirm import STOP_REASONS
     from kdbench.search.run import _pending
     from kdbench.study import study_from_dict
 
-    out = _copy(searched, tmp_path)
     args = ["confirm", str(out), "--seeds", "2", "--top", "1", "--with", "baseline", "--until-settled", "--max-seeds", "3"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
