@@ -59,16 +59,6 @@ def test_confirm_adds_seeds_times_candidates_then_nothing_then_races_until_settl
     assert doc["front_stability"]["of"] >= 1 and 0 <= doc["front_stability"]["kept"] <= doc["front_stability"]["of"]
     assert (out / "pareto.png").is_file() and (out / "slices.png").is_file()
 
-
-def test_config_id_of_an_old_folder_is_derived_the_same_way(searched, tmp_path):
-    """Folders written before config_id existed get it from their rows, identical to what is written now."""
-    out = _copy(searched, tmp_path)
-    written = read_table(out / "trials.csv")
-    written.drop(columns=["config_id", "stage"]).to_csv(out / "trials.csv", index=False)
-    derived = read_folder(out).trials
-    assert derived["config_id"].tolist() == written["config_id"].tolist()
-    assert set(derived["stage"]) == {"search"}
-
     # Then racing on the same folder (one search configuration and the baseline, as above): its first round is
     # the confirmation just run; then one more seed for the configurations the seeds do not settle, at most 3
     # each; every configuration says why it stopped; a second run adds nothing. A round recorded in study.json
@@ -115,6 +105,17 @@ def test_config_id_of_an_old_folder_is_derived_the_same_way(searched, tmp_path):
     recorded = {"rounds": rounds + [{"pairs": [[cid, seeds[cid][0]], [cid, 7]]}]}
     todo, _, decision = _pending(study, trials, c, recorded, str(out))
     assert [(t["config_id"], t["seed"]) for t in todo] == [(cid, 7)] and decision is None
+
+
+def test_config_id_of_an_old_folder_is_derived_the_same_way(searched, tmp_path):
+    """Folders written before config_id existed get it from their rows, identical to what is written now."""
+    out = _copy(searched, tmp_path)
+    written = read_table(out / "trials.csv")
+    written.drop(columns=["config_id", "stage"]).to_csv(out / "trials.csv", index=False)
+    derived = read_folder(out).trials
+    assert derived["config_id"].tolist() == written["config_id"].tolist()
+    assert set(derived["stage"]) == {"search"}
+
 
 
 def test_settle_gives_the_front_and_its_overlapping_rivals_one_more_seed():
