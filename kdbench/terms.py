@@ -20,8 +20,10 @@ from torch import nn
 
 from . import losses
 from .crd import CRD
+from .evaluate import prepare
+from .models import StagesUnavailable, build_model
 
-__all__ = ["Term", "TERMS", "Shapes", "MethodError", "build_parts", "reads_of"]
+__all__ = ["Term", "TERMS", "Shapes", "MethodError", "build_parts", "reads_of", "check_method", "map_shapes"]
 
 
 class MethodError(ValueError):
@@ -153,3 +155,35 @@ def build_parts(terms, method, shapes: Shapes) -> nn.ModuleDict:
         if TERMS[t].reads & {"maps", "t_maps"} and TERMS[t].parts is None and (shapes.maps_s is None or shapes.maps_t is None):
             raise MethodError(f"{t}: the {'student' if shapes.maps_s is None else 'teacher'} exposes no stage maps")
     return nn.ModuleDict({t: TERMS[t].parts(shapes, method) for t in terms if TERMS[t].parts is not None})
+
+
+def check_method(method, student: str, teacher, data) -> None:
+    """Raise MethodError (one line) when ``method`` cannot run with these models: a term reading stage maps a
+    model does not expose, a stage that does not exist. Builds the parts once on the CPU; trains nothing."""
+    terms = method.terms
+    if teacher is None or not reads_of(terms) & {"maps", "t_maps"} and not any(TERMS[t].parts for t in terms):
+        return
+    model = build_model(student, data.num_classes, data.in_channels).to(data.train_x.device)
+    maps = map_shapes(model, teacher.model, data) if reads_of(terms) & {"maps", "t_maps"} else (None, None)
+    build_parts(terms, method, Shapes(model.feature_dim, teacher.centroids.shape[1], *maps, data.train_y))
+
+
+def map_shapes(student: nn.Module, teacher: nn.Module, data):
+    """The ``(C, H, W)`` of each stage map of both models, from one eval-mode pass over two training images
+    (None for a model that has no ``forward_stages``)."""
+    x = prepare(data.train_x[:2], data)
+
+    def shapes(model):
+        if not hasattr(model, "forward_stages"):
+            return None
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return [tuple(m.shape[1:]) for m in model.forward_stages(x).maps]
+        except StagesUnavailable:
+            return None
+        finally:
+            model.train(was)
+
+    return shapes(student), shapes(teacher)

@@ -16,11 +16,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .terms import TERMS, TEACHER_READS, Shapes, build_parts, reads_of
+from .terms import TERMS, TEACHER_READS, Shapes, build_parts, check_method, map_shapes, reads_of
 from .data import Data, augment
 from .evaluate import autocast, evaluate, forward_all, prepare, teacher_views
 from .geometry import CentroidMemory
-from .models import StagesUnavailable, build_model, count_parameters
+from .models import build_model, count_parameters
 
 __all__ = ["Method", "Recipe", "TrainConfig", "EVAL_WHEN", "Teacher", "METHODS", "DATASET_DEFAULTS", "dataset_defaults",
            "distill", "evaluate", "get_lr", "DivergedError", "resolve_device", "trial_values", "check_method"]
@@ -273,7 +273,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
     reads = reads_of(terms)
     stage_maps = bool(reads & {"maps", "t_maps"})  # computed only where a term reads them
     shapes = Shapes(student.feature_dim, teacher.centroids.shape[1] if teacher is not None else 0,
-                    *(_map_shapes(student, teacher.model, data) if stage_maps else (None, None)), data.train_y)
+                    *(map_shapes(student, teacher.model, data) if stage_maps else (None, None)), data.train_y)
     extras = build_parts(terms, method, shapes).to(device)  # the terms' trainable parts
     params = [*student.parameters(), *extras.parameters()]
     decay = [p for p in params if p.ndim > 1]  # no weight decay on BN and biases
@@ -413,38 +413,6 @@ def _set_rng(rng: dict) -> None:
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-
-
-def check_method(method: Method, student: str, teacher: Teacher | None, data: Data) -> None:
-    """Raise MethodError (one line) when ``method`` cannot run with these models: a term reading stage maps a
-    model does not expose, a stage that does not exist. Builds the parts once on the CPU; trains nothing."""
-    terms = method.terms
-    if teacher is None or not reads_of(terms) & {"maps", "t_maps"} and not any(TERMS[t].parts for t in terms):
-        return
-    model = build_model(student, data.num_classes, data.in_channels).to(data.train_x.device)
-    maps = _map_shapes(model, teacher.model, data) if reads_of(terms) & {"maps", "t_maps"} else (None, None)
-    build_parts(terms, method, Shapes(model.feature_dim, teacher.centroids.shape[1], *maps, data.train_y))
-
-
-def _map_shapes(student: nn.Module, teacher: nn.Module, data: Data):
-    """The ``(C, H, W)`` of each stage map of both models, from one eval-mode pass over two training images
-    (None for a model that has no ``forward_stages``)."""
-    x = prepare(data.train_x[:2], data)
-
-    def shapes(model):
-        if not hasattr(model, "forward_stages"):
-            return None
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                return [tuple(m.shape[1:]) for m in model.forward_stages(x).maps]
-        except StagesUnavailable:
-            return None
-        finally:
-            model.train(was)
-
-    return shapes(student), shapes(teacher)
 
 
 def _train_features(model: nn.Module, data: Data):

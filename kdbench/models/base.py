@@ -31,10 +31,7 @@ class Net(nn.Module):
     """A kdbench model: subclasses write ``forward_stages``; ``forward`` is the same pass without the maps
     kept for the caller (they are references to tensors the pass computes anyway: no extra work)."""
 
-    feature_dim: int
-
-    def forward_stages(self, x: torch.Tensor) -> Stages:  # pragma: no cover - every family defines it
-        raise NotImplementedError
+    feature_dim: int  # and forward_stages(x) -> Stages, which every family defines
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.forward_stages(x)
