@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.live import Live
 from rich.table import Table
 
 from .console import (DatasetName, Device, EvalWhen, ImageSize, LiveView, SkipBad, ValFraction, check_resources,
                       check_model_flag, data_options, device_or_error, epoch_progress, err, errors, out, summary_table,
                       teacher_table, teacher_with_progress, threads_now)
-from .views import compare_folders, show_progress, tune_one
+from .views import compare_folders, live_view, show_progress, tune_one
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Benchmark knowledge-distillation methods on accuracy and feature-space geometry.")
@@ -162,8 +161,23 @@ def studies():
 @app.command()
 @errors
 def tune(
-    study: Annotated[str, typer.Argument(help="study file or bundled study name")] = "digits",
+    study: Annotated[Optional[str], typer.Argument(help="study file or bundled study name (default: digits; none "
+                                                       "with --dataset: its defaults and the default search; none with "
+                                                       "--resume: the folder's study)")] = None,
+    space: Annotated[Optional[list[str]], typer.Option(help="KEY=DIST:LOW:HIGH[:when=M,...] (uniform, loguniform, int), "
+                                                       "KEY=categorical:A,B or KEY=off: one axis of the search")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="[METHOD.]KEY=VALUE: a recipe field, or a term "
+                                                      "weight or hyperparameter (of the study's method by default)")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="digits | synthetic | cifar10 | cifar100 | folder:PATH")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="teacher model")] = None,
+    student: Annotated[Optional[str], typer.Option(help="student model")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="student epochs (the full fidelity)")] = None,
     samples: Annotated[Optional[int], typer.Option(help="number of trials (searches)")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="tpe | nsga2 | random")] = None,
+    objectives: Annotated[Optional[str], typer.Option(help="two of top1, geom_corr, geom_err, cka, e.g. top1,geom_corr")] = None,
+    no_asha: Annotated[bool, typer.Option("--no-asha", help="no early stopping: every trial runs every epoch")] = False,
+    image_size: ImageSize = None,
+    val_fraction: ValFraction = None,
     concurrency: Annotated[Optional[int], typer.Option(help="trials running at once")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="results folder (default results/<study>-<time>)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the interrupted run in --out")] = False,
@@ -177,40 +191,31 @@ def tune(
     teacher_checkpoint: Annotated[Optional[Path], typer.Option(help="the teacher's weights (a state_dict file) "
                                                                "instead of the study's teacher")] = None,
     verbose: Annotated[bool, typer.Option(help="show Ray's and Optuna's logs")] = False,
-    plan: Annotated[bool, typer.Option("--plan", help="print what would run (studies, trials, trial-epochs, "
-                                                      "resources) and exit: no data, no teacher, nothing written")] = False,
+    plan: Annotated[bool, typer.Option("--plan", help="print the resolved study (space, trial-epochs, resources) and "
+                                                      "exit: no data, no teacher, nothing written")] = False,
 ):
     """Search (or enumerate) a study's trials with Ray Tune + Optuna + ASHA; write a results folder.
 
-    A study with [pairs] runs one study per teacher-student pair, each into DIR/<teacher>-<student>.
+    A study with [pairs] runs one study per teacher-student pair, each into DIR/<teacher>-<student>. Flags
+    override the study; the folder's study.json records the study that ran, so --resume needs no flags again.
     """
     command_started = time.time()
+    from .flags import Flags
     from .pairs import load_studies, pair_name, plan_lines
-    from .study import StudyError, find_study
+    from .study import StudyError
 
-    studies = load_studies(find_study(study))
-    changes = {}
-    if samples is not None:
-        if studies[0].is_grid:
-            raise StudyError(f"--samples: {studies[0].path} is a grid study ({studies[0].trial_count()} trials); "
-                             f"allowed only for searches")
-        if samples < 1:
-            raise StudyError(f"--samples {samples}: allowed: >= 1")
-        changes["samples"] = samples
     check_resources(concurrency, cpus_per_trial, gpus_per_trial)
-    changes |= {k: v for k, v in (("concurrency", concurrency), ("cpus_per_trial", cpus_per_trial)) if v is not None}
-    if teacher_checkpoint is not None:
-        if len(studies) > 1:
-            raise StudyError(f"--teacher-checkpoint: {studies[0].path} has {len(studies)} pairs, each with its own "
-                             f"teacher; allowed: [pairs] teacher_checkpoint in the study")
-        changes["teacher_checkpoint"] = str(teacher_checkpoint.expanduser().resolve())
-    studies = [dataclasses.replace(s, **changes) for s in studies]
+    flags = Flags(tuple(space or ()), tuple(set_ or ()), dataset, teacher, student, epochs, samples, sampler, objectives,
+                  no_asha, image_size, val_fraction, str(teacher_checkpoint.expanduser().resolve()) if teacher_checkpoint else None, concurrency,
+                  cpus_per_trial)
+    if resume and out_dir is None:
+        raise StudyError("--resume needs --out DIR (the folder of the run to continue)")
+    path, raw = _study_source(study, flags, out_dir if resume else None)
+    studies = load_studies(path, flags, raw)
     if plan:
         for line in plan_lines(studies):
             out.print(line, highlight=False, soft_wrap=True)
         return
-    if resume and out_dir is None:
-        raise StudyError("--resume needs --out DIR (the folder of the run to continue)")
     base = out_dir or Path("results") / f"{Path(studies[0].path).stem if len(studies) > 1 else studies[0].name}-" \
         f"{time.strftime('%Y%m%d-%H%M%S')}"
     folders = [base] if len(studies) == 1 else [base / pair_name(s.teacher, s.student) for s in studies]
@@ -223,16 +228,43 @@ def tune(
         from .search import init_ray
 
         started_ray = init_ray(address, verbose)
+    again = f"kdbench tune {study + ' ' if len(studies) > 1 else ''}--out {base} --resume"  # study.json has the rest
     try:
         for s, folder in zip(studies, folders):
-            again = resume and (len(studies) == 1 or (folder / "study.json").exists())  # pairs: the ones begun resume
-            tune_one(s, study, folder, again, address, data_root, download, gpus_per_trial, storage, verbose,
-                      command_started, base)
+            go_on = resume and (len(studies) == 1 or (folder / "study.json").exists())  # pairs: the ones begun resume
+            tune_one(s, again, folder, go_on, address, data_root, download, gpus_per_trial, storage, verbose,
+                     command_started)
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
+
+
+def _study_source(study: str | None, flags, resume_from: Path | None) -> tuple:
+    """(path, TOML table) of what ``tune`` starts from: the study named, the resumed folder's, the data set's
+    defaults, or the default study."""
+    from .flags import DEFAULT_STUDY, base_table
+    from .study import StudyError, find_study, read_toml
+
+    if study is not None:
+        path = find_study(study)
+        return path, read_toml(path)
+    if resume_from is not None:
+        from .results import ResultsError, read_study
+
+        try:
+            recorded = read_study(resume_from).get("study") or {}
+        except ResultsError:
+            recorded = {}
+        if not recorded.get("source"):
+            raise StudyError(f"--resume {resume_from}: no study recorded there (study.json with its source); allowed: "
+                             f"the study file as the first argument, or the folder of a run")
+        return recorded.get("path") or None, recorded["source"]
+    if flags.dataset is not None:
+        return None, base_table(flags.dataset, space=not flags.space)
+    path = find_study(DEFAULT_STUDY)
+    return path, read_toml(path)
 
 
 @app.command()
@@ -290,7 +322,7 @@ def confirm(
         err.print(f"confirm {folder}: {len(picked)} configurations ({names}) × {c.seeds} seeds; {len(todo)} runs to go",
                   highlight=False)
 
-    live, printed = Live(view, console=err, refresh_per_second=2, transient=False), [0]
+    live, printed = live_view(view), [0]
 
     def on_update(state):
         view.state = state

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console, Group
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 __all__ = ["out", "err", "errors", "Device", "EvalWhen", "device_or_error", "epoch_progress", "LiveView", "summary_table",
@@ -179,7 +180,8 @@ def check_model_flag(flag: str, name: str | None):
 
 
 class LiveView:
-    """The tune (or confirm) view, re-rendered on every refresh so the clock moves."""
+    """The tune (or confirm) view, re-rendered on every refresh so the clocks move: a header line, the running
+    trials (values, epoch k/N, current val objectives, elapsed, node), the best full-fidelity values, the ETA."""
 
     def __init__(self, name: str, what: str = "trials"):
         self.name, self.what, self.state = name, what, None
@@ -188,15 +190,40 @@ class LiveView:
         s = self.state
         if s is None:
             return "starting the trials…"
-        el = time.time() - s.started
-        done = sum(s.counts.values())
-        t = Table.grid(padding=(0, 2))
-        t.add_row(f"[bold]{self.name}[/bold]", f"{done}/{s.total} {self.what}",
-                  f"running {s.running}", f"[green]completed {s.counts.get('completed', 0)}[/green]",
-                  f"[yellow]stopped early {s.counts.get('stopped', 0)}[/yellow]",
-                  f"[red]failed {s.counts.get('failed', 0)}[/red]", f"{el // 60:.0f}:{el % 60:04.1f}")
-        best = "  ".join(f"best val {k}: {v:.4g} ({tid})" for k, (v, tid) in s.best.items()) or "no full trial yet"
-        return Group(t, best)
+        now = time.time()
+        clock = lambda sec: f"{sec // 3600:.0f}:{sec % 3600 // 60:02.0f}:{sec % 60:02.0f}" if sec >= 3600 else \
+            f"{sec // 60:.0f}:{sec % 60:02.0f}"
+        head = Table.grid(padding=(0, 2))
+        head.add_row(f"[bold]{self.name}[/bold]", f"{sum(s.counts.values())}/{s.total} {self.what}",
+                     f"running {s.running}", f"[green]completed {s.counts.get('completed', 0)}[/green]",
+                     f"[yellow]stopped early {s.counts.get('stopped', 0)}[/yellow]",
+                     f"[red]failed {s.counts.get('failed', 0)}[/red]", clock(now - s.started))
+        parts = [head]
+        active = sorted(list(s.active.items()), key=lambda kv: kv[1]["started"])
+        if active:
+            keys = list(dict.fromkeys(k for _, a in active for k in a["values"]))
+            t = Table(box=None, padding=(0, 1), header_style="bold dim", pad_edge=False)
+            for col in ("trial", *keys, "epoch", "", *(f"val {o}" for o in s.objectives), "elapsed", "node"):
+                t.add_column(col, justify="left" if col in ("trial", "", "node") else "right", no_wrap=True)
+            for tid, a in active:
+                t.add_row(tid, *(_short(a["values"].get(k)) for k in keys), f"{a['epoch']}/{s.max_epochs}",
+                          ProgressBar(total=max(1, s.max_epochs), completed=a["epoch"], width=12),
+                          *(_short(a["val"].get(o)) for o in s.objectives), clock(now - a["started"]), a["node"] or "—")
+            parts.append(t)
+        parts.append("  ".join(f"best val {k}: {v:.4g} ({tid})" for k, (v, tid) in s.best.items()) or "no full trial yet")
+        left, seconds = s.eta()
+        if left:
+            eta = f"ETA ≤ {clock(seconds)}" if seconds is not None else "ETA: after the first epoch"
+            parts.append(f"[dim]{eta} ({left:,} trial-epochs left at most{', ASHA stops some' if self.what == 'trials' else ''}"
+                         f"; {s.epochs_done:,} done)[/dim]")
+        return Group(*parts)
+
+
+def _short(v) -> str:
+    """A value for a narrow column: 4 significant digits, text as it is, — for none."""
+    if v is None or (isinstance(v, float) and v != v):
+        return "—"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def finished_lines(state, printed: int) -> list[str]:

@@ -20,10 +20,12 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from .flags import Flags, apply_flags
 from .models import check_model
+from .train import METHODS, fields_dict
 from .study import Study, StudyError, parse_study, read_toml
 
-__all__ = ["load_studies", "pair_name", "plan_lines"]
+__all__ = ["load_studies", "pair_name", "plan_lines", "space_text"]
 
 
 def pair_name(teacher: str, student: str) -> str:
@@ -31,12 +33,14 @@ def pair_name(teacher: str, student: str) -> str:
     return f"{teacher}-{student}"
 
 
-def load_studies(path: str | Path) -> list[Study]:
-    """The studies of a study file: itself, or one per ``[pairs]`` entry."""
-    raw = read_toml(path)
+def load_studies(path: str | Path | None, flags: Flags | None = None, raw: dict | None = None) -> list[Study]:
+    """The studies of a study file (or of ``raw``, its table; ``path`` None: of flags alone): itself, or one per
+    ``[pairs]`` entry; ``flags`` (``tune``'s) applied first."""
+    raw = read_toml(path) if raw is None else raw
+    raw, origins = apply_flags(raw, flags or Flags(), str(path) if path is not None else "the command line")
     pairs = raw.pop("pairs", None)
     if pairs is None:
-        return [parse_study(raw, path)]
+        return [parse_study(raw, path, origins=origins)]
     where = f"{path}: pairs"
     if not isinstance(pairs, dict) or set(pairs) - {"list", "lr", "teacher_checkpoint", "reference"}:
         raise StudyError(f"{where}: {sorted(pairs) if isinstance(pairs, dict) else pairs!r}; allowed keys: list, lr, "
@@ -63,7 +67,7 @@ def load_studies(path: str | Path) -> list[Study]:
                          f"{', '.join(pair_name(*p) for p in items)}")
     if template and "{teacher}" not in template:
         raise StudyError(f"{where}.teacher_checkpoint = {template!r}; allowed: a path with {{teacher}} in it")
-    studies, base = [], raw.get("name", Path(path).stem)
+    studies, base = [], raw.get("name", Path(path).stem if path else "pairs")
     for t, s in items:
         sub = copy.deepcopy(raw)
         sub |= {"name": f"{base}-{pair_name(t, s)}", "teacher": t, "student": s,
@@ -73,8 +77,15 @@ def load_studies(path: str | Path) -> list[Study]:
         ckpt = Path(template.format(teacher=t)).expanduser() if template else None
         if ckpt is not None and ckpt.is_file():
             sub["teacher_checkpoint"] = str(ckpt)
-        studies.append(parse_study(sub, path, f"{path} [{pair_name(t, s)}]"))
+        studies.append(parse_study(sub, path, f"{path} [{pair_name(t, s)}]", origins))
     return studies
+
+
+def space_text(space) -> str:
+    """``geometry loguniform 1..1000, method in {kd, geometry}``: a search space on one line."""
+    when = lambda p: f" (when {', '.join(p.when)})" if p.when else ""
+    return ", ".join(f"{p.name} in {{{', '.join(map(str, p.choices))}}}{when(p)}" if p.type == "categorical" else
+                     f"{p.name} {p.type} {p.low:g}..{p.high:g}{when(p)}" for p in space)
 
 
 def plan_lines(studies: list[Study]) -> list[str]:
@@ -89,8 +100,15 @@ def plan_lines(studies: list[Study]) -> list[str]:
         epochs = st.trial_count() * st.recipe.epochs
         total += epochs
         lines.append(f"{st.name}: {st.dataset}, teacher {st.teacher} ({teacher}), student {st.student} (lr "
-                     f"{st.recipe.lr}); {kind}; at most {epochs:,} trial-epochs; {st.concurrency} at once, "
-                     f"{st.cpus_per_trial:g} CPU and {'auto' if st.gpus_per_trial is None else st.gpus_per_trial} GPU each")
+                     f"{st.recipe.lr}, {st.recipe.epochs} epochs); {kind}; at most {epochs:,} trial-epochs; "
+                     f"{st.concurrency} at once, {st.cpus_per_trial:g} CPU and "
+                     f"{'auto' if st.gpus_per_trial is None else st.gpus_per_trial} GPU each")
+        if not st.is_grid:
+            preset = METHODS.get(st.method)
+            changed = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields_dict(st.methods[st.method]).items()
+                       if preset is None or getattr(preset, k) != v]
+            lines.append(f"  method {st.method}{' (' + ', '.join(changed) + ')' if changed else ''}; space: "
+                         f"{space_text(st.space)}; objectives: val {' and val '.join(st.objectives)}")
     if len(studies) > 1:
         lines.append(f"{len(studies)} studies; at most {total:,} trial-epochs in all")
     return lines

@@ -6,6 +6,7 @@ the file, the key, the value and what is allowed; the CLI prints it as one line 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import sys
@@ -25,7 +26,7 @@ from .values import TUNABLE, StudyError, field_types, apply_overrides, check_val
 
 __all__ = ["Study", "Param", "Confirm", "StudyError", "load_study", "parse_study", "read_toml", "study_from_dict", "find_study",
            "bundled_studies", "apply_overrides", "check_value", "parse_sets", "TUNABLE", "check_confirm",
-           "SAMPLERS", "OBJECTIVES"]  # StudyError and the single-value checks live in kdbench.values
+           "SAMPLERS", "OBJECTIVES", "RESUMABLE", "differences"]  # StudyError and the single-value checks live in kdbench.values
 
 SAMPLERS = ("tpe", "nsga2", "random")
 OBJECTIVES = ("top1", "geom_corr", "geom_err", "cka")  # searchable, measured on val each epoch
@@ -124,6 +125,7 @@ class Study:
     keep_students: str = "full"  # [results]: the trained students kept under students/ (results.KEEP_STUDENTS)
     asha_rank: str = "top1"  # rungs rank by val top-1 ("top1") or by non-dominated sorting on the objectives
     # ("pareto", the default of searches, whose two objectives it keeps: see kdbench.search.moasha)
+    source: dict = dataclasses.field(default_factory=dict)  # the TOML table it was read from, flags applied
 
     @property
     def is_grid(self) -> bool:
@@ -147,12 +149,18 @@ _TOP_KEYS = {"name", "description", "dataset", "data", "data_root", "split_seed"
 
 
 class _Reader:
-    """Typed access to a TOML table with errors that name the file and the dotted key."""
+    """Typed access to a TOML table with errors that name the file and the dotted key, or the command-line flag
+    that set it (``origins``: dotted key -> flag, see :mod:`kdbench.flags`)."""
 
-    def __init__(self, file: str, table: dict, prefix: str = ""):
-        self.file, self.table, self.prefix = file, table, prefix
+    def __init__(self, file: str, table: dict, prefix: str = "", origins: dict | None = None):
+        self.file, self.table, self.prefix, self.origins = file, table, prefix, origins or {}
 
     def where(self, key: str) -> str:
+        parts = f"{self.prefix}{key}".split(".")
+        for n in range(len(parts), 0, -1):  # the flag that set this key or a table above it
+            flag = self.origins.get(".".join(parts[:n]))
+            if flag:
+                return f"{flag}: {key}"
         return f"{self.file}: {self.prefix}{key}"
 
     def fail(self, key: str, value, allowed: str):
@@ -179,7 +187,7 @@ class _Reader:
         value = self.table.get(key, {})
         if not isinstance(value, dict):
             self.fail(key, value, "a table")
-        return _Reader(self.file, value, f"{self.prefix}{key}.")
+        return _Reader(self.file, value, f"{self.prefix}{key}.", self.origins)
 
     def only(self, allowed) -> None:
         for key in self.table:
@@ -289,11 +297,11 @@ def load_study(path: str | Path) -> Study:
     return parse_study(raw, path)
 
 
-def parse_study(raw: dict, path: str | Path, where: str | None = None) -> Study:
-    """Validate a study's TOML table (``where``: how errors name it; default the file)."""
-    path = Path(path)
-    file = where or str(path)
-    r = _Reader(file, raw)
+def parse_study(raw: dict, path: str | Path | None, where: str | None = None, origins: dict | None = None) -> Study:
+    """Validate a study's TOML table (``where``: how errors name it, default the file; ``path`` None: a study made
+    of command-line flags alone; ``origins``: the keys that flags set, named in errors by their flag)."""
+    file = where or (str(path) if path is not None else "the command line")
+    r = _Reader(file, raw, origins=origins)
     r.only(_TOP_KEYS)
     dataset, data_options = _data(r)
     d = dataset_defaults(dataset)
@@ -391,7 +399,8 @@ def parse_study(raw: dict, path: str | Path, where: str | None = None) -> Study:
         confirm = check_confirm(c.get("seeds", 3, int), c.get("top", 3, int), tuple(c.get("with", ["baseline", "kd"], list)),
                                 methods, f"{file}: confirm.", c.get("until_settled", False, bool), c.get("max_seeds", 8, int))
     return Study(
-        name=r.get("name", path.stem, str), path=str(path.resolve()), description=r.get("description", "", str),
+        name=r.get("name", Path(path).stem if path is not None else "search", str),
+        path=str(Path(path).resolve()) if path is not None else "", source=copy.deepcopy(raw), description=r.get("description", "", str),
         dataset=dataset, data_root=r.get("data_root", "data", str), split_seed=r.get("split_seed", 0, int, lo=0),
         data_options=data_options, teacher=teacher, teacher_recipe=teacher_recipe,
         teacher_seed=r.get("teacher_seed", 0, int, lo=0), teacher_checkpoint=_path(r.get("teacher_checkpoint", "", str)),
@@ -416,6 +425,36 @@ def study_from_dict(d: dict) -> Study:
     c = d.get("confirm")
     d["confirm"] = Confirm(**{**c, "with_": tuple(c["with_"])}) if c else None
     return Study(**d)
+
+
+# What a resume may change: where and how much runs, not what a trial is (anything else would mix two studies'
+# trials in one table).
+RESUMABLE = ("path", "description", "source", "samples", "concurrency", "cpus_per_trial", "gpus_per_trial", "data_root",
+             "confirm", "keep_students", "checkpoint_every", "checkpoint_minutes", "max_failures")
+
+
+def differences(recorded: dict, study: Study) -> list[str]:
+    """How ``study`` differs from the one a results folder ran (its study.json's ``study``), one dotted key each,
+    leaving out what a resume may change (``RESUMABLE``)."""
+    import json
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        items = {}
+        for k, v in d.items():
+            if isinstance(v, list) and v and all(isinstance(x, dict) and "name" in x for x in v):
+                v = {x["name"]: x for x in v}  # the space's axes, by name
+            if prefix or k not in RESUMABLE:
+                items |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        return items
+
+    plain = lambda s: flat(json.loads(json.dumps(s.to_dict(), default=str)))  # tuples and lists alike
+    try:
+        before = plain(study_from_dict(recorded))
+    except (TypeError, KeyError, ValueError):  # a study.json of another version: compare what it holds
+        before = flat(recorded)
+    now = plain(study)
+    return [f"{k} = {now.get(k, '(none)')!r} now, {before.get(k, '(none)')!r} in the folder"
+            for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
 
 
 def bundled_studies() -> dict[str, Path]:

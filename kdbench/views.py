@@ -12,12 +12,12 @@ from rich.live import Live
 
 from .console import LiveView, epoch_progress, err, finished_lines, out, preload_report
 
-__all__ = ["tune_one", "show_progress", "compare_folders"]
+__all__ = ["tune_one", "show_progress", "live_view", "compare_folders"]
 
 
-def tune_one(s, study: str, folder: Path, resume: bool, address, data_root, download, gpus_per_trial, storage,
-              verbose, command_started: float, base: Path):
-    """One study's tune: header, teacher, live view, the run, its summary and comparison (``base``: the --out
+def tune_one(s, again: str, folder: Path, resume: bool, address, data_root, download, gpus_per_trial, storage,
+             verbose, command_started: float):
+    """One study's tune: header, teacher, live view, the run, its summary and comparison (``again``: the command
     that continues it)."""
     from .search import run_study
 
@@ -27,7 +27,7 @@ def tune_one(s, study: str, folder: Path, resume: bool, address, data_root, down
     def header():  # once the data set is in place: a bad data set or teacher file stays one line
         if "header" not in teacher_progress:
             teacher_progress["header"] = True
-            err.print(f"study {s.name} ({s.path}): {s.trial_count()} trials, "
+            err.print(f"study {s.name} ({s.path or 'from the command line'}): {s.trial_count()} trials, "
                       f"{'grid' if s.is_grid else s.sampler + ' sampler'}, concurrency {s.concurrency}"
                       f"{', ASHA' if s.asha else ''} → {folder}", highlight=False)
 
@@ -42,10 +42,11 @@ def tune_one(s, study: str, folder: Path, resume: bool, address, data_root, down
         header()
         if "bar" in teacher_progress:
             teacher_progress["bar"].stop()
-        err.print(f"teacher {meta['arch']}: {'from cache' if hit else 'trained and cached'}, test top-1 "
+        made = f"read from {meta['checkpoint']}, evaluated and cached" if meta.get("checkpoint") else "trained and cached"
+        err.print(f"teacher {meta['arch']}: {'from cache' if hit else made}, test top-1 "
                   f"{meta['test_top1']:.2f}%", highlight=False)
 
-    live, printed = Live(view, console=err, refresh_per_second=2, transient=False), [0]
+    live, printed = live_view(view), [0]
 
     def on_update(state):
         view.state = state
@@ -74,7 +75,7 @@ def tune_one(s, study: str, folder: Path, resume: bool, address, data_root, down
     complete = summary["trials"] == s.trial_count()
     if not complete:
         err.print(f"[yellow]interrupted after {summary['trials']} of {s.trial_count()} trials[/yellow]; continue with: "
-                  f"kdbench tune {study} --out {base} --resume", highlight=False)
+                  f"{again}", highlight=False)
     t0 = time.time()
     compare_folders([Path(summary["out"])], ("config",), None, "table", False, top=10, save=complete)
     if not complete:
@@ -88,10 +89,15 @@ def tune_one(s, study: str, folder: Path, resume: bool, address, data_root, down
         "report": time.time() - t0, "command_started": command_started, "command_ended": time.time()}})
 
 
+def live_view(view) -> Live:
+    """The live view on stderr: redrawn 4 times a second at most, by rich's own thread."""
+    return Live(view, console=err, refresh_per_second=4, transient=False)
+
+
 def show_progress(live, state, printed: list) -> None:
-    """A terminal: redraw the live view. A log: one plain line per trial that finished since the last call."""
+    """A terminal: nothing (the live view redraws itself). A log: one plain line per trial that finished since the
+    last call, nothing redrawn."""
     if err.is_terminal:
-        live.refresh()
         return
     for line in finished_lines(state, printed[0]):
         err.print(line, highlight=False, soft_wrap=True)

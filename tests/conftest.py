@@ -117,6 +117,20 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def two_nodes():
+    """A real two-node Ray cluster on loopback (one CPU each), for every test that reaches a cluster (one worker)."""
+    from ray.cluster_utils import Cluster
+
+    # Two nodes of one CPU each, on loopback only (a test never listens on or contacts another address).
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+
+
 def one_line_error(result, *fragments):
     """A CliRunner result that is bad input: exit 2, one line, no traceback, naming each fragment."""
     assert result.exit_code == 2, result.output
@@ -157,10 +171,27 @@ def searched_run(tmp_path_factory, ray_session, digits_teacher):
 
     from kdbench.cli import app
 
+    from rich.console import Console
+
+    from kdbench import views
+
     root = tmp_path_factory.mktemp("searched")
     (root / "c.toml").write_text(SEARCHED)
-    result = CliRunner().invoke(app, ["tune", str(root / "c.toml"), "--out", str(root / "out")])
+    # What the terminal's live view shows at each update of the search, rendered by rich's recording console
+    # (CliRunner is no terminal: the command itself prints its plain lines).
+    frames, show = [], views.show_progress
+
+    def recorded(live, state, printed):
+        console = Console(record=True, width=200, file=open(os.devnull, "w"))
+        console.print(live.renderable)
+        frames.append(console.export_text())
+        show(live, state, printed)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(views, "show_progress", recorded)
+        result = CliRunner().invoke(app, ["tune", str(root / "c.toml"), "--out", str(root / "out")])
     assert result.exit_code == 0, result.output
+    result.frames = frames
     return root / "out", result
 
 

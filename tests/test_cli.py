@@ -70,6 +70,16 @@ def test_tune_then_compare_json_front_is_the_non_dominated_full_rows(tmp_path, s
         lines = [line for line in r.output.splitlines() if line.startswith(f"{row['trial_id']} {row['status']} after "
                                                                              f"{int(row['epochs'])} epochs: val_top1 ")]
         assert len(lines) == 1, (row["trial_id"], r.output[-3000:])
+    # A terminal's live view (rich's recording console at each update): every trial had a row with its values, its
+    # epoch k/3 and its val objectives while it ran; the ETA counts down the trial-epochs left.
+    epochs = read_table(out / "epochs.csv")
+    for row in rows.to_dict("records"):
+        first = epochs[(epochs["trial_id"] == row["trial_id"]) & (epochs["epoch"] == 1)].iloc[0]
+        seen = [line.split() for f in r.frames for line in f.splitlines() if line.startswith(row["trial_id"] + " ")]
+        assert any(cells[3] == "1/3" and cells[5] == f"{first['val_top1']:.4g}" for cells in seen), (row, seen)
+        assert seen[0][1:3] == [f"{row['geometry']:.4g}", f"{row['momentum']:.4g}"]
+    assert r.frames[0].splitlines()[1].split()[:5] == ["trial", "geometry", "momentum", "epoch", "val"]
+    assert "ETA" in r.frames[0] and "trial-epochs left at most" in r.frames[0] and "ETA" not in r.frames[-1]
     for name in ("trials.csv", "epochs.csv", "optuna.db", "front.csv", "pareto.png", "leaderboard.md"):
         assert (out / name).is_file(), name
     assert not any(p.name.startswith(".") for p in out.iterdir())  # no temporary files left behind

@@ -40,19 +40,6 @@ enabled = false
 """
 
 
-@pytest.fixture(scope="module")
-def two_nodes():
-    from ray.cluster_utils import Cluster
-
-    # Two nodes of one CPU each, on loopback only (a test never listens on or contacts another address).
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False})
-    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-    cluster.wait_for_nodes()
-    yield cluster
-    cluster.shutdown()
-
-
 def _kdbench(*args):
     # Ray maps 127.0.0.1 to the machine's other address unless told this is a loopback-only cluster:
     # the setting lives in the test's environment, never in kdbench.

@@ -165,31 +165,23 @@ def test_tune_train_and_compare_on_a_folder_with_a_torchvision_student_and_a_che
     res = distill(TrainConfig("cnn_teacher", METHODS["baseline"], Recipe(epochs=3, batch_size=16), seed=0), data)
     ckpt = tmp_path / "teacher.pt"
     torch.save({"model": res["model"].state_dict(), "epoch": 3}, ckpt)
-    study = tmp_path / "f.toml"
-    study.write_text(f"""
-name = "f"
-dataset = "folder:{root}"
-teacher = "cnn_teacher"
-teacher_checkpoint = "{ckpt}"
-student = "tv:mobilenet_v3_small"
-[data]
-image_size = 32
-[recipe]
-epochs = 2
-batch_size = 16
-[search]
-samples = 4
-concurrency = 1
-[search.space.geometry]
-type = "loguniform"
-low = 1.0
-high = 100.0
-[asha]
-enabled = false
-""")
+    # No study file: the data set, the models, the recipe and the space are flags (`tune --dataset ... --space ...`).
     out = tmp_path / "out"
-    r = runner.invoke(app, ["tune", str(study), "--out", str(out)])
+    flags = ["--dataset", f"folder:{root}", "--image-size", "32", "--teacher", "cnn_teacher", "--teacher-checkpoint",
+             str(ckpt), "--student", "tv:mobilenet_v3_small", "--epochs", "2", "--set", "batch_size=16", "--samples", "4",
+             "--concurrency", "1", "--space", "geometry=loguniform:1:100", "--no-asha"]
+    r = runner.invoke(app, ["tune", *flags, "--out", str(out)])
     assert r.exit_code == 0, r.output
+    meta = json.loads((out / "study.json").read_text())
+    assert meta["name"] == "imgs-search" and meta["study"]["path"] == "" and not meta["study"]["asha"]
+    assert meta["study"]["space"] == [{"name": "geometry", "type": "loguniform", "low": 1.0, "high": 100.0, "choices": [],
+                                       "when": []}]
+    # A resume needs no flags (study.json holds the study) and finds nothing left; a changed space is refused.
+    r = runner.invoke(app, ["tune", "--out", str(out), "--resume"])
+    assert r.exit_code == 0 and "4 trials in 0 s" in r.output, r.output
+    one_line_error(runner.invoke(app, ["tune", *flags[:-3], "--space", "geometry=loguniform:1:1000", "--no-asha",
+                                       "--out", str(out), "--resume"]),
+                   f"--resume {out}: the study differs", "space.geometry.high = 1000.0 now, 100.0 in the folder")
     t = read_table(out / "trials.csv")
     assert len(t) == 4 and (t["status"] == "completed").all() and t["config_id"].is_unique
     meta = json.loads((out / "study.json").read_text())

@@ -3,6 +3,9 @@
 sibling runs end to end."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -99,9 +102,9 @@ def test_per_class_limits_take_the_first_images_of_each_class():
     assert (d.train_y.bincount() == 2).all() and (d.test_y.bincount() == 3).all()
 
 
-def test_the_synthetic_sibling_runs_every_pair_end_to_end(tmp_path, ray_session, monkeypatch):
+def test_the_synthetic_sibling_runs_every_pair_end_to_end_on_a_cluster(tmp_path, two_nodes, monkeypatch):
     """From teachers saved as RepDistiller saves them, where the study's template says (untrained: the path is
-    what is tested here; the zoo tests check the weights' numbers)."""
+    what is tested here; the zoo tests check the weights' numbers); every pair on one connection to a cluster."""
     import torch
 
     from kdbench.models import build_model
@@ -114,8 +117,11 @@ def test_the_synthetic_sibling_runs_every_pair_end_to_end(tmp_path, ray_session,
         torch.save({"epoch": 240, "model": build_model(teacher, 100, 3).state_dict(), "accuracy": 0.0},
                    folder / "ckpt_epoch_240.pth")
     out = tmp_path / "out"
-    r = runner.invoke(app, ["tune", "synthetic-repdistiller", "--out", str(out)])
-    assert r.exit_code == 0, r.output
+    # A driver process of its own, as a user's: Ray reads the loopback-cluster setting when it is imported.
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    r = subprocess.run([sys.executable, "-m", "kdbench.cli", "tune", "synthetic-repdistiller", "--out", str(out),
+                        "--address", two_nodes.address], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
     for teacher, student in (("resnet56", "resnet20"), ("wrn_40_2", "wrn_16_2"), ("vgg13", "MobileNetV2")):
         f = read_folder(out / f"{teacher}-{student}")
         assert (f.study["study"]["teacher"], f.study["study"]["student"]) == (teacher, student)

@@ -18,7 +18,7 @@ from ray import tune
 
 from .. import checkpoints, results
 from ..confirm import plan_confirm, settle
-from ..study import Confirm, Study, StudyError, study_from_dict
+from ..study import RESUMABLE, Confirm, Study, StudyError, differences, study_from_dict
 from ..teacher import study_data
 from ..train import check_method, resolve_device
 from ..trial import resolve_trial
@@ -122,6 +122,11 @@ def run_study(study: Study, out: Path, *, resume: bool = False, address: str | N
         if previous.get("name") != study.name:  # another study's trials would be mixed into this table
             raise StudyError(f"--resume {out}: holds study {previous.get('name')!r}, not {study.name!r}; allowed: "
                              f"the same study file")
+        changed = differences(previous.get("study") or {}, study)
+        if changed:
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            raise StudyError(f"--resume {out}: the study differs from the one this folder ran: {changed[0]}{more}; "
+                             f"allowed: the same study (a resume may change {', '.join(RESUMABLE[3:])})")
         _check_unlocked(out)
     elif out.exists() and any(out.iterdir()):
         raise StudyError(f"--out {out}: folder exists and is not empty; pass --resume to continue it, or another --out")
@@ -193,7 +198,7 @@ def _run(f: _Folder, resume: bool, teacher, hit, device, storage: str | None) ->
             meta["confirm"] = previous["confirm"]
     results.write_json(out / "study.json", meta)
 
-    state = SearchState(total=study.trial_count())
+    state = SearchState(total=study.trial_count(), max_epochs=study.max_epochs, objectives=study.objectives)
     for r in rows:
         if r.get("stage") != "confirm":
             state.counts[r["status"]] = state.counts.get(r["status"], 0) + 1
@@ -334,7 +339,8 @@ def _confirm(f: _Folder, confirm: Confirm) -> dict:
         # Longest first: runs with a teacher forward (about twice a baseline's cost) before those without, so
         # that the run left alone at the end, with a core idle beside it, is a short one.
         todo.sort(key=lambda p: not resolve_trial(f.study, p)[0].needs_teacher_forward)
-        _fit(f, SearchState(total=len(todo)), len(todo), todo, asha=False, stage="confirm")
+        _fit(f, SearchState(total=len(todo), max_epochs=f.study.max_epochs, objectives=f.study.objectives), len(todo),
+             todo, asha=False, stage="confirm")
         added += len(todo)
         trials = results.read_folder(out).trials
     meta["confirm"]["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -28,6 +28,28 @@ class SearchState:
     first_start: float | None = None  # when this fit's first trial started (time.time())
     ends: list = field(default_factory=list)  # when each of its trials ended
     finished: list = field(default_factory=list)  # per finished trial: id, status, epochs, its val objectives
+    active: dict = field(default_factory=dict)  # running trial id -> values, epoch, val objectives, started, node
+    max_epochs: int = 0  # a trial's full fidelity
+    objectives: tuple = ("top1", "geom_corr")
+    epochs_done: int = 0  # trial-epochs this fit has run (for the ETA)
+
+    def eta(self) -> tuple[int, float | None]:
+        """Trial-epochs left at most (ASHA may stop trials early), and the seconds they take at this fit's rate."""
+        waiting = self.total - sum(self.counts.values()) - len(self.active)
+        left = max(0, waiting) * self.max_epochs + sum(max(0, self.max_epochs - a["epoch"]) for a in list(self.active.values()))
+        rate = self.epochs_done / (time.time() - self.first_start) if self.first_start and self.epochs_done else None
+        return left, left / rate if rate else None
+
+
+_NOT_SHOWN = {"stage", "point", "config_id", "seed"}
+
+
+def _shown(study: Study, config: dict) -> dict:
+    """What the live view shows of a trial's configuration: the searched values (a grid's or confirmation's fixed
+    ones, method and seed)."""
+    if config.get("stage", "search") == "search" and study.space:
+        return {p.name: config[p.name] for p in study.space if p.name in config}
+    return {k: v for k, v in config.items() if k not in _NOT_SHOWN} | {"seed": config.get("seed")}
 
 
 def _trial_row(study: Study, trial, status: str, seconds: float) -> dict:
@@ -93,6 +115,9 @@ class ResultsWriter(tune.Callback):
         self.state.first_start = self.state.first_start or time.time()
         self.running.add(trial.trial_id)
         self.state.running = len(self.running)
+        config = trial.config.get("trial", trial.config)
+        self.state.active.setdefault(trial.trial_id, {"values": _shown(self.study, config), "epoch": 0, "val": {},
+                                                      "started": self.starts[trial.trial_id], "node": ""})
         self._update()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -108,6 +133,12 @@ class ResultsWriter(tune.Callback):
         for r in history:
             self.epochs.append({"trial_id": trial.trial_id, "epoch": r["epoch"],
                                 **{k: v for k, v in r.items() if k.startswith(keep)}})
+        a = self.state.active.get(trial.trial_id)
+        if a is not None:
+            self.state.epochs_done += 1
+            a |= {"epoch": result["epoch"], "node": result.get("node_ip", a["node"]),
+                  "val": {o: result[f"val_{o}"] for o in self.study.objectives if f"val_{o}" in result} or a["val"]}
+            self._update()
 
     def _finish(self, trial, status: str):
         r, state = trial.last_result or {}, self.state
@@ -138,6 +169,7 @@ class ResultsWriter(tune.Callback):
         if earlier:
             checkpoints.remove(earlier["uri"])
         self.running.discard(trial.trial_id)
+        state.active.pop(trial.trial_id, None)
         state.running = len(self.running)
         state.counts[status] += 1
         if row["fidelity"] == "full":

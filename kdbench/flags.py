@@ -1,0 +1,195 @@
+"""``kdbench tune``'s flags as edits of a study's TOML table. The study's own reader then validates the edited
+table, so a flag and the study-file line that says the same pass one set of checks; an error names the flag.
+
+    --space KEY=DIST:LOW:HIGH[:when=M1,M2]    DIST: uniform | loguniform | int   (replaces or adds one axis)
+    --space KEY=categorical:A,B,C[:when=...]  KEY = method: its choices are presets
+    --space KEY=off                           drops an axis
+    --set [METHOD.]KEY=VALUE                  a recipe field, or a term weight or hyperparameter of METHOD
+                                              (default: the method the study runs)
+
+Without a study file, ``--dataset`` makes one: the data set's defaults (models, recipe) and the search of the
+default study (``digits``: its sampler, samples and objectives; its space unless ``--space`` names one).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .data import canonical
+from .study import PARAM_TYPES, TUNABLE, StudyError, bundled_studies, check_value, read_toml
+from .train import METHODS, Method
+from .values import field_types
+
+__all__ = ["Flags", "apply_flags", "base_table", "DEFAULT_STUDY"]
+
+DEFAULT_STUDY = "digits"
+
+
+@dataclass(frozen=True)
+class Flags:
+    """What ``tune`` was told on top of (or instead of) a study file; None / empty: not given."""
+
+    space: tuple[str, ...] = ()
+    sets: tuple[str, ...] = ()
+    dataset: str | None = None
+    teacher: str | None = None
+    student: str | None = None
+    epochs: int | None = None
+    samples: int | None = None
+    sampler: str | None = None
+    objectives: str | None = None
+    no_asha: bool = False
+    image_size: int | None = None
+    val_fraction: float | None = None
+    teacher_checkpoint: str | None = None
+    concurrency: int | None = None
+    cpus_per_trial: float | None = None
+
+    def given(self) -> list[str]:
+        """The flags set, as ``--name``."""
+        return [f"--{f.name.replace('_', '-')}" for f in fields(self) if getattr(self, f.name) not in (None, (), False)]
+
+
+def base_table(dataset: str, space: bool = True) -> dict:
+    """The study a study-less ``tune --dataset X`` runs: X's defaults and the default study's ``[search]`` (without
+    its space when ``space`` is False: the ``--space`` flags make it)."""
+    search = copy.deepcopy(read_toml(bundled_studies()[DEFAULT_STUDY])["search"])
+    if not space:
+        search["space"] = {}
+    label = Path(dataset[len("folder:"):]).name if dataset.startswith("folder:") else dataset
+    return {"name": f"{label}-search", "dataset": dataset, "search": search}
+
+
+def _axis(arg: str) -> tuple[str, dict | None]:
+    """``geometry=loguniform:1:1000:when=geometry`` -> ("geometry", its [search.space] table); ``off`` -> None."""
+    key, sep, spec = arg.partition("=")
+    key = key.strip()
+    if not sep or not key or not spec:
+        raise StudyError(f"--space {arg!r}: expected KEY=DIST:LOW:HIGH (DIST: uniform, loguniform, int), "
+                         f"KEY=categorical:A,B,C or KEY=off; KEY: method, {', '.join(TUNABLE)}")
+    if spec == "off":
+        return key, None
+    parts = spec.split(":")
+    when = [p for p in parts if p.startswith("when=")]
+    parts = [p for p in parts if not p.startswith("when=")]
+    table: dict = {"type": parts[0]}
+    if when:
+        table["when"] = [m for m in when[-1][len("when="):].split(",") if m]
+    if parts[0] == "categorical" and len(parts) == 2:
+        table["choices"] = [_number(c) for c in parts[1].split(",") if c]
+    elif parts[0] in PARAM_TYPES and parts[0] != "categorical" and len(parts) == 3:
+        table["low"], table["high"] = _number(parts[1]), _number(parts[2])
+    elif parts[0] not in PARAM_TYPES:
+        raise StudyError(f"--space {arg}: distribution {parts[0]!r} is unknown; allowed: {', '.join(PARAM_TYPES)}, off")
+    else:
+        shape = "categorical:A,B,C" if parts[0] == "categorical" else f"{parts[0]}:LOW:HIGH"
+        raise StudyError(f"--space {arg}: expected KEY={shape}[:when=METHOD,...]")
+    return key, table
+
+
+def _number(text: str):
+    """A bound or choice as TOML would hold it: int, float, or the text itself (method names)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def apply_flags(raw: dict, flags: Flags, file: str) -> tuple[dict, dict]:
+    """``raw`` (a study's TOML table) with ``flags`` applied, and the keys they set (dotted key -> the flag, for
+    :func:`kdbench.study.parse_study`'s errors). Values are checked where a flag alone can be wrong; what
+    depends on the rest of the study is checked by ``parse_study``."""
+    raw, origins = copy.deepcopy(raw), {}
+    grid, pairs = "grid" in raw, "pairs" in raw
+
+    def put(table_path: str, key: str, value, flag: str):
+        table = raw
+        for name in table_path.split(".") if table_path else ():
+            table = table.setdefault(name, {})
+            if not isinstance(table, dict):
+                raise StudyError(f"{file}: {table_path} is not a table; allowed: a table")
+        table[key] = value
+        origins[f"{table_path}.{key}" if table_path else key] = flag
+
+    def searches_only(flag: str):
+        if grid:
+            raise StudyError(f"{flag}: {file} is a grid study ([grid]); allowed only for a search ([search])")
+
+    for flag, key in (("--teacher", flags.teacher), ("--student", flags.student),
+                      ("--teacher-checkpoint", flags.teacher_checkpoint)):
+        if key is not None and pairs:
+            raise StudyError(f"{flag} {key}: {file} runs [pairs], each with its own teacher and student; allowed: a "
+                             f"study without [pairs] ([pairs] teacher_checkpoint names a file per teacher)")
+    for name, value in (("dataset", canonical(flags.dataset) if flags.dataset else None), ("teacher", flags.teacher), ("student", flags.student),
+                        ("teacher_checkpoint", flags.teacher_checkpoint)):
+        if value is not None:
+            put("", name, value, f"--{name.replace('_', '-')} {value}")
+    if flags.concurrency is not None:
+        put("grid" if grid else "search", "concurrency", flags.concurrency, f"--concurrency {flags.concurrency}")
+    if flags.cpus_per_trial is not None:
+        put("resources", "cpus_per_trial", flags.cpus_per_trial, f"--cpus-per-trial {flags.cpus_per_trial}")
+    for name, value in (("image_size", flags.image_size), ("val_fraction", flags.val_fraction)):
+        if value is not None:
+            put("data", name, value, f"--{name.replace('_', '-')} {value}")
+    if flags.epochs is not None:
+        put("recipe", "epochs", check_value("epochs", flags.epochs, "--epochs"), f"--epochs {flags.epochs}")
+    if flags.samples is not None:
+        searches_only(f"--samples {flags.samples}")
+        put("search", "samples", flags.samples, f"--samples {flags.samples}")
+    if flags.sampler is not None:
+        searches_only(f"--sampler {flags.sampler}")
+        put("search", "sampler", flags.sampler, f"--sampler {flags.sampler}")
+    if flags.objectives is not None:
+        searches_only(f"--objectives {flags.objectives}")
+        put("search", "objectives", [o.strip() for o in flags.objectives.split(",")], f"--objectives {flags.objectives}")
+    if flags.no_asha:
+        put("asha", "enabled", False, "--no-asha")
+    for arg in flags.space:
+        searches_only(f"--space {arg}")
+        key, table = _axis(arg)
+        space = raw.setdefault("search", {}).setdefault("space", {})
+        if table is None:
+            if key not in space:
+                raise StudyError(f"--space {arg}: {key} is not searched; allowed: off for one of {', '.join(space) or '(none)'}")
+            del space[key]
+            continue
+        put("search.space", key, table, f"--space {arg}")
+    for arg in flags.sets:
+        _set(raw, arg, put, file)
+    return raw, origins
+
+
+def _set(raw: dict, arg: str, put, file: str):
+    """``--set [METHOD.]KEY=VALUE``: a recipe field into [recipe], a method's field into [methods.METHOD]."""
+    target, sep, value = arg.partition("=")
+    method, _, key = target.strip().rpartition(".")
+    if not sep or not key:
+        raise StudyError(f"--set {arg!r}: expected [METHOD.]KEY=VALUE with KEY one of: {', '.join(TUNABLE)}")
+    v = check_value(key, value.strip(), f"--set {arg}")
+    v = list(v) if isinstance(v, tuple) else v  # milestones, as TOML holds them
+    space = raw.get("search", {}).get("space", {}) if "search" in raw else {}
+    study_method = raw.get("method", "geometry")
+    if key not in field_types(Method):
+        if method:
+            raise StudyError(f"--set {arg}: {key} is a recipe field, the same for every method; allowed: --set {key}=VALUE")
+        if key in space:
+            raise StudyError(f"--set {arg}: {key} is searched ({file}: search.space.{key}); allowed: --space {key}=off "
+                             f"to fix it, or another key")
+        put("recipe", key, v, f"--set {arg}")
+        return
+    methods = {**METHODS, **raw.get("methods", {})}
+    grid = raw.get("grid", {}).get("methods", [study_method]) if "grid" in raw else None
+    if not method and grid is not None and len(grid) > 1:
+        raise StudyError(f"--set {arg}: the grid runs {', '.join(grid)}; allowed: --set METHOD.{key}=VALUE naming one")
+    method = method or study_method
+    if method not in methods:
+        raise StudyError(f"--set {arg}: method {method!r} is unknown; allowed: {', '.join(methods)}")
+    axis, searched = space.get(key), space.get("method", {}).get("choices") or [study_method]
+    if isinstance(axis, dict) and method in searched and method in (axis.get("when") or searched):
+        raise StudyError(f"--set {arg}: {key} is searched for {method} ({file}: search.space.{key}); allowed: --space "
+                         f"{key}=off to fix it, or another key")
+    put(f"methods.{method}", key, v, f"--set {arg}")

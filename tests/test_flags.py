@@ -1,0 +1,101 @@
+"""`kdbench tune`'s flags: the same study as the TOML that says the same, errors that name the flag, and a resume
+that refuses a changed study. No data, no training: `--plan` and the study objects."""
+
+import copy
+import dataclasses
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import one_line_error
+from kdbench.cli import app
+from kdbench.flags import Flags, base_table
+from kdbench.pairs import load_studies
+from kdbench.study import differences, find_study, parse_study, read_toml
+
+runner = CliRunner()
+DIGITS = find_study("digits")
+
+
+def _same(a, b):
+    strip = lambda s: dataclasses.replace(s, path="", source={})
+    assert strip(a) == strip(b)
+
+
+def test_flags_make_the_study_that_the_equivalent_toml_makes():
+    (flagged,) = load_studies(DIGITS, Flags(space=("geometry=loguniform:1:10000", "momentum=off",
+                                                   "method=categorical:geometry,kd", "temperature=uniform:2:6:when=kd"),
+                                            sets=("ce=0.5", "baseline.ce=0.9", "lr=0.1", "milestones=10,20"),
+                                            epochs=40, samples=7, sampler="nsga2", objectives="top1,cka", no_asha=True,
+                                            val_fraction=0.2, concurrency=3, cpus_per_trial=0.5))
+    raw = copy.deepcopy(read_toml(DIGITS))  # the same edits, by hand
+    raw["search"] |= {"samples": 7, "sampler": "nsga2", "objectives": ["top1", "cka"], "concurrency": 3}
+    raw["search"]["space"] = {"geometry": {"type": "loguniform", "low": 1.0, "high": 10000.0},
+                              "temperature": {"type": "uniform", "low": 2.0, "high": 6.0, "when": ["kd"]},
+                              "method": {"type": "categorical", "choices": ["geometry", "kd"]}}
+    raw["recipe"] |= {"epochs": 40, "lr": 0.1, "milestones": [10, 20]}
+    raw["methods"] = {"geometry": {"ce": 0.5}, "baseline": {"ce": 0.9}}
+    raw["data"]["val_fraction"] = 0.2
+    raw["asha"]["enabled"] = False
+    raw["resources"]["cpus_per_trial"] = 0.5
+    _same(flagged, parse_study(raw, DIGITS))
+    assert flagged.methods["geometry"].ce == 0.5 and flagged.methods["baseline"].ce == 0.9
+    assert flagged.teacher_recipe.lr == 0.05 and flagged.recipe.milestones == (10, 20)  # the teacher's recipe stays
+    assert [p.name for p in flagged.space] == ["geometry", "temperature", "method"]
+    assert flagged.source["search"]["space"]["geometry"]["high"] == 10000.0  # what study.json records
+
+
+def test_a_study_of_flags_alone_is_the_data_sets_defaults_and_the_default_search():
+    (s,) = load_studies(None, Flags(dataset="synthetic", space=("geometry=loguniform:1:100",)),
+                        base_table("synthetic", space=False))
+    (d,) = load_studies(DIGITS)
+    assert (s.name, s.path, s.dataset, s.sampler, s.samples, s.objectives) == \
+        ("synthetic-search", "", "synthetic", d.sampler, d.samples, d.objectives)
+    assert [(p.name, p.low, p.high) for p in s.space] == [("geometry", 1.0, 100.0)] and s.confirm is None
+    (full,) = load_studies(None, Flags(dataset="synthetic"), base_table("synthetic"))
+    assert [p.name for p in full.space] == [p.name for p in d.space]
+    r = runner.invoke(app, ["tune", "--dataset", "synthetic", "--space", "geometry=loguniform:1:100", "--plan"])
+    assert r.exit_code == 0 and "synthetic-search: synthetic" in r.stdout and "space: geometry loguniform 1..100;" in r.stdout
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--space", "zeta=uniform:0:1"], ["--space zeta=uniform:0:1: zeta: unknown parameter"]),
+    (["--space", "geometry=loguniform:1000:1"], ["--space geometry=loguniform:1000:1: high = 1.0; allowed: > low (1000.0)"]),
+    (["--space", "geometry=gauss:1:2"], ["distribution 'gauss' is unknown", "uniform, loguniform, int, categorical"]),
+    (["--space", "geometry=uniform:1"], ["--space geometry=uniform:1: expected KEY=uniform:LOW:HIGH"]),
+    (["--space", "geometry"], ["--space 'geometry': expected KEY=DIST:LOW:HIGH"]),
+    (["--space", "temperature=int:1:8"], ["type = 'int'; allowed: uniform or loguniform"]),
+    (["--space", "geometry=loguniform:1:10:when=zz"], ["when = 'zz'; allowed: baseline"]),
+    (["--space", "lr=off"], ["lr is not searched"]),
+    (["digits-paper", "--space", "geometry=uniform:1:2"], ["digits-paper.toml is a grid study"]),
+    (["--set", "geometry=10"], ["--set geometry=10: geometry is searched for geometry", "--space geometry=off"]),
+    (["--set", "kd.temperature=0"], ["--set kd.temperature=0: temperature = '0'; allowed: > 0"]),
+    (["--set", "nope.ce=1"], ["method 'nope' is unknown"]),
+    (["--set", "kd.lr=0.1"], ["lr is a recipe field"]),
+    (["--space", "method=categorical:geometry,kd", "--set", "kd.temperature=3"], ["temperature is searched for kd"]),
+    (["digits-paper", "--set", "ce=0.5"], ["the grid runs", "--set METHOD.ce=VALUE"]),
+    (["--objectives", "top1,foo"], ["--objectives top1,foo: objectives = 'foo'"]),
+    (["--objectives", "top1"], ["--objectives top1: objectives = ['top1']; allowed: two different metrics"]),
+    (["--sampler", "cmaes"], ["--sampler cmaes: sampler = 'cmaes'; allowed: tpe, nsga2, random"]),
+    (["--samples", "0"], ["--samples 0: samples = 0; allowed: >= 1"]),
+    (["--epochs", "3"], ["asha.grace_period = 6; allowed: <= recipe.epochs (3)"]),
+    (["--dataset", "mnist"], ["--dataset mnist: dataset = 'mnist' is unknown"]),
+    (["--teacher", "foo"], ["--teacher foo: teacher = 'foo' is unknown"]),
+    (["cifar100-repdistiller", "--student", "resnet20"], ["runs [pairs]"]),
+    (["--concurrency", "0"], ["--concurrency 0: allowed: >= 1"]),
+])
+def test_bad_flags_are_one_line_exit_2_and_write_nothing(tmp_path, args, fragments):
+    out = tmp_path / "out"
+    one_line_error(runner.invoke(app, ["tune", *args, "--out", str(out)]), *fragments)
+    assert not out.exists()
+
+
+def test_a_resume_compares_the_study_field_by_field_and_lets_only_the_how_much_change():
+    (s,) = load_studies(DIGITS)
+    recorded = s.to_dict()
+    assert differences(recorded, s) == []
+    more = dataclasses.replace(s, samples=40, concurrency=1, cpus_per_trial=2.0, max_failures=3, path="/elsewhere")
+    assert differences(recorded, more) == []
+    (changed,) = load_studies(DIGITS, Flags(space=("geometry=loguniform:1:5000",), epochs=31))
+    assert differences(recorded, changed) == ["recipe.epochs = 31 now, 30 in the folder",
+                                              "space.geometry.high = 5000.0 now, 1000.0 in the folder"]
