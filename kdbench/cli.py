@@ -320,7 +320,7 @@ def confirm(
     def on_plan(picked, todo):
         names = ", ".join(f"{p['config_id']} {p['method']} [{p['from']}]" for p in picked)
         err.print(f"confirm {folder}: {len(picked)} configurations ({names}) × {c.seeds} seeds; {len(todo)} runs to go",
-                  highlight=False)
+                  highlight=False, markup=False)
 
     live, printed = live_view(view), [0]
 
