@@ -33,7 +33,7 @@ def _distillers(root: Path) -> dict:
         sys.modules[pkg] = m
     out = {}
     names = ("_base", "_common", "AT", "PKT", "NST", "VID", "KD", "DKD")
-    names += ("CRD",) if (root / "mdistiller/distillers/CRD.py").is_file() else ()
+    names += tuple(n for n in ("CRD", "OFD", "ReviewKD") if (root / f"mdistiller/distillers/{n}.py").is_file())
     for name in names:
         spec = importlib.util.spec_from_file_location(f"mdistiller.distillers.{name}", root / "mdistiller" / "distillers" / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
@@ -86,6 +86,53 @@ def _crd(theirs) -> float:
     return worst
 
 
+def _ofd(theirs) -> dict:
+    """OFD's margins from a BN's weight and bias (a channel with almost no negative response included) and its
+    partial L2 loss, against mdistiller's init_ofd_modules and feat_loss."""
+    from types import SimpleNamespace
+
+    bn = torch.nn.BatchNorm2d(64)
+    bn.weight.data, bn.bias.data = torch.randn(64) * 0.8, torch.randn(64)
+    bn.weight.data[0], bn.bias.data[0] = 0.1, 2.0  # Phi(-20) ~ 0: the -3 s branch
+    ref = SimpleNamespace(_align_list=lambda *lists: theirs.OFD._align_list(None, *lists))
+    theirs.OFD.init_ofd_modules(ref, [64], [32], [bn])
+    margin = losses.ofd_margin(bn.weight.data, bn.bias.data)
+    src, tgt = torch.randn(8, 64, 8, 8), torch.randn(8, 64, 8, 8) * 1.5 - 0.3
+    rel = lambda x, y: float((x - y).abs().max() / y.abs().max().clamp(min=1e-12))
+    return {"ofd margins (64 channels from BN weight and bias)": rel(margin, ref.margins[0].flatten()),
+            "ofd partial L2": rel(losses.ofd(src, tgt, margin), theirs.feat_loss(src, tgt, ref.margins[0]))}
+
+
+def _reviewkd(theirs) -> dict:
+    """ReviewKD's HCL loss, and the whole review path — kdbench's ABFs with mdistiller's weights loaded into its
+    ABFs, run as its forward_train runs them — for a resnet8x4-like student (stages 64/128/256 at 32/16/8, pooled
+    256) and a teacher of other widths (stages 32/64/128, pooled 256)."""
+    from kdbench.terms import Shapes, _ReviewParts
+
+    maps = [torch.randn(4, 32, 32, 32)] + [torch.randn(4, c, h, h) for c, h in ((64, 32), (128, 16), (256, 8))]
+    feat = torch.randn(4, 256)
+    t = [torch.randn(4, 16, 32, 32)] + [torch.randn(4, c, h, h) for c, h in ((32, 32), (64, 16), (128, 8))]
+    t_feat = torch.randn(4, 256)
+    ours = _ReviewParts(Shapes(256, 256, [tuple(m.shape[1:]) for m in maps], [tuple(m.shape[1:]) for m in t]))
+    ref = torch.nn.ModuleList(theirs.ABF(cin, 256, cout, i < 3) for i, (cin, cout) in
+                              enumerate(zip((64, 128, 256, 256), (32, 64, 128, 256))))[::-1]
+    ref.load_state_dict(ours.abfs.state_dict())
+    ours.eval(), ref.eval()
+    x = (maps[1:] + [feat[:, :, None, None]])[::-1]
+    out, res = ref[0](x[0], out_shape=1)
+    results = [out]
+    for f, abf, shape, out_shape in zip(x[1:], ref[1:], (8, 16, 32), (8, 16, 32)):
+        out, res = abf(f, res, shape, out_shape)
+        results.insert(0, out)
+    t_levels = t[1:] + [t_feat[:, :, None, None]]
+    rel = lambda a, b: float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+    mine = ours(maps, feat)
+    near = [f + torch.randn_like(f) for f in t_levels]
+    return {"reviewkd hcl (four levels, 32x32 to 1x1)": rel(losses.hcl(near, t_levels), theirs.hcl_loss(near, t_levels)),
+            "reviewkd fused maps (ABFs, mdistiller's weights)": max(rel(a, b) for a, b in zip(mine, results)),
+            "reviewkd loss through the ABFs": rel(losses.hcl(mine, t_levels), theirs.hcl_loss(results, t_levels))}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.methods", description=__doc__.splitlines()[0])
     p.add_argument("--mdistiller", required=True, type=Path)
@@ -114,6 +161,9 @@ def main(argv=None) -> int:
                                             ls["DKD"].dkd_loss(zs, zt, y, 9.0, 72.0, 2.0, True))
         rows["dist (2, 2, tau 4)"] = rel(losses.dist(zs, zt, 2.0, 2.0, 4.0), _dist_reference(zs, zt, 2.0, 2.0, 4.0))
         rows["crd (two steps: NCE of both directions, memory update, Z)"] = _crd(md["CRD"])
+        if "OFD" in md:  # mdistiller's; the logit-standardization checkout has neither
+            rows.update(_ofd(md["OFD"]))
+            rows.update(_reviewkd(md["ReviewKD"]))
     for k, v in rows.items():
         print(f"{k:50s} max relative error {v:.1e}")
     worst = max(rows.values())

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .geometry import similarity_matrix
 
 __all__ = ["kd", "feature", "geometry", "rkd", "sp", "cc", "dkd", "at", "pkt", "nst", "vid", "dist", "standardize",
-           "pair_stages", "match_size", "crd_nce", "LOSSES"]
+           "pair_stages", "match_size", "crd_nce", "ofd", "ofd_margin", "hcl", "LOSSES"]
 
 
 def standardize(logits: torch.Tensor) -> torch.Tensor:
@@ -289,5 +289,50 @@ def crd_nce(scores: torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tenso
     return -(log_d1.sum() + log_d0.sum()) / scores.shape[0]
 
 
+def ofd_margin(gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """OFD's per-channel margin (Heo et al., ICCV 2019, eq. 4): the mean of a pre-ReLU response below zero,
+    ``E[x | x < 0]`` for ``x ~ N(beta, |gamma|^2)`` — the statistics of the BN before the ReLU —:
+    ``beta - s * phi(beta / s) / Phi(-beta / s)`` with ``s = |gamma|``; ``-3 s`` where ``Phi(-beta / s) <= 0.001``
+    (almost no negative response), as the authors' code does."""
+    s, m = gamma.abs().double(), beta.double()
+    tail = torch.special.ndtr(-m / s)
+    inside = m - s * torch.exp(-(m / s) ** 2 / 2) / math.sqrt(2 * math.pi) / tail.clamp_min(1e-300)
+    return torch.where(tail > 0.001, inside, -3 * s).float()
+
+
+def ofd(source: torch.Tensor, target: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """OFD's partial L2 distance (Heo et al., ICCV 2019) between the student's transformed pre-ReLU map
+    ``source`` and the teacher's ``target`` ``(B, C, H, W)``, ``margin`` per channel ``(C,)``.
+
+    Where the teacher's response is positive, ``(s - t)^2``; where it is negative (the ReLU would discard it),
+    only a student response above it counts: ``(s - t)^2`` if ``t > margin`` and ``s > t``, ``(s - margin)^2`` if
+    ``t <= margin`` and ``s > margin``. Summed over channels and positions, averaged over the batch.
+    """
+    m = margin.view(1, -1, 1, 1).to(source)
+    t = target.detach()
+    loss = ((source - m) ** 2 * ((source > m) & (t <= m)) + (source - t) ** 2 * ((source > t) & (t > m) & (t <= 0))
+            + (source - t) ** 2 * (t > 0))
+    return loss.mean(0).sum()
+
+
+def hcl(fs: list[torch.Tensor], ft: list[torch.Tensor]) -> torch.Tensor:
+    """ReviewKD's hierarchical context loss (Chen et al., CVPR 2021), summed over the pairs of maps
+    ``(B, C, H, W)``: per pair, the MSE of the maps and of their 4x4, 2x2 and 1x1 average pools (the pools
+    smaller than the map), weighted 1, 1/2, 1/4, 1/8 and divided by the weights' sum."""
+    total = 0.0
+    for s, t in zip(fs, ft):
+        t = t.detach()
+        loss, weight, weights = F.mse_loss(s, t), 1.0, 1.0
+        for size in (4, 2, 1):
+            if size >= s.shape[2]:
+                continue
+            weight /= 2
+            loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(t, size))
+            weights += weight
+        total = total + loss / weights
+    return total
+
+
 LOSSES = {"kd": kd, "feature": feature, "geometry": geometry, "rkd": rkd, "sp": sp, "cc": cc, "dkd": dkd, "at": at,
-          "pkt": pkt, "nst": nst, "vid": vid, "dist": dist, "crd": crd_nce}
+          "pkt": pkt, "nst": nst, "vid": vid, "dist": dist, "crd": crd_nce,
+          "ofd": ofd, "reviewkd": hcl}

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .terms import TERMS, TEACHER_READS, Shapes, build_parts, check_method, map_shapes, reads_of
+from .terms import STAGE_READS, TERMS, TEACHER_READS, build_parts, check_method, reads_of, shapes_of
 from .data import Data, augment
 from .evaluate import autocast, evaluate, forward_all, prepare, teacher_views
 from .geometry import CentroidMemory
@@ -71,6 +71,9 @@ class Method:
     crd_negatives: int = 16384  # K, capped by the training samples of other classes
     crd_temperature: float = 0.07
     crd_momentum: float = 0.5  # of the memory banks
+    ofd: float = 0.0
+    reviewkd: float = 0.0
+    reviewkd_warmup: float = 1 / 12  # the share of the run over which the reviewkd weight ramps up (20 of 240 epochs)
 
     @property
     def terms(self) -> dict[str, float]:
@@ -90,7 +93,9 @@ class Method:
 # VID 1 (initial variance 5), FitNet 100 at stage map 2, each with CE 1 (mdistiller's CIFAR-100 configs);
 # DIST 1 with beta = gamma = 2, tau = 4 (Huang et al.'s CIFAR-100 setting, from the paper); CRD 0.8 with CE 1
 # (mdistiller's config, RepDistiller's "-a 0 -b 0.8"; crd_kd adds KD 1 at T 4: its "CRD+KD"); KD + LS:
-# CE 0.1, KD 9, T 2; DKD + LS: alpha 9, beta 72, T 2 (Sun et al.'s README: --base-temp 2 --kd-weight 9).
+# CE 0.1, KD 9, T 2; DKD + LS: alpha 9, beta 72, T 2 (Sun et al.'s README: --base-temp 2 --kd-weight 9); OFD
+# 0.001 with CE 1 (mdistiller's CIFAR default, a 1x1 connector); ReviewKD 5 with CE 1 and a 20-of-240-epoch
+# warm-up (mdistiller's configs/cifar100/reviewkd.yaml over its defaults).
 METHODS: dict[str, Method] = {
     "baseline": Method("baseline"),
     "kd": Method("kd", ce=0.1, kd=0.9, temperature=4.0),
@@ -111,6 +116,8 @@ METHODS: dict[str, Method] = {
     "crd_kd": Method("crd_kd", ce=1.0, kd=1.0, temperature=4.0, crd=0.8),
     "kd_ls": Method("kd_ls", ce=0.1, kd=9.0, temperature=2.0, standardize=1),
     "dkd_ls": Method("dkd_ls", ce=1.0, dkd=1.0, dkd_alpha=9.0, dkd_beta=72.0, temperature=2.0, standardize=1),
+    "ofd": Method("ofd", ce=1.0, ofd=0.001),
+    "reviewkd": Method("reviewkd", ce=1.0, reviewkd=5.0),
 }
 
 
@@ -151,7 +158,7 @@ def dataset_defaults(name: str) -> dict:
 # something else than their default, so that earlier folders keep their ids.
 LATER_FIELDS = {"milestones", "gamma", "at", "at_p", "pkt", "nst", "fitnet", "fitnet_stage", "vid", "vid_init_var",
                 "dist", "dist_beta", "dist_gamma", "dist_tau", "standardize", "crd", "crd_dim", "crd_negatives",
-                "crd_temperature", "crd_momentum"}
+                "crd_temperature", "crd_momentum", "ofd", "reviewkd", "reviewkd_warmup"}
 
 
 def fields_dict(obj) -> dict:
@@ -271,10 +278,9 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
     if device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
     reads = reads_of(terms)
-    stage_maps = bool(reads & {"maps", "t_maps"})  # computed only where a term reads them
-    shapes = Shapes(student.feature_dim, teacher.centroids.shape[1] if teacher is not None else 0,
-                    *(map_shapes(student, teacher.model, data) if stage_maps else (None, None)), data.train_y)
-    extras = build_parts(terms, method, shapes).to(device)  # the terms' trainable parts
+    stage_maps = bool(reads & STAGE_READS)  # computed only where a term reads them
+    extras = build_parts(terms, method, shapes_of(terms, student, teacher, data)).to(device)  # the terms' own parts
+    warmups = [(i, getattr(method, TERMS[t].warmup)) for i, t in enumerate(terms) if TERMS[t].warmup]
     params = [*student.parameters(), *extras.parameters()]
     decay = [p for p in params if p.ndim > 1]  # no weight decay on BN and biases
     no_decay = [p for p in params if p.ndim <= 1]
@@ -330,18 +336,19 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
                 b |= {"t_feat": t_feat.float().clone(), "t_logits": t_logits.float().clone()}
                 if stage_maps:
                     b["t_maps"] = [m.float().clone() for m in ts.maps]
+                    b["t_preact"] = [m.float().clone() for m in ts.preact] if "t_preact" in reads else None
             with autocast(device):
                 if stage_maps:
                     ss = student.forward_stages(x)
                     feat, logits, b["maps"] = ss.features, ss.logits, [m.float() for m in ss.maps]
+                    b["preact"] = [m.float() for m in ss.preact] if "preact" in reads else None
                 else:
                     feat, logits = net(x)
             b |= {"feat": feat.float(), "logits": logits.float()}
             logits = b["logits"]
             parts = [TERMS[t].compute(b, method, extras[t] if t in extras else None) for t in terms]
-            if "dkd" in terms:  # DKD's warm-up: its weight ramps linearly over the first dkd_warmup of the run
-                i = list(terms).index("dkd")
-                parts[i] = parts[i] * min(1.0, step / max(method.dkd_warmup * total_steps, 1.0))
+            for i, share in warmups:  # DKD's and ReviewKD's warm-up: the weight ramps linearly over that share of the run
+                parts[i] = parts[i] * min(1.0, step / max(share * total_steps, 1.0))
             parts = torch.stack(parts)
             loss = (parts * weights).sum()
             opt.zero_grad(set_to_none=True)

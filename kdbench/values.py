@@ -21,7 +21,7 @@ _RULES = {  # field -> (minimum, maximum, minimum is exclusive); None = unbounde
     "cc_order": (0, 8, False), "dkd_warmup": (0, 1, False), "gamma": (0, 1, True),
     "crd_dim": (1, None, False), "crd_negatives": (1, None, False), "crd_temperature": (0, None, True),
     "crd_momentum": (0, 0.999, False), "at_p": (0, None, True), "vid_init_var": (0, None, True),
-    "dist_tau": (0, None, True), "standardize": (0, 1, False),
+    "dist_tau": (0, None, True), "standardize": (0, 1, False), "reviewkd_warmup": (0, 1, False),
 }
 
 

@@ -135,7 +135,65 @@ def test_logit_standardisation_is_bessel_z_score_and_makes_kd_affine_invariant()
         losses.dkd(zs, zt, y, 9.0, 72.0, 2.0, True).item(), rel=1e-4)
 
 
-NEW = ["at", "pkt", "nst", "vid", "fitnet", "dist", "kd_ls", "dkd_ls", "crd", "crd_kd"]
+def test_ofd_margin_is_the_mean_of_the_negative_part_of_the_bn_gaussian():
+    """A second formulation: E[x | x < 0] for x ~ N(beta, gamma^2) by quadrature; the -3|gamma| branch where
+    almost no response is negative."""
+    from scipy import integrate, stats
+
+    gamma, beta = torch.tensor([1.0, -0.5, 2.0, 0.1]), torch.tensor([0.0, 0.3, -1.0, 2.0])
+    got = losses.ofd_margin(gamma, beta)
+    for g, b, m in zip(gamma.tolist()[:3], beta.tolist()[:3], got.tolist()[:3]):
+        d = stats.norm(b, abs(g))
+        mean_neg = integrate.quad(lambda x: x * d.pdf(x), -np.inf, 0)[0] / d.cdf(0)
+        assert m == pytest.approx(mean_neg, rel=1e-5)
+    assert got[0].item() == pytest.approx(-math.sqrt(2 / math.pi), rel=1e-6)  # N(0, 1): -E|x| = -sqrt(2/pi)
+    assert got[3].item() == pytest.approx(-0.3)  # Phi(-20) ~ 0: -3 |gamma|
+
+
+def test_ofd_partial_l2_by_hand():
+    """One channel, margin -1, four positions: the four cases of the partial L2 distance."""
+    t = torch.tensor([2.0, -0.5, -0.5, -3.0]).view(1, 1, 2, 2)
+    s = torch.tensor([1.0, 0.5, -2.0, 0.0]).view(1, 1, 2, 2)
+    # t > 0: (1 - 2)^2 = 1; margin < t <= 0 and s > t: (0.5 + 0.5)^2 = 1; s < t there: 0; t <= margin < s: (0 + 1)^2 = 1
+    assert losses.ofd(s, t, torch.tensor([-1.0])).item() == pytest.approx(3.0)
+    assert losses.ofd(s.repeat(3, 1, 1, 1), t.repeat(3, 1, 1, 1), torch.tensor([-1.0])).item() == pytest.approx(3.0)
+
+
+def test_hcl_by_hand_and_zero_for_equal_maps():
+    """A 2x2 map: only the 1x1 pool is smaller, weighted 1/2: (MSE + MSE of the means / 2) / 1.5."""
+    s, t = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)
+    assert losses.hcl([s], [t]).item() == pytest.approx((7.5 + 2.5 ** 2 / 2) / 1.5)
+    x = torch.randn(2, 3, 8, 8)
+    assert losses.hcl([x, x[:, :, :1, :1]], [x.clone(), x[:, :, :1, :1].clone()]).item() == 0.0
+
+
+def test_reviewkd_fuses_every_stage_to_the_teachers_shapes():
+    from kdbench.terms import Shapes, _ReviewParts
+
+    parts = _ReviewParts(Shapes(64, 256, [(16, 32, 32), (16, 32, 32), (32, 16, 16), (64, 8, 8)],
+                                [(16, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8)]))
+    maps = [torch.randn(2, 16, 32, 32), torch.randn(2, 16, 32, 32), torch.randn(2, 32, 16, 16), torch.randn(2, 64, 8, 8)]
+    out = parts(maps, torch.randn(2, 64))
+    assert [tuple(o.shape[1:]) for o in out] == [(64, 32, 32), (128, 16, 16), (256, 8, 8), (256, 1, 1)]
+    assert [a.att_conv is None for a in parts.abfs] == [True, False, False, False]  # the deepest fuses nothing
+
+
+def test_ofd_and_reviewkd_refuse_models_without_what_they_read():
+    from kdbench.terms import MethodError, Shapes, build_parts
+
+    maps = [(8, 8, 8), (8, 8, 8), (16, 4, 4)]
+    bn = [(torch.ones(8), torch.zeros(8)), (torch.ones(16), torch.zeros(16))]
+    with pytest.raises(MethodError, match="ofd: the teacher names no BN before its stages' ReLU"):
+        build_parts({"ofd": 1.0}, METHODS["ofd"], Shapes(16, 16, maps, maps))
+    with pytest.raises(MethodError, match="ofd: the student exposes no pre-activation stage maps"):
+        build_parts({"ofd": 1.0}, METHODS["ofd"], Shapes(16, 16, maps, maps, preact=(False, True), t_bn=bn))
+    with pytest.raises(MethodError, match="reviewkd: the teacher exposes no pre-activation"):
+        build_parts({"reviewkd": 1.0}, METHODS["reviewkd"], Shapes(16, 16, maps, maps, preact=(True, False)))
+    parts = build_parts({"ofd": 1.0}, METHODS["ofd"], Shapes(16, 16, maps, maps, t_bn=bn))["ofd"]
+    assert parts.margin1.tolist() == pytest.approx([-math.sqrt(2 / math.pi)] * 16)  # N(0, 1) per channel
+
+
+NEW = ["at", "pkt", "nst", "vid", "fitnet", "dist", "kd_ls", "dkd_ls", "crd", "crd_kd", "ofd", "reviewkd"]
 
 
 def test_crd_nce_by_hand():
@@ -177,6 +235,7 @@ def test_the_new_presets_carry_the_published_settings():
     assert (m["dkd_ls"].dkd_alpha, m["dkd_ls"].dkd_beta, m["dkd_ls"].temperature) == (9.0, 72.0, 2.0)
     assert (m["crd"].crd, m["crd"].crd_dim, m["crd"].crd_negatives, m["crd"].crd_temperature, m["crd"].crd_momentum,
             m["crd"].kd) == (0.8, 128, 16384, 0.07, 0.5, 0.0) and m["crd_kd"].kd == 1.0
+    assert (m["ofd"].ofd, m["reviewkd"].reviewkd, m["reviewkd"].reviewkd_warmup) == (0.001, 5.0, 1 / 12)
     assert all(METHODS[n].ce == (0.1 if n == "kd_ls" else 1.0) for n in NEW)
 
 
@@ -188,7 +247,7 @@ def test_every_new_method_without_parts_trains_on_digits(name, digits, digits_te
     # weights barely lift this student's accuracy: results/digits-zoo; the loss still falls)
 
 
-@pytest.mark.parametrize("name", ["vid", "fitnet", "crd", "crd_kd"])
+@pytest.mark.parametrize("name", ["vid", "fitnet", "crd", "crd_kd", "ofd", "reviewkd"])
 def test_every_new_method_with_trainable_parts_trains_on_digits_and_resumes_exactly(name, digits, digits_teacher):
     """(The methods without parts of their own resume through the same state as tests/test_train.py's.)"""
     method = METHODS[name]

@@ -99,6 +99,11 @@ class ResNet(Net):
         f = pool(x)  # (B, d)
         return Stages(maps, preact, f, getattr(self, self.head_name)(f))
 
+    def bn_before_relu(self) -> list[nn.BatchNorm2d]:
+        """Per stage, the BN whose output the last block adds to its shortcut before the ReLU (OFD's margins)."""
+        last = [getattr(self, f"layer{i}")[-1] for i in range(1, self.n_stages + 1)]
+        return [b.bn3 if isinstance(b, Bottleneck) else b.bn2 for b in last]
+
 
 def cifar_resnet(depth: int, widths: list[int]):
     """RepDistiller's ``resnet<depth>`` (``widths``: stem, then the three stages)."""

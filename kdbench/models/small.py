@@ -38,3 +38,7 @@ class SmallCNN(Net):
         m2 = F.relu(pre2)
         f = pool(m2)
         return Stages([stem, m1, m2], [stem, pre1, pre2], f, self.fc(f))
+
+    def bn_before_relu(self) -> list[nn.BatchNorm2d]:
+        """The BNs before the ReLUs of the two stages (OFD's margins)."""
+        return [self.body[2][1], self.body[5][1]]

@@ -56,6 +56,10 @@ class VGG(Net):
         f = pool(x)
         return Stages(maps, preact, f, self.classifier(f))
 
+    def bn_before_relu(self) -> list[nn.BatchNorm2d]:
+        """Each stage's last BN, before its ReLU (OFD's margins)."""
+        return [getattr(self, f"block{i}")[-1] for i in range(1, 5)]
+
 
 def vgg(depth: int):
     return lambda num_classes, in_channels=3: VGG(VGG_CONFIGS[depth], num_classes, in_channels)

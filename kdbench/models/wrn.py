@@ -69,6 +69,10 @@ class WideResNet(Net):
         f = pool(F.relu(pre3))
         return Stages([f0, f1, f2, f3], [f0, pre1, pre2, pre3], f, self.fc(f))
 
+    def bn_before_relu(self) -> list[nn.BatchNorm2d]:
+        """The BNs that make the pre-activations of stages 1..3 (OFD's margins)."""
+        return [self.block2.layer[0].bn1, self.block3.layer[0].bn1, self.bn1]
+
 
 def wrn(depth: int, widen: int):
     return lambda num_classes, in_channels=3: WideResNet(depth, widen, num_classes, in_channels)
