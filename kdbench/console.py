@@ -240,8 +240,10 @@ def check_resources(concurrency, cpus_per_trial, gpus_per_trial):
         raise StudyError(f"--concurrency {concurrency}: allowed: >= 1")
     if cpus_per_trial is not None and cpus_per_trial <= 0:
         raise StudyError(f"--cpus-per-trial {cpus_per_trial}: allowed: > 0")
-    if gpus_per_trial is not None and not 0 <= gpus_per_trial <= 8:
-        raise StudyError(f"--gpus-per-trial {gpus_per_trial}: allowed: 0..8")
+    from .values import gpus_allowed
+
+    if gpus_per_trial is not None and gpus_allowed(gpus_per_trial):
+        raise StudyError(f"--gpus-per-trial {gpus_per_trial}: allowed: {gpus_allowed(gpus_per_trial)}")
 
 
 def preload_report() -> threading.Thread:

@@ -24,7 +24,8 @@ __all__ = ["load_folders", "trials_frame", "leaderboard", "front", "Front", "to_
            "leaderboard_table", "front_table", "save_summary", "importances", "objectives_of"]
 
 # Every metric a group gets mean, std and an interval for: both splits (the front is chosen on val).
-ALL_METRICS = (*(f"{s}_{m}" for s in ("val", "test") for m in METRICS), "best_test_top1", "params", "train_seconds")
+ALL_METRICS = (*(f"{s}_{m}" for s in ("val", "test") for m in METRICS), "best_test_top1", "params", "train_seconds",
+               "peak_memory_mib")
 
 
 def load_folders(paths: list[str | Path], skip=lambda msg: None, warn=lambda msg: None) -> list[Folder]:
@@ -63,7 +64,7 @@ def objectives_of(folders: list[Folder]) -> tuple[str, str]:
 
 
 def _col(split: str, m: str) -> str:
-    return m if m in ("best_test_top1", "params", "train_seconds") else f"{split}_{m}"
+    return m if m in ("best_test_top1", "params", "train_seconds", "peak_memory_mib") else f"{split}_{m}"
 
 
 def leaderboard(df: pd.DataFrame, folders: list[Folder], by: tuple[str, ...] = ("config",),
@@ -267,7 +268,8 @@ def _leader_columns(split: str, wide: bool = True, interval: str = "t"):
                  ("CKA", lambda r: _pm(r.get(f"{t}_cka_mean"), r.get(f"{t}_cka_std"), "{:.3f}")),
                  ("kNN top-1 %", lambda r: _pm(r.get(f"{t}_knn_top1_mean"), r.get(f"{t}_knn_top1_std"))),
                  ("params", lambda r: _params(r.get("params_mean"))),
-                 ("train s", lambda r: _pm(r.get("train_seconds_mean"), r.get("train_seconds_std"), "{:.1f}"))]
+                 ("train s", lambda r: _pm(r.get("train_seconds_mean"), r.get("train_seconds_std"), "{:.1f}")),
+                 ("peak MiB", lambda r: _pm(r.get("peak_memory_mib_mean"), None, "{:.0f}"))]
     return cols
 
 
@@ -282,7 +284,8 @@ def _label_columns(lb: pd.DataFrame, by: tuple[str, ...], wide: bool = True) -> 
     if tuple(by) != ("config",):
         return [*by] if "method" in by else [*by, "method"]
     hp = [c for c in lb.columns if c not in stats._BOOKKEEPING and not c.startswith(("val_", "test_", "best_", "params_",
-          "train_", "p_improve_", "delta_", "reported_", "n_", "rank", "last_", "loss_")) and c not in ("n", "seeds")]
+          "train_", "p_improve_", "delta_", "reported_", "n_", "rank", "last_", "loss_", "peak_memory_")) and c not in
+          ("n", "seeds")]
     searched = lb.attrs.get("searched")
     if not wide and searched:
         hp = [c for c in hp if c in searched]

@@ -28,12 +28,16 @@ METRICS = ("top1", "geom_corr", "geom_err", "cka", "knn_top1")
 # Every trials.csv column has its owner here. ``config_id`` names a configuration (everything but the
 # seed, see :func:`config_id`); ``stage`` says which step produced the row; ``node`` (Ray node id),
 # ``host``, ``threads`` and ``device`` say where and how it ran (``kdbench rerun`` reads them);
-# ``resumed_from``: the epoch of the checkpoint an interrupted trial continued from (0: none).
+# ``resumed_from``: the epoch of the checkpoint an interrupted trial continued from (0: none); ``gpu_ids``: the
+# GPUs Ray assigned the trial (comma-separated, empty: none); ``started_at``, ``ended_at``: when it ran (Unix
+# seconds, the worker's clock); ``peak_memory_mib``: its device's peak memory (CUDA: max allocated; CPU: the
+# worker process's peak RSS, which spans the earlier trials a reused worker ran).
 STAGES = ("search", "grid", "confirm", "train", "evaluate")
 TRIAL_COLUMNS = ("trial_id", "config_id", "stage", "status", "fidelity", "method", "seed", "epochs",
                  *(f"{s}_{m}" for s in ("val", "test") for m in METRICS),
                  "best_test_top1", "last_test_top1", "params", "train_seconds", "images_per_second",
-                 "seconds", "node", "host", "threads", "device", "resumed_from", "failure")
+                 "seconds", "node", "host", "threads", "device", "resumed_from", "gpu_ids", "started_at", "ended_at",
+                 "peak_memory_mib", "failure")
 
 
 class ResultsError(ValueError):

@@ -22,7 +22,7 @@ from .data import DataError, canonical, check_data
 from .results import KEEP_STUDENTS
 from .models import check_model
 from .train import EVAL_WHEN, METHODS, Method, Recipe, dataset_defaults, fields_dict
-from .values import TUNABLE, StudyError, field_types, apply_overrides, check_value, parse_sets
+from .values import TUNABLE, StudyError, field_types, apply_overrides, check_value, gpus_allowed, parse_sets
 
 __all__ = ["Study", "Param", "Confirm", "StudyError", "load_study", "parse_study", "read_toml", "study_from_dict", "find_study",
            "bundled_studies", "apply_overrides", "check_value", "parse_sets", "TUNABLE", "check_confirm",
@@ -372,8 +372,8 @@ def parse_study(raw: dict, path: str | Path | None, where: str | None = None, or
     if cpus <= 0:
         res.fail("cpus_per_trial", cpus, "> 0")
     gpus = res.get("gpus_per_trial", None, float)
-    if gpus is not None and not 0 <= gpus <= 8:
-        res.fail("gpus_per_trial", gpus, "0..8 (fractions share a GPU)")
+    if gpus is not None and gpus_allowed(gpus):
+        res.fail("gpus_per_trial", gpus, gpus_allowed(gpus))
 
     ref = r.sub("reference")
     reference = tuple((k, ref.get(k, 0.0, float)) for k in ref.table)

@@ -383,6 +383,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
                 "images_per_second": steps_per_epoch * bs * epoch / max(train_seconds, 1e-9)}
         if last:
             row["last_test_top1"] = row["test_top1"]
+            row["peak_memory_mib"] = peak_memory_mib(device)
         history.append(row)
         if last and final_weights:
             row = {**row, "final_weights": _cpu(student.state_dict())}
@@ -396,6 +397,15 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             else:
                 report(row)
     return {**history[-1], "epochs": recipe.epochs, "history": history, "model": student}
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """The device's peak memory so far: CUDA's max allocated, else this process's peak resident set (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def _cpu(obj):

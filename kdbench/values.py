@@ -7,7 +7,7 @@ import dataclasses
 
 from .train import SCHEDULES, Method, Recipe
 
-__all__ = ["StudyError", "TUNABLE", "field_types", "check_value", "apply_overrides", "parse_sets"]
+__all__ = ["StudyError", "TUNABLE", "field_types", "check_value", "apply_overrides", "parse_sets", "gpus_allowed"]
 
 
 class StudyError(ValueError):
@@ -23,6 +23,20 @@ _RULES = {  # field -> (minimum, maximum, minimum is exclusive); None = unbounde
     "crd_momentum": (0, 0.999, False), "at_p": (0, None, True), "vid_init_var": (0, None, True),
     "dist_tau": (0, None, True), "standardize": (0, 1, False), "reviewkd_warmup": (0, 1, False),
 }
+
+
+def gpus_allowed(value: float) -> str | None:
+    """Why ``value`` GPUs per trial cannot be packed (None: it can): 0..8, a fraction that divides one GPU
+    (1/2, 1/3, ...: Ray would leave the rest of each GPU idle), or whole GPUs."""
+    if not 0 <= value <= 8:
+        return "0..8 (fractions share a GPU)"
+    if 0 < value < 1 and abs(1 / value - round(1 / value)) > 1e-6:
+        n = int(1 / value)
+        return (f"a fraction that divides one GPU ({value:g} packs {n} trials and leaves {1 - n * value:.2g} of each GPU "
+                f"idle): 1/{n} = {1 / n:.4g} or 1/{n + 1} = {1 / (n + 1):.4g}")
+    if value > 1 and value != int(value):
+        return "whole GPUs above one (1, 2, ...)"
+    return None
 
 
 def field_types(cls) -> dict[str, str]:

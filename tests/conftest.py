@@ -107,12 +107,17 @@ def digits_teacher(digits):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for every test that needs it (start-up costs seconds)."""
+    """One local Ray instance for every test that needs it (start-up costs seconds). It declares one GPU (and
+    four logical CPUs), as a GPU machine's Ray would: every search here takes the GPU path of the scheduling —
+    the automatic 1/concurrency of a GPU per trial, the GPU ids in each row — while torch, which sees no CUDA,
+    trains on the CPU."""
+    import logging
+
     import ray
 
-    from kdbench.search import _init_ray
-
-    _init_ray(None, verbose=False)
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.ERROR)
     yield
     ray.shutdown()
 

@@ -66,6 +66,11 @@ def test_tune_then_compare_json_front_is_the_non_dominated_full_rows(tmp_path, s
     from kdbench.results import read_table
 
     rows = read_table(out / "trials.csv")
+    # The automatic rule on the tests' Ray (one declared GPU, concurrency 1): each trial held the whole GPU 0, one at
+    # a time.
+    assert set(rows["gpu_ids"].astype(str)) == {"0"}
+    spans = rows.sort_values("started_at")[["started_at", "ended_at"]].to_numpy()
+    assert (spans[1:, 0] >= spans[:-1, 1]).all()
     for row in rows.to_dict("records"):
         lines = [line for line in r.output.splitlines() if line.startswith(f"{row['trial_id']} {row['status']} after "
                                                                              f"{int(row['epochs'])} epochs: val_top1 ")]

@@ -293,3 +293,48 @@ def test_pareto_asha_survives_resume_through_its_recorded_curves():
     # Third at the rung, two places: behind a, ahead of b only if not dominated by it.
     assert asha.decide("new", 2, (70.0, 0.7)) == TrialScheduler.STOP
     assert asha.decide("new2", 2, (85.0, 0.95)) == TrialScheduler.CONTINUE
+
+
+PACKED = """
+name = "packed"
+dataset = "digits"
+[recipe]
+epochs = 8
+[grid]
+methods = ["kd"]
+seeds = [0, 1, 2, 3]
+concurrency = 4
+[resources]
+cpus_per_trial = 0.5
+gpus_per_trial = 0.25
+"""
+
+
+def _most_at_once(rows) -> int:
+    """The largest number of trials whose [started_at, ended_at] spans overlap."""
+    events = sorted([(r["started_at"], 1) for r in rows] + [(r["ended_at"], -1) for r in rows], key=lambda e: (e[0], e[1]))
+    now = most = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def test_quarter_gpus_pack_four_trials_on_the_one_declared_gpu_and_more_than_a_node_has_is_refused(tmp_path, ray_session,
+                                                                                                 digits_teacher):
+    """ray_session declares 1 GPU: 0.25 per trial runs the 4 trials on GPU 0 at once, never more than fit; each
+    chose its device from what it was given (torch sees no CUDA here: the CPU). The searches of the other tests
+    take the automatic rule (1/concurrency)."""
+    from kdbench.study import StudyError
+
+    p = tmp_path / "packed.toml"
+    p.write_text(PACKED)
+    study, out = load_study(p), tmp_path / "out"
+    run_study(study, out)
+    rows = read_table(out / "trials.csv").to_dict("records")
+    assert len(rows) == 4 and {str(r["gpu_ids"]) for r in rows} == {"0"} and {r["device"] for r in rows} == {"cpu"}
+    assert all(r["started_at"] < r["ended_at"] and r["peak_memory_mib"] > 50 for r in rows)
+    assert 2 <= _most_at_once(rows) <= 4, rows  # all four fit at once (they start as their workers come up)
+    with pytest.raises(StudyError, match=r"--gpus-per-trial 2: the Ray cluster has at most 1 GPUs on a node"):
+        run_study(study, tmp_path / "two", gpus_per_trial=2)
+    assert not (tmp_path / "two").exists()

@@ -45,6 +45,28 @@ def init_ray(address: str | None, verbose: bool):
     return True
 
 
+def gpus_of(study: Study, given: float | None) -> float:
+    """GPUs per trial: ``--gpus-per-trial``, else the study's, else automatic — where the cluster has GPUs, one
+    shared by the concurrent trials (1/concurrency, rounded down to a fraction that divides it), else none."""
+    gpus = given if given is not None else study.gpus_per_trial
+    if gpus is None:
+        gpus = 1.0 / min(study.concurrency, 8) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return gpus
+
+
+def check_gpus(study: Study, given: float | None, flag: str = "--gpus-per-trial") -> None:
+    """A trial asking for more GPUs than any node of the cluster has would wait forever: one line now instead."""
+    gpus = gpus_of(study, given)
+    if gpus <= 0:
+        return
+    per_node = [n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")]
+    if max(per_node, default=0) < gpus:
+        what = "has no GPU" if not any(per_node) else f"has at most {max(per_node):g} GPUs on a node"
+        raise StudyError(f"{flag} {gpus:g}: the Ray cluster {what} ({len(per_node)} nodes, "
+                         f"{ray.cluster_resources().get('CPU', 0):g} CPUs); allowed: 0 here (the trials run on CPUs), "
+                         f"or a cluster whose nodes have GPUs")
+
+
 def _load(study: Study, data_root: str | None, download: bool, on_teacher, on_teacher_ready):
     """Data set and teacher, once, in the driver (teacher from the cache or trained here)."""
     device = resolve_device("auto")
@@ -140,6 +162,8 @@ def run_study(study: Study, out: Path, *, resume: bool = False, address: str | N
     started_ray = init_ray(address, verbose) if remaining > 0 or study.confirm else False
     timings["ray_start"] = time.time() - t0
     try:
+        if ray.is_initialized():
+            check_gpus(study, gpus_per_trial)
         out.mkdir(parents=True, exist_ok=True)
         with results.FolderLock(out, "tune"):
             f = _Folder(study, out, teacher.blob(), data, rows, epochs, root, _unfinished(root, rows) if resume else {},
@@ -254,6 +278,7 @@ def run_confirm(out: Path, confirm: Confirm, *, concurrency: int | None = None, 
     _, data, teacher, _ = _load(study, data_root, False, on_teacher, on_teacher_ready)
     started_ray = init_ray(address, verbose)
     try:
+        check_gpus(study, gpus_per_trial)
         with results.FolderLock(out, "confirm"):
             rows, epochs = _read_done(out)
             f = _Folder(study, out, teacher.blob(), data, rows, epochs, root, _unfinished(root, rows), gpus_per_trial,
@@ -366,9 +391,7 @@ def _fit(f: _Folder, state: SearchState, remaining: int, todo: list | None, asha
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         for name in ("ray", "ray.tune", "ray.data", "ray.train"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    gpus = f.gpus_per_trial if f.gpus_per_trial is not None else study.gpus_per_trial
-    if gpus is None:  # automatic: share each GPU among the concurrent trials
-        gpus = min(1.0, 1.0 / study.concurrency) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    gpus = gpus_of(study, f.gpus_per_trial)
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, study=study, teacher=f.teacher, data=f.data,
                              threads=int(study.cpus_per_trial), resume_from=f.resume_from),

@@ -68,6 +68,7 @@ def _trainable(config: dict, study: Study, teacher: dict, data, threads: int, re
     through Ray's object store (put there once by the driver); distill; report every epoch, with a
     checkpoint every ``study.checkpoint_every`` epochs, and at the first epoch's end once
     ``study.checkpoint_minutes`` have passed since the last one."""
+    started_at = time.time()
     torch.set_num_threads(max(1, threads))
     method, recipe, seed = resolve_trial(study, config.get("trial", config))  # grids nest their point
     cid = trial_config_id(study, method, recipe)
@@ -88,7 +89,8 @@ def _trainable(config: dict, study: Study, teacher: dict, data, threads: int, re
             print(f"kdbench: checkpoint {ckpt.path} unreadable ({type(e).__name__}: {e}); the trial starts over")
     # Where and how it ran: what `kdbench rerun` needs to reproduce it, and proof of a cluster's spread.
     where = {"node": ray.get_runtime_context().get_node_id()[:12], "host": socket.gethostname(),
-             "threads": torch.get_num_threads(), "device": str(device), "resumed_from": state["epoch"] if state else 0}
+             "threads": torch.get_num_threads(), "device": str(device), "resumed_from": state["epoch"] if state else 0,
+             "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()), "started_at": started_at}
     last_epoch, last_saved = 0, time.monotonic()
 
     def due(epoch: int) -> bool:
@@ -104,20 +106,20 @@ def _trainable(config: dict, study: Study, teacher: dict, data, threads: int, re
             with tempfile.TemporaryDirectory(prefix="kdbench-student-") as d:
                 checkpoints.save_student(Path(d), results.student_file(final, study.student, data.num_classes, cid,
                                                                        row["epoch"], {}))
-                return tune.report({**row, **where}, checkpoint=tune.Checkpoint.from_directory(d))
+                return tune.report({**row, **where, "ended_at": time.time()}, checkpoint=tune.Checkpoint.from_directory(d))
         if snapshot is None:
-            return tune.report({**row, **where})
+            return tune.report({**row, **where, "ended_at": time.time()})
         last_saved = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="kdbench-ckpt-") as d:
             checkpoints.save(Path(d), snapshot, {"config_id": cid, "seed": seed, "epoch": row["epoch"],
                                                  "pid": os.getpid(), "history": snapshot["history"]})
-            tune.report({**row, **where}, checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report({**row, **where, "ended_at": time.time()}, checkpoint=tune.Checkpoint.from_directory(d))
 
     try:
         distill(TrainConfig(study.student, method, recipe, seed, eval_val=study.eval_val, eval_test=study.eval_test),
                 data, teacher, report, resume=state, state_when=due, final_weights=study.keep_students != "none")
     except Exception as e:  # NaN loss, OOM, a bug: the trial is failed, with its reason; the search goes on
-        tune.report({"epoch": last_epoch, "failure": f"{type(e).__name__}: {e}", **where})
+        tune.report({"epoch": last_epoch, "failure": f"{type(e).__name__}: {e}", **where, "ended_at": time.time()})
 
 
 class ResumableASHA(tune.schedulers.ASHAScheduler):
