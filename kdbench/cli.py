@@ -41,6 +41,7 @@ def train(
     download: Annotated[bool, typer.Option(help="download CIFAR into --data-root if missing")] = False,
     device: Annotated[Device, typer.Option(help="auto: CUDA when present")] = Device.auto,
     compile: Annotated[bool, typer.Option(help="torch.compile the student")] = False,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch threads (a run is bit-reproducible only at the same count)")] = None,
     eval_test: Annotated[EvalWhen, typer.Option(help="evaluate test at the end, or every epoch (the paper's "
                                                 "best-epoch top-1)")] = "end",
@@ -66,7 +67,8 @@ def train(
     for flag, name in (("--student", student), ("--teacher", teacher)):
         check_model_flag(flag, name)
     values = parse_sets(set_ or [])
-    values |= {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
+    values |= {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr), ("precision", precision))
+               if v is not None}
     m, recipe = apply_overrides(METHODS[method], defaults["recipe"], values, "--set")
     if out_dir is not None and (out_dir / "result.json").exists():
         raise StudyError(f"--out {out_dir}: already holds a result.json; choose another folder")
@@ -172,6 +174,7 @@ def tune(
     teacher: Annotated[Optional[str], typer.Option(help="teacher model")] = None,
     student: Annotated[Optional[str], typer.Option(help="student model")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="student epochs (the full fidelity)")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")] = None,
     samples: Annotated[Optional[int], typer.Option(help="number of trials (searches)")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="tpe | nsga2 | random")] = None,
     objectives: Annotated[Optional[str], typer.Option(help="two of top1, geom_corr, geom_err, cka, e.g. top1,geom_corr")] = None,
@@ -207,7 +210,7 @@ def tune(
     check_resources(concurrency, cpus_per_trial, gpus_per_trial)
     flags = Flags(tuple(space or ()), tuple(set_ or ()), dataset, teacher, student, epochs, samples, sampler, objectives,
                   no_asha, image_size, val_fraction, str(teacher_checkpoint.expanduser().resolve()) if teacher_checkpoint else None, concurrency,
-                  cpus_per_trial)
+                  cpus_per_trial, precision)
     if resume and out_dir is None:
         raise StudyError("--resume needs --out DIR (the folder of the run to continue)")
     path, raw = _study_source(study, flags, out_dir if resume else None)

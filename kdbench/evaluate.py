@@ -15,9 +15,11 @@ from .geometry import class_centroids, geom_err, geometry_corr, knn_top1, linear
 __all__ = ["autocast", "prepare", "forward_all", "evaluate", "teacher_views"]
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op context on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast for a resolved ``precision`` of "bf16" (``auto``: on CUDA), on CUDA and CPU alike; else a
+    no-op context."""
+    on = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
 def prepare(x: torch.Tensor, data: Data) -> torch.Tensor:

@@ -46,6 +46,7 @@ class Flags:
     teacher_checkpoint: str | None = None
     concurrency: int | None = None
     cpus_per_trial: float | None = None
+    precision: str | None = None
 
     def given(self) -> list[str]:
         """The flags set, as ``--name``."""
@@ -137,6 +138,8 @@ def apply_flags(raw: dict, flags: Flags, file: str) -> tuple[dict, dict]:
             put("data", name, value, f"--{name.replace('_', '-')} {value}")
     if flags.epochs is not None:
         put("recipe", "epochs", check_value("epochs", flags.epochs, "--epochs"), f"--epochs {flags.epochs}")
+    if flags.precision is not None:
+        put("recipe", "precision", check_value("precision", flags.precision, "--precision"), f"--precision {flags.precision}")
     if flags.samples is not None:
         searches_only(f"--samples {flags.samples}")
         put("search", "samples", flags.samples, f"--samples {flags.samples}")

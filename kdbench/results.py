@@ -30,14 +30,15 @@ METRICS = ("top1", "geom_corr", "geom_err", "cka", "knn_top1")
 # ``host``, ``threads`` and ``device`` say where and how it ran (``kdbench rerun`` reads them);
 # ``resumed_from``: the epoch of the checkpoint an interrupted trial continued from (0: none); ``gpu_ids``: the
 # GPUs Ray assigned the trial (comma-separated, empty: none); ``started_at``, ``ended_at``: when it ran (Unix
-# seconds, the worker's clock); ``peak_memory_mib``: its device's peak memory (CUDA: max allocated; CPU: the
+# seconds, the worker's clock); ``autocast``: the precision the training step ran in (bf16 | fp32, the recipe's
+# ``precision`` resolved on its device); ``peak_memory_mib``: its device's peak memory (CUDA: max allocated; CPU: the
 # worker process's peak RSS, which spans the earlier trials a reused worker ran).
 STAGES = ("search", "grid", "confirm", "train", "evaluate")
 TRIAL_COLUMNS = ("trial_id", "config_id", "stage", "status", "fidelity", "method", "seed", "epochs",
                  *(f"{s}_{m}" for s in ("val", "test") for m in METRICS),
                  "best_test_top1", "last_test_top1", "params", "train_seconds", "images_per_second",
                  "seconds", "node", "host", "threads", "device", "resumed_from", "gpu_ids", "started_at", "ended_at",
-                 "peak_memory_mib", "failure")
+                 "peak_memory_mib", "autocast", "failure")
 
 
 class ResultsError(ValueError):

@@ -134,9 +134,20 @@ class Recipe:
     warmup_epochs: float = 0.0
     milestones: tuple[int, ...] = ()  # step: the epochs after which lr is multiplied by gamma (default: 50%, 75%)
     gamma: float = 0.1  # step: the factor at each milestone
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32: the training step's
 
 
 SCHEDULES = ("cosine", "step", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on CUDA, fp32 elsewhere; bf16 where the device cannot run it: ValueError (one line)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision = bf16: {torch.cuda.get_device_name(device)} has no bf16; allowed here: fp32, auto")
+    return precision
 
 # Models and recipe per data set when the user names none.
 DATASET_DEFAULTS: dict[str, dict] = {
@@ -156,7 +167,7 @@ def dataset_defaults(name: str) -> dict:
 # Fields added after results were first published: a run's values (its config_id, its trials.csv columns) and a
 # study's recipes (study.json, hence the teacher's part of every config_id) hold them only when they are set to
 # something else than their default, so that earlier folders keep their ids.
-LATER_FIELDS = {"milestones", "gamma", "at", "at_p", "pkt", "nst", "fitnet", "fitnet_stage", "vid", "vid_init_var",
+LATER_FIELDS = {"milestones", "gamma", "precision", "at", "at_p", "pkt", "nst", "fitnet", "fitnet_stage", "vid", "vid_init_var",
                 "dist", "dist_beta", "dist_gamma", "dist_tau", "standardize", "crd", "crd_dim", "crd_negatives",
                 "crd_temperature", "crd_momentum", "ofd", "reviewkd", "reviewkd_warmup"}
 
@@ -306,6 +317,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
     weights = torch.tensor(list(terms.values()), device=device)  # (n_terms,)
     history, train_seconds, step, best_test, start = [], 0.0, 0, 0.0, 1
     n_params = count_parameters(student)
+    precision = resolve_precision(recipe.precision, device)  # the loop's autocast: the same code on CPU and CUDA
     modules = {"student": student, "extras": extras, **({"memory": memory} if memory is not None else {})}
     if resume is not None:  # continue an interrupted run exactly where its last state left it
         for name, module in modules.items():
@@ -329,7 +341,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
                 g["lr"] = lr
             b = {"y": y, "index": idx, "gen": gen, "memory": memory, "t_centroids": t_centroids}
             if method.needs_teacher_forward:
-                with torch.inference_mode(), autocast(device):
+                with torch.inference_mode(), autocast(device, precision):
                     ts = teacher.model.forward_stages(x) if stage_maps else None
                     t_feat, t_logits = (ts.features, ts.logits) if stage_maps else teacher.model(x)
                 # leave inference mode: copies the student's graph may hold
@@ -337,7 +349,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
                 if stage_maps:
                     b["t_maps"] = [m.float().clone() for m in ts.maps]
                     b["t_preact"] = [m.float().clone() for m in ts.preact] if "t_preact" in reads else None
-            with autocast(device):
+            with autocast(device, precision):
                 if stage_maps:
                     ss = student.forward_stages(x)
                     feat, logits, b["maps"] = ss.features, ss.logits, [m.float() for m in ss.maps]
@@ -384,6 +396,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         if last:
             row["last_test_top1"] = row["test_top1"]
             row["peak_memory_mib"] = peak_memory_mib(device)
+            row["autocast"] = precision  # the precision resolved on this device (bf16 | fp32)
         history.append(row)
         if last and final_weights:
             row = {**row, "final_weights": _cpu(student.state_dict())}

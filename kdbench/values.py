@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .train import SCHEDULES, Method, Recipe
+from .train import PRECISIONS, SCHEDULES, Method, Recipe
 
 __all__ = ["StudyError", "TUNABLE", "field_types", "check_value", "apply_overrides", "parse_sets", "gpus_allowed"]
 
@@ -65,6 +65,8 @@ def check_value(key: str, value, where: str):
     if kind == "str":
         if key == "schedule" and value not in SCHEDULES:
             raise StudyError(f"{where}: {key} = {value!r}; allowed: {', '.join(SCHEDULES)}")
+        if key == "precision" and value not in PRECISIONS:
+            raise StudyError(f"{where}: {key} = {value!r}; allowed: {', '.join(PRECISIONS)} (auto: bf16 on CUDA, fp32 on CPU)")
         return str(value)
     try:
         if isinstance(value, bool):

@@ -83,6 +83,7 @@ def test_a_study_of_flags_alone_is_the_data_sets_defaults_and_the_default_search
     (["--teacher", "foo"], ["--teacher foo: teacher = 'foo' is unknown"]),
     (["cifar100-repdistiller", "--student", "resnet20"], ["runs [pairs]"]),
     (["--concurrency", "0"], ["--concurrency 0: allowed: >= 1"]),
+    (["--precision", "fp16"], ["--precision: precision = 'fp16'; allowed: auto, bf16, fp32"]),
 ])
 def test_bad_flags_are_one_line_exit_2_and_write_nothing(tmp_path, args, fragments):
     out = tmp_path / "out"
