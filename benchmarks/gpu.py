@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from kdbench.data import load_data
-from kdbench.results import read_table
+from kdbench.results import most_at_once, read_table
 from kdbench.evaluate import forward_all
 from kdbench.geometry import class_centroids
 from kdbench.models import build_model
@@ -48,7 +48,8 @@ def paper_step(compile: bool, epochs: int = 3, device: str = "cuda", student: st
     last = res["history"][-1]
     steps = data.train_x.shape[0] // 64
     return {"images_per_second": steps * 64 / last["epoch_seconds"], "first_epoch_seconds": res["history"][0]["epoch_seconds"],
-            "wall_seconds": time.perf_counter() - t0, "train_images": int(data.train_x.shape[0])}
+            "wall_seconds": time.perf_counter() - t0, "train_images": int(data.train_x.shape[0]),
+            "peak_memory_mib": res["peak_memory_mib"], "autocast": res["autocast"]}
 
 
 def paper_pair_throughput() -> dict:
@@ -76,8 +77,9 @@ def packed_trials(counts=(1, 2, 4, 8)) -> dict:
     for k in counts:
         procs = [subprocess.Popen([sys.executable, "-c", _WORKER.format(root=str(ROOT))], stdout=subprocess.PIPE,
                                   text=True) for _ in range(k)]
-        rates = [json.loads(p.communicate()[0].strip().splitlines()[-1])["images_per_second"] for p in procs]
-        out[f"gpu_packed_{k}_images_per_second"] = sum(rates)
+        runs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+        out[f"gpu_packed_{k}_images_per_second"] = sum(r["images_per_second"] for r in runs)
+        out[f"gpu_packed_{k}_peak_memory_mib_per_trial"] = [round(r["peak_memory_mib"]) for r in runs]
     for k in counts[1:]:
         out[f"gpu_packed_{k}_speedup"] = out[f"gpu_packed_{k}_images_per_second"] / out["gpu_packed_1_images_per_second"]
     return out
@@ -105,5 +107,8 @@ def tune_end_to_end() -> dict:
     return {"gpu_tune_exit_code": r.returncode, "gpu_tune_wall_seconds": wall, "gpu_tune_trials": len(trials),
             "gpu_tune_statuses": trials["status"].value_counts().to_dict() if len(trials) else {},
             "gpu_tune_devices": sorted(trials["device"].astype(str).unique()) if len(trials) else [],
+            "gpu_tune_gpu_ids": sorted(trials["gpu_ids"].astype(str).unique()) if "gpu_ids" in trials else [],
+            "gpu_tune_most_at_once": most_at_once(trials.to_dict("records")) if "started_at" in trials else 0,
+            "gpu_tune_peak_memory_mib": float(trials["peak_memory_mib"].max()) if "peak_memory_mib" in trials else None,
             "gpu_tune_missing_files": missing, "gpu_tune_ended": bool(meta.get("ended")),
             "gpu_tune_timings": meta.get("timings", {}), "gpu_tune_stderr_tail": r.stderr[-1500:] if r.returncode else ""}

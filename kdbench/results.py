@@ -21,7 +21,7 @@ import pandas as pd
 
 __all__ = ["write_json", "write_text", "write_csv", "environment", "ResultsError", "read_folder", "Folder",
            "read_table", "TRIAL_COLUMNS", "METRICS", "STAGES", "find_latest", "config_id", "run_context", "FolderLock", "read_study",
-           "student_file", "write_student", "final_metrics", "jsonable", "STUDENTS", "KEEP_STUDENTS"]
+           "student_file", "write_student", "final_metrics", "jsonable", "STUDENTS", "KEEP_STUDENTS", "most_at_once"]
 
 # Final metrics of DESIGN §5, one column per split, in a stable order.
 METRICS = ("top1", "geom_corr", "geom_err", "cka", "knn_top1")
@@ -39,6 +39,17 @@ TRIAL_COLUMNS = ("trial_id", "config_id", "stage", "status", "fidelity", "method
                  "best_test_top1", "last_test_top1", "params", "train_seconds", "images_per_second",
                  "seconds", "node", "host", "threads", "device", "resumed_from", "gpu_ids", "started_at", "ended_at",
                  "peak_memory_mib", "autocast", "failure")
+
+
+def most_at_once(rows) -> int:
+    """The largest number of runs whose ``[started_at, ended_at]`` spans overlap (rows: dicts of trials.csv):
+    how a run packed its trials on its resources."""
+    events = sorted([(r["started_at"], 1) for r in rows] + [(r["ended_at"], -1) for r in rows])
+    now = most = 0
+    for _, step in events:  # an end sorts before a start at the same instant (-1 < 1)
+        now += step
+        most = max(most, now)
+    return most
 
 
 class ResultsError(ValueError):

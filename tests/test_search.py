@@ -11,7 +11,7 @@ import pytest
 
 from kdbench.search import run_study
 from kdbench.study import load_study
-from kdbench.results import read_table
+from kdbench.results import most_at_once, read_table
 
 STUDY = """
 name = "{name}"
@@ -207,6 +207,8 @@ def test_a_dead_worker_is_retried_from_its_checkpoint_then_failed_with_the_reaso
     assert history[history["trial_id"] == ok["trial_id"]]["epoch"].tolist() == list(range(1, 7))
     assert failed["status"] == "failed" and "(after 1 retries)" in failed["failure"], failed.to_dict()
     assert "Actor" in failed["failure"] or "died" in failed["failure"], failed["failure"]
+    # Two at once on the tests' Ray (one declared GPU): the automatic rule gave each half of GPU 0.
+    assert {str(ok["gpu_ids"]), str(failed["gpu_ids"])} == {"0"}
 
 
 def test_resumed_asha_starts_with_the_recorded_curves_and_stops_as_the_uninterrupted_one():
@@ -299,7 +301,7 @@ PACKED = """
 name = "packed"
 dataset = "digits"
 [recipe]
-epochs = 8
+epochs = 4
 [grid]
 methods = ["kd"]
 seeds = [0, 1, 2, 3]
@@ -308,16 +310,6 @@ concurrency = 4
 cpus_per_trial = 0.5
 gpus_per_trial = 0.25
 """
-
-
-def _most_at_once(rows) -> int:
-    """The largest number of trials whose [started_at, ended_at] spans overlap."""
-    events = sorted([(r["started_at"], 1) for r in rows] + [(r["ended_at"], -1) for r in rows], key=lambda e: (e[0], e[1]))
-    now = most = 0
-    for _, step in events:
-        now += step
-        most = max(most, now)
-    return most
 
 
 def test_quarter_gpus_pack_four_trials_on_the_one_declared_gpu_and_more_than_a_node_has_is_refused(tmp_path, ray_session,
@@ -334,7 +326,14 @@ def test_quarter_gpus_pack_four_trials_on_the_one_declared_gpu_and_more_than_a_n
     rows = read_table(out / "trials.csv").to_dict("records")
     assert len(rows) == 4 and {str(r["gpu_ids"]) for r in rows} == {"0"} and {r["device"] for r in rows} == {"cpu"}
     assert all(r["started_at"] < r["ended_at"] and r["peak_memory_mib"] > 50 for r in rows)
-    assert 2 <= _most_at_once(rows) <= 4, rows  # all four fit at once (they start as their workers come up)
+    assert 2 <= most_at_once(rows) <= 4, rows  # all four fit at once (they start as their workers come up)
     with pytest.raises(StudyError, match=r"--gpus-per-trial 2: the Ray cluster has at most 1 GPUs on a node"):
         run_study(study, tmp_path / "two", gpus_per_trial=2)
     assert not (tmp_path / "two").exists()
+
+
+def test_most_at_once_counts_overlapping_spans_by_hand():
+    span = lambda a, b: {"started_at": a, "ended_at": b}
+    assert most_at_once([span(0, 2), span(1, 3), span(2, 4)]) == 2  # one ends as the third starts
+    assert most_at_once([span(0, 10), span(1, 2), span(3, 9), span(4, 5)]) == 3
+    assert most_at_once([span(0, 1), span(1, 2)]) == 1 and most_at_once([]) == 0
