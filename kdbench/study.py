@@ -435,11 +435,16 @@ RESUMABLE = ("path", "description", "source", "samples", "concurrency", "cpus_pe
 
 def differences(recorded: dict, study: Study) -> list[str]:
     """How ``study`` differs from the one a results folder ran (its study.json's ``study``), one dotted key each,
-    leaving out what a resume may change (``RESUMABLE``)."""
+    leaving out what a resume may change (``RESUMABLE``) and the presets the study does not train (a later
+    version's new presets change nothing the folder holds)."""
     import json
+
+    used = {study.method} | {m for m, _, _ in study.grid} | {c for p in study.space if p.name == "method" for c in p.choices}
 
     def flat(d: dict, prefix: str = "") -> dict:
         items = {}
+        if prefix == "methods.":
+            d = {k: v for k, v in d.items() if k in used}
         for k, v in d.items():
             if isinstance(v, list) and v and all(isinstance(x, dict) and "name" in x for x in v):
                 v = {x["name"]: x for x in v}  # the space's axes, by name
@@ -453,8 +458,9 @@ def differences(recorded: dict, study: Study) -> list[str]:
     except (TypeError, KeyError, ValueError):  # a study.json of another version: compare what it holds
         before = flat(recorded)
     now = plain(study)
+    recorded_keys = set(recorded)  # a field an earlier version did not record: unknown, not different
     return [f"{k} = {now.get(k, '(none)')!r} now, {before.get(k, '(none)')!r} in the folder"
-            for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+            for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and k.split(".")[0] in recorded_keys]
 
 
 def bundled_studies() -> dict[str, Path]:

@@ -97,6 +97,13 @@ def test_a_resume_compares_the_study_field_by_field_and_lets_only_the_how_much_c
     assert differences(recorded, s) == []
     more = dataclasses.replace(s, samples=40, concurrency=1, cpus_per_trial=2.0, max_failures=3, path="/elsewhere")
     assert differences(recorded, more) == []
+    older = copy.deepcopy(recorded)  # a folder of an earlier version, which had fewer presets
+    del older["methods"]["reviewkd"], older["methods"]["ofd"]
+    assert differences(older, s) == []
+    del older["eval_test"]  # a field that version did not record: unknown, not different
+    assert differences(older, dataclasses.replace(s, eval_test="every_epoch")) == []
+    older["methods"]["geometry"]["temperature"] = 2.0  # but the method it trains is compared
+    assert differences(older, s) == ["methods.geometry.temperature = 4.0 now, 2.0 in the folder"]
     (changed,) = load_studies(DIGITS, Flags(space=("geometry=loguniform:1:5000",), epochs=31))
     assert differences(recorded, changed) == ["recipe.epochs = 31 now, 30 in the folder",
                                               "space.geometry.high = 5000.0 now, 1000.0 in the folder"]
