@@ -203,7 +203,7 @@ def tune(
     override the study; the folder's study.json records the study that ran, so --resume needs no flags again.
     """
     command_started = time.time()
-    from .flags import Flags
+    from .flags import Flags, study_source
     from .pairs import load_studies, pair_name, plan_lines
     from .study import StudyError
 
@@ -213,7 +213,7 @@ def tune(
                   cpus_per_trial, precision)
     if resume and out_dir is None:
         raise StudyError("--resume needs --out DIR (the folder of the run to continue)")
-    path, raw = _study_source(study, flags, out_dir if resume else None)
+    path, raw = study_source(study, flags, out_dir if resume else None)
     studies = load_studies(path, flags, raw)
     if plan:
         for line in plan_lines(studies):
@@ -242,32 +242,6 @@ def tune(
             import ray
 
             ray.shutdown()
-
-
-def _study_source(study: str | None, flags, resume_from: Path | None) -> tuple:
-    """(path, TOML table) of what ``tune`` starts from: the study named, the resumed folder's, the data set's
-    defaults, or the default study."""
-    from .flags import DEFAULT_STUDY, base_table
-    from .study import StudyError, find_study, read_toml
-
-    if study is not None:
-        path = find_study(study)
-        return path, read_toml(path)
-    if resume_from is not None:
-        from .results import ResultsError, read_study
-
-        try:
-            recorded = read_study(resume_from).get("study") or {}
-        except ResultsError:
-            recorded = {}
-        if not recorded.get("source"):
-            raise StudyError(f"--resume {resume_from}: no study recorded there (study.json with its source); allowed: "
-                             f"the study file as the first argument, or the folder of a run")
-        return recorded.get("path") or None, recorded["source"]
-    if flags.dataset is not None:
-        return None, base_table(flags.dataset, space=not flags.space)
-    path = find_study(DEFAULT_STUDY)
-    return path, read_toml(path)
 
 
 @app.command()

@@ -1,5 +1,7 @@
-"""``kdbench tune``'s flags as edits of a study's TOML table. The study's own reader then validates the edited
-table, so a flag and the study-file line that says the same pass one set of checks; an error names the flag.
+"""The study ``kdbench tune`` runs: where it comes from (a file, the resumed folder's study.json, a data set's
+defaults), the flags as edits of its TOML table, and what a resume may change (:func:`differences`). The study's
+own reader validates the edited table, so a flag and the study-file line that says the same pass one set of
+checks; an error names the flag.
 
     --space KEY=DIST:LOW:HIGH[:when=M1,M2]    DIST: uniform | loguniform | int   (replaces or adds one axis)
     --space KEY=categorical:A,B,C[:when=...]  KEY = method: its choices are presets
@@ -18,11 +20,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .data import canonical
-from .study import PARAM_TYPES, TUNABLE, StudyError, bundled_studies, check_value, read_toml
+from .study import PARAM_TYPES, TUNABLE, Study, StudyError, bundled_studies, check_value, find_study, read_toml, study_from_dict
 from .train import METHODS, Method
 from .values import field_types
 
-__all__ = ["Flags", "apply_flags", "base_table", "DEFAULT_STUDY"]
+__all__ = ["Flags", "apply_flags", "base_table", "study_source", "differences", "RESUMABLE", "DEFAULT_STUDY"]
 
 DEFAULT_STUDY = "digits"
 
@@ -196,3 +198,62 @@ def _set(raw: dict, arg: str, put, file: str):
         raise StudyError(f"--set {arg}: {key} is searched for {method} ({file}: search.space.{key}); allowed: --space "
                          f"{key}=off to fix it, or another key")
     put(f"methods.{method}", key, v, f"--set {arg}")
+
+
+def study_source(study: str | None, flags, resume_from: Path | None) -> tuple:
+    """(path, TOML table) of what ``tune`` starts from: the study named, the resumed folder's, the data set's
+    defaults, or the default study."""
+    if study is not None:
+        path = find_study(study)
+        return path, read_toml(path)
+    if resume_from is not None:
+        from .results import ResultsError, read_study
+
+        try:
+            recorded = read_study(resume_from).get("study") or {}
+        except ResultsError:
+            recorded = {}
+        if not recorded.get("source"):
+            raise StudyError(f"--resume {resume_from}: no study recorded there (study.json with its source); allowed: "
+                             f"the study file as the first argument, or the folder of a run")
+        return recorded.get("path") or None, recorded["source"]
+    if flags.dataset is not None:
+        return None, base_table(flags.dataset, space=not flags.space)
+    path = find_study(DEFAULT_STUDY)
+    return path, read_toml(path)
+
+
+# What a resume may change: where and how much runs, not what a trial is (anything else would mix two studies'
+# trials in one table).
+RESUMABLE = ("path", "description", "source", "samples", "concurrency", "cpus_per_trial", "gpus_per_trial", "data_root",
+             "confirm", "keep_students", "checkpoint_every", "checkpoint_minutes", "max_failures")
+
+
+def differences(recorded: dict, study: Study) -> list[str]:
+    """How ``study`` differs from the one a results folder ran (its study.json's ``study``), one dotted key each,
+    leaving out what a resume may change (``RESUMABLE``) and the presets the study does not train (a later
+    version's new presets change nothing the folder holds)."""
+    import json
+
+    used = {study.method} | {m for m, _, _ in study.grid} | {c for p in study.space if p.name == "method" for c in p.choices}
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        items = {}
+        if prefix == "methods.":
+            d = {k: v for k, v in d.items() if k in used}
+        for k, v in d.items():
+            if isinstance(v, list) and v and all(isinstance(x, dict) and "name" in x for x in v):
+                v = {x["name"]: x for x in v}  # the space's axes, by name
+            if prefix or k not in RESUMABLE:
+                items |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        return items
+
+    plain = lambda s: flat(json.loads(json.dumps(s.to_dict(), default=str)))  # tuples and lists alike
+    try:
+        before = plain(study_from_dict(recorded))
+    except (TypeError, KeyError, ValueError):  # a study.json of another version: compare what it holds
+        before = flat(recorded)
+    now = plain(study)
+    recorded_keys = set(recorded)  # a field an earlier version did not record: unknown, not different
+    return [f"{k} = {now.get(k, '(none)')!r} now, {before.get(k, '(none)')!r} in the folder"
+            for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and k.split(".")[0] in recorded_keys]

@@ -26,7 +26,7 @@ from .values import TUNABLE, StudyError, field_types, apply_overrides, check_val
 
 __all__ = ["Study", "Param", "Confirm", "StudyError", "load_study", "parse_study", "read_toml", "study_from_dict", "find_study",
            "bundled_studies", "apply_overrides", "check_value", "parse_sets", "TUNABLE", "check_confirm",
-           "SAMPLERS", "OBJECTIVES", "RESUMABLE", "differences"]  # StudyError and the single-value checks live in kdbench.values
+           "SAMPLERS", "OBJECTIVES"]  # StudyError and the single-value checks live in kdbench.values
 
 SAMPLERS = ("tpe", "nsga2", "random")
 OBJECTIVES = ("top1", "geom_corr", "geom_err", "cka")  # searchable, measured on val each epoch
@@ -425,42 +425,6 @@ def study_from_dict(d: dict) -> Study:
     c = d.get("confirm")
     d["confirm"] = Confirm(**{**c, "with_": tuple(c["with_"])}) if c else None
     return Study(**d)
-
-
-# What a resume may change: where and how much runs, not what a trial is (anything else would mix two studies'
-# trials in one table).
-RESUMABLE = ("path", "description", "source", "samples", "concurrency", "cpus_per_trial", "gpus_per_trial", "data_root",
-             "confirm", "keep_students", "checkpoint_every", "checkpoint_minutes", "max_failures")
-
-
-def differences(recorded: dict, study: Study) -> list[str]:
-    """How ``study`` differs from the one a results folder ran (its study.json's ``study``), one dotted key each,
-    leaving out what a resume may change (``RESUMABLE``) and the presets the study does not train (a later
-    version's new presets change nothing the folder holds)."""
-    import json
-
-    used = {study.method} | {m for m, _, _ in study.grid} | {c for p in study.space if p.name == "method" for c in p.choices}
-
-    def flat(d: dict, prefix: str = "") -> dict:
-        items = {}
-        if prefix == "methods.":
-            d = {k: v for k, v in d.items() if k in used}
-        for k, v in d.items():
-            if isinstance(v, list) and v and all(isinstance(x, dict) and "name" in x for x in v):
-                v = {x["name"]: x for x in v}  # the space's axes, by name
-            if prefix or k not in RESUMABLE:
-                items |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
-        return items
-
-    plain = lambda s: flat(json.loads(json.dumps(s.to_dict(), default=str)))  # tuples and lists alike
-    try:
-        before = plain(study_from_dict(recorded))
-    except (TypeError, KeyError, ValueError):  # a study.json of another version: compare what it holds
-        before = flat(recorded)
-    now = plain(study)
-    recorded_keys = set(recorded)  # a field an earlier version did not record: unknown, not different
-    return [f"{k} = {now.get(k, '(none)')!r} now, {before.get(k, '(none)')!r} in the folder"
-            for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and k.split(".")[0] in recorded_keys]
 
 
 def bundled_studies() -> dict[str, Path]:

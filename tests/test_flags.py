@@ -11,7 +11,8 @@ from conftest import one_line_error
 from kdbench.cli import app
 from kdbench.flags import Flags, base_table
 from kdbench.pairs import load_studies
-from kdbench.study import differences, find_study, parse_study, read_toml
+from kdbench.flags import differences
+from kdbench.study import find_study, parse_study, read_toml
 
 runner = CliRunner()
 DIGITS = find_study("digits")

@@ -18,7 +18,8 @@ from ray import tune
 
 from .. import checkpoints, results
 from ..confirm import plan_confirm, settle
-from ..study import RESUMABLE, Confirm, Study, StudyError, differences, study_from_dict
+from ..flags import RESUMABLE, differences
+from ..study import Confirm, Study, StudyError, study_from_dict
 from ..teacher import study_data
 from ..train import check_method, resolve_device
 from ..trial import resolve_trial
