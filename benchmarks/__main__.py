@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer repeats; skip the (slow) search comparison")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", dest="json_path", help="write the figures here as JSON")
-    p.add_argument("--only", help="comma-separated subset: data,geometry,step,folder,method,ray,search,gpu")
+    p.add_argument("--only", help="comma-separated subset: data,geometry,step,folder,method,compile,ray,search,gpu")
     p.add_argument("--val-fraction", type=float, help="search comparison: the study's [data] val_fraction")
     p.add_argument("--search-study", default="digits", help="search comparison: the bundled study to search")
     p.add_argument("--search-seeds", type=int, default=5, help="search comparison: seeds 0..N-1")
@@ -65,6 +65,7 @@ def main(argv=None) -> int:
         ("step_overhead", lambda: bench.step_overhead(args.device, repeats)),
         ("folder_decode", lambda: bench.folder_decode(repeats)),
         ("method_cost", lambda: bench.method_cost(args.device, max(2, repeats // 2))),
+        ("compile", lambda: bench.compile_check(args.device)),
     ]
     if args.device == "cpu":  # the default study on the CPU; on a GPU, the GPU check below instead
         plan.append(("ray_overhead", lambda: bench.ray_overhead(quick=args.quick)))

@@ -395,3 +395,25 @@ def method_cost(device: str, repeats: int, images: int = 256) -> dict:
             kd = ips("kd")
             out[f"method_cost_{m}"].append(kd / ips(m))
     return out
+
+
+def compile_check(device: str) -> dict:
+    """The digits default recipe (30 epochs, the geometry method, seed 0) eager and ``[recipe] compile = true``:
+    the compiled run's final metrics against the eager one's, its compilation time (kept out of its
+    train_seconds) and its images/s; then its state after epoch 15, resumed eagerly, against the compiled run."""
+    data = load_data("digits", device=device)
+    recipe = DATASET_DEFAULTS["digits"]["recipe"]
+    teacher, _ = get_teacher(data, "cnn_teacher", recipe)
+    runs, states = {}, {}
+    for compiled in (False, True):
+        cfg = TrainConfig("cnn_student", METHODS["geometry"], dataclasses.replace(recipe, compile=compiled), seed=0)
+        keep = (lambda r: states.update({r["epoch"]: r["state"]}) if "state" in r else None) if compiled else None
+        runs[compiled] = distill(cfg, data, teacher, keep, state_when=(lambda e: e == 15) if compiled else None)
+    eager_cfg = TrainConfig("cnn_student", METHODS["geometry"], recipe, seed=0)
+    resumed = distill(eager_cfg, data, teacher, resume=states[15])
+    e, c = runs[False], runs[True]
+    keys = ("test_top1", "test_geom_corr", "test_cka", "test_knn_top1", "train_loss")
+    return {**{f"compile_minus_eager_{k}": c[k] - e[k] for k in keys},
+            **{f"compile_resumed_eager_minus_compiled_{k}": resumed[k] - c[k] for k in keys},
+            "compile_seconds": c["compile_seconds"], "compile_images_per_second_ratio":
+            c["images_per_second"] / e["images_per_second"]}

@@ -38,7 +38,8 @@ TRIAL_COLUMNS = ("trial_id", "config_id", "stage", "status", "fidelity", "method
                  *(f"{s}_{m}" for s in ("val", "test") for m in METRICS),
                  "best_test_top1", "last_test_top1", "params", "train_seconds", "images_per_second",
                  "seconds", "node", "host", "threads", "device", "resumed_from", "gpu_ids", "started_at", "ended_at",
-                 "peak_memory_mib", "autocast", "failure")
+                 "peak_memory_mib", "autocast", "compile_seconds",
+                 "failure")
 
 
 def most_at_once(rows) -> int:

@@ -154,7 +154,7 @@ def _varying(rows: pd.DataFrame, known: set) -> list[str]:
 
 _BOOKKEEPING = {"study", "config_id", "trial_id", "stage", "stop", "file", "p_on_front", "status", "fidelity", "seed", "epochs", "point",
                 "failure", "seconds", "params", "images_per_second", "method", "node", "host", "threads", "device", "resumed_from",
-                "gpu_ids", "started_at", "ended_at", "peak_memory_mib", "autocast"}
+                "gpu_ids", "started_at", "ended_at", "peak_memory_mib", "autocast", "compile_seconds"}
 
 
 def summarise(df: pd.DataFrame, metrics, keys=("config_id",), split: str = "test", compare_with=("baseline", "kd"),

@@ -135,6 +135,8 @@ class Recipe:
     milestones: tuple[int, ...] = ()  # step: the epochs after which lr is multiplied by gamma (default: 50%, 75%)
     gamma: float = 0.1  # step: the factor at each milestone
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32: the training step's
+    channels_last: bool = False  # the student and its batches channels_last on the CPU too (CUDA always is)
+    compile: bool = False  # torch.compile the student's forward (where no term reads its stage maps)
 
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -167,7 +169,7 @@ def dataset_defaults(name: str) -> dict:
 # Fields added after results were first published: a run's values (its config_id, its trials.csv columns) and a
 # study's recipes (study.json, hence the teacher's part of every config_id) hold them only when they are set to
 # something else than their default, so that earlier folders keep their ids.
-LATER_FIELDS = {"milestones", "gamma", "precision", "at", "at_p", "pkt", "nst", "fitnet", "fitnet_stage", "vid", "vid_init_var",
+LATER_FIELDS = {"milestones", "gamma", "precision", "channels_last", "compile", "at", "at_p", "pkt", "nst", "fitnet", "fitnet_stage", "vid", "vid_init_var",
                 "dist", "dist_beta", "dist_gamma", "dist_tau", "standardize", "crd", "crd_dim", "crd_negatives",
                 "crd_temperature", "crd_momentum", "ofd", "reviewkd", "reviewkd_warmup"}
 
@@ -178,10 +180,15 @@ def fields_dict(obj) -> dict:
     return {k: v for k, v in dataclasses.asdict(obj).items() if not (k in LATER_FIELDS and v == defaults[k])}
 
 
+# How a run computes, not what: kept in a study's recipe (study.json, so a rerun computes the same way), out of a
+# configuration's identity and its trials.csv columns (they change numbers by float noise only).
+RUN_FIELDS = {"channels_last", "compile"}
+
+
 def trial_values(method: Method, recipe: Recipe) -> dict:
     """Every term weight, hyperparameter and recipe field of a run: the trials.csv columns that define it
-    (``method`` holds the method's name; the epoch count is the study's; see ``LATER_FIELDS``)."""
-    hp = {**fields_dict(method), **fields_dict(recipe)}
+    (``method`` holds the method's name; the epoch count is the study's; see ``LATER_FIELDS``, ``RUN_FIELDS``)."""
+    hp = {**fields_dict(method), **{k: v for k, v in fields_dict(recipe).items() if k not in RUN_FIELDS}}
     hp.pop("epochs")
     hp["method"] = hp.pop("name")
     if hp.get("milestones"):
@@ -286,7 +293,8 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
     # --- 1. model, trainable extras, optimiser -------------------------------------------------
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.student, data.num_classes, data.in_channels).to(device)
-    if device.type == "cuda":
+    channels_last = device.type == "cuda" or recipe.channels_last
+    if channels_last:
         student = student.to(memory_format=torch.channels_last)
     reads = reads_of(terms)
     stage_maps = bool(reads & STAGE_READS)  # computed only where a term reads them
@@ -298,7 +306,9 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
     opt = torch.optim.SGD([{"params": decay, "weight_decay": recipe.weight_decay},
                            {"params": no_decay, "weight_decay": 0.0}],
                           lr=recipe.lr, momentum=recipe.sgd_momentum, nesterov=True)
-    net = torch.compile(student) if cfg.compile else student
+    compiled = cfg.compile or recipe.compile
+    net = torch.compile(student) if compiled else student
+    compile_seconds = 0.0  # the first compiled step (tracing, compilation), kept out of train_seconds
 
     # --- 2. the teacher's fixed views: eval-split features and similarity matrices, once -------
     views = teacher_views(teacher.model, data) if teacher is not None else {}
@@ -315,7 +325,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
     total_steps = steps_per_epoch * recipe.epochs
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     weights = torch.tensor(list(terms.values()), device=device)  # (n_terms,)
-    history, train_seconds, step, best_test, start = [], 0.0, 0, 0.0, 1
+    history, train_seconds, step, best_test, start, untimed = [], 0.0, 0, 0.0, 1, 0  # untimed: images of compile steps
     n_params = count_parameters(student)
     precision = resolve_precision(recipe.precision, device)  # the loop's autocast: the same code on CPU and CUDA
     modules = {"student": student, "extras": extras, **({"memory": memory} if memory is not None else {})}
@@ -326,6 +336,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         gen.set_state(resume["generator"])
         _set_rng(resume["rng"])
         history, step, best_test = list(resume["history"]), resume["step"], resume["best_test"]
+        untimed = resume.get("untimed", 0)
         train_seconds, start = resume["train_seconds"], resume["epoch"] + 1
     for epoch in range(start, recipe.epochs + 1):
         student.train()
@@ -335,6 +346,11 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         for i in range(steps_per_epoch):
             idx = perm[i * bs:(i + 1) * bs]
             x = prepare(augment(data.train_x[idx], data.pad, data.flip, gen), data)  # (B, C, H, W) float
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            first_compiled = compiled and not stage_maps and i == 0 and epoch == start
+            if first_compiled:
+                t_first = time.perf_counter()
             y = data.train_y[idx]
             lr = get_lr(step, total_steps, recipe, steps_per_epoch)
             for g in opt.param_groups:
@@ -368,6 +384,12 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             opt.step()
             step += 1
             sums += torch.cat([parts.detach(), loss.detach()[None], (logits.argmax(1) == y).sum()[None]])
+            if first_compiled:  # one host sync, once: the compilation's time, apart
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                compile_seconds = time.perf_counter() - t_first
+                t0 += compile_seconds
+                untimed += bs
         if device.type == "cuda":
             torch.cuda.synchronize()
         epoch_seconds = time.perf_counter() - t0
@@ -392,10 +414,11 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             row["best_test_top1"] = best_test
         row |= {"params": n_params, "epoch_seconds": epoch_seconds,
                 "train_seconds": train_seconds,
-                "images_per_second": steps_per_epoch * bs * epoch / max(train_seconds, 1e-9)}
+                "images_per_second": (steps_per_epoch * bs * epoch - untimed) / max(train_seconds, 1e-9)}
         if last:
             row["last_test_top1"] = row["test_top1"]
             row["peak_memory_mib"] = peak_memory_mib(device)
+            row["compile_seconds"] = compile_seconds
             row["autocast"] = precision  # the precision resolved on this device (bf16 | fp32)
         history.append(row)
         if last and final_weights:
@@ -405,7 +428,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
                 state = {name: module.state_dict() for name, module in modules.items()}
                 state |= {"optimizer": opt.state_dict(), "generator": gen.get_state(), "rng": _get_rng(device),
                           "history": list(history), "step": step, "best_test": best_test,
-                          "train_seconds": train_seconds, "epoch": epoch}
+                          "train_seconds": train_seconds, "epoch": epoch, "untimed": untimed}
                 report({**row, "state": _cpu(state)})
             else:
                 report(row)

@@ -62,6 +62,11 @@ def check_value(key: str, value, where: str):
         if ms is None or any(m < 1 for m in ms) or list(ms) != sorted(set(ms)):
             raise StudyError(f"{where}: milestones = {value!r}; allowed: increasing epochs >= 1, e.g. [150, 180, 210]")
         return ms
+    if kind == "bool":  # TOML true/false; --set 1/0, true/false
+        text = str(value).strip().lower()
+        if isinstance(value, bool) or text in ("1", "0", "true", "false"):
+            return value if isinstance(value, bool) else text in ("1", "true")
+        raise StudyError(f"{where}: {key} = {value!r}; allowed: true or false")
     if kind == "str":
         if key == "schedule" and value not in SCHEDULES:
             raise StudyError(f"{where}: {key} = {value!r}; allowed: {', '.join(SCHEDULES)}")
