@@ -1,0 +1,46 @@
+"""Retrieval and clustering measures against hand-worked cases and a plain loop."""
+
+import numpy as np
+import pytest
+import torch
+
+from kdbench.downstream import clustering, retrieval
+
+
+def test_map_at_r_and_r_at_1_by_hand():
+    """Reference: two of class 0 at angles 0 and 10 degrees, one of class 1 at 90. A class-0 query at 5 degrees
+    has R = 2 and both nearest are class 0: AP@R = 1. A class-0 query at 80 degrees sees class 1 first, then
+    the 10-degree one: AP@R = (0 + 1/2) / 2 = 0.25; its R@1 is 0."""
+    deg = lambda a: torch.tensor([[np.cos(np.radians(a)), np.sin(np.radians(a))]], dtype=torch.float32)
+    ref = torch.cat([deg(0), deg(10), deg(90)])
+    ref_y = torch.tensor([0, 0, 1])
+    q, q_y = torch.cat([deg(5), deg(80)]), torch.tensor([0, 0])
+    got = retrieval(q, q_y, ref * 3.0, ref_y)  # the scale of the features changes nothing (cosine)
+    assert got["map_at_r"] == pytest.approx((1.0 + 0.25) / 2) and got["r_at_1"] == pytest.approx(0.5)
+
+
+def test_retrieval_matches_a_plain_loop_and_ignores_the_chunking():
+    g = torch.Generator().manual_seed(0)
+    ref, ref_y = torch.randn(60, 5, generator=g), torch.randint(0, 4, (60,), generator=g)
+    q, q_y = torch.randn(23, 5, generator=g), torch.randint(0, 4, (23,), generator=g)
+    aps, hits = [], []
+    r_n, q_n = ref / ref.norm(dim=1, keepdim=True), q / q.norm(dim=1, keepdim=True)
+    for i in range(len(q)):
+        order = np.argsort(-(r_n @ q_n[i]).numpy(), kind="stable")
+        rel = (ref_y.numpy()[order] == q_y[i].item()).astype(float)
+        r = int((ref_y == q_y[i]).sum())
+        aps.append(sum(rel[:k + 1].sum() / (k + 1) * rel[k] for k in range(r)) / r)
+        hits.append(rel[0])
+    for chunk in (4, 512):
+        got = retrieval(q, q_y, ref, ref_y, chunk=chunk)
+        assert got["map_at_r"] == pytest.approx(np.mean(aps), abs=1e-6) and got["r_at_1"] == pytest.approx(np.mean(hits))
+
+
+def test_clustering_is_one_for_separated_classes_and_about_zero_for_noise():
+    g = torch.Generator().manual_seed(1)
+    centres = torch.eye(4) * 10
+    y = torch.arange(4).repeat_interleave(25)
+    apart = centres[y] + 0.1 * torch.randn(100, 4, generator=g)
+    assert clustering(apart, y, 4) == {"nmi": pytest.approx(1.0), "ari": pytest.approx(1.0)}
+    noise = clustering(torch.randn(100, 4, generator=g), y, 4)
+    assert noise["ari"] < 0.1 and noise["nmi"] < 0.2
