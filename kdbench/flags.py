@@ -127,32 +127,24 @@ def apply_flags(raw: dict, flags: Flags, file: str) -> tuple[dict, dict]:
         if key is not None and pairs:
             raise StudyError(f"{flag} {key}: {file} runs [pairs], each with its own teacher and student; allowed: a "
                              f"study without [pairs] ([pairs] teacher_checkpoint names a file per teacher)")
-    for name, value in (("dataset", canonical(flags.dataset) if flags.dataset else None), ("teacher", flags.teacher), ("student", flags.student),
-                        ("teacher_checkpoint", flags.teacher_checkpoint)):
-        if value is not None:
-            put("", name, value, f"--{name.replace('_', '-')} {value}")
-    if flags.concurrency is not None:
-        put("grid" if grid else "search", "concurrency", flags.concurrency, f"--concurrency {flags.concurrency}")
-    if flags.cpus_per_trial is not None:
-        put("resources", "cpus_per_trial", flags.cpus_per_trial, f"--cpus-per-trial {flags.cpus_per_trial}")
-    for name, value in (("image_size", flags.image_size), ("val_fraction", flags.val_fraction)):
-        if value is not None:
-            put("data", name, value, f"--{name.replace('_', '-')} {value}")
-    if flags.epochs is not None:
-        put("recipe", "epochs", check_value("epochs", flags.epochs, "--epochs"), f"--epochs {flags.epochs}")
-    if flags.precision is not None:
-        put("recipe", "precision", check_value("precision", flags.precision, "--precision"), f"--precision {flags.precision}")
-    if flags.samples is not None:
-        searches_only(f"--samples {flags.samples}")
-        put("search", "samples", flags.samples, f"--samples {flags.samples}")
-    if flags.sampler is not None:
-        searches_only(f"--sampler {flags.sampler}")
-        put("search", "sampler", flags.sampler, f"--sampler {flags.sampler}")
-    if flags.objectives is not None:
-        searches_only(f"--objectives {flags.objectives}")
-        put("search", "objectives", [o.strip() for o in flags.objectives.split(",")], f"--objectives {flags.objectives}")
-    if flags.no_asha:
-        put("asha", "enabled", False, "--no-asha")
+    objectives = [o.strip() for o in flags.objectives.split(",")] if flags.objectives is not None else None
+    settings = [  # (flag, value, table, key): one key of the study's table each
+        ("--dataset", canonical(flags.dataset) if flags.dataset else None, "", "dataset"),
+        ("--teacher", flags.teacher, "", "teacher"), ("--student", flags.student, "", "student"),
+        ("--teacher-checkpoint", flags.teacher_checkpoint, "", "teacher_checkpoint"),
+        ("--concurrency", flags.concurrency, "grid" if grid else "search", "concurrency"),
+        ("--cpus-per-trial", flags.cpus_per_trial, "resources", "cpus_per_trial"),
+        ("--image-size", flags.image_size, "data", "image_size"), ("--val-fraction", flags.val_fraction, "data", "val_fraction"),
+        ("--epochs", flags.epochs, "recipe", "epochs"), ("--precision", flags.precision, "recipe", "precision"),
+        ("--samples", flags.samples, "search", "samples"), ("--sampler", flags.sampler, "search", "sampler"),
+        ("--objectives", objectives, "search", "objectives"), ("--no-asha", False if flags.no_asha else None, "asha", "enabled")]
+    for flag, value, table, key in settings:
+        if value is None:
+            continue
+        shown = flag if flag == "--no-asha" else f"{flag} {flags.objectives if key == 'objectives' else value}"
+        if table == "search":
+            searches_only(shown)
+        put(table, key, check_value(key, value, flag) if table == "recipe" else value, shown)
     for arg in flags.space:
         searches_only(f"--space {arg}")
         key, table = _axis(arg)
