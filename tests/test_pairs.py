@@ -110,7 +110,7 @@ def test_the_synthetic_sibling_runs_every_pair_end_to_end_on_a_cluster(tmp_path,
     from kdbench.models import build_model
 
     monkeypatch.chdir(tmp_path)
-    for i, teacher in enumerate(("resnet56", "wrn_40_2", "vgg13")):
+    for i, teacher in enumerate(("resnet56", "vgg13")):
         torch.manual_seed(i)
         folder = tmp_path / f"download_ckpts/cifar_teachers/{teacher}_vanilla"
         folder.mkdir(parents=True)
@@ -122,7 +122,7 @@ def test_the_synthetic_sibling_runs_every_pair_end_to_end_on_a_cluster(tmp_path,
     r = subprocess.run([sys.executable, "-m", "kdbench.cli", "tune", "synthetic-repdistiller", "--out", str(out),
                         "--address", two_nodes.address], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    for teacher, student in (("resnet56", "resnet20"), ("wrn_40_2", "wrn_16_2"), ("vgg13", "MobileNetV2")):
+    for teacher, student in (("resnet56", "resnet20"), ("vgg13", "MobileNetV2")):
         f = read_folder(out / f"{teacher}-{student}")
         assert (f.study["study"]["teacher"], f.study["study"]["student"]) == (teacher, student)
         assert f.study["teacher"]["checkpoint"].endswith(f"{teacher}_vanilla/ckpt_epoch_240.pth")

@@ -301,9 +301,9 @@ PACKED = """
 name = "packed"
 dataset = "digits"
 [recipe]
-epochs = 4
+epochs = 2
 [grid]
-methods = ["kd"]
+methods = ["baseline"]
 seeds = [0, 1, 2, 3]
 concurrency = 4
 [resources]
@@ -326,7 +326,9 @@ def test_quarter_gpus_pack_four_trials_on_the_one_declared_gpu_and_more_than_a_n
     rows = read_table(out / "trials.csv").to_dict("records")
     assert len(rows) == 4 and {str(r["gpu_ids"]) for r in rows} == {"0"} and {r["device"] for r in rows} == {"cpu"}
     assert all(r["started_at"] < r["ended_at"] and r["peak_memory_mib"] > 50 for r in rows)
-    assert 2 <= most_at_once(rows) <= 4, rows  # all four fit at once (they start as their workers come up)
+    # All four fit at once: measured, they start within 0.5 s of each other and run ~3 s each (4 at once); >= 3
+    # leaves room for a loaded machine's slow worker start, <= 4 is what fits.
+    assert 3 <= most_at_once(rows) <= 4, rows
     with pytest.raises(StudyError, match=r"--gpus-per-trial 2: the Ray cluster has at most 1 GPUs on a node"):
         run_study(study, tmp_path / "two", gpus_per_trial=2)
     assert not (tmp_path / "two").exists()

@@ -83,10 +83,16 @@ def test_digits_acceptance_teacher_accuracy_and_geometry_gain(digits, digits_tea
     the teacher's geometry better than the baseline student, by more than the seed std."""
     assert digits_teacher.meta["test_top1"] >= 97.0
     recipe = DATASET_DEFAULTS["digits"]["recipe"]
-    corr = {}
-    for name in ("baseline", "geometry"):
-        corr[name] = [distill(TrainConfig("cnn_student", METHODS[name], recipe, seed), digits, digits_teacher)
-                      ["test_geom_corr"] for seed in (0, 1, 2)]
+    runs = {name: [distill(TrainConfig("cnn_student", METHODS[name], recipe, seed), digits, digits_teacher)
+                   for seed in (0, 1, 2)] for name in ("baseline", "geometry")}
+    corr = {name: [r["test_geom_corr"] for r in rs] for name, rs in runs.items()}
+    # bf16 autocast (on the CPU here: the code a GPU runs) ends within 2 points of fp32 on the same seed (measured,
+    # seeds 0-2: within 0.6 at 30 epochs, 1.1 at 16; at 8 the trajectories have not converged: up to 2.8 apart).
+    bf16 = distill(TrainConfig("cnn_student", METHODS["geometry"], dataclasses.replace(recipe, precision="bf16"), 0),
+                   digits, digits_teacher)
+    fp32 = runs["geometry"][0]
+    assert bf16["autocast"] == "bf16" and fp32["autocast"] == "fp32" and math.isfinite(bf16["loss_geometry"])
+    assert abs(bf16["test_top1"] - fp32["test_top1"]) <= 2.0 and bf16["train_loss"] != fp32["train_loss"]
     gain = statistics.mean(corr["geometry"]) - statistics.mean(corr["baseline"])
     spread = max(statistics.stdev(corr["geometry"]), statistics.stdev(corr["baseline"]))
     print(f"geom_corr baseline {corr['baseline']} geometry {corr['geometry']}")
@@ -143,17 +149,6 @@ def test_resume_from_a_state_ends_exactly_like_the_uninterrupted_run(name, preci
     for a, b in zip(again["model"].state_dict().values(), full["model"].state_dict().values()):
         assert torch.equal(a, b)
     assert full["autocast"] == {"auto": "fp32", "bf16": "bf16"}[precision]  # auto on the CPU: fp32
-
-
-def test_bf16_training_stays_within_two_points_of_fp32_on_the_same_seed(digits, digits_teacher):
-    """16 epochs of the geometry method (measured at 16 and 30 epochs, seeds 0-2: within 1.1 points; at 8 epochs
-    the two trajectories have not converged yet and differ by up to 2.8)."""
-    runs = {p: distill(TrainConfig("cnn_student", METHODS["geometry"], Recipe(epochs=16, precision=p), seed=0), digits,
-                       digits_teacher) for p in ("fp32", "bf16")}
-    assert all(math.isfinite(r[f"loss_{t}"]) for r in runs.values() for t in ("ce", "kd", "geometry"))
-    assert abs(runs["bf16"]["test_top1"] - runs["fp32"]["test_top1"]) <= 2.0, runs
-    assert runs["bf16"]["test_top1"] != runs["fp32"]["test_top1"] or \
-        runs["bf16"]["train_loss"] != runs["fp32"]["train_loss"]  # bf16 did run: not the fp32 numbers again
 
 
 def test_channels_last_on_the_cpu_changes_no_metric_beyond_float_noise(digits, digits_teacher):
