@@ -392,6 +392,10 @@ def _fit(f: _Folder, state: SearchState, remaining: int, todo: list | None, asha
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         for name in ("ray", "ray.tune", "ray.data", "ray.train"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        # Ray's copy of its own experiment state into the storage races with its renaming of a temporary file
+        # (seen once in `make demo`: a traceback, then the run went on; Ray saves again at its next sync).
+        # kdbench resumes from trials.csv and its own checkpoints, never from that state: not the user's error.
+        logging.getLogger("ray.tune.execution.experiment_state").setLevel(logging.CRITICAL)
     gpus = gpus_of(study, f.gpus_per_trial)
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, study=study, teacher=f.teacher, data=f.data,
