@@ -12,7 +12,7 @@ from torch import nn
 from .data import Data, normalize
 from .geometry import class_centroids, geom_err, geometry_corr, knn_top1, linear_cka, similarity_matrix
 
-__all__ = ["autocast", "prepare", "forward_all", "evaluate", "teacher_views"]
+__all__ = ["PRECISIONS", "resolve_precision", "peak_memory_mib", "autocast", "prepare", "forward_all", "evaluate", "teacher_views"]
 
 
 def autocast(device: torch.device, precision: str = "auto"):
@@ -20,6 +20,27 @@ def autocast(device: torch.device, precision: str = "auto"):
     no-op context."""
     on = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on CUDA, fp32 elsewhere; bf16 where the device cannot run it: ValueError (one line)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision = bf16: {torch.cuda.get_device_name(device)} has no bf16; allowed here: fp32, auto")
+    return precision
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """The device's peak memory so far: CUDA's max allocated, else this process's peak resident set (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def prepare(x: torch.Tensor, data: Data) -> torch.Tensor:

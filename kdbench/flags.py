@@ -15,6 +15,7 @@ default study (``digits``: its sampler, samples and objectives; its space unless
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -95,10 +96,8 @@ def _axis(arg: str) -> tuple[str, dict | None]:
 def _number(text: str):
     """A bound or choice as TOML would hold it: int, float, or the text itself (method names)."""
     for kind in (int, float):
-        try:
+        with contextlib.suppress(ValueError):
             return kind(text)
-        except ValueError:
-            pass
     return text
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from .terms import STAGE_READS, TERMS, TEACHER_READS, build_parts, check_method, reads_of, shapes_of
 from .data import Data, augment
-from .evaluate import autocast, evaluate, forward_all, prepare, teacher_views
+from .evaluate import autocast, evaluate, forward_all, peak_memory_mib, prepare, resolve_precision, teacher_views
 from .geometry import CentroidMemory
 from .models import build_model, count_parameters
 
@@ -140,16 +140,6 @@ class Recipe:
 
 
 SCHEDULES = ("cosine", "step", "constant")
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on CUDA, fp32 elsewhere; bf16 where the device cannot run it: ValueError (one line)."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"precision = bf16: {torch.cuda.get_device_name(device)} has no bf16; allowed here: fp32, auto")
-    return precision
 
 # Models and recipe per data set when the user names none.
 DATASET_DEFAULTS: dict[str, dict] = {
@@ -433,15 +423,6 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             else:
                 report(row)
     return {**history[-1], "epochs": recipe.epochs, "history": history, "model": student}
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    """The device's peak memory so far: CUDA's max allocated, else this process's peak resident set (MiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def _cpu(obj):

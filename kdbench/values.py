@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .train import PRECISIONS, SCHEDULES, Method, Recipe
+from .evaluate import PRECISIONS
+from .train import SCHEDULES, Method, Recipe
 
 __all__ = ["StudyError", "TUNABLE", "field_types", "check_value", "apply_overrides", "parse_sets", "gpus_allowed"]
 
