@@ -8,6 +8,9 @@ import tempfile
 if "KDBENCH_TEST_CACHE" not in os.environ:
     os.environ["KDBENCH_TEST_CACHE"] = tempfile.mkdtemp(prefix="kdbench-test-cache-")
 os.environ["KDBENCH_CACHE"] = os.environ["KDBENCH_TEST_CACHE"]
+# Ray maps 127.0.0.1 to the machine's other address unless told it runs a loopback-only cluster (read when Ray is
+# imported): the tests' Ray instances, and the drivers the tests connect to them, stay on loopback.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

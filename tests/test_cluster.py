@@ -29,7 +29,7 @@ method = "geometry"
 [recipe]
 epochs = 6
 [search]
-samples = 4
+samples = 3
 concurrency = 2
 [search.space.geometry]
 type = "loguniform"
@@ -89,10 +89,10 @@ def test_kill_9_mid_trial_on_a_two_node_cluster_then_resume_there(killed_search,
     trials are kept as they were, interrupted ones continue from their checkpoints and end bit for bit as an
     uninterrupted run, and Optuna asks for their parameters again first."""
     p, out, before, found, r = killed_search
-    assert 1 <= len(before) < 4
+    assert 1 <= len(before) < 3
     assert r.returncode == 0, r.stderr[-2000:]
     after = read_table(out / "trials.csv")
-    assert len(after) == 4 and after["trial_id"].is_unique and (after["status"] == "completed").all()
+    assert len(after) == 3 and after["trial_id"].is_unique and (after["status"] == "completed").all()
     pd.testing.assert_frame_equal(after.head(len(before))[before.columns], before)  # finished trials kept as they were
     assert not after.duplicated(["config_id", "seed"]).any()
     # Each node has one CPU and two trials run at once: both nodes ran trials, and the rows say which.
@@ -131,7 +131,7 @@ def test_kill_9_during_confirm_on_the_cluster_then_rerun_runs_only_the_missing_p
     out = tmp_path / "out"
     shutil.copytree(killed_search[1], out)  # the finished search of the test above
     n_search = len(read_table(out / "trials.csv"))
-    cmd, env = _kdbench("confirm", out, "--seeds", "2", "--top", "1", "--with", "baseline", "--concurrency", "1",
+    cmd, env = _kdbench("confirm", out, "--seeds", "1", "--top", "1", "--with", "baseline", "--concurrency", "1",
                         "--address", two_nodes.address)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120
@@ -140,11 +140,11 @@ def test_kill_9_during_confirm_on_the_cluster_then_rerun_runs_only_the_missing_p
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = read_table(out / "trials.csv")
-    assert n_search < len(before) < n_search + 4
+    assert len(before) == n_search + 1  # one of the two runs, one at a time
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)  # the same command again
     assert r.returncode == 0, r.stderr[-2000:]
     after = read_table(out / "trials.csv")
     confirm = after[after["stage"] == "confirm"]
-    assert f"{n_search + 4 - len(before)} runs added" in r.stderr, r.stderr[-2000:]  # only the missing pairs ran
-    assert len(confirm) == 4 and not confirm.duplicated(["config_id", "seed"]).any()
+    assert "1 runs added" in r.stderr, r.stderr[-2000:]  # only the missing pair ran
+    assert len(confirm) == 2 and not confirm.duplicated(["config_id", "seed"]).any()
     pd.testing.assert_frame_equal(after.head(len(before))[before.columns], before)

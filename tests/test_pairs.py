@@ -3,9 +3,6 @@
 sibling runs end to end."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -117,11 +114,8 @@ def test_the_synthetic_sibling_runs_every_pair_end_to_end_on_a_cluster(tmp_path,
         torch.save({"epoch": 240, "model": build_model(teacher, 100, 3).state_dict(), "accuracy": 0.0},
                    folder / "ckpt_epoch_240.pth")
     out = tmp_path / "out"
-    # A driver process of its own, as a user's: Ray reads the loopback-cluster setting when it is imported.
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    r = subprocess.run([sys.executable, "-m", "kdbench.cli", "tune", "synthetic-repdistiller", "--out", str(out),
-                        "--address", two_nodes.address], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = runner.invoke(app, ["tune", "synthetic-repdistiller", "--out", str(out), "--address", two_nodes.address])
+    assert r.exit_code == 0, r.output[-3000:]
     for teacher, student in (("resnet56", "resnet20"), ("vgg13", "MobileNetV2")):
         f = read_folder(out / f"{teacher}-{student}")
         assert (f.study["study"]["teacher"], f.study["study"]["student"]) == (teacher, student)

@@ -80,14 +80,16 @@ def test_teacher_cache_round_trip(digits, digits_teacher):
 @pytest.mark.slow
 def test_digits_acceptance_teacher_accuracy_and_geometry_gain(digits, digits_teacher):
     """Issue 2's acceptance: teacher >= 97 % test top-1; over 3 seeds the geometry student keeps
-    the teacher's geometry better than the baseline student, by more than the seed std."""
+    the teacher's geometry better than the baseline student, by more than the seed std. At half the default
+    recipe's epochs (the cosine schedule over 15), for the suite's time; measured on seeds 0-2, the gain in
+    test geom_corr over its largest seed std: 0.106 / 0.029 at 15 epochs, 0.119 / 0.053 at the default 30."""
     assert digits_teacher.meta["test_top1"] >= 97.0
-    recipe = DATASET_DEFAULTS["digits"]["recipe"]
+    recipe = dataclasses.replace(DATASET_DEFAULTS["digits"]["recipe"], epochs=15)
     runs = {name: [distill(TrainConfig("cnn_student", METHODS[name], recipe, seed), digits, digits_teacher)
                    for seed in (0, 1, 2)] for name in ("baseline", "geometry")}
     corr = {name: [r["test_geom_corr"] for r in rs] for name, rs in runs.items()}
     # bf16 autocast (on the CPU here: the code a GPU runs) ends within 2 points of fp32 on the same seed (measured,
-    # seeds 0-2: within 0.6 at 30 epochs, 1.1 at 16; at 8 the trajectories have not converged: up to 2.8 apart).
+    # seeds 0-2: within 0.6 at 30 epochs, 1.1 at 16 (seed 0 at 15: 1.11); at 8 they have not converged: up to 2.8 apart).
     bf16 = distill(TrainConfig("cnn_student", METHODS["geometry"], dataclasses.replace(recipe, precision="bf16"), 0),
                    digits, digits_teacher)
     fp32 = runs["geometry"][0]
