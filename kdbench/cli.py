@@ -56,6 +56,8 @@ def train(
     """
     from . import results
     from .data import load_data
+    from .matrices import write_teacher
+    from .pictures import save_pictures
     from .study import StudyError, apply_overrides, parse_sets
     from .train import METHODS, TrainConfig, check_method, dataset_defaults, distill, trial_values
 
@@ -88,8 +90,7 @@ def train(
     progress, report = epoch_progress(recipe.epochs, f"{cfg.student} · {m.name}")
     with progress:
         res = distill(cfg, data, t, report)
-    history = res.pop("history")
-    model = res.pop("model")
+    history, model, kept = res.pop("history"), res.pop("model"), res.pop("matrices")
     out.print(summary_table(res, cfg, dataset))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +109,9 @@ def train(
                        "method": dataclasses.asdict(m), "recipe": dataclasses.asdict(recipe), "seed": seed},
             "teacher": {k: v for k, v in tm.items() if k != "path"},
             "environment": results.environment(str(dev)) | {"threads": threads_now()}, "metrics": res})
-        err.print(f"wrote {out_dir / 'result.json'}, {out_dir / 'epochs.csv'} and {out_dir / 'student.pt'}")
+        write_teacher(out_dir / "matrices.npz", kept, data.class_names, student=True)
+        pictures = save_pictures(out_dir)
+        err.print(f"wrote result.json, epochs.csv, student.pt, matrices.npz{''.join(', ' + p for p in pictures)} in {out_dir}")
 
 
 @app.command()

@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from .data import Data, normalize
+from .downstream import clustering, retrieval
 from .geometry import class_centroids, geom_err, geometry_corr, knn_top1, linear_cka, similarity_matrix
 
-__all__ = ["PRECISIONS", "resolve_precision", "peak_memory_mib", "autocast", "prepare", "forward_all", "evaluate", "teacher_views"]
+__all__ = ["PRECISIONS", "resolve_precision", "peak_memory_mib", "autocast", "prepare", "forward_all", "evaluate", "teacher_views",
+           "FINAL"]
 
 
 def autocast(device: torch.device, precision: str = "auto"):
@@ -63,13 +65,19 @@ def forward_all(model: nn.Module, x: torch.Tensor, data: Data, batch_size: int =
     return torch.cat(feats), torch.cat(logits)
 
 
+# Measures of a student's features computed beside kNN at the end of a run (or at every evaluated epoch, where a
+# search's objective needs one): retrieval against the training split, clustering of the split. See downstream.py.
+FINAL = ("knn_top1", "map_at_r", "r_at_1", "nmi", "ari")
+
+
 def evaluate(model: nn.Module, data: Data, split: str, teacher_view: dict | None = None,
-             knn: bool | torch.Tensor = False) -> dict[str, float]:
+             knn: bool | torch.Tensor = False, keep: dict | None = None) -> dict[str, float]:
     """Metrics of DESIGN §5 on ``split`` without augmentation, prefixed ``<split>_``.
 
     ``teacher_view`` holds the teacher's features and similarity matrix on the same split; without
-    it only top-1 (and kNN) are computed. ``knn``: True, or the model's train-split features when the
-    caller already has them (one pass serves every split).
+    it only top-1 (and the final measures) are computed. ``knn``: True, or the model's train-split features
+    when the caller already has them (one pass serves every split): then the :data:`FINAL` measures too.
+    ``keep``: a dict that receives the student's centroid-similarity matrix of the split (float32, on the CPU).
     """
     x, y = data.split(split)
     f, z = forward_all(model, x, data)
@@ -78,9 +86,12 @@ def evaluate(model: nn.Module, data: Data, split: str, teacher_view: dict | None
         s = similarity_matrix(class_centroids(f, y, data.num_classes))
         out |= {"geom_corr": geometry_corr(s, teacher_view["S"]), "geom_err": geom_err(s, teacher_view["S"]),
                 "cka": linear_cka(f, teacher_view["features"])}
+        if keep is not None:
+            keep[split] = s.float().cpu().numpy()
     if knn is not False:
         ref_f = knn if isinstance(knn, torch.Tensor) else forward_all(model, data.train_x, data)[0]
         out["knn_top1"] = knn_top1(ref_f, data.train_y, f, y, data.num_classes)
+        out |= retrieval(f, y, ref_f, data.train_y) | clustering(f, y, data.num_classes)
     return {f"{split}_{k}": float(v) for k, v in out.items()}
 
 

@@ -400,7 +400,7 @@ def _jsonable(v):
     return v
 
 
-def to_json(lb: pd.DataFrame, fr: Front, imp: pd.DataFrame | None = None) -> str:
+def to_json(lb: pd.DataFrame, fr: Front, imp: pd.DataFrame | None = None, geometry: dict | None = None) -> str:
     doc = {"leaderboard": lb.to_dict("records"), "configurations": fr.points.to_dict("records"),
            "front": _front_records(fr), "front_on": _ON[fr.on].split(" (")[0], "objectives": list(fr.objectives),
            "hypervolume": fr.hypervolume, "reference_point": list(fr.reference_point),
@@ -409,7 +409,7 @@ def to_json(lb: pd.DataFrame, fr: Front, imp: pd.DataFrame | None = None) -> str
            "front_of_multi_seed_configurations": fr.multi_seed_front,
            "importances": None if imp is None else imp.to_dict("records"), "split": fr.split,
            "interval_method": fr.interval, "interval": stats.interval_label(fr.interval),
-           "unsettled": list(fr.unsettled)}
+           "unsettled": list(fr.unsettled), **(geometry or {})}
     return json.dumps(_jsonable(doc), indent=2)
 
 

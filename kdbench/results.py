@@ -24,7 +24,7 @@ __all__ = ["write_json", "write_text", "write_csv", "environment", "ResultsError
            "student_file", "write_student", "final_metrics", "jsonable", "STUDENTS", "KEEP_STUDENTS", "most_at_once"]
 
 # Final metrics of DESIGN §5, one column per split, in a stable order.
-METRICS = ("top1", "geom_corr", "geom_err", "cka", "knn_top1")
+METRICS = ("top1", "geom_corr", "geom_err", "cka", "knn_top1", "map_at_r", "r_at_1", "nmi", "ari")
 # Every trials.csv column has its owner here. ``config_id`` names a configuration (everything but the
 # seed, see :func:`config_id`); ``stage`` says which step produced the row; ``node`` (Ray node id),
 # ``host``, ``threads`` and ``device`` say where and how it ran (``kdbench rerun`` reads them);
@@ -307,6 +307,8 @@ def read_folder(path: str | Path) -> Folder:
             raise ResultsError(f"{path / 'trials.csv'}: missing columns {', '.join(missing)}")
         trials = _backfill(trials, study)
     epochs = read_table(path / "epochs.csv") if (path / "epochs.csv").exists() else None
+    if epochs is not None and "trial_id" not in epochs.columns:  # a single train run's history
+        epochs.insert(0, "trial_id", "train")
     return Folder(path, study, trials, epochs)
 
 

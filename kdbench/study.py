@@ -29,7 +29,8 @@ __all__ = ["Study", "Param", "Confirm", "StudyError", "load_study", "parse_study
            "SAMPLERS", "OBJECTIVES"]  # StudyError and the single-value checks live in kdbench.values
 
 SAMPLERS = ("tpe", "nsga2", "random")
-OBJECTIVES = ("top1", "geom_corr", "geom_err", "cka")  # searchable, measured on val each epoch
+# Searchable, measured on val at every epoch (the last five, computed only at the end otherwise, then are too).
+OBJECTIVES = ("top1", "geom_corr", "geom_err", "cka", "knn_top1", "map_at_r", "r_at_1", "nmi", "ari")
 PARAM_TYPES = ("uniform", "loguniform", "int", "categorical")
 STUDIES_DIR = Path(__file__).resolve().parent / "studies"
 
@@ -327,7 +328,7 @@ def parse_study(raw: dict, path: str | Path | None, where: str | None = None, or
             if o not in OBJECTIVES:
                 s.fail("objectives", o, ", ".join(OBJECTIVES))
         if len(objectives) != 2 or len(set(objectives)) != 2:
-            s.fail("objectives", list(objectives), "two different metrics (an accuracy and a geometry one)")
+            s.fail("objectives", list(objectives), "two different metrics (e.g. an accuracy and a geometry one)")
         space = _space(s.sub("space"), methods)
         if not space:
             s.fail("space", {}, "at least one parameter table, e.g. [search.space.geometry]")

@@ -206,6 +206,7 @@ class TrainConfig:
     compile: bool = False
     eval_val: str = "end"
     eval_test: str = "end"
+    final_every_epoch: bool = False  # kNN, retrieval and clustering at every evaluated epoch (a search objective)
 
 
 @dataclass
@@ -266,14 +267,16 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             holds ``state``: everything an exact continuation needs (weights, trainable extras,
             centroid memory, optimiser, step, every RNG state, history), on the CPU.
         final_weights: the last epoch's report row also holds ``final_weights``: the trained student's
-            state_dict on the CPU (what a search keeps of a finished trial).
+            state_dict on the CPU (what a search keeps of a finished trial). That row always holds
+            ``matrices``: the student's centroid-similarity matrices per evaluated split (``val``, ``test``)
+            and the teacher's (``teacher_val``, ``teacher_test``), float32 numpy arrays.
 
     Returns:
         The last epoch's metrics, which are the final ones: val and test top-1, geometry (with a
         teacher) and kNN, ``best_test_top1`` (when test is evaluated every epoch), ``last_test_top1``,
         ``params``, ``epochs``,
         ``train_seconds``, ``images_per_second``; plus ``history`` (every epoch's metrics) and
-        ``model`` (the trained student).
+        ``model`` (the trained student) and ``matrices`` (as above).
     """
     method, recipe, device = cfg.method, cfg.recipe, data.train_x.device
     terms = method.terms
@@ -328,6 +331,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         history, step, best_test = list(resume["history"]), resume["step"], resume["best_test"]
         untimed = resume.get("untimed", 0)
         train_seconds, start = resume["train_seconds"], resume["epoch"] + 1
+    last_matrices = {}
     for epoch in range(start, recipe.epochs + 1):
         student.train()
         t0 = time.perf_counter()
@@ -395,10 +399,13 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
                **{f"loss_{k}": v / steps_per_epoch for k, v in zip(terms, sums)}}
         if not math.isfinite(row["train_loss"]):
             raise DivergedError(f"training loss is {row['train_loss']} at epoch {epoch}")
-        train_features = _train_features(student, data)[0] if last else False  # kNN's reference, once
-        for split, when in (("val", cfg.eval_val), ("test", cfg.eval_test)):
-            if (last or when == "every_epoch") and len(data.split(split)[1]):  # val_fraction = 0: no val split
-                row |= evaluate(student, data, split, views.get(split), knn=train_features)
+        evaluated = [split for split, when in (("val", cfg.eval_val), ("test", cfg.eval_test))
+                     if (last or when == "every_epoch") and len(data.split(split)[1])]  # val_fraction = 0: no val
+        # kNN's and retrieval's reference: the train split's features, once for every split evaluated
+        train_features = _train_features(student, data)[0] if last or (cfg.final_every_epoch and evaluated) else False
+        matrices = {}  # the last epoch's student centroid-similarity matrices, per split
+        for split in evaluated:
+            row |= evaluate(student, data, split, views.get(split), knn=train_features, keep=matrices if last else None)
         if cfg.eval_test == "every_epoch":
             best_test = max(best_test, row["test_top1"])
             row["best_test_top1"] = best_test
@@ -411,8 +418,11 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             row["compile_seconds"] = compile_seconds
             row["autocast"] = precision  # the precision resolved on this device (bf16 | fp32)
         history.append(row)
-        if last and final_weights:
-            row = {**row, "final_weights": _cpu(student.state_dict())}
+        if last:  # what the report carries beside the row (never in the history): the matrices, the weights
+            last_matrices = {**matrices, **{f"teacher_{k}": v["S"].float().cpu().numpy() for k, v in views.items()}}
+            row = {**row, "matrices": last_matrices}
+            if final_weights:
+                row["final_weights"] = _cpu(student.state_dict())
         if report is not None:
             if state_when is not None and not last and state_when(epoch):
                 state = {name: module.state_dict() for name, module in modules.items()}
@@ -422,7 +432,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
                 report({**row, "state": _cpu(state)})
             else:
                 report(row)
-    return {**history[-1], "epochs": recipe.epochs, "history": history, "model": student}
+    return {**history[-1], "epochs": recipe.epochs, "history": history, "model": student, "matrices": last_matrices}
 
 
 def _cpu(obj):

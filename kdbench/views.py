@@ -105,7 +105,7 @@ def show_progress(live, state, printed: list) -> None:
 
 
 def compare_folders(folders, by, plot, fmt, val, top: int | None = None, save: bool = False, interval: str = "t"):
-    from . import report
+    from . import pictures, report
     from .results import ResultsError
 
     problems = []
@@ -125,8 +125,10 @@ def compare_folders(folders, by, plot, fmt, val, top: int | None = None, save: b
     lb = report.leaderboard(df, loaded, by, split, interval)
     fr = report.front(df, report.objectives_of(loaded), split, searched=report.searched_of(loaded), interval=interval)
     imp, note = report.importances(loaded[0]) if len(loaded) == 1 else (None, "")
+    front_ids = list(fr.rows["config_id"]) if len(fr.rows) else []
+    geo = pictures.geometry_summary(loaded, df, front_ids) if fmt in ("json", "table") else {}
     if fmt == "json":
-        sys.stdout.write(report.to_json(lb, fr, imp) + "\n")
+        sys.stdout.write(report.to_json(lb, fr, imp, geo) + "\n")
     elif fmt == "csv":
         sys.stdout.write(lb.to_csv(index=False))
     elif fmt == "md":
@@ -140,6 +142,10 @@ def compare_folders(folders, by, plot, fmt, val, top: int | None = None, save: b
                                          f"configurations ({'validation' if fr.on == 'val' else fr.on} {' vs '.join(fr.objectives)})"))
         for line in report.unsettled_lines(fr):
             out.print(line, highlight=False, soft_wrap=True)
+        for name, items in geo["moved_pairs"].items():
+            out.print(pictures.moved_table(name, items))
+        for name, rows in geo["payoff"].items():
+            out.print(pictures.payoff_table(name, rows))
         counts = df["status"].value_counts().to_dict()
         out.print("trials: " + ", ".join(f"{k} {v}" for k, v in counts.items()), highlight=False)
         if note and "no optuna.db" not in note:
@@ -151,4 +157,5 @@ def compare_folders(folders, by, plot, fmt, val, top: int | None = None, save: b
         err.print(f"wrote {plot}")
     if save:
         written = report.save_summary(loaded[0], lb, fr, df, by, imp)
+        written += pictures.save_pictures(loaded[0].path, front_ids)
         err.print(f"wrote {', '.join(written)} in {loaded[0].path}")

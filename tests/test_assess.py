@@ -13,7 +13,8 @@ from kdbench.models import build_model
 from kdbench.results import read_folder, read_table
 
 runner = CliRunner()
-MEASURED = ("val_top1", "test_top1", "val_geom_corr", "test_geom_corr", "test_geom_err", "test_cka", "test_knn_top1")
+MEASURED = ("val_top1", "test_top1", "val_geom_corr", "test_geom_corr", "test_geom_err", "test_cka", "test_knn_top1",
+            "test_map_at_r", "test_r_at_1", "test_nmi", "test_ari")
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +97,44 @@ def test_keep_students_front_removes_the_students_off_the_front(searched, tmp_pa
     table = table[table["n"] > 0].reset_index(drop=True)
     front = set(table.loc[stats.front_on_means(table, ("top1", "geom_corr"))[0], "config_id"])
     assert {p.stem for p in (out / "students").glob("*.pt")} == set(trials.loc[trials["config_id"].isin(front), "trial_id"])
+
+
+def test_train_out_keeps_both_geometries_and_the_final_measures_recompute_from_the_student(trained, digits,
+                                                                                         digits_teacher):
+    """matrices.npz holds the teacher's and the student's centroid-similarity matrices; recomputed here from the
+    teacher and from student.pt's features (a second path: no kdbench.evaluate), they agree, and so do the
+    retrieval and clustering measures of result.json. compare names the pairs that moved most, by hand."""
+    import numpy as np
+
+    from kdbench.downstream import clustering, retrieval
+    from kdbench.evaluate import forward_all
+    from kdbench.geometry import class_centroids, similarity_matrix
+
+    run = trained / "s0"
+    z = np.load(run / "matrices.npz")
+    assert set(z.files) == {"val", "test", "teacher_val", "teacher_test", "classes"}
+    assert list(z["classes"]) == [str(i) for i in range(10)] and z["test"].shape == (10, 10) and z["test"].dtype == np.float32
+    model = build_model("cnn_student", 10, 1)
+    model.load_state_dict(torch.load(run / "student.pt", weights_only=True)["model"])
+    metrics = json.loads((run / "result.json").read_text())["metrics"]
+    for split in ("val", "test"):
+        x, y = digits.split(split)
+        f_t = forward_all(digits_teacher.model, x, digits)[0]
+        f_s = forward_all(model, x, digits)[0]
+        assert np.allclose(z[f"teacher_{split}"], similarity_matrix(class_centroids(f_t, y, 10)).numpy(), atol=1e-6)
+        assert np.allclose(z[split], similarity_matrix(class_centroids(f_s, y, 10)).numpy(), atol=1e-5)
+    ref = forward_all(model, digits.train_x, digits)[0]
+    x, y = digits.split("test")
+    f_s = forward_all(model, x, digits)[0]
+    again = retrieval(f_s, y, ref, digits.train_y) | clustering(f_s, y, 10)
+    assert {k: metrics[f"test_{k}"] for k in again} == pytest.approx(again, abs=1e-6)
+    assert 0 < metrics["test_map_at_r"] <= metrics["test_r_at_1"] <= 1  # mAP@R never above the first hit's rate
+    assert (run / "geometry.png").stat().st_size > 10_000 and (run / "curves.png").stat().st_size > 10_000
+    doc = json.loads(runner.invoke(app, ["compare", str(run), "--format", "json"]).stdout)
+    (moved,) = next(iter(doc["moved_pairs"].values()))
+    i, j = np.triu_indices(10, 1)
+    change = np.abs(z["test"] - z["teacher_test"])[i, j]
+    first = moved["pairs"][0]
+    assert (int(first["a"]), int(first["b"])) == (i[change.argmax()], j[change.argmax()])
+    assert first["teacher"] == pytest.approx(float(z["teacher_test"][i[change.argmax()], j[change.argmax()]]))
+    assert len(moved["pairs"]) == 3 and moved["runs"] == 1

@@ -89,8 +89,17 @@ def test_tune_then_compare_json_front_is_the_non_dominated_full_rows(tmp_path, s
         assert seen[0][1:3] == [f"{row['geometry']:.4g}", f"{row['momentum']:.4g}"]
     assert r.frames[0].splitlines()[1].split()[:5] == ["trial", "geometry", "momentum", "epoch", "val"]
     assert "ETA" in r.frames[0] and "trial-epochs left at most" in r.frames[0] and "ETA" not in r.frames[-1]
-    for name in ("trials.csv", "epochs.csv", "optuna.db", "front.csv", "pareto.png", "leaderboard.md"):
+    for name in ("trials.csv", "epochs.csv", "optuna.db", "front.csv", "pareto.png", "leaderboard.md", "geometry.png",
+                 "curves.png"):
         assert (out / name).is_file(), name
+    # Every full-fidelity trial kept its student's matrices, the folder the teacher's once; stopped ones none.
+    import numpy as np
+
+    full = rows[rows["status"] == "completed"]
+    assert {p.stem for p in (out / "matrices").glob("*.npz")} == {*full["trial_id"], "teacher"}
+    teacher = np.load(out / "matrices" / "teacher.npz")
+    assert list(teacher["classes"]) == [str(i) for i in range(10)] and np.allclose(np.diag(teacher["val"]), 1, atol=1e-5)
+    assert rows.loc[rows["status"] == "stopped", "test_map_at_r"].isna().all() and full["test_map_at_r"].between(0, 1).all()
     assert not any(p.name.startswith(".") for p in out.iterdir())  # no temporary files left behind
     meta = json.loads((out / "study.json").read_text())
     assert meta["ended"] and meta["environment"]["versions"]["ray"] and meta["study"]["samples"] == 5
@@ -106,7 +115,7 @@ def test_tune_then_compare_json_front_is_the_non_dominated_full_rows(tmp_path, s
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert {"leaderboard", "configurations", "front", "hypervolume", "reference_point", "knee", "front_stability",
-            "importances"} <= set(doc)
+            "importances", "moved_pairs", "payoff"} <= set(doc) and doc["payoff"] == {}  # 5 runs: too few
     trials = read_table(out / "trials.csv")
     assert trials["config_id"].str.fullmatch(r"[0-9a-f]{10}").all() and set(trials["stage"]) == {"search"}
     # The front is on configuration means of the validation split (one seed each here).

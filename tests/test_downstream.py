@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdbench.downstream import clustering, retrieval
+from kdbench.downstream import clustering, payoff, retrieval, spearman, within_bands
 
 
 def test_map_at_r_and_r_at_1_by_hand():
@@ -44,3 +44,39 @@ def test_clustering_is_one_for_separated_classes_and_about_zero_for_noise():
     assert clustering(apart, y, 4) == {"nmi": pytest.approx(1.0), "ari": pytest.approx(1.0)}
     noise = clustering(torch.randn(100, 4, generator=g), y, 4)
     assert noise["ari"] < 0.1 and noise["nmi"] < 0.2
+
+
+def test_spearman_equals_scipys_and_the_band_rho_is_the_weighted_mean_of_the_bands():
+    from scipy.stats import spearmanr
+
+    g = np.random.default_rng(3)
+    x, y = g.random(30), g.random(30)
+    y[:5] = y[5]  # ties: average ranks
+    assert spearman(x, y) == pytest.approx(spearmanr(x, y)[0], abs=1e-12)
+    assert np.isnan(spearman(x, np.ones(30))) and np.isnan(spearman(x[:2], y[:2]))
+    # Bands [96, 97) and [97, 98): 5 and 4 runs; a band of 2 (at 98) is left out.
+    top1 = np.array([96.1, 96.2, 96.5, 96.7, 96.9, 97.0, 97.3, 97.5, 97.8, 98.2, 98.4])
+    xs, ys = g.random(11), g.random(11)
+    rho, n = within_bands(xs, ys, top1)
+    assert n == 9 and rho == pytest.approx((5 * spearmanr(xs[:5], ys[:5])[0] + 4 * spearmanr(xs[5:9], ys[5:9])[0]) / 9)
+
+
+def test_payoff_sees_a_planted_relation_inside_bands_and_none_in_noise():
+    """A measure that follows geom_corr within every top-1 band: rho near 1 overall and in bands, intervals that
+    hold it; independent noise: an interval around 0. A monotone transform of geom_corr changes nothing (ranks)."""
+    import pandas as pd
+
+    g = np.random.default_rng(0)
+    n = 40
+    corr = g.random(n)
+    top1 = 95 + 4 * g.random(n)
+    runs = pd.DataFrame({"test_geom_corr": corr, "test_top1": top1, "test_map_at_r": corr + 0.01 * g.random(n),
+                         "test_nmi": g.random(n)})
+    got = {r["measure"]: r for r in payoff(runs, resamples=500)}
+    assert set(got) == {"map_at_r", "nmi"} and got["map_at_r"]["runs"] == n
+    m = got["map_at_r"]
+    assert m["rho"] > 0.95 and m["rho_in_band"] > 0.95 and m["rho_ci"][0] <= m["rho"] <= m["rho_ci"][1]
+    assert got["nmi"]["rho_ci"][0] < 0 < got["nmi"]["rho_ci"][1]
+    warped = payoff(runs.assign(test_geom_corr=np.exp(5 * corr)), resamples=500)
+    assert [w["rho"] for w in warped] == pytest.approx([got[w["measure"]]["rho"] for w in warped])
+    assert payoff(runs.head(11)) == []  # too few runs: no answer

@@ -165,3 +165,20 @@ def test_channels_last_on_the_cpu_changes_no_metric_beyond_float_noise(digits, d
     assert abs(a["test_top1"] - b["test_top1"]) <= 1.0 and abs(a["test_geom_corr"] - b["test_geom_corr"]) <= 0.02
     assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
     assert "channels_last" not in trial_values(METHODS["geometry"], Recipe(channels_last=True))  # how, not what
+
+
+def test_a_downstream_objective_is_measured_at_every_evaluated_epoch_and_only_then(digits, digits_teacher):
+    """`objectives = ["top1", "map_at_r"]`: a search's scheduler compares val mAP@R at its rungs, so the final
+    measures run at every evaluated epoch; otherwise only at the last (they cost a pass over the train split)."""
+    from kdbench.study import parse_study
+
+    study = parse_study({"dataset": "digits", "search": {"objectives": ["top1", "map_at_r"],
+                                                          "space": {"geometry": {"low": 1.0, "high": 10.0}}}}, None)
+    assert study.objectives == ("top1", "map_at_r")
+    rows = {}
+    for every in (True, False):
+        cfg = TrainConfig("cnn_student", METHODS["geometry"], Recipe(epochs=2), 0, eval_val="every_epoch",
+                          final_every_epoch=every)
+        rows[every] = distill(cfg, digits, digits_teacher)["history"]
+    assert all(0 <= h["val_map_at_r"] <= 1 and "val_nmi" in h for h in rows[True])
+    assert "val_map_at_r" not in rows[False][0] and rows[False][1]["val_map_at_r"] == rows[True][1]["val_map_at_r"]

@@ -426,7 +426,7 @@ def _fit(f: _Folder, state: SearchState, remaining: int, todo: list | None, asha
         run_config=tune.RunConfig(name=f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{next(_FITS)}", storage_path=f.storage,
                                   verbose=1 if f.verbose else 0,
                                   callbacks=[ResultsWriter(study, f.out, state, f.rows, f.epochs, f.on_update,
-                                                           f.resume_from)],
+                                                           f.resume_from, f.data.class_names)],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=study.max_failures)))
     tuner.fit()

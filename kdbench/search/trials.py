@@ -16,6 +16,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from .. import checkpoints, results
+from ..evaluate import FINAL
 from ..study import Study
 from ..trial import resolve_trial, trial_config_id
 from ..teacher import load_teacher
@@ -116,7 +117,8 @@ def _trainable(config: dict, study: Study, teacher: dict, data, threads: int, re
             tune.report({**row, **where, "ended_at": time.time()}, checkpoint=tune.Checkpoint.from_directory(d))
 
     try:
-        distill(TrainConfig(study.student, method, recipe, seed, eval_val=study.eval_val, eval_test=study.eval_test),
+        distill(TrainConfig(study.student, method, recipe, seed, eval_val=study.eval_val, eval_test=study.eval_test,
+                            final_every_epoch=bool(set(study.objectives) & set(FINAL))),
                 data, teacher, report, resume=state, state_when=due, final_weights=study.keep_students != "none")
     except Exception as e:  # NaN loss, OOM, a bug: the trial is failed, with its reason; the search goes on
         tune.report({"epoch": last_epoch, "failure": f"{type(e).__name__}: {e}", **where, "ended_at": time.time()})

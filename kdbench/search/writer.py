@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ray import tune
 
-from .. import checkpoints, results
+from .. import checkpoints, matrices, results
 from ..study import Study
 from ..trial import resolve_trial, trial_config_id
 from ..train import trial_values
@@ -99,9 +99,10 @@ class ResultsWriter(tune.Callback):
     """Driver side: one epochs.csv row per report; one trials.csv row per finished trial, written at once."""
 
     def __init__(self, study: Study, out: Path, state: SearchState, rows: list, epochs: list, on_update,
-                 resume_from: dict):
+                 resume_from: dict, class_names: tuple = ()):
         self.study, self.out, self.state, self.rows, self.epochs = study, out, state, rows, epochs
         self.on_update, self.starts, self.resume_from, self.running = on_update, {}, resume_from, set()
+        self.class_names = class_names
 
     def __getstate__(self):  # Ray pickles its run config; the live view's hook holds locks and stays here
         return {**self.__dict__, "on_update": None}
@@ -157,6 +158,10 @@ class ResultsWriter(tune.Callback):
         history = {(e["trial_id"], e["epoch"]): e for e in self.epochs if e["trial_id"] in finished}
         results.write_csv(self.out / "epochs.csv", list(history.values()))
         results.write_csv(self.out / "trials.csv", self.rows, results.TRIAL_COLUMNS)
+        if status == "completed" and r.get("matrices"):  # the class geometry, beside the row (see kdbench.matrices)
+            matrices.write_run(self.out, trial.trial_id, r["matrices"])
+            if not (self.out / matrices.MATRICES / "teacher.npz").exists():
+                matrices.write_teacher(self.out / matrices.MATRICES / "teacher.npz", r["matrices"], self.class_names)
         if status == "completed" and self.study.keep_students != "none" and trial.checkpoint is not None:
             student = checkpoints.read_student(trial.checkpoint)
             if student is not None:  # its final metrics are the row's

@@ -1,0 +1,226 @@
+"""The geometry and the training made visible: which configurations a folder's pictures show, their seed-mean
+centroid-similarity matrices beside the teacher's (``geometry.png``), the class pairs they moved most (printed by
+``compare``), and the loss and metric curves over the epochs (``curves.png``, the paper's Figure 1 generalised)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import stats
+from .matrices import Matrices, cluster_order, moved_pairs, read_matrices
+from .plots import _pyplot, _save
+from .results import Folder, read_folder
+
+__all__ = ["shown_configurations", "geometry_of", "moved", "plot_geometry", "plot_curves", "save_pictures",
+           "geometry_summary", "moved_table", "payoff_table"]
+
+MAX_SHOWN = 4  # configurations a picture shows side by side (readable at 100 classes)
+
+
+def shown_configurations(df: pd.DataFrame, front_ids=(), k: int = MAX_SHOWN) -> list[tuple[str, str, list[str]]]:
+    """``(config_id, label, trial_ids)`` of the configurations the pictures show: the baseline's (most seeds) and
+    the front's (by test top-1), at most ``k``; else the best by test top-1. Only the runs a claim rests on."""
+    claims = stats.claim_rows(df)
+    if claims.empty:
+        return []
+    groups = claims.groupby("config_id", sort=False)
+    mean = groups["test_top1"].mean() if "test_top1" in claims.columns else groups.size().astype(float)
+    order = list(mean.sort_values(ascending=False).index)
+    base = [c for c in sorted(order, key=lambda c: -len(groups.get_group(c))) if
+            (claims.loc[claims["config_id"] == c, "method"] == "baseline").any()][:1]
+    chosen = base + [c for c in order if c in set(front_ids) and c not in base]
+    chosen += [c for c in order if c not in chosen]
+    out = []
+    for c in chosen[:k]:
+        g = groups.get_group(c)
+        out.append((str(c), f"{g['method'].iloc[0]} · {str(c)[:6]} · {len(g)} seed{'s' * (len(g) != 1)}",
+                    [str(t) for t in g["trial_id"]]))
+    return out
+
+
+def geometry_of(m: Matrices, shown, split: str = "test") -> list[tuple[str, np.ndarray, np.ndarray, int]]:
+    """Per shown configuration with kept matrices: (label, seed-mean matrix, its std, runs)."""
+    out = []
+    for _, label, trials in shown:
+        got = m.mean(trials, split)
+        if got is not None:
+            out.append((label, *got))
+    return out
+
+
+def _split_of(m: Matrices) -> str:
+    return "test" if "test" in m.teacher else "val"
+
+
+def moved(folder: Folder, shown, k: int = 3) -> list[dict]:
+    """Per shown configuration, the ``k`` class pairs whose similarity moved most from the teacher's:
+    ``{"config", "pairs": [...]}`` (see :func:`kdbench.matrices.moved_pairs`); empty without kept matrices."""
+    m = read_matrices(folder.path)
+    if not m:
+        return []
+    split = _split_of(m)
+    return [{"config": label, "split": split, "runs": n, "pairs": moved_pairs(m.teacher[split], mean, std, m.classes, k)}
+            for label, mean, std, n in geometry_of(m, shown, split)]
+
+
+def plot_geometry(folder: Folder, shown, path: str | Path) -> bool:
+    """The teacher's matrix, then per shown configuration its seed-mean matrix (top) and the difference from the
+    teacher's (below); the classes in one order (a clustering of the teacher's matrix), one colour scale for the
+    matrices and one for the differences, class names on the axes where they fit. False: nothing kept."""
+    m = read_matrices(folder.path)
+    split = _split_of(m) if m else "test"
+    students = geometry_of(m, shown, split) if m else []
+    if not students:
+        return False
+    plt = _pyplot()
+    teacher = m.teacher[split]
+    n = teacher.shape[0]
+    order = cluster_order(teacher)
+    names = [m.classes[i] for i in order] if len(m.classes) == n else [str(i) for i in order]
+    off = ~np.eye(n, dtype=bool)
+    low = min(float(teacher[off].min()), *(float(s[off].min()) for _, s, _, _ in students)) if n > 1 else -1.0
+    diffs = [s - teacher for _, s, _, _ in students]
+    span = max(float(np.abs(d[off]).max()) if n > 1 else 0.0 for d in diffs) or 1e-6
+    side = 2.6 + 0.055 * n
+    fig, axes = plt.subplots(2, 1 + len(students), figsize=(side * (1 + len(students)) + 1.2, 2 * side + 0.6), dpi=100,
+                             squeeze=False, layout="constrained")
+    font = max(3.0, min(8.0, 360.0 / n))
+
+    def show(ax, a, title, **kw):
+        im = ax.imshow(a[np.ix_(order, order)], interpolation="nearest", **kw)
+        ax.set_title(title, fontsize=9)
+        ticks = np.arange(n) if n <= 120 else np.arange(0, n, max(1, n // 40))
+        ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90, fontsize=font)
+        ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=font)
+        return im
+
+    im = show(axes[0][0], teacher, f"teacher ({split})", cmap="viridis", vmin=low, vmax=1.0)
+    axes[1][0].axis("off")
+    axes[1][0].text(0.5, 0.5, f"top: each configuration's student matrix,\nthe mean over its seeds\n\nbelow: that mean "
+                              f"minus the teacher's\n(red: closer than the teacher has them,\nblue: further apart)",
+                    ha="center", va="center", fontsize=8, transform=axes[1][0].transAxes)
+    for j, ((label, s, _, runs), d) in enumerate(zip(students, diffs), start=1):
+        show(axes[0][j], s, label, cmap="viridis", vmin=low, vmax=1.0)
+        dm = show(axes[1][j], d, "minus the teacher's", cmap="RdBu_r", vmin=-span, vmax=span)
+    fig.colorbar(im, ax=list(axes[0]), fraction=0.02, pad=0.01, label="cosine similarity of class centroids")
+    fig.colorbar(dm, ax=list(axes[1][1:]), fraction=0.02, pad=0.01, label="student - teacher")
+    fig.suptitle(f"{folder.name}: class-centroid similarity ({split} split)\nclasses ordered by a clustering of the "
+                 f"teacher's matrix", fontsize=10)
+    _save(fig, path)
+    return True
+
+
+def plot_curves(folder: Folder, shown, path: str | Path) -> bool:
+    """Per shown configuration, against the epoch: the train loss and each loss term, val top-1 and val geom_corr
+    (test where a folder has no validation split); the mean over its seeds with their min-max band; only the
+    epochs that were evaluated. False: no history."""
+    ep = folder.epochs
+    if ep is None or ep.empty or not shown:
+        return False
+    ep = ep.assign(trial_id=ep["trial_id"].astype(str))
+    split = "val" if "val_top1" in ep.columns and ep["val_top1"].notna().any() else "test"
+    measured = [f"{split}_{m}" for m in ("knn_top1", "map_at_r", "r_at_1", "nmi", "ari")]  # a search objective's
+    panels = ["train_loss", *sorted(c for c in ep.columns if c.startswith("loss_")), f"{split}_top1", f"{split}_geom_corr",
+              *(c for c in measured if c in ep.columns and ep[c].notna().groupby(ep["trial_id"]).sum().max() > 1)]
+    panels = [c for c in panels if c in ep.columns and ep[c].notna().any()]
+    if not panels:
+        return False
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), dpi=110, squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for i, c in enumerate(panels):
+        ax = axes[i // cols][i % cols]
+        for j, (_, label, trials) in enumerate(shown):
+            g = ep[ep["trial_id"].isin(trials)].dropna(subset=[c])
+            if g.empty:
+                continue
+            by = g.groupby("epoch")[c]
+            x, mean = by.mean().index.to_numpy(), by.mean().to_numpy()
+            ax.plot(x, mean, color=colours(j % 10), linewidth=1.3, label=label, marker="o" if len(x) < 3 else None)
+            if g["trial_id"].nunique() > 1:
+                ax.fill_between(x, by.min().to_numpy(), by.max().to_numpy(), color=colours(j % 10), alpha=0.2,
+                                linewidth=0)
+        ax.set_title(c.replace("loss_", "loss term: "), fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for i in range(len(panels), rows * cols):
+        axes[i // cols][i % cols].axis("off")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(4, len(labels)), frameon=False)
+    fig.suptitle(f"{folder.name}: training curves, mean over seeds (band: min-max)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    _save(fig, path)
+    return True
+
+
+def save_pictures(path: str | Path, front_ids=()) -> list[str]:
+    """``geometry.png`` and ``curves.png`` of the folder at ``path`` (each atomically); the names written."""
+    folder = read_folder(path)
+    from .report import trials_frame
+
+    shown = shown_configurations(trials_frame([folder]), front_ids)
+    written = []
+    for name, draw in (("geometry.png", plot_geometry), ("curves.png", plot_curves)):
+        tmp = folder.path / f".{name}.tmp.png"
+        if draw(folder, shown, tmp):
+            tmp.replace(folder.path / name)
+            written.append(name)
+    return written
+
+
+def geometry_summary(folders: list[Folder], df: pd.DataFrame, front_ids=()) -> dict:
+    """What ``compare`` adds about the geometry, per folder: the most-moved class pairs of its shown configurations
+    and, where it has enough runs, whether geom_corr goes with the downstream measures (kdbench.downstream.payoff)."""
+    from .downstream import payoff
+
+    moved_by, payoff_by = {}, {}
+    for f in folders:
+        mine = df[df["study"] == f.name] if "study" in df.columns else df
+        shown = shown_configurations(mine, front_ids)
+        if shown:
+            moved_by[f.name] = moved(f, shown)
+        split = "test" if "test_geom_corr" in mine.columns and mine["test_geom_corr"].notna().any() else "val"
+        p = payoff(stats.claim_rows(mine), split=split) if len(mine) else []
+        if p:
+            payoff_by[f.name] = p
+    return {"moved_pairs": {k: v for k, v in moved_by.items() if v}, "payoff": payoff_by}
+
+
+def moved_table(name: str, items: list[dict]):
+    from rich.table import Table
+
+    split = items[0]["split"] if items else "test"
+    t = Table(title=f"Class pairs moved most from the teacher's geometry — {name}",
+              caption=f"centroid-similarity on {split}: the teacher's value → the student's mean ± std over its seeds")
+    t.add_column("configuration")
+    for i in range(max(len(x["pairs"]) for x in items)):
+        t.add_column(f"#{i + 1}")
+    for x in items:
+        sd = (lambda p: f" ± {p['std']:.2f}") if x["runs"] > 1 else (lambda p: "")
+        t.add_row(x["config"], *(f"{p['a']} – {p['b']}: {p['teacher']:.2f} → {p['student']:.2f}{sd(p)}" for p in x["pairs"]))
+    return t
+
+
+def payoff_table(name: str, rows: list[dict]):
+    from rich.table import Table
+
+    t = Table(title=f"Does keeping the geometry pay off? Spearman ρ of geom_corr with each measure — {name}",
+              caption=f"across runs ({rows[0]['split']} split); [95 % bootstrap interval over runs]; in top-1 bands: "
+                      f"the run-weighted ρ inside {rows[0]['band_width']:g}-point bands of top-1 (bands of 4+ runs), "
+                      f"where accuracy cannot explain it")
+    for h in ("measure", "runs", "ρ overall", "ρ in top-1 bands", "runs in bands"):
+        t.add_column(h, justify="left" if h == "measure" else "right")
+    fmt = lambda v, ci: "—" if v != v else f"{v:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]"
+    for r in rows:
+        t.add_row(r["measure"], str(r["runs"]), fmt(r["rho"], r["rho_ci"]), fmt(r["rho_in_band"], r["rho_in_band_ci"]),
+                  str(r["band_runs"]))
+    return t
