@@ -308,7 +308,8 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
     memory, t_centroids = None, None
     if "geometry" in terms:
         memory = CentroidMemory(data.num_classes, student.feature_dim, method.momentum).to(device)
-        memory.fill(*_train_features(student, data))  # every slot starts at the initial student's centroid
+        # every slot starts at the initial student's centroid
+        memory.fill(forward_all(student, data.train_x, data)[0], data.train_y)
         t_centroids = teacher.centroids.to(device).clone()
 
     # --- 3. the loop -------------------------------------------------------------------------
@@ -402,21 +403,19 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         evaluated = [split for split, when in (("val", cfg.eval_val), ("test", cfg.eval_test))
                      if (last or when == "every_epoch") and len(data.split(split)[1])]  # val_fraction = 0: no val
         # kNN's and retrieval's reference: the train split's features, once for every split evaluated
-        train_features = _train_features(student, data)[0] if last or (cfg.final_every_epoch and evaluated) else False
+        final = last or (cfg.final_every_epoch and evaluated)
+        train_features = forward_all(student, data.train_x, data)[0] if final else False
         matrices = {}  # the last epoch's student centroid-similarity matrices, per split
         for split in evaluated:
             row |= evaluate(student, data, split, views.get(split), knn=train_features, keep=matrices if last else None)
         if cfg.eval_test == "every_epoch":
             best_test = max(best_test, row["test_top1"])
             row["best_test_top1"] = best_test
-        row |= {"params": n_params, "epoch_seconds": epoch_seconds,
-                "train_seconds": train_seconds,
+        row |= {"params": n_params, "epoch_seconds": epoch_seconds, "train_seconds": train_seconds,
                 "images_per_second": (steps_per_epoch * bs * epoch - untimed) / max(train_seconds, 1e-9)}
-        if last:
-            row["last_test_top1"] = row["test_top1"]
-            row["peak_memory_mib"] = peak_memory_mib(device)
-            row["compile_seconds"] = compile_seconds
-            row["autocast"] = precision  # the precision resolved on this device (bf16 | fp32)
+        if last:  # autocast: the precision resolved on this device (bf16 | fp32)
+            row |= {"last_test_top1": row["test_top1"], "peak_memory_mib": peak_memory_mib(device),
+                    "compile_seconds": compile_seconds, "autocast": precision}
         history.append(row)
         if last:  # what the report carries beside the row (never in the history): the matrices, the weights
             last_matrices = {**matrices, **{f"teacher_{k}": v["S"].float().cpu().numpy() for k, v in views.items()}}
@@ -458,7 +457,3 @@ def _set_rng(rng: dict) -> None:
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
 
-
-def _train_features(model: nn.Module, data: Data):
-    f, _ = forward_all(model, data.train_x, data)
-    return f, data.train_y

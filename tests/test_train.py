@@ -155,7 +155,8 @@ def test_resume_from_a_state_ends_exactly_like_the_uninterrupted_run(name, preci
 
 def test_channels_last_on_the_cpu_changes_no_metric_beyond_float_noise(digits, digits_teacher):
     """The layout GPUs train in, on the CPU: the student's convolutions are channels_last, and two epochs end
-    within float noise of the contiguous run (measured: top-1 equal, geom_corr 6e-3 apart, train loss 1e-4)."""
+    within float noise of the contiguous run (measured: top-1 equal, geom_corr 6e-3 apart, train loss 1e-4 apart
+    relative at one thread, 2.4e-3 at two: the noise two epochs of SGD grow from a different summation order)."""
     runs = {cl: distill(TrainConfig("cnn_student", METHODS["geometry"], Recipe(epochs=2, channels_last=cl), seed=0),
                         digits, digits_teacher) for cl in (False, True)}
     conv = lambda r: next(m.weight for m in r["model"].modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
@@ -163,7 +164,7 @@ def test_channels_last_on_the_cpu_changes_no_metric_beyond_float_noise(digits, d
         conv(runs[False]).is_contiguous(memory_format=torch.channels_last)
     a, b = runs[False], runs[True]
     assert abs(a["test_top1"] - b["test_top1"]) <= 1.0 and abs(a["test_geom_corr"] - b["test_geom_corr"]) <= 0.02
-    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-2)
     assert "channels_last" not in trial_values(METHODS["geometry"], Recipe(channels_last=True))  # how, not what
 
 
