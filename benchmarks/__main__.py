@@ -18,7 +18,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from . import bench
+from . import bench, downstream
 
 console = Console(stderr=True)
 
@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer repeats; skip the (slow) search comparison")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", dest="json_path", help="write the figures here as JSON")
-    p.add_argument("--only", help="comma-separated subset: data,geometry,step,folder,method,compile,ray,search,gpu")
+    p.add_argument("--only", help="comma-separated subset: data,geometry,step,folder,method,compile,"
+                                        "downstream,ray,search,gpu")
     p.add_argument("--val-fraction", type=float, help="search comparison: the study's [data] val_fraction")
     p.add_argument("--search-study", default="digits", help="search comparison: the bundled study to search")
     p.add_argument("--search-seeds", type=int, default=5, help="search comparison: seeds 0..N-1")
@@ -58,7 +59,8 @@ def main(argv=None) -> int:
              "search_hv_ratio": ">= 0.95", "search_budget_ratio": "<= 0.5", "ray_overhead": "<= 1.25",
              "search_hv_ratio_pareto": ">= 0.97 (min >= 0.90)", "search_budget_ratio_pareto": "<= 0.5",
              "gpu_images_per_second": ">= 10000", "gpu_packed_4_speedup": ">= 2.5", "gpu_tune_exit_code": "0",
-             "folder_decode_seconds": "< 30 (2,000 JPEGs 64x64)", "folder_cache_load_seconds": "< 3"}
+             "folder_decode_seconds": "< 30 (2,000 JPEGs 64x64)", "folder_cache_load_seconds": "< 3",
+             "downstream_share": "<= 0.10"}
     plan = [
         ("data_path_speedup", lambda: bench.data_path(args.device, repeats)),
         ("geometry_overhead", lambda: bench.geometry_overhead(args.device, repeats)),
@@ -66,6 +68,7 @@ def main(argv=None) -> int:
         ("folder_decode", lambda: bench.folder_decode(repeats)),
         ("method_cost", lambda: bench.method_cost(args.device, max(2, repeats // 2))),
         ("compile", lambda: bench.compile_check(args.device)),
+        ("downstream", lambda: downstream.downstream_cost(args.device, max(2, repeats // 2))),
     ]
     if args.device == "cpu":  # the default study on the CPU; on a GPU, the GPU check below instead
         plan.append(("ray_overhead", lambda: bench.ray_overhead(quick=args.quick)))

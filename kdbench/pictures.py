@@ -14,7 +14,7 @@ from .matrices import Matrices, cluster_order, moved_pairs, read_matrices
 from .plots import _pyplot, _save
 from .results import Folder, read_folder
 
-__all__ = ["shown_configurations", "geometry_of", "moved", "plot_geometry", "plot_curves", "save_pictures",
+__all__ = ["shown_configurations", "geometry_of", "moved", "plot_geometry", "plot_curves", "curve_data", "save_pictures",
            "geometry_summary", "moved_table", "payoff_table"]
 
 MAX_SHOWN = 4  # configurations a picture shows side by side (readable at 100 classes)
@@ -113,49 +113,60 @@ def plot_geometry(folder: Folder, shown, path: str | Path) -> bool:
     return True
 
 
-def plot_curves(folder: Folder, shown, path: str | Path) -> bool:
-    """Per shown configuration, against the epoch: the train loss and each loss term, val top-1 and val geom_corr
-    (test where a folder has no validation split); the mean over its seeds with their min-max band; only the
-    epochs that were evaluated. False: no history."""
+def curve_data(folder: Folder, shown) -> dict[str, list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]]:
+    """What ``curves.png`` draws: per panel (``train_loss``, each ``loss_<term>``, val top-1 and geom_corr — test
+    where a folder has no validation split —, and a final measure a search evaluated every epoch), per shown
+    configuration: (label, epochs, mean over its seeds, min, max), only the epochs that were evaluated."""
     ep = folder.epochs
     if ep is None or ep.empty or not shown:
-        return False
+        return {}
     ep = ep.assign(trial_id=ep["trial_id"].astype(str))
     split = "val" if "val_top1" in ep.columns and ep["val_top1"].notna().any() else "test"
     measured = [f"{split}_{m}" for m in ("knn_top1", "map_at_r", "r_at_1", "nmi", "ari")]  # a search objective's
     panels = ["train_loss", *sorted(c for c in ep.columns if c.startswith("loss_")), f"{split}_top1", f"{split}_geom_corr",
               *(c for c in measured if c in ep.columns and ep[c].notna().groupby(ep["trial_id"]).sum().max() > 1)]
-    panels = [c for c in panels if c in ep.columns and ep[c].notna().any()]
-    if not panels:
+    out = {}
+    for c in (c for c in panels if c in ep.columns and ep[c].notna().any()):
+        lines = []
+        for _, label, trials in shown:
+            by = ep[ep["trial_id"].isin(trials)].dropna(subset=[c]).groupby("epoch")[c]
+            if len(by):
+                lines.append((label, by.mean().index.to_numpy(), by.mean().to_numpy(), by.min().to_numpy(),
+                              by.max().to_numpy()))
+        out[c] = lines
+    return out
+
+
+def plot_curves(folder: Folder, shown, path: str | Path) -> bool:
+    """:func:`curve_data` drawn, one panel per quantity: the mean over seeds, their min-max band where a
+    configuration has more than one. False: no history."""
+    data = curve_data(folder, shown)
+    if not data:
         return False
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    cols = min(4, len(panels))
-    rows = -(-len(panels) // cols)
+    cols = min(4, len(data))
+    rows = -(-len(data) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), dpi=110, squeeze=False)
     colours = plt.get_cmap("tab10")
-    for i, c in enumerate(panels):
+    labels = [label for _, label, _ in shown]
+    for i, (c, lines) in enumerate(data.items()):
         ax = axes[i // cols][i % cols]
-        for j, (_, label, trials) in enumerate(shown):
-            g = ep[ep["trial_id"].isin(trials)].dropna(subset=[c])
-            if g.empty:
-                continue
-            by = g.groupby("epoch")[c]
-            x, mean = by.mean().index.to_numpy(), by.mean().to_numpy()
-            ax.plot(x, mean, color=colours(j % 10), linewidth=1.3, label=label, marker="o" if len(x) < 3 else None)
-            if g["trial_id"].nunique() > 1:
-                ax.fill_between(x, by.min().to_numpy(), by.max().to_numpy(), color=colours(j % 10), alpha=0.2,
-                                linewidth=0)
+        for label, x, mean, lo, hi in lines:
+            colour = colours(labels.index(label) % 10)
+            ax.plot(x, mean, color=colour, linewidth=1.3, label=label, marker="o" if len(x) < 3 else None)
+            if (hi > lo).any():
+                ax.fill_between(x, lo, hi, color=colour, alpha=0.2, linewidth=0)
         ax.set_title(c.replace("loss_", "loss term: "), fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    for i in range(len(panels), rows * cols):
+    for i in range(len(data), rows * cols):
         axes[i // cols][i % cols].axis("off")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(4, len(labels)), frameon=False)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=7, loc="lower center", ncol=min(4, len(names)), frameon=False)
     fig.suptitle(f"{folder.name}: training curves, mean over seeds (band: min-max)", fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     _save(fig, path)

@@ -46,6 +46,20 @@ def test_clustering_is_one_for_separated_classes_and_about_zero_for_noise():
     assert noise["ari"] < 0.1 and noise["nmi"] < 0.2
 
 
+def test_nmi_and_ari_of_two_classes_in_one_cluster_by_hand():
+    """Four classes of 25, three places (classes 2 and 3 share one), three clusters: k-means finds the places.
+    NMI (arithmetic): I = H(clusters) = ln 4 - ln(2) / 2, H(classes) = ln 4, so 2 I / (H + H) = 0.857143; ARI from
+    the pair counts: sum C(n_ij, 2) = 1200, classes 1200, clusters 1825, C(100, 2) = 4950."""
+    g = torch.Generator().manual_seed(2)
+    y = torch.arange(4).repeat_interleave(25)
+    places = torch.tensor([[10.0, 0, 0], [0, 10.0, 0], [0, 0, 10.0], [0, 0, 10.0]])
+    got = clustering(places[y] + 0.1 * torch.randn(100, 3, generator=g), y, 3)
+    h_c = np.log(4) - np.log(2) / 2
+    expected = 1200 * 1825 / 4950
+    assert got["nmi"] == pytest.approx(2 * h_c / (np.log(4) + h_c), abs=1e-9)
+    assert got["ari"] == pytest.approx((1200 - expected) / ((1200 + 1825) / 2 - expected), abs=1e-9)
+
+
 def test_spearman_equals_scipys_and_the_band_rho_is_the_weighted_mean_of_the_bands():
     from scipy.stats import spearmanr
 
