@@ -51,10 +51,13 @@ def clustering(features: torch.Tensor, labels: torch.Tensor, num_classes: int, s
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
+    from threadpoolctl import threadpool_limits
+
     x = F.normalize(features.float(), dim=1).cpu().numpy().astype(np.float64)
     y = labels.cpu().numpy()
     k = min(num_classes, len(x))
-    found = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(x)
+    with threadpool_limits(torch.get_num_threads()):  # a trial's threads, as its training has (not every core)
+        found = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(x)
     return {"nmi": float(normalized_mutual_info_score(y, found)), "ari": float(adjusted_rand_score(y, found))}
 
 

@@ -17,20 +17,22 @@ from .results import Folder, read_folder
 __all__ = ["shown_configurations", "geometry_of", "moved", "plot_geometry", "plot_curves", "curve_data", "save_pictures",
            "geometry_summary", "moved_table", "payoff_table"]
 
-MAX_SHOWN = 4  # configurations a picture shows side by side (readable at 100 classes)
+MAX_SHOWN = 5  # configurations a picture shows side by side (readable at 100 classes)
 
 
 def shown_configurations(df: pd.DataFrame, front_ids=(), k: int = MAX_SHOWN) -> list[tuple[str, str, list[str]]]:
-    """``(config_id, label, trial_ids)`` of the configurations the pictures show: the baseline's (most seeds) and
-    the front's (by test top-1), at most ``k``; else the best by test top-1. Only the runs a claim rests on."""
+    """``(config_id, label, trial_ids)`` of the configurations the pictures show: the baseline's (most seeds), the
+    geometry method's best (by test top-1; where a folder has it beside others), then the front's (by test top-1),
+    at most ``k``; else the best by test top-1. Only the runs a claim rests on."""
     claims = stats.claim_rows(df)
     if claims.empty:
         return []
     groups = claims.groupby("config_id", sort=False)
     mean = groups["test_top1"].mean() if "test_top1" in claims.columns else groups.size().astype(float)
     order = list(mean.sort_values(ascending=False).index)
-    base = [c for c in sorted(order, key=lambda c: -len(groups.get_group(c))) if
-            (claims.loc[claims["config_id"] == c, "method"] == "baseline").any()][:1]
+    method = lambda c: str(groups.get_group(c)["method"].iloc[0])
+    base = [c for c in sorted(order, key=lambda c: -len(groups.get_group(c))) if method(c) == "baseline"][:1]
+    base += [c for c in order if method(c) == "geometry"][:1]
     chosen = base + [c for c in order if c in set(front_ids) and c not in base]
     chosen += [c for c in order if c not in chosen]
     out = []
@@ -114,14 +116,16 @@ def plot_geometry(folder: Folder, shown, path: str | Path) -> bool:
 
 
 def curve_data(folder: Folder, shown) -> dict[str, list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]]:
-    """What ``curves.png`` draws: per panel (``train_loss``, each ``loss_<term>``, val top-1 and geom_corr — test
-    where a folder has no validation split —, and a final measure a search evaluated every epoch), per shown
-    configuration: (label, epochs, mean over its seeds, min, max), only the epochs that were evaluated."""
+    """What ``curves.png`` draws: per panel (``train_loss``, each ``loss_<term>`` the shown configurations train
+    with, top-1 and geom_corr on the split evaluated at more epochs — val on a tie —, and a final measure a search
+    evaluated every epoch), per shown configuration: (label, epochs, mean over its seeds, min, max), only the
+    epochs that were evaluated."""
     ep = folder.epochs
     if ep is None or ep.empty or not shown:
         return {}
     ep = ep.assign(trial_id=ep["trial_id"].astype(str))
-    split = "val" if "val_top1" in ep.columns and ep["val_top1"].notna().any() else "test"
+    evaluated = lambda s: ep[f"{s}_top1"].notna().sum() if f"{s}_top1" in ep.columns else -1
+    split = "val" if evaluated("val") >= evaluated("test") else "test"
     measured = [f"{split}_{m}" for m in ("knn_top1", "map_at_r", "r_at_1", "nmi", "ari")]  # a search objective's
     panels = ["train_loss", *sorted(c for c in ep.columns if c.startswith("loss_")), f"{split}_top1", f"{split}_geom_corr",
               *(c for c in measured if c in ep.columns and ep[c].notna().groupby(ep["trial_id"]).sum().max() > 1)]
@@ -133,7 +137,8 @@ def curve_data(folder: Folder, shown) -> dict[str, list[tuple[str, np.ndarray, n
             if len(by):
                 lines.append((label, by.mean().index.to_numpy(), by.mean().to_numpy(), by.min().to_numpy(),
                               by.max().to_numpy()))
-        out[c] = lines
+        if lines:
+            out[c] = lines
     return out
 
 
