@@ -115,7 +115,7 @@ def test_every_method_trains_on_synthetic(synthetic):
     assert data.train_x.shape[1:] == (3, 32, 32) and data.num_classes == 100
     # Real shapes, fewer images and a small teacher: this checks that every method runs, not how well.
     data = dataclasses.replace(data, train_x=data.train_x[::16], train_y=data.train_y[::16],
-                               val_x=data.val_x[::4], val_y=data.val_y[::4], test_x=data.test_x[::4], test_y=data.test_y[::4])
+                               val_x=data.val_x[::8], val_y=data.val_y[::8], test_x=data.test_x[::8], test_y=data.test_y[::8])
     teacher, _ = get_teacher(data, "cnn_student", Recipe(epochs=1))
     for name, method in METHODS.items():
         res = distill(TrainConfig("cnn_student", method, Recipe(epochs=1), seed=0), data, teacher)
