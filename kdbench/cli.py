@@ -58,6 +58,7 @@ def train(
     from .data import load_data
     from .matrices import write_teacher
     from .pictures import save_pictures
+    from .state import to_cpu
     from .study import StudyError, apply_overrides, parse_sets
     from .train import METHODS, TrainConfig, check_method, dataset_defaults, distill, trial_values
 
@@ -102,7 +103,7 @@ def train(
             "data_options": options, "teacher_checkpoint": tm.get("checkpoint")})
         cid = results.config_id(context, trial_values(m, recipe))
         results.write_student(out_dir / "student.pt", results.student_file(
-            {k: v.cpu() for k, v in model.state_dict().items()}, cfg.student, data.num_classes, cid, recipe.epochs, res))
+            to_cpu(model.state_dict()), cfg.student, data.num_classes, cid, recipe.epochs, res))
         results.write_json(out_dir / "result.json", {
             "config_id": cid,
             "config": {"dataset": dataset, "data_options": options, "student": cfg.student, "teacher": tm["arch"],

@@ -21,6 +21,7 @@ from .data import Data, augment
 from .evaluate import autocast, evaluate, forward_all, peak_memory_mib, prepare, resolve_precision, teacher_views
 from .geometry import CentroidMemory
 from .models import build_model, count_parameters
+from .state import get_rng, set_rng, to_cpu
 
 __all__ = ["Method", "Recipe", "TrainConfig", "EVAL_WHEN", "Teacher", "METHODS", "DATASET_DEFAULTS", "dataset_defaults",
            "distill", "evaluate", "get_lr", "DivergedError", "resolve_device", "trial_values", "check_method"]
@@ -219,7 +220,7 @@ class Teacher:
 
     def blob(self) -> dict:
         """Weights, centroids and metadata on the CPU: what the cache file holds, as one picklable dict."""
-        return {"state_dict": {k: v.cpu() for k, v in self.model.state_dict().items()},
+        return {"state_dict": to_cpu(self.model.state_dict()),
                 "centroids": self.centroids.cpu(), "meta": {k: v for k, v in self.meta.items() if k != "path"}}
 
 
@@ -328,7 +329,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             module.load_state_dict(resume[name])
         opt.load_state_dict(resume["optimizer"])
         gen.set_state(resume["generator"])
-        _set_rng(resume["rng"])
+        set_rng(resume["rng"])
         history, step, best_test = list(resume["history"]), resume["step"], resume["best_test"]
         untimed = resume.get("untimed", 0)
         train_seconds, start = resume["train_seconds"], resume["epoch"] + 1
@@ -421,39 +422,15 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             last_matrices = {**matrices, **{f"teacher_{k}": v["S"].float().cpu().numpy() for k, v in views.items()}}
             row = {**row, "matrices": last_matrices}
             if final_weights:
-                row["final_weights"] = _cpu(student.state_dict())
+                row["final_weights"] = to_cpu(student.state_dict())
         if report is not None:
             if state_when is not None and not last and state_when(epoch):
                 state = {name: module.state_dict() for name, module in modules.items()}
-                state |= {"optimizer": opt.state_dict(), "generator": gen.get_state(), "rng": _get_rng(device),
+                state |= {"optimizer": opt.state_dict(), "generator": gen.get_state(), "rng": get_rng(device),
                           "history": list(history), "step": step, "best_test": best_test,
                           "train_seconds": train_seconds, "epoch": epoch, "untimed": untimed}
-                report({**row, "state": _cpu(state)})
+                report({**row, "state": to_cpu(state)})
             else:
                 report(row)
     return {**history[-1], "epochs": recipe.epochs, "history": history, "model": student, "matrices": last_matrices}
-
-
-def _cpu(obj):
-    """A copy of ``obj`` with every tensor on the CPU (what a checkpoint file holds)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().clone()
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu(v) for v in obj)
-    return obj
-
-
-def _get_rng(device: torch.device) -> dict:
-    rng = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    return rng
-
-
-def _set_rng(rng: dict) -> None:
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
 
