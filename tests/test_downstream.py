@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdbench.downstream import clustering, payoff, retrieval, spearman, within_bands
+from kdbench.downstream import ari, clustering, kmeans, nmi, payoff, retrieval, spearman, within_bands
 
 
 def test_map_at_r_and_r_at_1_by_hand():
@@ -58,6 +58,35 @@ def test_nmi_and_ari_of_two_classes_in_one_cluster_by_hand():
     expected = 1200 * 1825 / 4950
     assert got["nmi"] == pytest.approx(2 * h_c / (np.log(4) + h_c), abs=1e-9)
     assert got["ari"] == pytest.approx((1200 - expected) / ((1200 + 1825) / 2 - expected), abs=1e-9)
+
+
+def test_nmi_and_ari_equal_scikit_learns_on_fixed_labelings():
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    g = np.random.default_rng(5)
+    cases = [(g.integers(0, 7, 200), g.integers(0, 5, 200)), (np.repeat(np.arange(4), 25), np.repeat(np.arange(4), 25)[::-1]),
+             (np.zeros(10, int), np.zeros(10, int)), (np.arange(10), np.zeros(10, int)), (g.integers(0, 3, 50), np.arange(50))]
+    for a, b in cases:
+        assert nmi(a, b) == pytest.approx(normalized_mutual_info_score(a, b), abs=1e-12)
+        assert ari(a, b) == pytest.approx(adjusted_rand_score(a, b), abs=1e-12)
+
+
+def test_kmeans_finds_separated_clusters_and_reaches_scikit_learns_inertia_on_blobs():
+    from sklearn.cluster import KMeans
+
+    g = torch.Generator().manual_seed(4)
+    centres = torch.randn(8, 16, generator=g) * 3
+    y = torch.arange(8).repeat_interleave(40)
+    x = centres[y] + torch.randn(320, 16, generator=g)
+    found = kmeans(x, 8, seed=0)
+    assert ari(y.numpy(), found.numpy()) == pytest.approx(1.0) and torch.equal(found, kmeans(x, 8, seed=0))
+    ours = float(((x.double() - torch.stack([x[found == c].double().mean(0) for c in range(8)])[found]) ** 2).sum())
+    ref = KMeans(8, n_init=4, random_state=0).fit(x.double().numpy()).inertia_
+    assert ours <= ref * 1.0001  # the same optimum here (well separated)
+    noisy = torch.randn(300, 5, generator=g)
+    mine = kmeans(noisy, 6, seed=1)
+    inertia = float(((noisy.double() - torch.stack([noisy[mine == c].double().mean(0) for c in range(6)])[mine]) ** 2).sum())
+    assert inertia <= KMeans(6, n_init=4, random_state=1).fit(noisy.double().numpy()).inertia_ * 1.05
 
 
 def test_spearman_equals_scipys_and_the_band_rho_is_the_weighted_mean_of_the_bands():
