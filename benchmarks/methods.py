@@ -1,8 +1,8 @@
 """kdbench's loss functions against the published implementations they name, on random tensors.
 
-    python -m benchmarks.methods --mdistiller PATH --logit-standardization PATH [--json FILE]
+    python -m benchmarks.methods --mdistiller PATH --logit-standardization PATH [--ctkd PATH] [--json FILE]
 
-PATH: checkouts of megvii-research/mdistiller and sunshangquan/logit-standardization-KD (not part of
+PATH: checkouts of megvii-research/mdistiller, sunshangquan/logit-standardization-KD and zhengli97/CTKD (not part of
 kdbench: their loss functions are imported from there at run time, never copied). DIST is compared with the
 formula of the authors' ``dist_kd.py`` (hunto/image_classification_sota), written out here. Stage maps of other
 sizes and channel counts where the method allows them. Prints the max relative error of each (tolerance 1e-5).
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import sys
 import types
 from pathlib import Path
@@ -133,10 +134,49 @@ def _reviewkd(theirs) -> dict:
             "reviewkd loss through the ABFs": rel(losses.hcl(mine, t_levels), theirs.hcl_loss(results, t_levels))}
 
 
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _ctkd(root: Path) -> dict:
+    """kdbench's ctkd term against the CTKD authors' Global_T (gradient reversal) and DistillKL at epochs 1, 3
+    and 12 of their 240-epoch CIFAR-100 run (CosineDecay(0, -1, 10), t_start 1, t_end 20): the loss, the
+    temperature's gradient and the student logits' gradient."""
+    from kdbench.terms import TERMS, _Temperature
+    from kdbench.train import METHODS
+
+    cuda = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self  # their DistillKL moves the temperature to CUDA
+    try:
+        temp_global, kd = _load(root / "models" / "temp_global.py", "ctkd_temp"), _load(root / "distiller_zoo" / "KD.py", "ctkd_kd")
+        out = {}
+        # in float64: the temperature's gradient is a small difference of large terms (float32 leaves ~1e-3 of it)
+        zs0, zt = torch.randn(64, 100, dtype=torch.float64) * 3, torch.randn(64, 100, dtype=torch.float64) * 5
+        for epoch in (1, 3, 12):
+            value = (math.cos(min(epoch, 10) * math.pi / 10) + 1.0) * 0.5 * (0 - (-1)) + (-1)  # their CosineDecay
+            mlp, zs_t = temp_global.Global_T().double(), zs0.clone().requires_grad_(True)
+            temp = 1 + 20 * torch.sigmoid(mlp(None, None, value))
+            theirs = kd.DistillKL()(zs_t, zt, temp)
+            theirs.backward()
+            parts, zs_o = _Temperature().double(), zs0.clone().requires_grad_(True)
+            ours = TERMS["ctkd"].compute({"logits": zs_o, "t_logits": zt, "epoch": epoch, "epochs": 240}, METHODS["ctkd"], parts)
+            ours.backward()
+            rel = lambda x, y: float((x - y).abs().max() / y.abs().max().clamp(min=1e-12))
+            out[f"ctkd epoch {epoch} (loss, temperature grad, logit grad)"] = max(
+                rel(ours.detach(), theirs.detach()), rel(parts.theta.grad, mlp.global_T.grad), rel(zs_o.grad, zs_t.grad))
+        return out
+    finally:
+        torch.Tensor.cuda = cuda
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.methods", description=__doc__.splitlines()[0])
     p.add_argument("--mdistiller", required=True, type=Path)
     p.add_argument("--logit-standardization", required=True, type=Path)
+    p.add_argument("--ctkd", type=Path)
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     torch.manual_seed(0)
@@ -164,6 +204,8 @@ def main(argv=None) -> int:
         if "OFD" in md:  # mdistiller's; the logit-standardization checkout has neither
             rows.update(_ofd(md["OFD"]))
             rows.update(_reviewkd(md["ReviewKD"]))
+    if a.ctkd:
+        rows.update(_ctkd(a.ctkd))
     for k, v in rows.items():
         print(f"{k:50s} max relative error {v:.1e}")
     worst = max(rows.values())

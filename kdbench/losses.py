@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .geometry import similarity_matrix
 
 __all__ = ["kd", "feature", "geometry", "rkd", "sp", "cc", "dkd", "at", "pkt", "nst", "vid", "dist", "standardize",
-           "pair_stages", "match_size", "crd_nce", "ofd", "ofd_margin", "hcl", "LOSSES"]
+           "pair_stages", "match_size", "crd_nce", "ofd", "ofd_margin", "hcl", "reverse_grad", "ctkd_lambda", "LOSSES"]
 
 
 def standardize(logits: torch.Tensor) -> torch.Tensor:
@@ -32,10 +32,12 @@ def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: 
     KL summed over classes and averaged over the batch ("batchmean"); the ``T^2`` keeps the
     gradient scale independent of ``T``. ``standardize_logits``: both sides through :func:`standardize` first.
     """
+    wide = lambda z: z if z.dtype == torch.float64 else z.float()  # fp32 at least (bf16 autocast), fp64 kept
+    student_logits, teacher_logits = wide(student_logits), wide(teacher_logits)
     if standardize_logits:
-        student_logits, teacher_logits = standardize(student_logits.float()), standardize(teacher_logits.float())
-    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)  # the teacher is a constant
+        student_logits, teacher_logits = standardize(student_logits), standardize(teacher_logits)
+    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.detach() / temperature, dim=1)  # the teacher is a constant
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature ** 2
 
 
@@ -333,6 +335,30 @@ def hcl(fs: list[torch.Tensor], ft: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
+class _Reverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.scale * grad, None
+
+
+def reverse_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """The gradient reversal layer (Ganin & Lempitsky, ICML 2015): ``x`` forward, ``-scale`` times the gradient
+    backward. CTKD's temperature goes through it: the student minimises the KD loss, the temperature maximises it."""
+    return _Reverse.apply(x, scale)
+
+
+def ctkd_lambda(epoch: int, epochs: int, loops: float) -> float:
+    """CTKD's curriculum (Li et al., AAAI 2023): the reversal's scale at ``epoch`` (1-based) rises on a cosine
+    from 0 to 1 over the first ``loops`` share of the ``epochs`` and stays 1: ``(1 - cos(pi * min(e / L, 1))) / 2``
+    with ``L = loops * epochs`` (the authors' CosineDecay from 0 to -1 over 10 epochs, its sign in the reversal)."""
+    return (1 - math.cos(math.pi * min(epoch / max(loops * epochs, 1e-12), 1.0))) / 2
+
+
 LOSSES = {"kd": kd, "feature": feature, "geometry": geometry, "rkd": rkd, "sp": sp, "cc": cc, "dkd": dkd, "at": at,
           "pkt": pkt, "nst": nst, "vid": vid, "dist": dist, "crd": crd_nce,
-          "ofd": ofd, "reviewkd": hcl}
+          "ofd": ofd, "reviewkd": hcl, "ctkd": kd}

@@ -49,6 +49,7 @@ class Term:
     compute: Callable  # (batch, method, parts) -> scalar tensor; parts: this term's module (or None)
     parts: Callable | None = None  # (shapes, method) -> nn.Module, trained with the student
     warmup: str | None = None  # the Method field: the share of the run over which its weight ramps up from 0
+    report: Callable | None = None  # (parts, method) -> {column: value}: what the loop records once an epoch
 
 
 class _ConvReg(nn.Module):
@@ -204,6 +205,24 @@ def _reviewkd(b, m, parts) -> torch.Tensor:
     return losses.hcl(parts(b["maps"], b["feat"]), [*t[len(t) - k:], b["t_feat"][:, :, None, None]])
 
 
+class _Temperature(nn.Module):
+    """CTKD's global temperature (Li et al., AAAI 2023): one trained parameter ``theta`` (initially 1, as the
+    authors' ``Global_T``); the temperature is ``ctkd_min + ctkd_range * sigmoid(theta)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.theta = nn.Parameter(torch.ones(1))
+
+    def forward(self, m, scale: float = 0.0) -> torch.Tensor:
+        return m.ctkd_min + m.ctkd_range * torch.sigmoid(losses.reverse_grad(self.theta, scale))[0]
+
+
+def _ctkd(b, m, parts) -> torch.Tensor:
+    """KD at the learned temperature, whose gradient is reversed with the curriculum's scale at this epoch."""
+    tau = parts(m, losses.ctkd_lambda(b["epoch"], b["epochs"], m.ctkd_loops))
+    return losses.kd(b["logits"], b["t_logits"], tau, bool(m.standardize))
+
+
 def _linear(sh: Shapes, m) -> nn.Module:
     return nn.Linear(sh.d_s, sh.d_t)  # FitNets regressor / CC embedding d_s -> d_t
 
@@ -238,7 +257,10 @@ TERMS: dict[str, Term] = {
     "ofd": Term(frozenset({"preact", "t_preact"}), _ofd, _ofd_parts),
     "reviewkd": Term(frozenset({"maps", "features", "t_preact", "t_features"}), _reviewkd,
                      lambda sh, m: _ReviewParts(sh), warmup="reviewkd_warmup"),
+    "ctkd": Term(LOGITS, _ctkd, lambda sh, m: _Temperature(),
+                 report=lambda p, m: {"ctkd_temperature": float(p(m).detach())}),
 }
+LOGIT_TERMS = ("kd", "dkd", "dist", "ctkd")  # the terms logit standardisation applies to
 TEACHER_READS = frozenset({"t_logits", "t_features", "t_maps", "t_preact"})
 STAGE_READS = frozenset({"maps", "t_maps", "preact", "t_preact"})  # the loop computes stage maps only for these
 
@@ -292,6 +314,9 @@ def check_method(method, student: str, teacher, data) -> None:
     """Raise MethodError (one line) when ``method`` cannot run with these models: a term reading stage maps a
     model does not expose, a stage that does not exist. Builds the parts once on the CPU; trains nothing."""
     terms = method.terms
+    if method.standardize and not set(terms) & set(LOGIT_TERMS):
+        raise MethodError(f"standardize = {method.standardize}: {method.name} has no logit term to standardise "
+                          f"(allowed with {', '.join(LOGIT_TERMS)})")
     if teacher is None or not reads_of(terms) & STAGE_READS and not any(TERMS[t].parts for t in terms):
         return
     model = build_model(student, data.num_classes, data.in_channels).to(data.train_x.device)

@@ -32,7 +32,8 @@ class Method:
     """Term weights of the student loss and the terms' own hyperparameters (DESIGN §4).
 
     A term is on when its weight (a name of :data:`kdbench.terms.TERMS`: ``ce``, ``kd``, ``feature``,
-    ``geometry``, ``rkd``, ``sp``, ``cc``, ``dkd``, ``at``, ``pkt``, ``nst``, ``fitnet``, ``vid``, ``dist``)
+    ``geometry``, ``rkd``, ``sp``, ``cc``, ``dkd``, ``at``, ``pkt``, ``nst``, ``fitnet``, ``vid``, ``dist``, ``crd``, ``ofd``,
+    ``reviewkd``, ``ctkd``)
     is non-zero; any preset can be turned into a combination by setting more weights.
     """
 
@@ -66,7 +67,7 @@ class Method:
     dist_beta: float = 1.0  # inter-class relation weight
     dist_gamma: float = 1.0  # intra-class relation weight
     dist_tau: float = 1.0  # DIST's temperature
-    standardize: int = 0  # 1: logit standardisation (Sun et al., CVPR 2024) in kd, dkd and dist
+    standardize: int = 0  # 1: logit standardisation (Sun et al., CVPR 2024) in kd, dkd, dist and ctkd
     crd: float = 0.0
     crd_dim: int = 128  # embedding width
     crd_negatives: int = 16384  # K, capped by the training samples of other classes
@@ -75,6 +76,10 @@ class Method:
     ofd: float = 0.0
     reviewkd: float = 0.0
     reviewkd_warmup: float = 1 / 12  # the share of the run over which the reviewkd weight ramps up (20 of 240 epochs)
+    ctkd: float = 0.0  # kd at a learned temperature, its gradient reversed (curriculum temperature)
+    ctkd_min: float = 1.0  # the temperature's range: ctkd_min + ctkd_range * sigmoid(theta)
+    ctkd_range: float = 20.0
+    ctkd_loops: float = 1 / 24  # the share of the run over which the reversal lambda rises 0 -> 1 (10 of 240 epochs)
 
     @property
     def terms(self) -> dict[str, float]:
@@ -96,7 +101,9 @@ class Method:
 # (mdistiller's config, RepDistiller's "-a 0 -b 0.8"; crd_kd adds KD 1 at T 4: its "CRD+KD"); KD + LS:
 # CE 0.1, KD 9, T 2; DKD + LS: alpha 9, beta 72, T 2 (Sun et al.'s README: --base-temp 2 --kd-weight 9); OFD
 # 0.001 with CE 1 (mdistiller's CIFAR default, a 1x1 connector); ReviewKD 5 with CE 1 and a 20-of-240-epoch
-# warm-up (mdistiller's configs/cifar100/reviewkd.yaml over its defaults).
+# warm-up (mdistiller's configs/cifar100/reviewkd.yaml over its defaults); CTKD: CE 0.1, KD 0.9 at a global
+# temperature learned in 1 + 20 * sigmoid(theta), lambda 0 -> 1 over 10 of 240 epochs on a cosine (Li et al., AAAI
+# 2023; the authors' scripts/run_cifar_distill.sh: -r 0.1 -a 0.9, --t_start 1 --t_end 20, --decay_loops 10).
 METHODS: dict[str, Method] = {
     "baseline": Method("baseline"),
     "kd": Method("kd", ce=0.1, kd=0.9, temperature=4.0),
@@ -119,6 +126,7 @@ METHODS: dict[str, Method] = {
     "dkd_ls": Method("dkd_ls", ce=1.0, dkd=1.0, dkd_alpha=9.0, dkd_beta=72.0, temperature=2.0, standardize=1),
     "ofd": Method("ofd", ce=1.0, ofd=0.001),
     "reviewkd": Method("reviewkd", ce=1.0, reviewkd=5.0),
+    "ctkd": Method("ctkd", ce=0.1, ctkd=0.9),
 }
 
 
@@ -162,7 +170,8 @@ def dataset_defaults(name: str) -> dict:
 # something else than their default, so that earlier folders keep their ids.
 LATER_FIELDS = {"milestones", "gamma", "precision", "channels_last", "compile", "at", "at_p", "pkt", "nst", "fitnet", "fitnet_stage", "vid", "vid_init_var",
                 "dist", "dist_beta", "dist_gamma", "dist_tau", "standardize", "crd", "crd_dim", "crd_negatives",
-                "crd_temperature", "crd_momentum", "ofd", "reviewkd", "reviewkd_warmup"}
+                "crd_temperature", "crd_momentum", "ofd", "reviewkd", "reviewkd_warmup", "ctkd", "ctkd_min", "ctkd_range",
+                "ctkd_loops"}
 
 
 def fields_dict(obj) -> dict:
@@ -351,7 +360,8 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             lr = get_lr(step, total_steps, recipe, steps_per_epoch)
             for g in opt.param_groups:
                 g["lr"] = lr
-            b = {"y": y, "index": idx, "gen": gen, "memory": memory, "t_centroids": t_centroids}
+            b = {"y": y, "index": idx, "gen": gen, "memory": memory, "t_centroids": t_centroids,
+                 "epoch": epoch, "epochs": recipe.epochs}
             if method.needs_teacher_forward:
                 with torch.inference_mode(), autocast(device, precision):
                     ts = teacher.model.forward_stages(x) if stage_maps else None
@@ -399,6 +409,9 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         row = {"epoch": epoch, "lr": lr, "train_loss": sums[-2] / steps_per_epoch,
                "train_top1": 100.0 * sums[-1] / (steps_per_epoch * bs),
                **{f"loss_{k}": v / steps_per_epoch for k, v in zip(terms, sums)}}
+        for t in extras:  # what a term's parts record (CTKD's temperature)
+            if TERMS[t].report is not None:
+                row |= TERMS[t].report(extras[t], method)
         if not math.isfinite(row["train_loss"]):
             raise DivergedError(f"training loss is {row['train_loss']} at epoch {epoch}")
         evaluated = [split for split, when in (("val", cfg.eval_val), ("test", cfg.eval_test))

@@ -23,6 +23,7 @@ _RULES = {  # field -> (minimum, maximum, minimum is exclusive); None = unbounde
     "crd_dim": (1, None, False), "crd_negatives": (1, None, False), "crd_temperature": (0, None, True),
     "crd_momentum": (0, 0.999, False), "at_p": (0, None, True), "vid_init_var": (0, None, True),
     "dist_tau": (0, None, True), "standardize": (0, 1, False), "reviewkd_warmup": (0, 1, False),
+    "ctkd_min": (0, None, True), "ctkd_range": (0, None, False), "ctkd_loops": (0, 1, True),
 }
 
 

@@ -233,7 +233,7 @@ def test_zoo_loss_is_finite_with_finite_gradient_on_degenerate_batches(name, bat
 
 def test_geometry_and_zoo_losses_are_registered():
     assert set(losses.LOSSES) == {"kd", "feature", "geometry", "rkd", "sp", "cc", "dkd", "at", "pkt", "nst", "vid", "dist", "crd",
-                                "ofd", "reviewkd"}
+                                "ofd", "reviewkd", "ctkd"}
 
 
 TERMS = {  # every term of LOSSES on (student tensor, teacher tensor, labels)
@@ -247,7 +247,7 @@ TERMS = {  # every term of LOSSES on (student tensor, teacher tensor, labels)
 @pytest.mark.parametrize("name", sorted(TERMS))
 def test_teacher_side_of_every_term_is_a_constant(name):
     """One rule for all terms: a plain backward() never reaches the teacher's tensor, even when it requires grad."""
-    assert set(TERMS) == set(losses.LOSSES) - {"at", "nst", "vid", "pkt", "dist", "crd", "ofd", "reviewkd"}  # those:
+    assert set(TERMS) == set(losses.LOSSES) - {"at", "nst", "vid", "pkt", "dist", "crd", "ofd", "reviewkd", "ctkd"}  # those:
     # tests/test_methods.py
     g = torch.Generator().manual_seed(1)
     s = torch.randn(6, 5, generator=g, requires_grad=True)

@@ -193,7 +193,41 @@ def test_ofd_and_reviewkd_refuse_models_without_what_they_read():
     assert parts.margin1.tolist() == pytest.approx([-math.sqrt(2 / math.pi)] * 16)  # N(0, 1) per channel
 
 
-NEW = ["at", "pkt", "nst", "vid", "fitnet", "dist", "kd_ls", "dkd_ls", "crd", "crd_kd", "ofd", "reviewkd"]
+NEW = ["at", "pkt", "nst", "vid", "fitnet", "dist", "kd_ls", "dkd_ls", "crd", "crd_kd", "ofd", "reviewkd", "ctkd"]
+
+
+def test_ctkd_lambda_rises_on_a_cosine_to_one_as_the_authors_schedule():
+    # The authors' CosineDecay(0, -1, 10) at epochs 1..12 of a 240-epoch run, sign flipped: (1 - cos(pi e / 10)) / 2
+    theirs = [(1 - math.cos(math.pi * min(e, 10) / 10)) / 2 for e in range(1, 13)]
+    assert [losses.ctkd_lambda(e, 240, 1 / 24) for e in range(1, 13)] == pytest.approx(theirs, abs=1e-12)
+    assert losses.ctkd_lambda(5, 240, 1 / 24) == pytest.approx(0.5) and losses.ctkd_lambda(0, 30, 0.5) == 0.0
+
+
+def test_ctkd_trains_the_temperature_against_the_student():
+    """The temperature's gradient is the KD loss's own derivative (a finite difference in theta) times -lambda;
+    the student's logits get KD's gradient at that temperature unchanged."""
+    from kdbench.terms import TERMS, _Temperature
+
+    m = METHODS["ctkd"]
+    zs, zt = torch.randn(16, 10, generator=g(1)) * 3, torch.randn(16, 10, generator=g(2)) * 5
+    zs.requires_grad_(True)
+    parts = _Temperature()
+    b = {"logits": zs, "t_logits": zt, "epoch": 1, "epochs": 30}
+    lam = losses.ctkd_lambda(1, 30, m.ctkd_loops)
+    TERMS["ctkd"].compute(b, m, parts).backward()
+
+    def kd_at(theta):  # Hinton's KD written out in float64 at the temperature theta gives
+        t = m.ctkd_min + m.ctkd_range / (1 + math.exp(-theta))
+        p_s, p_t = (zs.detach().double() / t).softmax(1), (zt.double() / t).softmax(1)
+        return float((p_t * (p_t / p_s).log()).sum(1).mean() * t * t)
+
+    slope = (kd_at(1.0 + 1e-5) - kd_at(1.0 - 1e-5)) / 2e-5
+    assert float(parts.theta.grad) == pytest.approx(-lam * slope, rel=1e-4) and 0 < lam < 1 and abs(slope) > 1e-3
+    tau = 1 + 20 * torch.sigmoid(torch.tensor(1.0))  # 15.62: the authors' start
+    plain = zs.detach().clone().requires_grad_(True)
+    losses.kd(plain, zt, tau).backward()
+    assert torch.allclose(zs.grad, plain.grad, rtol=1e-6)
+    assert TERMS["ctkd"].report(parts, m) == {"ctkd_temperature": pytest.approx(float(tau))}
 
 
 def test_crd_nce_by_hand():
@@ -236,7 +270,9 @@ def test_the_new_presets_carry_the_published_settings():
     assert (m["crd"].crd, m["crd"].crd_dim, m["crd"].crd_negatives, m["crd"].crd_temperature, m["crd"].crd_momentum,
             m["crd"].kd) == (0.8, 128, 16384, 0.07, 0.5, 0.0) and m["crd_kd"].kd == 1.0
     assert (m["ofd"].ofd, m["reviewkd"].reviewkd, m["reviewkd"].reviewkd_warmup) == (0.001, 5.0, 1 / 12)
-    assert all(METHODS[n].ce == (0.1 if n == "kd_ls" else 1.0) for n in NEW)
+    assert (m["ctkd"].ce, m["ctkd"].ctkd, m["ctkd"].ctkd_min, m["ctkd"].ctkd_range, m["ctkd"].ctkd_loops) == \
+        (0.1, 0.9, 1.0, 20.0, 1 / 24)
+    assert all(METHODS[n].ce == (0.1 if n in ("kd_ls", "ctkd") else 1.0) for n in NEW)
 
 
 @pytest.mark.parametrize("name", ["at", "pkt", "nst", "dist", "kd_ls", "dkd_ls"])
@@ -247,7 +283,7 @@ def test_every_new_method_without_parts_trains_on_digits(name, digits, digits_te
     # weights barely lift this student's accuracy: results/digits-zoo; the loss still falls)
 
 
-@pytest.mark.parametrize("name", ["vid", "fitnet", "crd", "crd_kd", "ofd", "reviewkd"])
+@pytest.mark.parametrize("name", ["vid", "fitnet", "crd", "crd_kd", "ofd", "reviewkd", "ctkd"])
 def test_every_new_method_with_trainable_parts_trains_on_digits_and_resumes_exactly(name, digits, digits_teacher):
     """(The methods without parts of their own resume through the same state as tests/test_train.py's.)"""
     method = METHODS[name]
@@ -272,5 +308,9 @@ def test_a_method_its_models_cannot_run_is_one_line(digits_teacher, tmp_path):
     assert last.startswith("error: fitnet_stage = 7: the student has stage maps 0..2"), r.output
     one_line_error(runner.invoke(app, ["train", "--method", "kd", "--set", "standardize=2", "--epochs", "1"]),
                    "standardize = '2'; allowed: >= 0 and <= 1")
+    r = runner.invoke(app, ["train", "--method", "pkt", "--set", "standardize=1", "--epochs", "1", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "Traceback" not in r.output and not (tmp_path / "o").exists()
+    assert r.output.strip().splitlines()[-1] == \
+        "error: standardize = 1: pkt has no logit term to standardise (allowed with kd, dkd, dist, ctkd)", r.output
     one_line_error(runner.invoke(app, ["train", "--method", "crd", "--set", "crd_negatives=0", "--epochs", "1"]),
                    "crd_negatives = '0'; allowed: >= 1")

@@ -41,8 +41,10 @@ def test_the_repdistiller_study_is_thirteen_pairs_with_their_recipe_and_numbers(
     assert (ref["teacher"], ref["baseline"], ref["kd"], ref["crd"], ref["dkd"]) == (79.42, 72.50, 73.33, 75.51, 76.32)
     assert len({st.name for st in studies}) == 13 and s.name == "cifar100-repdistiller-resnet32x4-resnet8x4"
     r = runner.invoke(app, ["tune", "cifar100-repdistiller", "--plan"])
-    assert r.exit_code == 0 and "13 studies; at most 168,480 trial-epochs in all" in r.output, r.output
-    assert "grid of 54 runs (18 methods × 3 seeds)" in r.output  # 13 x 54 x 240 = 168,480
+    assert r.exit_code == 0 and "13 studies; at most 177,840 trial-epochs in all" in r.output, r.output
+    assert "grid of 57 runs (19 methods × 3 seeds)" in r.output  # 13 x 57 x 240 = 177,840
+    ctkd = {st.name.split("-", 2)[2]: dict(st.reference).get("ctkd") for st in studies}  # CTKD's README
+    assert (ctkd["resnet56-resnet20"], ctkd["vgg13-vgg8"], ctkd["resnet32x4-resnet8x4"]) == (71.19, 73.52, None)
 
 
 def test_a_pair_reads_its_teacher_where_the_file_is(tmp_path, monkeypatch):
