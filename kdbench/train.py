@@ -146,9 +146,13 @@ class Recipe:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32: the training step's
     channels_last: bool = False  # the student and its batches channels_last on the CPU too (CUDA always is)
     compile: bool = False  # torch.compile the student's forward (where no term reads its stage maps)
+    compile_backend: str = "inductor"  # torch.compile's backend: inductor | aot_eager (graph capture, no codegen) | cudagraphs
+    compile_mode: str = "default"  # inductor's mode: default | reduce-overhead | max-autotune
 
 
 SCHEDULES = ("cosine", "step", "constant")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "cudagraphs")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 # Models and recipe per data set when the user names none.
 DATASET_DEFAULTS: dict[str, dict] = {
@@ -168,7 +172,7 @@ def dataset_defaults(name: str) -> dict:
 # Fields added after results were first published: a run's values (its config_id, its trials.csv columns) and a
 # study's recipes (study.json, hence the teacher's part of every config_id) hold them only when they are set to
 # something else than their default, so that earlier folders keep their ids.
-LATER_FIELDS = {"milestones", "gamma", "precision", "channels_last", "compile", "at", "at_p", "pkt", "nst", "fitnet", "fitnet_stage", "vid", "vid_init_var",
+LATER_FIELDS = {"milestones", "gamma", "precision", "channels_last", "compile", "compile_backend", "compile_mode", "at", "at_p", "pkt", "nst", "fitnet", "fitnet_stage", "vid", "vid_init_var",
                 "dist", "dist_beta", "dist_gamma", "dist_tau", "standardize", "crd", "crd_dim", "crd_negatives",
                 "crd_temperature", "crd_momentum", "ofd", "reviewkd", "reviewkd_warmup", "ctkd", "ctkd_min", "ctkd_range",
                 "ctkd_loops"}
@@ -182,7 +186,7 @@ def fields_dict(obj) -> dict:
 
 # How a run computes, not what: kept in a study's recipe (study.json, so a rerun computes the same way), out of a
 # configuration's identity and its trials.csv columns (they change numbers by float noise only).
-RUN_FIELDS = {"channels_last", "compile"}
+RUN_FIELDS = {"channels_last", "compile", "compile_backend", "compile_mode"}
 
 
 def trial_values(method: Method, recipe: Recipe) -> dict:
@@ -310,7 +314,8 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
                            {"params": no_decay, "weight_decay": 0.0}],
                           lr=recipe.lr, momentum=recipe.sgd_momentum, nesterov=True)
     compiled = cfg.compile or recipe.compile
-    net = torch.compile(student) if compiled else student
+    mode = None if recipe.compile_mode == "default" else recipe.compile_mode
+    net = torch.compile(student, backend=recipe.compile_backend, mode=mode) if compiled else student
     compile_seconds = 0.0  # the first compiled step (tracing, compilation), kept out of train_seconds
 
     # --- 2. the teacher's fixed views: eval-split features and similarity matrices, once -------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from .evaluate import PRECISIONS
-from .train import SCHEDULES, Method, Recipe
+from .train import COMPILE_BACKENDS, COMPILE_MODES, SCHEDULES, Method, Recipe
 
 __all__ = ["StudyError", "TUNABLE", "field_types", "check_value", "apply_overrides", "parse_sets", "gpus_allowed"]
 
@@ -72,6 +72,9 @@ def check_value(key: str, value, where: str):
     if kind == "str":
         if key == "schedule" and value not in SCHEDULES:
             raise StudyError(f"{where}: {key} = {value!r}; allowed: {', '.join(SCHEDULES)}")
+        for name, allowed in (("compile_backend", COMPILE_BACKENDS), ("compile_mode", COMPILE_MODES)):
+            if key == name and value not in allowed:
+                raise StudyError(f"{where}: {key} = {value!r}; allowed: {', '.join(allowed)}")
         if key == "precision" and value not in PRECISIONS:
             raise StudyError(f"{where}: {key} = {value!r}; allowed: {', '.join(PRECISIONS)} (auto: bf16 on CUDA, fp32 on CPU)")
         return str(value)
@@ -101,6 +104,9 @@ def apply_overrides(method: Method, recipe: Recipe, values: dict, where: str) ->
     if recipe.milestones and recipe.milestones[-1] >= recipe.epochs:
         raise StudyError(f"{where}: milestones = {list(recipe.milestones)}; allowed: epochs before the last "
                          f"(epochs = {recipe.epochs})")
+    if recipe.compile_mode != "default" and recipe.compile_backend != "inductor":
+        raise StudyError(f"{where}: compile_mode = {recipe.compile_mode!r}; allowed with compile_backend = 'inductor' only "
+                         f"(here {recipe.compile_backend!r})")
     return dataclasses.replace(method, **m), recipe
 
 

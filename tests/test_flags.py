@@ -85,6 +85,9 @@ def test_a_study_of_flags_alone_is_the_data_sets_defaults_and_the_default_search
     (["cifar100-repdistiller", "--student", "resnet20"], ["runs [pairs]"]),
     (["--concurrency", "0"], ["--concurrency 0: allowed: >= 1"]),
     (["--precision", "fp16"], ["--precision: precision = 'fp16'; allowed: auto, bf16, fp32"]),
+    (["--set", "compile_backend=tvm"], ["compile_backend = 'tvm'; allowed: inductor, aot_eager, cudagraphs"]),
+    (["--set", "compile_backend=aot_eager", "--set", "compile_mode=max-autotune"],
+     ["compile_mode = 'max-autotune'; allowed with compile_backend = 'inductor' only (here 'aot_eager')"]),
 ])
 def test_bad_flags_are_one_line_exit_2_and_write_nothing(tmp_path, args, fragments):
     out = tmp_path / "out"
