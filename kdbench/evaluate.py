@@ -18,9 +18,9 @@ __all__ = ["PRECISIONS", "resolve_precision", "peak_memory_mib", "autocast", "pr
 
 
 def autocast(device: torch.device, precision: str = "auto"):
-    """bf16 autocast for a resolved ``precision`` of "bf16" (``auto``: on CUDA), on CUDA and CPU alike; else a
-    no-op context."""
-    on = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    """bf16 autocast where ``precision`` resolves to "bf16" (see :func:`resolve_precision`), on CUDA and CPU
+    alike; else a no-op context."""
+    on = resolve_precision(precision, device) == "bf16"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
@@ -28,9 +28,10 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on CUDA, fp32 elsewhere; bf16 where the device cannot run it: ValueError (one line)."""
+    """``auto`` -> bf16 on a CUDA device that has it, fp32 elsewhere (a V100, the CPU); bf16 asked for where the
+    device cannot run it: ValueError (one line)."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"precision = bf16: {torch.cuda.get_device_name(device)} has no bf16; allowed here: fp32, auto")
     return precision

@@ -153,6 +153,21 @@ def test_resume_from_a_state_ends_exactly_like_the_uninterrupted_run(name, preci
     assert full["autocast"] == {"auto": "fp32", "bf16": "bf16"}[precision]  # auto on the CPU: fp32
 
 
+def test_bf16_on_a_cuda_device_without_it_is_refused_in_one_line(monkeypatch):
+    """No GPU here: the two CUDA queries resolve_precision makes are answered as an old GPU (a V100) would."""
+    from kdbench.evaluate import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100-SXM2-16GB")
+    cuda = torch.device("cuda")
+    with pytest.raises(ValueError, match=r"^precision = bf16: Tesla V100-SXM2-16GB has no bf16; allowed here: fp32, auto$"):
+        resolve_precision("bf16", cuda)
+    assert (resolve_precision("fp32", cuda), resolve_precision("auto", torch.device("cpu"))) == ("fp32", "fp32")
+    assert resolve_precision("auto", cuda) == "fp32"  # auto: bf16 only where the GPU has it
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", cuda) == resolve_precision("bf16", cuda) == "bf16"
+
+
 def test_channels_last_on_the_cpu_changes_no_metric_beyond_float_noise(digits, digits_teacher):
     """The layout GPUs train in, on the CPU: the student's convolutions are channels_last, and two epochs end
     within float noise of the contiguous run (measured: top-1 equal, geom_corr 6e-3 apart, train loss 1e-4 apart
