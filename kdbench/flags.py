@@ -223,10 +223,16 @@ RESUMABLE = ("path", "description", "source", "samples", "concurrency", "cpus_pe
 def differences(recorded: dict, study: Study) -> list[str]:
     """How ``study`` differs from the one a results folder ran (its study.json's ``study``), one dotted key each,
     leaving out what a resume may change (``RESUMABLE``) and the presets the study does not train (a later
-    version's new presets change nothing the folder holds)."""
+    version's new presets change nothing the folder holds). A grid may grow: runs added to it (a new method, more
+    seeds) are what the resume then runs; every run the folder holds must still be in it."""
     import json
 
+    grown = [list(g) for g in json.loads(json.dumps(study.grid, default=str))]
+    was = [list(g) for g in json.loads(json.dumps(recorded.get("grid") or [], default=str))]
+    grid_grew = bool(was) and all(g in grown for g in was)
     used = {study.method} | {m for m, _, _ in study.grid} | {c for p in study.space if p.name == "method" for c in p.choices}
+    if grid_grew:  # the methods only the added runs train change nothing the folder holds
+        used = {g[0] for g in was}
 
     def flat(d: dict, prefix: str = "") -> dict:
         items = {}
@@ -235,7 +241,7 @@ def differences(recorded: dict, study: Study) -> list[str]:
         for k, v in d.items():
             if isinstance(v, list) and v and all(isinstance(x, dict) and "name" in x for x in v):
                 v = {x["name"]: x for x in v}  # the space's axes, by name
-            if prefix or k not in RESUMABLE:
+            if prefix or k not in RESUMABLE and not (k == "grid" and grid_grew):
                 items |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
         return items
 
@@ -246,5 +252,16 @@ def differences(recorded: dict, study: Study) -> list[str]:
         before = flat(recorded)
     now = plain(study)
     recorded_keys = set(recorded)  # a field an earlier version did not record: unknown, not different
-    return [f"{k} = {now.get(k, '(none)')!r} now, {before.get(k, '(none)')!r} in the folder"
+    return [_difference(k, now.get(k, "(none)"), before.get(k, "(none)"))
             for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and k.split(".")[0] in recorded_keys]
+
+
+def _difference(key: str, now, before) -> str:
+    """One short line: lists by what was added and what is gone (a grid of 60 runs is not printed whole)."""
+    if isinstance(now, list) and isinstance(before, list):
+        added, gone = [x for x in now if x not in before], [x for x in before if x not in now]
+        show = lambda xs: ", ".join(map(str, xs[:3])) + (f" and {len(xs) - 3} more" if len(xs) > 3 else "")
+        parts = [f"{len(added)} added ({show(added)})"] * bool(added) + [f"{len(gone)} gone ({show(gone)})"] * bool(gone)
+        return f"{key}: " + ("; ".join(parts) if parts else "the same entries in another order") + " since the folder ran"
+    short = lambda v: (lambda t: t if len(t) <= 80 else t[:77] + "...")(repr(v))
+    return f"{key} = {short(now)} now, {short(before)} in the folder"

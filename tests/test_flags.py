@@ -95,6 +95,24 @@ def test_bad_flags_are_one_line_exit_2_and_write_nothing(tmp_path, args, fragmen
     assert not out.exists()
 
 
+def test_a_grid_may_grow_on_resume_and_a_changed_grid_is_named_in_a_short_line():
+    from kdbench.study import find_study
+
+    (s,) = load_studies(find_study("digits-zoo"))
+    recorded = s.to_dict()
+    older = copy.deepcopy(recorded)  # the folder ran without ctkd (and its version had no ctkd preset)
+    older["grid"] = [g for g in older["grid"] if g[0] != "ctkd"]
+    del older["methods"]["ctkd"]
+    assert differences(older, s) == []  # the resume runs the 3 added runs
+    fewer = dataclasses.replace(s, grid=tuple(g for g in s.grid if g[1] != 2))
+    (line,) = differences(recorded, fewer)
+    assert line.startswith("grid: 23 gone (['baseline', 2, []], ['kd', 2, []], ['dkd', 2, []] and 20 more) since") and \
+        len(line) < 160, line
+    changed = copy.deepcopy(older)
+    changed["methods"]["kd"]["temperature"] = 2.0  # what the folder's own runs are still compared
+    assert differences(changed, s) == ["methods.kd.temperature = 4.0 now, 2.0 in the folder"]
+
+
 def test_a_resume_compares_the_study_field_by_field_and_lets_only_the_how_much_change():
     (s,) = load_studies(DIGITS)
     recorded = s.to_dict()
