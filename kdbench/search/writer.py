@@ -124,7 +124,7 @@ class ResultsWriter(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "failure" in result:
             return
-        keep = ("loss_", "train_", "val_", "test_", "best_", "lr", "epoch_seconds")
+        keep = ("loss_", "train_", "val_", "test_", "best_", "lr", "epoch_seconds", "ctkd_")  # ctkd_: its temperature
         history = [result]
         if result.get("resumed_from") and result["epoch"] == result["resumed_from"] + 1:  # the epochs an earlier run made
             config = trial.config.get("trial", trial.config)
