@@ -321,8 +321,9 @@ def confirm(
     rounds = f" over {summary['rounds']} rounds" if c.until_settled else ""
     err.print(f"{summary['added']} runs added ({summary['planned']} planned first{rounds}) in {summary['seconds']:.0f} s "
               f"→ {folder}")
-    compare_folders([folder], ("config",), None, "none", False, save=True)
-    compare_folders([folder], ("config",), None, "table", False, top=10)
+    # the folder's summary files and pictures are written again only when runs were added (a rerun that adds
+    # nothing changes nothing)
+    compare_folders([folder], ("config",), None, "table", False, top=10, save=summary["added"] > 0)
 
 
 @app.command()
