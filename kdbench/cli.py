@@ -212,9 +212,9 @@ def tune(
     from .study import StudyError
 
     check_resources(concurrency, cpus_per_trial, gpus_per_trial)
+    checkpoint = str(teacher_checkpoint.expanduser().resolve()) if teacher_checkpoint else None
     flags = Flags(tuple(space or ()), tuple(set_ or ()), dataset, teacher, student, epochs, samples, sampler, objectives,
-                  no_asha, image_size, val_fraction, str(teacher_checkpoint.expanduser().resolve()) if teacher_checkpoint else None, concurrency,
-                  cpus_per_trial, precision)
+                  no_asha, image_size, val_fraction, checkpoint, concurrency, cpus_per_trial, precision)
     if resume and out_dir is None:
         raise StudyError("--resume needs --out DIR (the folder of the run to continue)")
     path, raw = study_source(study, flags, out_dir if resume else None)
@@ -321,8 +321,7 @@ def confirm(
     rounds = f" over {summary['rounds']} rounds" if c.until_settled else ""
     err.print(f"{summary['added']} runs added ({summary['planned']} planned first{rounds}) in {summary['seconds']:.0f} s "
               f"→ {folder}")
-    # the folder's summary files and pictures are written again only when runs were added (a rerun that adds
-    # nothing changes nothing)
+    # summary files and pictures written again only when runs were added (a rerun adding nothing changes nothing)
     compare_folders([folder], ("config",), None, "table", False, top=10, save=summary["added"] > 0)
 
 

@@ -101,10 +101,10 @@ def plot_geometry(folder: Folder, shown, path: str | Path) -> bool:
 
     im = show(axes[0][0], teacher, f"teacher ({split})", cmap="viridis", vmin=low, vmax=1.0)
     axes[1][0].axis("off")
-    axes[1][0].text(0.5, 0.5, f"top: each configuration's student matrix,\nthe mean over its seeds\n\nbelow: that mean "
-                              f"minus the teacher's\n(red: closer than the teacher has them,\nblue: further apart)",
+    axes[1][0].text(0.5, 0.5, "top: each configuration's student matrix,\nthe mean over its seeds\n\nbelow: that mean "
+                              "minus the teacher's\n(red: closer than the teacher has them,\nblue: further apart)",
                     ha="center", va="center", fontsize=8, transform=axes[1][0].transAxes)
-    for j, ((label, s, _, runs), d) in enumerate(zip(students, diffs), start=1):
+    for j, ((label, s, _, _runs), d) in enumerate(zip(students, diffs), start=1):
         show(axes[0][j], s, label, cmap="viridis", vmin=low, vmax=1.0)
         dm = show(axes[1][j], d, "minus the teacher's", cmap="RdBu_r", vmin=-span, vmax=span)
     fig.colorbar(im, ax=list(axes[0]), fraction=0.02, pad=0.01, label="cosine similarity of class centroids")

@@ -1,6 +1,6 @@
 """The loss terms a method combines: what each reads, which trainable parts it owns, how it is computed.
 
-A method is term weights (:class:`kdbench.train.Method`); the loop sums ``weight * term`` over the non-zero
+A method is term weights (:class:`kdbench.methods.Method`); the loop sums ``weight * term`` over the non-zero
 ones. Each term here says what it reads — the student's and teacher's ``logits``, pooled ``features``, stage
 ``maps`` or ``preact`` maps, the class ``centroids``, the ``target`` — and, where it trains parameters of its
 own (a regressor, a projection), how to build them once from the two models' shapes. The loop computes
