@@ -155,16 +155,17 @@ def run_study(study: Study, out: Path, *, resume: bool = False, address: str | N
         raise StudyError(f"--out {out}: folder exists and is not empty; pass --resume to continue it, or another --out")
     root, recorded = _storage(study, out, storage or previous.get("storage"))
     timings, t0 = {}, time.time()
-    device, data, teacher, hit = _load(study, data_root, download, on_teacher, on_teacher_ready)
     rows, epochs = _read_done(out) if resume else ([], [])
     remaining = study.trial_count() - sum(r.get("stage") != "confirm" for r in rows)
-    timings["teacher"], t0 = time.time() - t0, time.time()
-    # Ray before the folder: a cluster that cannot be reached leaves nothing half-written behind.
+    # Ray first, then the data and the teacher, then the folder: a cluster that cannot be reached, or cannot
+    # give the trials their GPUs, is one line before any teacher is trained and leaves nothing half-written.
     started_ray = init_ray(address, verbose) if remaining > 0 or study.confirm else False
-    timings["ray_start"] = time.time() - t0
+    timings["ray_start"], t0 = time.time() - t0, time.time()
     try:
         if ray.is_initialized():
             check_gpus(study, gpus_per_trial)
+        device, data, teacher, hit = _load(study, data_root, download, on_teacher, on_teacher_ready)
+        timings["teacher"] = time.time() - t0
         out.mkdir(parents=True, exist_ok=True)
         with results.FolderLock(out, "tune"):
             f = _Folder(study, out, teacher.blob(), data, rows, epochs, root, _unfinished(root, rows) if resume else {},
@@ -276,10 +277,10 @@ def run_confirm(out: Path, confirm: Confirm, *, concurrency: int | None = None, 
         return {"out": str(out), "added": 0, "planned": len(plan), "candidates": picked, "seconds": 0.0,
                 "rounds": len((meta.get("confirm") or {}).get("rounds") or [plan])}
     root, _ = _storage(study, out, storage or meta.get("storage"))
-    _, data, teacher, _ = _load(study, data_root, False, on_teacher, on_teacher_ready)
-    started_ray = init_ray(address, verbose)
+    started_ray = init_ray(address, verbose)  # as in run_study: the cluster checked before the teacher is read
     try:
         check_gpus(study, gpus_per_trial)
+        _, data, teacher, _ = _load(study, data_root, False, on_teacher, on_teacher_ready)
         with results.FolderLock(out, "confirm"):
             rows, epochs = _read_done(out)
             f = _Folder(study, out, teacher.blob(), data, rows, epochs, root, _unfinished(root, rows), gpus_per_trial,
