@@ -130,9 +130,3 @@ def test_the_synthetic_sibling_runs_every_pair_end_to_end_on_a_cluster(tmp_path,
     assert doc["front_on"] == "test means" and len(doc["front"]) >= 1
     published = {r["method"]: r["reported_top1"] for r in doc["leaderboard"] if str(r["method"]).endswith("(published)")}
     assert published == {"baseline (published)": 69.06, "kd (published)": 70.66, "crd (published)": 71.16}
-    # A trial asking for a GPU on a cluster without one would wait forever: refused before anything is written.
-    none = tmp_path / "none"
-    r = runner.invoke(app, ["tune", "synthetic-repdistiller", "--out", str(none), "--address", two_nodes.address,
-                            "--gpus-per-trial", "0.5"])  # checked once Ray is reached: after the study and teacher lines
-    assert r.exit_code == 2 and "Traceback" not in r.output and not none.exists(), r.output
-    assert r.output.strip().splitlines()[-1].startswith("error: --gpus-per-trial 0.5: the Ray cluster has no GPU (2 nodes")

@@ -334,6 +334,16 @@ def test_quarter_gpus_pack_four_trials_on_the_one_declared_gpu_and_more_than_a_n
     assert not (tmp_path / "two").exists()
 
 
+def test_a_gpu_the_cluster_cannot_give_is_named_by_hand():
+    """The rule check_gpus applies to the live nodes (its "at most 1 GPUs" branch runs on the tests' Ray above)."""
+    from kdbench.search.run import gpu_shortfall
+
+    assert gpu_shortfall(0.5, [0, 0], 2) == ("the Ray cluster has no GPU (2 nodes, 2 CPUs); allowed: 0 here (the "
+                                             "trials run on CPUs), or a cluster whose nodes have GPUs")
+    assert gpu_shortfall(2, [1, 1], 8).startswith("the Ray cluster has at most 1 GPUs on a node (2 nodes, 8 CPUs)")
+    assert gpu_shortfall(0.25, [1], 4) is None and gpu_shortfall(2, [0, 2], 4) is None and gpu_shortfall(1, [], 0)
+
+
 def test_most_at_once_counts_overlapping_spans_by_hand():
     span = lambda a, b: {"started_at": a, "ended_at": b}
     assert most_at_once([span(0, 2), span(1, 3), span(2, 4)]) == 2  # one ends as the third starts

@@ -61,11 +61,18 @@ def check_gpus(study: Study, given: float | None, flag: str = "--gpus-per-trial"
     if gpus <= 0:
         return
     per_node = [n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")]
-    if max(per_node, default=0) < gpus:
-        what = "has no GPU" if not any(per_node) else f"has at most {max(per_node):g} GPUs on a node"
-        raise StudyError(f"{flag} {gpus:g}: the Ray cluster {what} ({len(per_node)} nodes, "
-                         f"{ray.cluster_resources().get('CPU', 0):g} CPUs); allowed: 0 here (the trials run on CPUs), "
-                         f"or a cluster whose nodes have GPUs")
+    why = gpu_shortfall(gpus, per_node, ray.cluster_resources().get("CPU", 0))
+    if why:
+        raise StudyError(f"{flag} {gpus:g}: {why}")
+
+
+def gpu_shortfall(gpus: float, per_node: list[float], cpus: float) -> str | None:
+    """Why trials of ``gpus`` GPUs each cannot be placed on nodes with ``per_node`` GPUs (None: they can)."""
+    if max(per_node, default=0) >= gpus:
+        return None
+    what = "has no GPU" if not any(per_node) else f"has at most {max(per_node):g} GPUs on a node"
+    return (f"the Ray cluster {what} ({len(per_node)} nodes, {cpus:g} CPUs); allowed: 0 here (the trials run on "
+            f"CPUs), or a cluster whose nodes have GPUs")
 
 
 def _load(study: Study, data_root: str | None, download: bool, on_teacher, on_teacher_ready):
