@@ -21,7 +21,9 @@ from kdbench.data import augment, load_data, normalize
 from kdbench.geometry import CentroidMemory
 from kdbench.models import build_model
 from kdbench.teacher import get_teacher
-from kdbench.train import DATASET_DEFAULTS, METHODS, Recipe, TrainConfig, distill
+from kdbench.methods import METHODS
+from kdbench.settings import DATASET_DEFAULTS, Recipe
+from kdbench.train import TrainConfig, distill
 from kdbench.results import read_table
 
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)  # CIFAR-100
@@ -377,8 +379,10 @@ def method_cost(device: str, repeats: int, images: int = 256) -> dict:
     leaves evaluation out), for every preset: the extra cost of each method's terms, teacher maps and parts."""
     from kdbench.data import load_data
     from kdbench.geometry import class_centroids
-    from kdbench.evaluate import forward_all
-    from kdbench.train import METHODS, Recipe, Teacher, TrainConfig, distill
+    from kdbench.measure import forward_all
+    from kdbench.methods import METHODS
+    from kdbench.settings import Recipe
+    from kdbench.train import Teacher, TrainConfig, distill
 
     data = load_data("synthetic", options={"val_fraction": 0.0, "train_per_class": max(1, images // 100),
                                            "test_per_class": 1}).to(device)

@@ -13,9 +13,11 @@ import torch
 
 from kdbench.data import load_data
 from kdbench.downstream import clustering, retrieval
-from kdbench.evaluate import forward_all
+from kdbench.measure import forward_all
 from kdbench.teacher import get_teacher
-from kdbench.train import DATASET_DEFAULTS, METHODS, TrainConfig, distill
+from kdbench.methods import METHODS
+from kdbench.settings import DATASET_DEFAULTS
+from kdbench.train import TrainConfig, distill
 
 
 def _measures(f_query, y_query, f_ref, y_ref, classes) -> float:

@@ -17,10 +17,12 @@ import torch
 
 from kdbench.data import load_data
 from kdbench.results import most_at_once, read_table
-from kdbench.evaluate import forward_all
+from kdbench.measure import forward_all
 from kdbench.geometry import class_centroids
 from kdbench.models import build_model
-from kdbench.train import METHODS, Recipe, Teacher, TrainConfig, distill
+from kdbench.methods import METHODS
+from kdbench.settings import Recipe
+from kdbench.train import Teacher, TrainConfig, distill
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -146,7 +146,7 @@ def _ctkd(root: Path) -> dict:
     and 12 of their 240-epoch CIFAR-100 run (CosineDecay(0, -1, 10), t_start 1, t_end 20): the loss, the
     temperature's gradient and the student logits' gradient."""
     from kdbench.terms import TERMS, _Temperature
-    from kdbench.train import METHODS
+    from kdbench.methods import METHODS
 
     cuda = torch.Tensor.cuda
     torch.Tensor.cuda = lambda self, *a, **k: self  # their DistillKL moves the temperature to CUDA

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import results
 from .data import Data, DataError
-from .evaluate import evaluate, forward_all, teacher_views
+from .measure import evaluate, forward_all, teacher_views
 from .models import build_model, count_parameters
 from .teacher import file_digest, load_strict, read_state_dict
 from .train import Teacher

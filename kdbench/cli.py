@@ -60,7 +60,10 @@ def train(
     from .pictures import save_pictures
     from .state import to_cpu
     from .study import StudyError, apply_overrides, parse_sets
-    from .train import METHODS, TrainConfig, check_method, dataset_defaults, distill, trial_values
+    from .methods import METHODS
+    from .settings import dataset_defaults, trial_values
+    from .terms import check_method
+    from .train import TrainConfig, distill
 
     # Validate everything before any work (and before anything is written).
     dataset, options = data_options(dataset, image_size, skip_bad_images, val_fraction)

@@ -111,7 +111,7 @@ def teacher_with_progress(data, dataset: str, arch: str | None, epochs: int | No
                           flag: str = "--teacher-epochs", checkpoint=None, checkpoint_flag: str = "--teacher-checkpoint"):
     from .study import check_value
     from .teacher import get_teacher
-    from .train import dataset_defaults
+    from .settings import dataset_defaults
 
     defaults = dataset_defaults(dataset)
     arch = arch or defaults["teacher"]
@@ -145,14 +145,15 @@ def summary_table(res: dict, cfg, dataset: str) -> Table:
     t.add_column("metric")
     t.add_column("val", justify="right")
     t.add_column("test", justify="right")
-    for name, fmt in (("top1", "{:.2f} %"), ("geom_corr", "{:.4f}"), ("geom_err", "{:.4f}"), ("cka", "{:.4f}"),
-                      ("knn_top1", "{:.2f} %")):
+    from .metrics import METRICS
+
+    for name, m in METRICS.items():
         v, te = res.get(f"val_{name}"), res.get(f"test_{name}")
         if v is not None or te is not None:  # val_fraction = 0: no val column
-            t.add_row(name + (" (last epoch)" if name == "top1" else ""), "" if v is None else fmt.format(v),
-                      "" if te is None else fmt.format(te))
+            t.add_row(name + (" (last epoch)" if name == "top1" else ""), "" if v is None else m.show(v),
+                      "" if te is None else m.show(te))
     if "best_test_top1" in res:
-        t.add_row("top1 (best epoch)", "", f"{res['best_test_top1']:.2f} %")
+        t.add_row("top1 (best epoch)", "", METRICS["top1"].show(res["best_test_top1"]))
     t.add_row("parameters", "", f"{res['params']:,}")
     t.add_row("train seconds", "", f"{res['train_seconds']:.1f}")
     t.add_row("images / s", "", f"{res['images_per_second']:,.0f}")

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .metrics import FINAL
+
 __all__ = ["retrieval", "clustering", "kmeans", "nmi", "ari", "spearman", "within_bands", "payoff", "DOWNSTREAM"]
 
 
@@ -131,7 +133,7 @@ def clustering(features: torch.Tensor, labels: torch.Tensor, num_classes: int, s
 
 # --- does keeping the geometry pay off? ---------------------------------------------------------------------------
 
-DOWNSTREAM = ("map_at_r", "r_at_1", "nmi", "ari", "knn_top1")
+DOWNSTREAM = (*FINAL[1:], FINAL[0])  # the measures a kept geometry is for, kNN last
 MIN_RUNS = 12  # fewer runs than this: no answer is printed
 BAND = 1.0  # width of the top-1 bands (points) inside which accuracy cannot explain a correlation
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .data import canonical
 from .study import PARAM_TYPES, TUNABLE, Study, StudyError, bundled_studies, check_value, find_study, read_toml, study_from_dict
-from .train import METHODS, Method
+from .methods import METHODS, Method
 from .values import field_types
 
 __all__ = ["Flags", "apply_flags", "base_table", "study_source", "differences", "RESUMABLE", "DEFAULT_STUDY"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from .metrics import DEFAULT_OBJECTIVES, direction
 from .results import Folder
 
 __all__ = ["importances", "MIN_IMPORTANCE_TRIALS"]
@@ -30,7 +31,7 @@ def importances(folder: Folder) -> tuple[pd.DataFrame | None, str]:
     study = optuna.load_study(study_name=folder.study.get("name", names[0]) if folder.study.get("name") in names
                               else names[0], storage=storage)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    objectives = (folder.study.get("study") or {}).get("objectives") or ["top1", "geom_corr"]
+    objectives = (folder.study.get("study") or {}).get("objectives") or DEFAULT_OBJECTIVES
     where = f"{len(done)} completed trials"
     if len(done) < MIN_IMPORTANCE_TRIALS:  # ASHA stopped most: use the deepest epoch enough trials reached
         study, epoch = _study_at_epoch(folder, objectives)
@@ -79,7 +80,7 @@ def _study_at_epoch(folder: Folder, objectives) -> tuple[object, int | None]:
             dist[p["name"]] = optuna.distributions.IntDistribution(int(p["low"]), int(p["high"]))
         else:
             dist[p["name"]] = optuna.distributions.FloatDistribution(p["low"], p["high"], log=p["type"] == "loguniform")
-    study = optuna.create_study(directions=["minimize" if o == "geom_err" else "maximize" for o in objectives])
+    study = optuna.create_study(directions=[direction(o) for o in objectives])
     for r in e[e["epoch"] == epoch].to_dict("records"):
         row = search.loc[r["trial_id"]]
         params = {k: (row[k] if d.__class__.__name__ == "CategoricalDistribution" else float(row[k]))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .terms import TEACHER_READS, TERMS, reads_of
+from .settings import setting
 
 __all__ = ["Method", "METHODS"]
 
@@ -24,57 +24,62 @@ class Method:
     """
 
     name: str = "baseline"
-    ce: float = 1.0
-    kd: float = 0.0
-    temperature: float = 4.0  # T of the kd and dkd terms
-    feature: float = 0.0
-    geometry: float = 0.0  # lambda
-    momentum: float = 0.9  # centroid momentum m of the geometry term
-    rkd: float = 0.0
-    rkd_distance: float = 25.0
-    rkd_angle: float = 50.0
-    sp: float = 0.0
-    cc: float = 0.0
-    cc_gamma: float = 0.4
-    cc_order: int = 2
-    dkd: float = 0.0
-    dkd_alpha: float = 1.0
-    dkd_beta: float = 8.0
-    dkd_warmup: float = 1 / 12  # fraction of the run over which the dkd weight ramps up (20 of 240 epochs)
-    at: float = 0.0
-    at_p: float = 2.0  # the power of the attention maps
-    pkt: float = 0.0
-    nst: float = 0.0
-    fitnet: float = 0.0  # the hint at one stage map (a conv regressor), beside `feature` on the pooled features
-    fitnet_stage: int = 2  # which map: 0 the stem, 1.. the stages (RepDistiller's and mdistiller's hint layer 2)
-    vid: float = 0.0
-    vid_init_var: float = 5.0  # the variances' initial value
-    dist: float = 0.0
-    dist_beta: float = 1.0  # inter-class relation weight
-    dist_gamma: float = 1.0  # intra-class relation weight
-    dist_tau: float = 1.0  # DIST's temperature
-    standardize: int = 0  # 1: logit standardisation (Sun et al., CVPR 2024) in kd, dkd, dist and ctkd
-    crd: float = 0.0
-    crd_dim: int = 128  # embedding width
-    crd_negatives: int = 16384  # K, capped by the training samples of other classes
-    crd_temperature: float = 0.07
-    crd_momentum: float = 0.5  # of the memory banks
-    ofd: float = 0.0
-    reviewkd: float = 0.0
-    reviewkd_warmup: float = 1 / 12  # the share of the run over which the reviewkd weight ramps up (20 of 240 epochs)
-    ctkd: float = 0.0  # kd at a learned temperature, its gradient reversed (curriculum temperature)
-    ctkd_min: float = 1.0  # the temperature's range: ctkd_min + ctkd_range * sigmoid(theta)
-    ctkd_range: float = 20.0
-    ctkd_loops: float = 1 / 24  # the share of the run over which the reversal lambda rises 0 -> 1 (10 of 240 epochs)
+    ce: float = setting(1.0)
+    kd: float = setting(0.0)
+    temperature: float = setting(4.0, above=True)  # T of the kd and dkd terms
+    feature: float = setting(0.0)
+    geometry: float = setting(0.0)  # lambda
+    momentum: float = setting(0.9, hi=0.999)  # centroid momentum m of the geometry term
+    rkd: float = setting(0.0)
+    rkd_distance: float = setting(25.0)
+    rkd_angle: float = setting(50.0)
+    sp: float = setting(0.0)
+    cc: float = setting(0.0)
+    cc_gamma: float = setting(0.4, above=True)
+    cc_order: int = setting(2, hi=8)
+    dkd: float = setting(0.0)
+    dkd_alpha: float = setting(1.0)
+    dkd_beta: float = setting(8.0)
+    dkd_warmup: float = setting(1 / 12, hi=1)  # fraction of the run over which the dkd weight ramps up (20 of 240 epochs)
+    at: float = setting(0.0)
+    at_p: float = setting(2.0, above=True)  # the power of the attention maps
+    pkt: float = setting(0.0)
+    nst: float = setting(0.0)
+    fitnet: float = setting(0.0)  # the hint at one stage map (a conv regressor), beside `feature` on the pooled features
+    fitnet_stage: int = setting(2)  # which map: 0 the stem, 1.. the stages (RepDistiller's and mdistiller's hint layer 2)
+    vid: float = setting(0.0)
+    vid_init_var: float = setting(5.0, above=True)  # the variances' initial value
+    dist: float = setting(0.0)
+    dist_beta: float = setting(1.0)  # inter-class relation weight
+    dist_gamma: float = setting(1.0)  # intra-class relation weight
+    dist_tau: float = setting(1.0, above=True)  # DIST's temperature
+    standardize: int = setting(0, hi=1)  # 1: logit standardisation (Sun et al., CVPR 2024) in kd, dkd, dist and ctkd
+    crd: float = setting(0.0)
+    crd_dim: int = setting(128, lo=1)  # embedding width
+    crd_negatives: int = setting(16384, lo=1)  # K, capped by the training samples of other classes
+    crd_temperature: float = setting(0.07, above=True)
+    crd_momentum: float = setting(0.5, hi=0.999)  # of the memory banks
+    ofd: float = setting(0.0)
+    reviewkd: float = setting(0.0)
+    reviewkd_warmup: float = setting(1 / 12, hi=1)  # the share of the run over which the reviewkd weight ramps up (20 of 240 epochs)
+    ctkd: float = setting(0.0)  # kd at a learned temperature, its gradient reversed (curriculum temperature)
+    ctkd_min: float = setting(1.0, above=True)  # the temperature's range: ctkd_min + ctkd_range * sigmoid(theta)
+    ctkd_range: float = setting(20.0)
+    # the share of the run over which the reversal lambda rises 0 -> 1 (10 of 240 epochs)
+    ctkd_loops: float = setting(1 / 24, hi=1, above=True)
 
     @property
     def terms(self) -> dict[str, float]:
         """The loss terms with a non-zero weight, in a fixed order."""
+        from .terms import TERMS  # here: the terms are torch code, a Method is plain settings
+
         return {t: getattr(self, t) for t in TERMS if getattr(self, t) != 0}
 
     @property
     def needs_teacher_forward(self) -> bool:
         """Whether a term reads the teacher's per-batch outputs (geometry only reads cached centroids)."""
+        from .terms import TEACHER_READS, reads_of
+
         return bool(reads_of(self.terms) & TEACHER_READS)
 
 

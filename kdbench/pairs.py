@@ -22,7 +22,8 @@ from pathlib import Path
 
 from .flags import Flags, apply_flags
 from .models import check_model
-from .train import METHODS, fields_dict
+from .methods import METHODS
+from .settings import fields_dict
 from .study import Study, StudyError, parse_study, read_toml
 
 __all__ = ["load_studies", "pair_name", "plan_lines", "space_text"]

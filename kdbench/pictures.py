@@ -11,6 +11,7 @@ import pandas as pd
 
 from . import stats
 from .matrices import Matrices, cluster_order, moved_pairs, read_matrices
+from .metrics import FINAL
 from .plots import _pyplot, _save
 from .results import Folder, read_folder
 
@@ -126,7 +127,7 @@ def curve_data(folder: Folder, shown) -> dict[str, list[tuple[str, np.ndarray, n
     ep = ep.assign(trial_id=ep["trial_id"].astype(str))
     evaluated = lambda s: ep[f"{s}_top1"].notna().sum() if f"{s}_top1" in ep.columns else -1
     split = "val" if evaluated("val") >= evaluated("test") else "test"
-    measured = [f"{split}_{m}" for m in ("knn_top1", "map_at_r", "r_at_1", "nmi", "ari")]  # a search objective's
+    measured = [f"{split}_{m}" for m in FINAL]  # a search objective's
     panels = ["train_loss", *sorted(c for c in ep.columns if c.startswith("loss_")), f"{split}_top1", f"{split}_geom_corr",
               *(c for c in measured if c in ep.columns and ep[c].notna().groupby(ep["trial_id"]).sum().max() > 1)]
     out = {}

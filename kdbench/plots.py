@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
+from .metrics import DEFAULT_OBJECTIVES, METRICS
 from .results import Folder
 
 __all__ = ["plot_front", "plot_slices"]
@@ -81,7 +82,7 @@ def plot_front(df: pd.DataFrame, fr, folders: list[Folder], path: str | Path) ->
             ax.axvline(v, color="grey", linestyle="--", linewidth=1)
             ax.text(v, 0.5, "teacher", rotation=90, fontsize=8, color="grey", ha="right", va="center",
                     transform=ax.get_xaxis_transform())
-        ax.set_xlabel(f"{split} {o1}" + (" (%)" if o1 == "top1" else ""))
+        ax.set_xlabel(f"{split} {o1}" + (f" ({METRICS[o1].unit})" if o1 in METRICS and METRICS[o1].unit else ""))
         ax.set_ylabel(f"{split} {o2}")
         ax.set_title((f"{'validation' if split == 'val' else split}: the front is drawn here" if split == fr.on
                       else f"{split}: the same configurations"),
@@ -104,7 +105,7 @@ def plot_slices(df: pd.DataFrame, folder: Folder, path: str | Path) -> bool:
     if not space or search.empty:
         return False
     plt = _pyplot()
-    objectives = study.get("objectives") or ["top1", "geom_corr"]
+    objectives = study.get("objectives") or DEFAULT_OBJECTIVES
     fig, axes = plt.subplots(len(objectives), len(space), figsize=(3.4 * len(space), 2.8 * len(objectives)),
                              dpi=110, squeeze=False)
     full, low = search[search["fidelity"] == "full"], search[(search["fidelity"] == "low") & (search["status"] != "failed")]

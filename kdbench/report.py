@@ -18,13 +18,14 @@ from rich.table import Table
 from . import stats
 from .pareto import hypervolume_2d
 from .importance import importances
-from .results import METRICS, Folder, ResultsError, read_folder
+from .metrics import DEFAULT_OBJECTIVES, columns
+from .results import Folder, ResultsError, read_folder
 
 __all__ = ["load_folders", "trials_frame", "leaderboard", "front", "Front", "to_markdown", "to_json",
            "leaderboard_table", "front_table", "save_summary", "importances", "objectives_of"]
 
 # Every metric a group gets mean, std and an interval for: both splits (the front is chosen on val).
-ALL_METRICS = (*(f"{s}_{m}" for s in ("val", "test") for m in METRICS), "best_test_top1", "params", "train_seconds",
+ALL_METRICS = (*columns(), "best_test_top1", "params", "train_seconds",
                "peak_memory_mib")
 
 
@@ -60,7 +61,7 @@ def objectives_of(folders: list[Folder]) -> tuple[str, str]:
         o = (f.study.get("study") or {}).get("objectives")
         if o:
             return tuple(o)
-    return ("top1", "geom_corr")
+    return DEFAULT_OBJECTIVES
 
 
 def _col(split: str, m: str) -> str:
@@ -159,7 +160,7 @@ class Front:
     on: str = "val"  # the split membership is decided on: val, or test where a folder has no validation split
 
 
-def front(df: pd.DataFrame, objectives: tuple[str, str] = ("top1", "geom_corr"), split: str = "test",
+def front(df: pd.DataFrame, objectives: tuple[str, str] = DEFAULT_OBJECTIVES, split: str = "test",
           reference: tuple[float, float] | None = None, searched: list[str] = (), interval: str = "t") -> Front:
     """Pareto front over configuration means (never single seeds), membership on validation means;
     every configuration's ``p_on_front`` (see :func:`kdbench.stats.p_on_front`).

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .results import METRICS, ResultsError, read_folder
+from .metrics import columns
+from .results import ResultsError, read_folder
 from .study import StudyError, study_from_dict
 from .trial import resolve_trial, row_config, trial_config_id
 from .teacher import study_data
@@ -20,7 +21,7 @@ from .train import TrainConfig, distill, resolve_device
 
 __all__ = ["rerun_trial", "COMPARED"]
 
-COMPARED = (*(f"{s}_{m}" for s in ("val", "test") for m in METRICS), "best_test_top1")
+COMPARED = (*columns(), "best_test_top1")
 
 
 class _Stop(Exception):

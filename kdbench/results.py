@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from .metrics import columns as metric_columns
+
 __all__ = ["write_json", "write_text", "write_csv", "environment", "ResultsError", "read_folder", "Folder",
-           "read_table", "TRIAL_COLUMNS", "METRICS", "STAGES", "find_latest", "config_id", "run_context", "FolderLock", "read_study",
+           "read_table", "TRIAL_COLUMNS", "STAGES", "find_latest", "config_id", "run_context", "FolderLock", "read_study",
            "student_file", "write_student", "final_metrics", "jsonable", "STUDENTS", "KEEP_STUDENTS", "most_at_once"]
 
-# Final metrics of DESIGN §5, one column per split, in a stable order.
-METRICS = ("top1", "geom_corr", "geom_err", "cka", "knn_top1", "map_at_r", "r_at_1", "nmi", "ari")
 # Every trials.csv column has its owner here. ``config_id`` names a configuration (everything but the
 # seed, see :func:`config_id`); ``stage`` says which step produced the row; ``node`` (Ray node id),
 # ``host``, ``threads`` and ``device`` say where and how it ran (``kdbench rerun`` reads them);
@@ -35,7 +35,7 @@ METRICS = ("top1", "geom_corr", "geom_err", "cka", "knn_top1", "map_at_r", "r_at
 # worker process's peak RSS, which spans the earlier trials a reused worker ran).
 STAGES = ("search", "grid", "confirm", "train", "evaluate")
 TRIAL_COLUMNS = ("trial_id", "config_id", "stage", "status", "fidelity", "method", "seed", "epochs",
-                 *(f"{s}_{m}" for s in ("val", "test") for m in METRICS),
+                 *metric_columns(),
                  "best_test_top1", "last_test_top1", "params", "train_seconds", "images_per_second",
                  "seconds", "node", "host", "threads", "device", "resumed_from", "gpu_ids", "started_at", "ended_at",
                  "peak_memory_mib", "autocast", "compile_seconds",

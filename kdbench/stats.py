@@ -23,14 +23,14 @@ import math
 import numpy as np
 import pandas as pd
 
+from .metrics import DEFAULT_OBJECTIVES, bounds_of, sign
 from .pareto import knee_index, pareto_mask, pareto_ranks
 
-__all__ = ["mean_ci", "INTERVALS", "interval_label", "metric_bounds", "seeds_for_half_width", "p_improvement",
+__all__ = ["mean_ci", "INTERVALS", "interval_label", "seeds_for_half_width", "p_improvement",
            "claim_rows", "summarise", "front_on_means", "p_on_front", "front_stability", "confirm_candidates",
            "oriented", "N_RESAMPLES"]
 
 N_RESAMPLES = 10_000
-MINIMISED = {"geom_err"}
 # How a configuration's mean over seeds gets its 95% interval: the name --interval takes, and what tables say.
 INTERVALS = {"t": "Student-t interval of the mean", "bootstrap": "percentile bootstrap of the mean"}
 
@@ -39,20 +39,6 @@ def interval_label(method: str = "t", confidence: float = 0.95) -> str:
     """What a caption or a json says of an interval, e.g. ``95% Student-t interval of the mean over seeds (...)``."""
     extra = f"{N_RESAMPLES} resamples, fixed seed" if method == "bootstrap" else "clipped to the metric's range"
     return f"{confidence:.0%} {INTERVALS[method]} over seeds ({extra})"
-
-
-def metric_bounds(name: str) -> tuple[float, float]:
-    """The range a metric's values (and so its mean) cannot leave: top-1s in [0, 100], correlations and
-    CKA in [-1, 1] and [0, 1], errors, counts and times >= 0; anything else unbounded."""
-    if name.endswith("top1"):
-        return 0.0, 100.0
-    if name.endswith("geom_corr"):
-        return -1.0, 1.0
-    if name.endswith("cka"):
-        return 0.0, 1.0
-    if name.endswith(("geom_err", "params", "seconds")):
-        return 0.0, math.inf
-    return -math.inf, math.inf
 
 
 def mean_ci(values, confidence: float = 0.95, method: str = "t", bounds: tuple[float, float] | None = None,
@@ -64,7 +50,7 @@ def mean_ci(values, confidence: float = 0.95, method: str = "t", bounds: tuple[f
             A 2-D array ``(k, n)`` of finite values gives ``k`` intervals at once (arrays of lows and highs).
         method: ``"t"`` (Student-t: mean ± t_{(1+c)/2, n-1} · s/√n) or ``"bootstrap"`` (percentile bootstrap,
             ``scipy.stats.bootstrap`` with a fixed generator, so the same numbers give the same interval).
-        bounds: the metric's range (see :func:`metric_bounds`); the interval is clipped to it.
+        bounds: the metric's range (see :func:`kdbench.metrics.bounds_of`); the interval is clipped to it.
 
     Values without spread give the point itself (no interval can be drawn from them).
     """
@@ -133,12 +119,8 @@ def claim_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def oriented(points: np.ndarray, objectives) -> np.ndarray:
-    """Objectives turned so that every column is maximised (``geom_err`` is minimised)."""
-    p = np.asarray(points, dtype=float).copy()
-    for i, o in enumerate(objectives):
-        if o in MINIMISED:
-            p[:, i] = -p[:, i]
-    return p
+    """Objectives turned so that every column is maximised (a minimised metric's sign flipped)."""
+    return np.asarray(points, dtype=float) * np.array([sign(o) for o in objectives])
 
 
 def _varying(rows: pd.DataFrame, known: set) -> list[str]:
@@ -158,7 +140,7 @@ _BOOKKEEPING = {"study", "config_id", "trial_id", "stage", "stop", "file", "p_on
 
 
 def summarise(df: pd.DataFrame, metrics, keys=("config_id",), split: str = "test", compare_with=("baseline", "kd"),
-              improve=("top1", "geom_corr"), interval: str = "t") -> pd.DataFrame:
+              improve=DEFAULT_OBJECTIVES, interval: str = "t") -> pd.DataFrame:
     """One row per (study, group), ``keys`` naming the groups (a configuration by default).
 
     Each row: the group's label (for configurations: the method and the hyperparameters that vary),
@@ -191,7 +173,7 @@ def summarise(df: pd.DataFrame, metrics, keys=("config_id",), split: str = "test
         for m in metrics:
             v = c[m].astype(float).to_numpy() if m in c.columns else np.array([])
             v = v[np.isfinite(v)]
-            lo, hi = mean_ci(v, method=interval, bounds=metric_bounds(m))
+            lo, hi = mean_ci(v, method=interval, bounds=bounds_of(m))
             r |= {f"{m}_mean": float(v.mean()) if len(v) else math.nan,
                   f"{m}_std": float(v.std(ddof=1)) if len(v) > 1 else math.nan, f"{m}_ci_low": lo, f"{m}_ci_high": hi}
         members[len(out)] = c

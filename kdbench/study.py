@@ -19,9 +19,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .data import DataError, canonical, check_data
+from .metrics import DEFAULT_OBJECTIVES, METRICS
 from .results import KEEP_STUDENTS
 from .models import check_model
-from .train import EVAL_WHEN, METHODS, Method, Recipe, dataset_defaults, fields_dict
+from .methods import METHODS, Method
+from .settings import EVAL_WHEN, Recipe, dataset_defaults, fields_dict
 from .values import TUNABLE, StudyError, field_types, apply_overrides, check_value, gpus_allowed, parse_sets
 
 __all__ = ["Study", "Param", "Confirm", "StudyError", "load_study", "parse_study", "read_toml", "study_from_dict", "find_study",
@@ -30,7 +32,7 @@ __all__ = ["Study", "Param", "Confirm", "StudyError", "load_study", "parse_study
 
 SAMPLERS = ("tpe", "nsga2", "random")
 # Searchable, measured on val at every epoch (the last five, computed only at the end otherwise, then are too).
-OBJECTIVES = ("top1", "geom_corr", "geom_err", "cka", "knn_top1", "map_at_r", "r_at_1", "nmi", "ari")
+OBJECTIVES = tuple(METRICS)
 PARAM_TYPES = ("uniform", "loguniform", "int", "categorical")
 STUDIES_DIR = Path(__file__).resolve().parent / "studies"
 
@@ -323,7 +325,7 @@ def parse_study(raw: dict, path: str | Path | None, where: str | None = None, or
         sampler = s.get("sampler", "tpe", str, SAMPLERS)
         samples = s.get("samples", 16, int, lo=1)
         concurrency = s.get("concurrency", 2, int, lo=1)
-        objectives = tuple(s.get("objectives", ["top1", "geom_corr"], list))
+        objectives = tuple(s.get("objectives", list(DEFAULT_OBJECTIVES), list))
         for o in objectives:
             if o not in OBJECTIVES:
                 s.fail("objectives", o, ", ".join(OBJECTIVES))
@@ -335,7 +337,7 @@ def parse_study(raw: dict, path: str | Path | None, where: str | None = None, or
     else:
         g = r.sub("grid")
         g.only({"methods", "seeds", "values", "concurrency"})
-        sampler, objectives = "grid", ("top1", "geom_corr")
+        sampler, objectives = "grid", DEFAULT_OBJECTIVES
         concurrency = g.get("concurrency", 2, int, lo=1)
         names = g.get("methods", [method], list)
         for m in names:

@@ -24,10 +24,12 @@ except ImportError:  # not POSIX
     fcntl = None
 
 from .data import Data, DataError, cache_dir, load_data
-from .evaluate import evaluate, forward_all
+from .measure import evaluate, forward_all
 from .geometry import class_centroids
 from .models import build_model, count_parameters, fitting_models
-from .train import METHODS, Recipe, Teacher, TrainConfig, distill, fields_dict
+from .methods import METHODS
+from .settings import Recipe, fields_dict
+from .train import Teacher, TrainConfig, distill
 
 __all__ = ["get_teacher", "load_teacher", "study_data", "teacher_key", "read_state_dict", "load_strict", "file_digest"]
 

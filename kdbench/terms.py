@@ -20,7 +20,7 @@ from torch import nn
 
 from . import losses
 from .crd import CRD
-from .evaluate import prepare
+from .measure import prepare
 from .models import StagesUnavailable, build_model
 
 __all__ = ["Term", "TERMS", "Shapes", "MethodError", "build_parts", "reads_of", "check_method", "shapes_of", "STAGE_READS"]

@@ -7,7 +7,6 @@ tests and ``ray.tune.report``. A teacher is a student trained with ``baseline`` 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -16,90 +15,16 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .methods import METHODS, Method
-from .terms import STAGE_READS, TERMS, build_parts, check_method, reads_of, shapes_of
+from .methods import Method
+from .settings import Recipe
+from .terms import STAGE_READS, TERMS, build_parts, reads_of, shapes_of
 from .data import Data, augment
-from .evaluate import autocast, evaluate, forward_all, peak_memory_mib, prepare, resolve_precision, teacher_views
+from .measure import autocast, evaluate, forward_all, peak_memory_mib, prepare, resolve_precision, teacher_views
 from .geometry import CentroidMemory
 from .models import build_model, count_parameters
 from .state import get_rng, set_rng, to_cpu
 
-__all__ = ["Method", "Recipe", "TrainConfig", "EVAL_WHEN", "Teacher", "METHODS", "DATASET_DEFAULTS", "dataset_defaults",
-           "distill", "evaluate", "get_lr", "DivergedError", "resolve_device", "trial_values", "check_method"]
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Optimiser and schedule: SGD with momentum, weight decay, warm-up then cosine/step/constant."""
-
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 0.05
-    sgd_momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"  # cosine | step | constant
-    warmup_epochs: float = 0.0
-    milestones: tuple[int, ...] = ()  # step: the epochs after which lr is multiplied by gamma (default: 50%, 75%)
-    gamma: float = 0.1  # step: the factor at each milestone
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32: the training step's
-    channels_last: bool = False  # the student and its batches channels_last on the CPU too (CUDA always is)
-    compile: bool = False  # torch.compile the student's forward (where no term reads its stage maps)
-    compile_backend: str = "inductor"  # torch.compile's backend: inductor | aot_eager (graph capture, no codegen) | cudagraphs
-    compile_mode: str = "default"  # inductor's mode: default | reduce-overhead | max-autotune
-
-
-SCHEDULES = ("cosine", "step", "constant")
-COMPILE_BACKENDS = ("inductor", "aot_eager", "cudagraphs")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-
-# Models and recipe per data set when the user names none.
-DATASET_DEFAULTS: dict[str, dict] = {
-    "digits": dict(teacher="cnn_teacher", student="cnn_student", recipe=Recipe(epochs=30, batch_size=64, lr=0.05)),
-    "synthetic": dict(teacher="cnn_teacher", student="cnn_student", recipe=Recipe(epochs=10, batch_size=64, lr=0.05)),
-    "cifar10": dict(teacher="resnet50", student="resnet18", recipe=Recipe(epochs=30, batch_size=64, lr=0.05)),
-    "cifar100": dict(teacher="resnet50", student="resnet18", recipe=Recipe(epochs=30, batch_size=64, lr=0.05)),
-    "folder": dict(teacher="resnet50", student="resnet18", recipe=Recipe(epochs=30, batch_size=64, lr=0.05)),
-}
-
-
-def dataset_defaults(name: str) -> dict:
-    """The default models and recipe of data set ``name`` (an image folder, ``folder:PATH``, gets CIFAR's)."""
-    return DATASET_DEFAULTS["folder" if name.startswith("folder:") else name]
-
-
-# Fields added after results were first published: a run's values (its config_id, its trials.csv columns) and a
-# study's recipes (study.json, hence the teacher's part of every config_id) hold them only when they are set to
-# something else than their default, so that earlier folders keep their ids.
-LATER_FIELDS = {"milestones", "gamma", "precision", "channels_last", "compile", "compile_backend", "compile_mode",
-                "at", "at_p", "pkt", "nst", "fitnet", "fitnet_stage", "vid", "vid_init_var",
-                "dist", "dist_beta", "dist_gamma", "dist_tau", "standardize", "crd", "crd_dim", "crd_negatives",
-                "crd_temperature", "crd_momentum", "ofd", "reviewkd", "reviewkd_warmup", "ctkd", "ctkd_min", "ctkd_range",
-                "ctkd_loops"}
-
-
-def fields_dict(obj) -> dict:
-    """``dataclasses.asdict(obj)`` without the LATER_FIELDS that hold their default."""
-    defaults = {f.name: f.default for f in dataclasses.fields(obj)}
-    return {k: v for k, v in dataclasses.asdict(obj).items() if not (k in LATER_FIELDS and v == defaults[k])}
-
-
-# How a run computes, not what: kept in a study's recipe (study.json, so a rerun computes the same way), out of a
-# configuration's identity and its trials.csv columns (they change numbers by float noise only).
-RUN_FIELDS = {"channels_last", "compile", "compile_backend", "compile_mode"}
-
-
-def trial_values(method: Method, recipe: Recipe) -> dict:
-    """Every term weight, hyperparameter and recipe field of a run: the trials.csv columns that define it
-    (``method`` holds the method's name; the epoch count is the study's; see ``LATER_FIELDS``, ``RUN_FIELDS``)."""
-    hp = {**fields_dict(method), **{k: v for k, v in fields_dict(recipe).items() if k not in RUN_FIELDS}}
-    hp.pop("epochs")
-    hp["method"] = hp.pop("name")
-    if hp.get("milestones"):
-        hp["milestones"] = " ".join(map(str, hp["milestones"]))  # one CSV cell, one id however it was spelt
-    return hp
-
-
-EVAL_WHEN = ("end", "every_epoch")
+__all__ = ["TrainConfig", "Teacher", "distill", "get_lr", "DivergedError", "resolve_device"]
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from . import results
 from .study import TUNABLE, Study, apply_overrides
-from .train import Method, Recipe, trial_values
+from .methods import Method
+from .settings import Recipe, trial_values
 
 __all__ = ["resolve_trial", "row_config", "trial_config_id"]
 

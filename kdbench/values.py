@@ -1,30 +1,19 @@
-"""One setting at a time: a term weight, a hyperparameter or a recipe field, checked against one table of
-rules that serves study files, ``--set KEY=VALUE`` and the bounds of a search space alike."""
+"""One setting at a time: a term weight, a hyperparameter or a recipe field, checked against the rules its field
+carries (:func:`kdbench.settings.setting`); the same check serves study files, ``--set KEY=VALUE`` and the bounds of a
+search space alike."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from .evaluate import PRECISIONS
-from .train import COMPILE_BACKENDS, COMPILE_MODES, SCHEDULES, Method, Recipe
+from .methods import Method
+from .settings import Recipe, rules
 
-__all__ = ["StudyError", "TUNABLE", "field_types", "check_value", "apply_overrides", "parse_sets", "gpus_allowed"]
+__all__ = ["StudyError", "TUNABLE", "FIELDS", "allowed", "field_types", "check_value", "apply_overrides", "parse_sets", "gpus_allowed"]
 
 
 class StudyError(ValueError):
     """Bad configuration: names the file, the key, the value and what is allowed."""
-
-
-_RULES = {  # field -> (minimum, maximum, minimum is exclusive); None = unbounded
-    "epochs": (1, None, False), "batch_size": (2, None, False), "lr": (0, None, True),
-    "sgd_momentum": (0, 1, False), "weight_decay": (0, None, False), "warmup_epochs": (0, None, False),
-    "temperature": (0, None, True), "momentum": (0, 0.999, False), "cc_gamma": (0, None, True),
-    "cc_order": (0, 8, False), "dkd_warmup": (0, 1, False), "gamma": (0, 1, True),
-    "crd_dim": (1, None, False), "crd_negatives": (1, None, False), "crd_temperature": (0, None, True),
-    "crd_momentum": (0, 0.999, False), "at_p": (0, None, True), "vid_init_var": (0, None, True),
-    "dist_tau": (0, None, True), "standardize": (0, 1, False), "reviewkd_warmup": (0, 1, False),
-    "ctkd_min": (0, None, True), "ctkd_range": (0, None, False), "ctkd_loops": (0, 1, True),
-}
 
 
 def gpus_allowed(value: float) -> str | None:
@@ -42,10 +31,25 @@ def gpus_allowed(value: float) -> str | None:
 
 
 def field_types(cls) -> dict[str, str]:
-    return {f.name: f.type for f in dataclasses.fields(cls) if f.name != "name"}
+    return {name: f.type for name, f in rules(cls).items()}
 
 
-TUNABLE = {**field_types(Method), **field_types(Recipe)}  # every key --set and a search space may name
+FIELDS = {**rules(Method), **rules(Recipe)}  # every key --set and a search space may name, with its rules
+TUNABLE = {name: f.type for name, f in FIELDS.items()}
+
+
+def allowed(key: str) -> str:
+    """What field ``key`` allows, in words: its choices or its range (e.g. ``> 0``, ``>= 0 and <= 0.999``)."""
+    r = FIELDS[key].metadata
+    if r["doc"] and r["choices"]:
+        return f"{', '.join(r['choices'])} ({r['doc']})"
+    if r["doc"]:
+        return r["doc"]
+    if r["choices"]:
+        return ", ".join(r["choices"])
+    if TUNABLE[key] == "bool":
+        return "true or false"
+    return f"{'>' if r['above'] else '>='} {r['lo']}" + (f" and <= {r['hi']}" if r["hi"] is not None else "")
 
 
 def check_value(key: str, value, where: str):
@@ -53,6 +57,7 @@ def check_value(key: str, value, where: str):
     kind = TUNABLE.get(key)
     if kind is None:
         raise StudyError(f"{where}: key {key!r} is unknown; allowed: {', '.join(TUNABLE)}")
+    rule = FIELDS[key].metadata
     if key == "milestones":  # epochs: a list (TOML), or "150,180,210" / "150 180 210" (--set, trials.csv)
         items = value.replace(",", " ").split() if isinstance(value, str) else \
             [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
@@ -61,22 +66,17 @@ def check_value(key: str, value, where: str):
                 all(not isinstance(x, bool) and float(x).is_integer() for x in items) else None
         except (TypeError, ValueError):
             ms = None
-        if ms is None or any(m < 1 for m in ms) or list(ms) != sorted(set(ms)):
-            raise StudyError(f"{where}: milestones = {value!r}; allowed: increasing epochs >= 1, e.g. [150, 180, 210]")
+        if ms is None or any(m < rule["lo"] for m in ms) or list(ms) != sorted(set(ms)):
+            raise StudyError(f"{where}: milestones = {value!r}; allowed: {allowed(key)}")
         return ms
     if kind == "bool":  # TOML true/false; --set 1/0, true/false
         text = str(value).strip().lower()
         if isinstance(value, bool) or text in ("1", "0", "true", "false"):
             return value if isinstance(value, bool) else text in ("1", "true")
-        raise StudyError(f"{where}: {key} = {value!r}; allowed: true or false")
+        raise StudyError(f"{where}: {key} = {value!r}; allowed: {allowed(key)}")
     if kind == "str":
-        if key == "schedule" and value not in SCHEDULES:
-            raise StudyError(f"{where}: {key} = {value!r}; allowed: {', '.join(SCHEDULES)}")
-        for name, allowed in (("compile_backend", COMPILE_BACKENDS), ("compile_mode", COMPILE_MODES)):
-            if key == name and value not in allowed:
-                raise StudyError(f"{where}: {key} = {value!r}; allowed: {', '.join(allowed)}")
-        if key == "precision" and value not in PRECISIONS:
-            raise StudyError(f"{where}: {key} = {value!r}; allowed: {', '.join(PRECISIONS)} (auto: bf16 on CUDA, fp32 on CPU)")
+        if rule["choices"] and value not in rule["choices"]:
+            raise StudyError(f"{where}: {key} = {value!r}; allowed: {allowed(key)}")
         return str(value)
     try:
         if isinstance(value, bool):
@@ -86,11 +86,10 @@ def check_value(key: str, value, where: str):
         number = int(value) if kind == "int" else float(value)
     except (TypeError, ValueError):
         raise StudyError(f"{where}: {key} = {value!r}; allowed: a number ({kind})") from None
-    lo, hi, open_lo = _RULES.get(key, (0, None, False))  # term weights: >= 0
-    if number != number or (lo is not None and (number < lo or (open_lo and number == lo))) \
+    lo, hi, above = rule["lo"], rule["hi"], rule["above"]
+    if number != number or (lo is not None and (number < lo or (above and number == lo))) \
             or (hi is not None and number > hi):
-        span = f"{'>' if open_lo else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
-        raise StudyError(f"{where}: {key} = {value!r}; allowed: {span}")
+        raise StudyError(f"{where}: {key} = {value!r}; allowed: {allowed(key)}")
     return number
 
 

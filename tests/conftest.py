@@ -78,7 +78,7 @@ def _load(name):
 
 def _digits_teacher(digits):
     from kdbench.teacher import get_teacher
-    from kdbench.train import DATASET_DEFAULTS
+    from kdbench.settings import DATASET_DEFAULTS
 
     return get_teacher(digits, "cnn_teacher", DATASET_DEFAULTS["digits"]["recipe"])[0]
 

@@ -102,12 +102,12 @@ def test_keep_students_front_removes_the_students_off_the_front(searched, tmp_pa
 def test_train_out_keeps_both_geometries_and_the_final_measures_recompute_from_the_student(trained, digits,
                                                                                          digits_teacher):
     """matrices.npz holds the teacher's and the student's centroid-similarity matrices; recomputed here from the
-    teacher and from student.pt's features (a second path: no kdbench.evaluate), they agree, and so do the
+    teacher and from student.pt's features (a second path: no kdbench.measure), they agree, and so do the
     retrieval and clustering measures of result.json. compare names the pairs that moved most, by hand."""
     import numpy as np
 
     from kdbench.downstream import clustering, retrieval
-    from kdbench.evaluate import forward_all
+    from kdbench.measure import forward_all
     from kdbench.geometry import class_centroids, similarity_matrix
 
     run = trained / "s0"

@@ -106,6 +106,16 @@ def test_confirm_adds_seeds_times_candidates_then_nothing_then_races_until_settl
     todo, _, decision = _pending(study, trials, c, recorded, str(out))
     assert [(t["config_id"], t["seed"]) for t in todo] == [(cid, 7)] and decision is None
 
+    # Asked again another way after the race (no presets, or a subset of them): a new plan, nothing to add, the
+    # racing verdicts kept -- never a traceback (a recorded round's preset is not among the new candidates).
+    before = (out / "trials.csv").read_bytes()
+    for presets in ("none", "baseline"):
+        r = runner.invoke(app, ["confirm", str(out), "--seeds", "2", "--top", "1", "--with", presets])
+        assert r.exit_code == 0 and "0 runs added" in r.output, r.output
+        assert r.exception is None or isinstance(r.exception, SystemExit)
+    assert (out / "trials.csv").read_bytes() == before
+    assert json.loads((out / "study.json").read_text())["confirm"]["settled"] == settled
+
 
 def test_config_id_of_an_old_folder_is_derived_the_same_way(searched, tmp_path):
     """Folders written before config_id existed get it from their rows, identical to what is written now."""

@@ -157,7 +157,9 @@ def test_without_timm_a_timm_model_says_how_to_install(monkeypatch):
 
 
 def test_tune_train_and_compare_on_a_folder_with_a_torchvision_student_and_a_checkpoint_teacher(tmp_path, ray_session):
-    from kdbench.train import METHODS, Recipe, TrainConfig, distill
+    from kdbench.methods import METHODS
+    from kdbench.settings import Recipe
+    from kdbench.train import TrainConfig, distill
 
     root = write_tree(tmp_path / "imgs", per_split=(("train", 12), ("test", 4)))
     # A teacher trained elsewhere, saved as RepDistiller saves its own: {"model": state_dict, ...}.

@@ -14,7 +14,9 @@ from typer.testing import CliRunner
 from conftest import one_line_error
 from kdbench import losses
 from kdbench.cli import app
-from kdbench.train import METHODS, Recipe, TrainConfig, distill
+from kdbench.methods import METHODS
+from kdbench.settings import Recipe
+from kdbench.train import TrainConfig, distill
 
 runner = CliRunner()
 g = lambda seed: torch.Generator().manual_seed(seed)

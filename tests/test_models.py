@@ -140,9 +140,11 @@ def test_library_student_takes_a_distillation_step_with_the_geometry_term(name, 
     import dataclasses
     import math
 
-    from kdbench.evaluate import forward_all
+    from kdbench.measure import forward_all
     from kdbench.geometry import class_centroids
-    from kdbench.train import METHODS, Recipe, Teacher, TrainConfig, distill
+    from kdbench.methods import METHODS
+    from kdbench.settings import Recipe
+    from kdbench.train import Teacher, TrainConfig, distill
 
     data = synthetic
     data = dataclasses.replace(data, train_x=data.train_x[:64], train_y=data.train_y[:64], val_x=data.val_x[:32],

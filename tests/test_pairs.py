@@ -12,7 +12,8 @@ from kdbench.cli import app
 from kdbench.pairs import load_studies
 from kdbench.results import read_folder
 from kdbench.study import find_study
-from kdbench.train import Recipe, get_lr
+from kdbench.settings import Recipe
+from kdbench.train import get_lr
 
 runner = CliRunner()
 

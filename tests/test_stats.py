@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from kdbench import stats
+from kdbench.metrics import bounds_of
 from kdbench.pareto import pareto_ranks
 from kdbench.results import config_id
 
@@ -23,10 +24,10 @@ def test_t_interval_by_hand():
 
 
 def test_interval_is_clipped_to_the_metric_range():
-    lo, hi = stats.mean_ci([0.99, 0.95, 0.90], bounds=stats.metric_bounds("val_geom_corr"))
+    lo, hi = stats.mean_ci([0.99, 0.95, 0.90], bounds=bounds_of("val_geom_corr"))
     assert hi == 1.0 and lo == pytest.approx(0.9467 - 4.302653 * np.std([0.99, 0.95, 0.90], ddof=1) / math.sqrt(3), abs=1e-4)
-    assert stats.mean_ci([99.7, 100.0, 98.9], bounds=stats.metric_bounds("test_top1"))[1] == 100.0
-    assert stats.metric_bounds("test_knn_top1") == (0.0, 100.0) and stats.metric_bounds("geom_err")[0] == 0.0
+    assert stats.mean_ci([99.7, 100.0, 98.9], bounds=bounds_of("test_top1"))[1] == 100.0
+    assert bounds_of("test_knn_top1") == (0.0, 100.0) and bounds_of("geom_err")[0] == 0.0
 
 
 def test_two_dimensional_values_give_the_same_intervals_row_by_row():
@@ -48,7 +49,7 @@ def test_default_interval_covers_95_percent_at_few_seeds(n):
              "gamma(4)": (rng.gamma(4.0, 1.0, (20_000, n)), 4.0),
              "digits steps": (rounded(rng.normal(97.0, 0.6, (20_000, n))), rounded(rng.normal(97.0, 0.6, 4_000_000)).mean())}
     for name, (draws, truth) in cases.items():
-        lo, hi = stats.mean_ci(draws, bounds=stats.metric_bounds("top1") if name == "digits steps" else None)
+        lo, hi = stats.mean_ci(draws, bounds=bounds_of("top1") if name == "digits steps" else None)
         coverage = ((lo <= truth) & (truth <= hi)).mean()
         assert 0.92 <= coverage <= 0.98, (name, n, coverage)
 

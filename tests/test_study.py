@@ -3,7 +3,8 @@ import dataclasses
 import pytest
 
 from kdbench.study import StudyError, apply_overrides, bundled_studies, find_study, load_study, parse_sets
-from kdbench.train import METHODS, Recipe
+from kdbench.methods import METHODS
+from kdbench.settings import Recipe
 
 BASE = """
 name = "t"

@@ -12,7 +12,7 @@ from conftest import one_line_error
 from kdbench.cli import app
 from kdbench.models import build_model
 from kdbench.teacher import get_teacher
-from kdbench.train import Recipe
+from kdbench.settings import Recipe
 
 runner = CliRunner()
 
@@ -39,7 +39,7 @@ def test_every_usual_format_loads_into_the_same_teacher_evaluated_once(tmp_path,
         assert t.meta["checkpoint"] == str(path.resolve()) and t.meta["train_seconds"] == 0.0
     # Independently: test top-1 by hand from the logits.
     with torch.inference_mode():
-        from kdbench.evaluate import forward_all
+        from kdbench.measure import forward_all
 
         _, z = forward_all(t.model, digits.test_x, digits)
     assert t.meta["test_top1"] == pytest.approx(100 * (z.argmax(1) == digits.test_y).double().mean().item())

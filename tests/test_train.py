@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from kdbench.teacher import get_teacher, load_teacher
-from kdbench.train import DATASET_DEFAULTS, METHODS, DivergedError, Recipe, TrainConfig, distill, get_lr, trial_values
+from kdbench.methods import METHODS
+from kdbench.settings import DATASET_DEFAULTS, Recipe, trial_values
+from kdbench.train import DivergedError, TrainConfig, distill, get_lr
 
 
 def test_get_lr_cosine_step_and_warmup():
@@ -155,7 +157,7 @@ def test_resume_from_a_state_ends_exactly_like_the_uninterrupted_run(name, preci
 
 def test_bf16_on_a_cuda_device_without_it_is_refused_in_one_line(monkeypatch):
     """No GPU here: the two CUDA queries resolve_precision makes are answered as an old GPU (a V100) would."""
-    from kdbench.evaluate import resolve_precision
+    from kdbench.measure import resolve_precision
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100-SXM2-16GB")

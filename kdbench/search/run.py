@@ -19,9 +19,11 @@ from ray import tune
 from .. import checkpoints, results
 from ..confirm import plan_confirm, settle
 from ..flags import RESUMABLE, differences
+from ..metrics import mode
 from ..study import Confirm, Study, StudyError, study_from_dict
 from ..teacher import study_data
-from ..train import check_method, resolve_device
+from ..terms import check_method
+from ..train import resolve_device
 from ..trial import resolve_trial
 from .moasha import ParetoASHA
 from .trials import ResumableASHA, _make_searcher, _trainable, _trial_configs_grid
@@ -337,8 +339,9 @@ def _pending(study: Study, trials, confirm: Confirm, recorded: dict, where: str)
     plan, picked = plan_confirm(study, trials, confirm, where)
     done = _confirmed_pairs(trials)
     values = {p["config_id"]: p for p in picked}
+    # A pair of a configuration this confirmation does not pick (another --with, --top) is not run.
     runs = lambda pairs: [{"config_id": c, "method": values[c]["method"], "seed": int(s), "stage": "confirm",
-                           **values[c]["values"]} for c, s in pairs]
+                           **values[c]["values"]} for c, s in pairs if c in values]
     rounds = recorded.get("rounds") or [{"pairs": [(p["config_id"], p["seed"]) for p in plan]}]
     missing = [r for r in runs(rounds[-1]["pairs"]) if (r["config_id"], r["seed"]) not in done]
     if missing or not confirm.until_settled:
@@ -353,11 +356,15 @@ def _confirm(f: _Folder, confirm: Confirm) -> dict:
     previous = meta.get("confirm") or {}
     trials = results.read_folder(out).trials
     plan, picked = plan_confirm(f.study, trials, confirm, str(out))
-    meta["confirm"] = {"seeds": sorted({p["seed"] for p in plan}), "top": confirm.top, "with": list(confirm.with_),
-                       "until_settled": confirm.until_settled, "max_seeds": confirm.max_seeds,
-                       "candidates": [{k: v for k, v in p.items() if k != "values"} for p in picked],
-                       "rounds": previous.get("rounds") or [{"pairs": [[p["config_id"], p["seed"]] for p in plan]}],
-                       "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")), "ended": None}
+    options = {"seeds": sorted({p["seed"] for p in plan}), "top": confirm.top, "with": list(confirm.with_),
+               "until_settled": confirm.until_settled, "max_seeds": confirm.max_seeds}
+    # The recorded rounds are this confirmation's only when it was asked the same way (an interrupted one resumes);
+    # other options plan anew, and the racing verdicts already recorded stay.
+    same = all(previous.get(k) == v for k, v in options.items())
+    meta["confirm"] = {**options, "candidates": [{k: v for k, v in p.items() if k != "values"} for p in picked],
+                       "rounds": (same and previous.get("rounds")) or [{"pairs": [[p["config_id"], p["seed"]] for p in plan]}],
+                       "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")), "ended": None,
+                       **({"settled": previous["settled"]} if "settled" in previous else {})}
     results.write_json(out / "study.json", meta)
     added = 0
     while True:
@@ -417,8 +424,7 @@ def _fit(f: _Folder, state: SearchState, remaining: int, todo: list | None, asha
     scheduler = None
     if (study.asha if asha is None else asha) and study.asha_rank == "pareto":
         metrics = [f"val_{o}" for o in study.objectives]
-        scheduler = ParetoASHA(time_attr="epoch", metrics=metrics, modes=["min" if o == "geom_err" else "max"
-                                                                         for o in study.objectives],
+        scheduler = ParetoASHA(time_attr="epoch", metrics=metrics, modes=[mode(o) for o in study.objectives],
                                max_t=study.max_epochs, grace_period=study.grace_period,
                                reduction_factor=study.reduction_factor, curves=f.curves(metrics))
     elif study.asha if asha is None else asha:

@@ -16,7 +16,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from .. import checkpoints, results
-from ..evaluate import FINAL
+from ..metrics import FINAL, mode
 from ..study import Study
 from ..trial import resolve_trial, trial_config_id
 from ..teacher import load_teacher
@@ -190,7 +190,7 @@ def _make_searcher(study: Study, out: Path, max_epochs: int, finished: set = fro
                 asked.append(t.params)
                 again.enqueue_trial(t.params)
     metrics = [f"val_{o}" for o in study.objectives]
-    modes = ["min" if o == "geom_err" else "max" for o in study.objectives]
+    modes = [mode(o) for o in study.objectives]
     # metric/mode go to the searcher only: a TuneConfig metric would silently collapse it to one objective.
     return FidelityAwareOptuna(space=_Space(study), metric=metrics, mode=modes, sampler=_sampler(study, earlier),
                                study_name=study.name, storage=storage, max_epochs=max_epochs)

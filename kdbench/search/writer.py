@@ -10,9 +10,10 @@ from pathlib import Path
 from ray import tune
 
 from .. import checkpoints, matrices, results
+from ..metrics import DEFAULT_OBJECTIVES, better
 from ..study import Study
 from ..trial import resolve_trial, trial_config_id
-from ..train import trial_values
+from ..settings import trial_values
 
 
 @dataclass
@@ -30,7 +31,7 @@ class SearchState:
     finished: list = field(default_factory=list)  # per finished trial: id, status, epochs, its val objectives
     active: dict = field(default_factory=dict)  # running trial id -> values, epoch, val objectives, started, node
     max_epochs: int = 0  # a trial's full fidelity
-    objectives: tuple = ("top1", "geom_corr")
+    objectives: tuple = DEFAULT_OBJECTIVES
     epochs_done: int = 0  # trial-epochs this fit has run (for the ETA)
 
     def eta(self) -> tuple[int, float | None]:
@@ -180,8 +181,7 @@ class ResultsWriter(tune.Callback):
         if row["fidelity"] == "full":
             for o in self.study.objectives:
                 v = row.get(f"val_{o}")
-                better = (lambda a, b: a < b) if o == "geom_err" else (lambda a, b: a > b)
-                if v is not None and (o not in state.best or better(v, state.best[o][0])):
+                if v is not None and (o not in state.best or better(o, v, state.best[o][0])):
                     state.best[o] = (v, trial.trial_id)
         state.last = f"{trial.trial_id}: {status}"
         state.finished.append({"trial_id": trial.trial_id, "status": status, "epochs": row.get("epochs", 0),

@@ -1,4 +1,4 @@
-"""Evaluation: a model's features and logits over a split, and the metrics of DESIGN §5 on them.
+"""Measuring a model on a split: its features and logits, and every metric of :mod:`kdbench.metrics` on them.
 
 Everything here runs without augmentation, in eval mode, under ``torch.inference_mode()``; none of it
 touches the training state, so when a run evaluates never changes how it trains.
@@ -6,15 +6,19 @@ touches the training state, so when a run evaluates never changes how it trains.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cached_property
+
 import torch
 from torch import nn
 
 from .data import Data, normalize
 from .downstream import clustering, retrieval
-from .geometry import class_centroids, geom_err, geometry_corr, knn_top1, linear_cka, similarity_matrix
+from .geometry import class_centroids, similarity_matrix
+from .metrics import METRICS
 
-__all__ = ["PRECISIONS", "resolve_precision", "peak_memory_mib", "autocast", "prepare", "forward_all", "evaluate", "teacher_views",
-           "FINAL"]
+__all__ = ["resolve_precision", "peak_memory_mib", "autocast", "prepare", "forward_all", "evaluate",
+           "teacher_views", "SplitOutputs"]
 
 
 def autocast(device: torch.device, precision: str = "auto"):
@@ -24,7 +28,6 @@ def autocast(device: torch.device, precision: str = "auto"):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -66,34 +69,56 @@ def forward_all(model: nn.Module, x: torch.Tensor, data: Data, batch_size: int =
     return torch.cat(feats), torch.cat(logits)
 
 
-# Measures of a student's features computed beside kNN at the end of a run (or at every evaluated epoch, where a
-# search's objective needs one): retrieval against the training split, clustering of the split. See downstream.py.
-FINAL = ("knn_top1", "map_at_r", "r_at_1", "nmi", "ari")
+@dataclass
+class SplitOutputs:
+    """One split's student outputs and what its metrics compare them with: what every
+    :class:`kdbench.metrics.Metric` computes from. The shared intermediate results (the centroid similarity
+    matrix, retrieval's two scores, one k-means) are computed once, on first use."""
+
+    features: torch.Tensor  # (N, d) pooled penultimate features
+    logits: torch.Tensor  # (N, C)
+    labels: torch.Tensor  # (N,)
+    num_classes: int
+    teacher_features: torch.Tensor | None = None  # (N, d_t): the teacher's features on the same images
+    teacher_similarity: torch.Tensor | None = None  # (C, C): the teacher's centroid similarity matrix on the split
+    reference_features: torch.Tensor | None = None  # (N_train, d): the student's training-split features
+    reference_labels: torch.Tensor | None = None  # (N_train,)
+
+    @cached_property
+    def similarity(self) -> torch.Tensor:
+        """(C, C): cosine similarities of the student's class centroids on the split."""
+        return similarity_matrix(class_centroids(self.features, self.labels, self.num_classes))
+
+    @cached_property
+    def retrieval(self) -> dict:
+        return retrieval(self.features, self.labels, self.reference_features, self.reference_labels)
+
+    @cached_property
+    def clusters(self) -> dict:
+        return clustering(self.features, self.labels, self.num_classes)
 
 
 def evaluate(model: nn.Module, data: Data, split: str, teacher_view: dict | None = None,
              knn: bool | torch.Tensor = False, keep: dict | None = None) -> dict[str, float]:
-    """Metrics of DESIGN §5 on ``split`` without augmentation, prefixed ``<split>_``.
+    """Every metric of :data:`kdbench.metrics.METRICS` on ``split`` without augmentation, prefixed ``<split>_``.
 
-    ``teacher_view`` holds the teacher's features and similarity matrix on the same split; without
-    it only top-1 (and the final measures) are computed. ``knn``: True, or the model's train-split features
-    when the caller already has them (one pass serves every split): then the :data:`FINAL` measures too.
+    ``teacher_view`` holds the teacher's features and similarity matrix on the same split; without it the metrics
+    that compare with the teacher are left out. ``knn``: True, or the model's train-split features when the caller
+    already has them (one pass serves every split): then the ``final`` metrics too (kNN, retrieval, clustering).
     ``keep``: a dict that receives the student's centroid-similarity matrix of the split (float32, on the CPU).
     """
     x, y = data.split(split)
     f, z = forward_all(model, x, data)
-    out = {"top1": (z.argmax(1) == y).float().mean() * 100}
+    o = SplitOutputs(f, z, y, data.num_classes)
     if teacher_view is not None:
-        s = similarity_matrix(class_centroids(f, y, data.num_classes))
-        out |= {"geom_corr": geometry_corr(s, teacher_view["S"]), "geom_err": geom_err(s, teacher_view["S"]),
-                "cka": linear_cka(f, teacher_view["features"])}
+        o.teacher_features, o.teacher_similarity = teacher_view["features"], teacher_view["S"]
         if keep is not None:
-            keep[split] = s.float().cpu().numpy()
+            keep[split] = o.similarity.float().cpu().numpy()
     if knn is not False:
-        ref_f = knn if isinstance(knn, torch.Tensor) else forward_all(model, data.train_x, data)[0]
-        out["knn_top1"] = knn_top1(ref_f, data.train_y, f, y, data.num_classes)
-        out |= retrieval(f, y, ref_f, data.train_y) | clustering(f, y, data.num_classes)
-    return {f"{split}_{k}": float(v) for k, v in out.items()}
+        o.reference_features = knn if isinstance(knn, torch.Tensor) else forward_all(model, data.train_x, data)[0]
+        o.reference_labels = data.train_y
+    return {f"{split}_{name}": float(m.compute(o)) for name, m in METRICS.items()
+            if (teacher_view is not None or not m.teacher) and (knn is not False or not m.final)}
 
 
 def teacher_views(teacher: nn.Module, data: Data) -> dict:
