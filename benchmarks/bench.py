@@ -411,7 +411,7 @@ def compile_check(device: str) -> dict:
     runs, states = {}, {}
     for compiled in (False, True):
         cfg = TrainConfig("cnn_student", METHODS["geometry"], dataclasses.replace(recipe, compile=compiled), seed=0)
-        keep = (lambda r: states.update({r["epoch"]: r["state"]}) if "state" in r else None) if compiled else None
+        keep = (lambda e: states.update({e.row["epoch"]: e.state})) if compiled else None
         runs[compiled] = distill(cfg, data, teacher, keep, state_when=(lambda e: e == 15) if compiled else None)
     eager_cfg = TrainConfig("cnn_student", METHODS["geometry"], recipe, seed=0)
     resumed = distill(eager_cfg, data, teacher, resume=states[15])

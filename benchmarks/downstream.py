@@ -37,7 +37,7 @@ def downstream_cost(device: str, repeats: int) -> dict:
            "downstream_cifar100_clustering_seconds": []}
     for seed in range(repeats):
         res = distill(TrainConfig("cnn_student", METHODS["geometry"], recipe, seed), data, teacher)
-        model = res["model"]
+        model = res.model
         ref = forward_all(model, data.train_x, data)[0]
         spent = sum(_measures(forward_all(model, x, data)[0], y, ref, data.train_y, data.num_classes)
                     for x, y in (data.split("val"), data.split("test")))

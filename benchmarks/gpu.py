@@ -47,11 +47,11 @@ def paper_step(compile: bool, epochs: int = 3, device: str = "cuda", student: st
     cfg = TrainConfig(student, METHODS["geometry"], Recipe(epochs=epochs, batch_size=64), seed=0, compile=compile)
     t0 = time.perf_counter()
     res = distill(cfg, data, _random_teacher(data, teacher))
-    last = res["history"][-1]
+    last = res.history[-1]
     steps = data.train_x.shape[0] // 64
-    return {"images_per_second": steps * 64 / last["epoch_seconds"], "first_epoch_seconds": res["history"][0]["epoch_seconds"],
+    return {"images_per_second": steps * 64 / last["epoch_seconds"], "first_epoch_seconds": res.history[0]["epoch_seconds"],
             "wall_seconds": time.perf_counter() - t0, "train_images": int(data.train_x.shape[0]),
-            "peak_memory_mib": res["peak_memory_mib"], "autocast": res["autocast"]}
+            "peak_memory_mib": res["peak_memory_mib"], "autocast": res.precision}
 
 
 def paper_pair_throughput() -> dict:

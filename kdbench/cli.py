@@ -94,11 +94,10 @@ def train(
     progress, report = epoch_progress(recipe.epochs, f"{cfg.student} · {m.name}")
     with progress:
         res = distill(cfg, data, t, report)
-    history, model, kept = res.pop("history"), res.pop("model"), res.pop("matrices")
-    out.print(summary_table(res, cfg, dataset))
+    out.print(summary_table(res.metrics, cfg, dataset))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        results.write_csv(out_dir / "epochs.csv", history)
+        results.write_csv(out_dir / "epochs.csv", res.history)
         tm = t.meta
         context = results.run_context({
             "dataset": dataset, "split_seed": tm["split_seed"], "teacher": tm["arch"], "teacher_recipe": tm["recipe"],
@@ -106,14 +105,15 @@ def train(
             "data_options": options, "teacher_checkpoint": tm.get("checkpoint")})
         cid = results.config_id(context, trial_values(m, recipe))
         results.write_student(out_dir / "student.pt", results.student_file(
-            to_cpu(model.state_dict()), cfg.student, data.num_classes, cid, recipe.epochs, res))
+            to_cpu(res.model.state_dict()), cfg.student, data.num_classes, cid, recipe.epochs, res.metrics))
         results.write_json(out_dir / "result.json", {
             "config_id": cid,
             "config": {"dataset": dataset, "data_options": options, "student": cfg.student, "teacher": tm["arch"],
                        "method": dataclasses.asdict(m), "recipe": dataclasses.asdict(recipe), "seed": seed},
             "teacher": {k: v for k, v in tm.items() if k != "path"},
-            "environment": results.environment(str(dev)) | {"threads": threads_now()}, "metrics": res})
-        write_teacher(out_dir / "matrices.npz", kept, data.class_names, student=True)
+            "environment": results.environment(str(dev)) | {"threads": threads_now()},
+            "metrics": {**res.metrics, "autocast": res.precision}})
+        write_teacher(out_dir / "matrices.npz", res.matrices, data.class_names, student=True)
         pictures = save_pictures(out_dir)
         err.print(f"wrote result.json, epochs.csv, student.pt, matrices.npz{''.join(', ' + p for p in pictures)} in {out_dir}")
 

@@ -96,7 +96,8 @@ def epoch_progress(total: int, label: str):
                         TextColumn("{task.fields[metrics]}"), console=err, transient=False)
     task = progress.add_task(label, total=total, metrics="")
 
-    def report(row: dict):
+    def report(epoch):  # a kdbench.records.Epoch
+        row = epoch.row
         shown = [f"loss {row['train_loss']:.3f}", f"train {row['train_top1']:.1f}%"]
         if "val_top1" in row:
             shown.append(f"val {row['val_top1']:.2f}%")

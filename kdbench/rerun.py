@@ -71,11 +71,11 @@ def rerun_trial(path: str | Path, trial_id: str, threads: int | None = None, dev
     data, teacher, _ = study_data(study, data_root, device=dev)
     last = {}
 
-    def hook(r: dict):
-        last.update(r)
+    def hook(e):  # a kdbench.records.Epoch
+        last.update(e.row)
         if report is not None:
-            report(r)
-        if r["epoch"] >= epochs and epochs < recipe.epochs:
+            report(e)
+        if e.row["epoch"] >= epochs and epochs < recipe.epochs:
             raise _Stop
 
     before = torch.get_num_threads()

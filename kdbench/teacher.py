@@ -105,11 +105,10 @@ def _training(path: Path):
 def _train(path, data, arch, recipe, seed, split_seed, key, report) -> Teacher:
     result = distill(TrainConfig(arch, METHODS["baseline"], recipe, seed, eval_val="every_epoch", eval_test="every_epoch"),
                      data, report=report)
-    model = result["model"].eval().requires_grad_(False)
+    model = result.model.eval().requires_grad_(False)
     feats, _ = forward_all(model, data.train_x, data)
     meta = {"dataset": data.name, "arch": arch, "seed": seed, "split_seed": split_seed, "key": key,
-            "recipe": fields_dict(recipe),
-            **{k: v for k, v in result.items() if k not in ("history", "model")}}
+            "recipe": fields_dict(recipe), **result.metrics, "autocast": result.precision}
     return _save(path, model, class_centroids(feats, data.train_y, data.num_classes).clone(), meta)
 
 

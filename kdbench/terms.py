@@ -1,8 +1,9 @@
 """The loss terms a method combines: what each reads, which trainable parts it owns, how it is computed.
 
 A method is term weights (:class:`kdbench.methods.Method`); the loop sums ``weight * term`` over the non-zero
-ones. Each term here says what it reads — the student's and teacher's ``logits``, pooled ``features``, stage
-``maps`` or ``preact`` maps, the class ``centroids``, the ``target`` — and, where it trains parameters of its
+ones. Each term here says what it reads — fields of :class:`kdbench.records.Batch`: the student's and teacher's
+``logits``, pooled ``features``, stage ``maps`` or ``preact`` maps, the teacher's class ``t_centroids``, the
+``target`` — and, where it trains parameters of its
 own (a regressor, a projection), how to build them once from the two models' shapes. The loop computes
 stage maps, and runs the teacher, only when some term reads them. Adding a method: one function in
 :mod:`kdbench.losses`, one entry in ``TERMS`` (and its weight in ``Method``).
@@ -45,7 +46,7 @@ class Shapes:
 
 @dataclass(frozen=True)
 class Term:
-    reads: frozenset[str]
+    reads: frozenset[str]  # the kdbench.records.Batch fields compute reads
     compute: Callable  # (batch, method, parts) -> scalar tensor; parts: this term's module (or None)
     parts: Callable | None = None  # (shapes, method) -> nn.Module, trained with the student
     warmup: str | None = None  # the Method field: the share of the run over which its weight ramps up from 0
@@ -108,7 +109,7 @@ def _pairs(sh: Shapes, name: str) -> list[tuple[int, int]]:
 
 def _vid(b, m, parts) -> torch.Tensor:
     total = 0.0
-    for (f_s, f_t), reg, log_scale in zip(losses.pair_stages(b["maps"], b["t_maps"]), parts.regressors, parts.log_scales):
+    for (f_s, f_t), reg, log_scale in zip(losses.pair_stages(b.maps, b.t_maps), parts.regressors, parts.log_scales):
         f_s, f_t = losses.match_size(f_s, f_t)
         total = total + losses.vid(reg(f_s), log_scale, f_t)
     return total
@@ -137,7 +138,7 @@ def _ofd_parts(sh: Shapes, m) -> nn.Module:
 def _ofd(b, m, parts) -> torch.Tensor:
     """The student's pre-ReLU stages through the connectors against the teacher's (pooled to the student's size),
     the deepest pair weighted 1, each shallower one half the next (the authors' and mdistiller's weighting)."""
-    pairs, total = losses.pair_stages(b["preact"], b["t_preact"]), 0.0
+    pairs, total = losses.pair_stages(b.preact, b.t_preact), 0.0
     for i, ((f_s, f_t), conn) in enumerate(zip(pairs, parts.connectors)):
         f_s = conn(f_s)
         f_t = F.adaptive_avg_pool2d(f_t, f_s.shape[2:])
@@ -200,9 +201,9 @@ class _ReviewParts(nn.Module):
 
 
 def _reviewkd(b, m, parts) -> torch.Tensor:
-    t = b["t_preact"]
+    t = b.t_preact
     k = len(parts.abfs) - 1
-    return losses.hcl(parts(b["maps"], b["feat"]), [*t[len(t) - k:], b["t_feat"][:, :, None, None]])
+    return losses.hcl(parts(b.maps, b.features), [*t[len(t) - k:], b.t_features[:, :, None, None]])
 
 
 class _Temperature(nn.Module):
@@ -219,8 +220,8 @@ class _Temperature(nn.Module):
 
 def _ctkd(b, m, parts) -> torch.Tensor:
     """KD at the learned temperature, whose gradient is reversed with the curriculum's scale at this epoch."""
-    tau = parts(m, losses.ctkd_lambda(b["epoch"], b["epochs"], m.ctkd_loops))
-    return losses.kd(b["logits"], b["t_logits"], tau, bool(m.standardize))
+    tau = parts(m, losses.ctkd_lambda(b.epoch, b.epochs, m.ctkd_loops))
+    return losses.kd(b.logits, b.t_logits, tau, bool(m.standardize))
 
 
 def _linear(sh: Shapes, m) -> nn.Module:
@@ -232,32 +233,33 @@ MAPS = frozenset({"maps", "t_maps"})
 
 # In a fixed order (the order the loop reports them in). The presets' weights are in kdbench.train.METHODS.
 TERMS: dict[str, Term] = {
-    "ce": Term(frozenset({"logits", "target"}), lambda b, m, p: F.cross_entropy(b["logits"], b["y"])),
-    "kd": Term(LOGITS, lambda b, m, p: losses.kd(b["logits"], b["t_logits"], m.temperature, bool(m.standardize))),
-    "feature": Term(FEATURES, lambda b, m, p: losses.feature(p(b["feat"]), b["t_feat"]), _linear),
-    "geometry": Term(frozenset({"features", "centroids", "target"}),
-                     lambda b, m, p: losses.geometry(b["memory"](b["feat"], b["y"]), b["t_centroids"])),
-    "rkd": Term(FEATURES, lambda b, m, p: losses.rkd(b["feat"], b["t_feat"], m.rkd_distance, m.rkd_angle)),
-    "sp": Term(FEATURES, lambda b, m, p: losses.sp(b["feat"], b["t_feat"])),
-    "cc": Term(FEATURES, lambda b, m, p: losses.cc(p(b["feat"]), b["t_feat"], m.cc_gamma, int(m.cc_order)), _linear),
-    "dkd": Term(LOGITS | {"target"}, lambda b, m, p: losses.dkd(b["logits"], b["t_logits"], b["y"], m.dkd_alpha,
+    "ce": Term(frozenset({"logits", "target"}), lambda b, m, p: F.cross_entropy(b.logits, b.target)),
+    "kd": Term(LOGITS, lambda b, m, p: losses.kd(b.logits, b.t_logits, m.temperature, bool(m.standardize))),
+    "feature": Term(FEATURES, lambda b, m, p: losses.feature(p(b.features), b.t_features), _linear),
+    "geometry": Term(frozenset({"features", "t_centroids", "target", "memory"}),
+                     lambda b, m, p: losses.geometry(b.memory(b.features, b.target), b.t_centroids)),
+    "rkd": Term(FEATURES, lambda b, m, p: losses.rkd(b.features, b.t_features, m.rkd_distance, m.rkd_angle)),
+    "sp": Term(FEATURES, lambda b, m, p: losses.sp(b.features, b.t_features)),
+    "cc": Term(FEATURES, lambda b, m, p: losses.cc(p(b.features), b.t_features, m.cc_gamma, int(m.cc_order)), _linear),
+    "dkd": Term(LOGITS | {"target"}, lambda b, m, p: losses.dkd(b.logits, b.t_logits, b.target, m.dkd_alpha,
                                                                 m.dkd_beta, m.temperature, bool(m.standardize)),
                 warmup="dkd_warmup"),
-    "at": Term(MAPS, lambda b, m, p: losses.at(b["maps"], b["t_maps"], m.at_p)),
-    "pkt": Term(FEATURES, lambda b, m, p: losses.pkt(b["feat"], b["t_feat"])),
-    "nst": Term(MAPS, lambda b, m, p: losses.nst(b["maps"], b["t_maps"])),
-    "fitnet": Term(MAPS, lambda b, m, p: losses.feature(p(b["maps"][int(m.fitnet_stage)]),
-                                                        b["t_maps"][int(m.fitnet_stage)]), _fitnet_parts),
+    "at": Term(MAPS, lambda b, m, p: losses.at(b.maps, b.t_maps, m.at_p)),
+    "pkt": Term(FEATURES, lambda b, m, p: losses.pkt(b.features, b.t_features)),
+    "nst": Term(MAPS, lambda b, m, p: losses.nst(b.maps, b.t_maps)),
+    "fitnet": Term(MAPS, lambda b, m, p: losses.feature(p(b.maps[int(m.fitnet_stage)]),
+                                                        b.t_maps[int(m.fitnet_stage)]), _fitnet_parts),
     "vid": Term(MAPS, _vid, lambda sh, m: _VIDParts(_pairs(sh, "vid"), m.vid_init_var)),
-    "crd": Term(FEATURES | {"target", "index"}, lambda b, m, p: p(b["feat"], b["t_feat"], b["index"], b["y"], b["gen"]),
+    "crd": Term(FEATURES | {"target", "index", "generator"},
+                lambda b, m, p: p(b.features, b.t_features, b.index, b.target, b.generator),
                 lambda sh, m: CRD(sh.d_s, sh.d_t, sh.train_y, int(m.crd_dim), int(m.crd_negatives), m.crd_temperature,
                                   m.crd_momentum)),
-    "dist": Term(LOGITS, lambda b, m, p: losses.dist(b["logits"], b["t_logits"], m.dist_beta, m.dist_gamma, m.dist_tau,
+    "dist": Term(LOGITS, lambda b, m, p: losses.dist(b.logits, b.t_logits, m.dist_beta, m.dist_gamma, m.dist_tau,
                                                      bool(m.standardize))),
     "ofd": Term(frozenset({"preact", "t_preact"}), _ofd, _ofd_parts),
     "reviewkd": Term(frozenset({"maps", "features", "t_preact", "t_features"}), _reviewkd,
                      lambda sh, m: _ReviewParts(sh), warmup="reviewkd_warmup"),
-    "ctkd": Term(LOGITS, _ctkd, lambda sh, m: _Temperature(),
+    "ctkd": Term(LOGITS | {"epoch", "epochs"}, _ctkd, lambda sh, m: _Temperature(),
                  report=lambda p, m: {"ctkd_temperature": float(p(m).detach())}),
 }
 LOGIT_TERMS = ("kd", "dkd", "dist", "ctkd")  # the terms logit standardisation applies to

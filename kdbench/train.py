@@ -22,6 +22,7 @@ from .data import Data, augment
 from .measure import autocast, evaluate, forward_all, peak_memory_mib, prepare, resolve_precision, teacher_views
 from .geometry import CentroidMemory
 from .models import build_model, count_parameters
+from .records import Batch, Epoch, Final, Run, TrainState
 from .state import get_rng, set_rng, to_cpu
 
 __all__ = ["TrainConfig", "Teacher", "distill", "get_lr", "DivergedError", "resolve_device"]
@@ -89,32 +90,29 @@ def get_lr(step: int, total_steps: int, recipe: Recipe, steps_per_epoch: int) ->
 
 
 def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
-            report: Callable[[dict], None] | None = None, resume: dict | None = None,
-            state_when: Callable[[int], bool] | None = None, final_weights: bool = False) -> dict:
-    """Train ``cfg.student`` on ``data`` with the loss of ``cfg.method``; return the final metrics.
+            report: Callable[[Epoch], None] | None = None, resume: TrainState | None = None,
+            state_when: Callable[[int], bool] | None = None, final_weights: bool = False) -> Run:
+    """Train ``cfg.student`` on ``data`` with the loss of ``cfg.method``; return the run.
 
     Args:
         cfg: student, method (term weights), recipe, seed.
         data: the data set, resident on the training device (the run uses that device).
-        teacher: frozen teacher; required when the method has a kd, feature or geometry term.
-        report: called once per epoch with that epoch's metrics (``epoch``, losses, and the val/test
-            metrics of the splits evaluated that epoch, see ``TrainConfig.eval_val``/``eval_test``).
-        resume: a ``state`` from an earlier report of the same configuration: training continues after
-            its epoch and ends exactly as the uninterrupted run would (same device and threads).
-        state_when: ``state_when(epoch)`` true (never after the last epoch): that epoch's report row also
-            holds ``state``: everything an exact continuation needs (weights, trainable extras,
-            centroid memory, optimiser, step, every RNG state, history), on the CPU.
-        final_weights: the last epoch's report row also holds ``final_weights``: the trained student's
-            state_dict on the CPU (what a search keeps of a finished trial). That row always holds
-            ``matrices``: the student's centroid-similarity matrices per evaluated split (``val``, ``test``)
-            and the teacher's (``teacher_val``, ``teacher_test``), float32 numpy arrays.
+        teacher: frozen teacher; required when the method has a term other than ``ce``.
+        report: called once per epoch with an :class:`~kdbench.records.Epoch`: its row (``epoch``, losses, and the
+            val/test metrics of the splits evaluated that epoch, see ``TrainConfig.eval_val``/``eval_test``), and
+            at the last epoch the run's final outputs (``Epoch.final``: the run's numbers, the precision it ran
+            in, the centroid-similarity matrices, the weights where ``final_weights``).
+        resume: a state an earlier report of the same configuration carried: training continues after its
+            epoch and ends exactly as the uninterrupted run would (same device and threads).
+        state_when: ``state_when(epoch)`` true (never after the last epoch): that epoch's report carries
+            ``Epoch.state``, everything an exact continuation needs, on the CPU.
+        final_weights: the last epoch's report carries the trained student's state_dict on the CPU (what a
+            search keeps of a finished trial).
 
     Returns:
-        The last epoch's metrics, which are the final ones: val and test top-1, geometry (with a
-        teacher) and kNN, ``best_test_top1`` (when test is evaluated every epoch), ``last_test_top1``,
-        ``params``, ``epochs``,
-        ``train_seconds``, ``images_per_second``; plus ``history`` (every epoch's metrics) and
-        ``model`` (the trained student) and ``matrices`` (as above).
+        A :class:`~kdbench.records.Run`: the final metrics (the last epoch's row: val and test metrics, with
+        ``best_test_top1`` when test is evaluated every epoch; the run's ``last_test_top1``, ``peak_memory_mib``,
+        ``compile_seconds``; ``epochs``), every epoch's row, the trained student, the precision and the matrices.
     """
     method, recipe, device = cfg.method, cfg.recipe, data.train_x.device
     terms = method.terms
@@ -129,6 +127,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         student = student.to(memory_format=torch.channels_last)
     reads = reads_of(terms)
     stage_maps = bool(reads & STAGE_READS)  # computed only where a term reads them
+    teacher_forward = method.needs_teacher_forward
     extras = build_parts(terms, method, shapes_of(terms, student, teacher, data)).to(device)  # the terms' own parts
     warmups = [(i, getattr(method, TERMS[t].warmup)) for i, t in enumerate(terms) if TERMS[t].warmup]
     params = [*student.parameters(), *extras.parameters()]
@@ -164,14 +163,13 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
     modules = {"student": student, "extras": extras, **({"memory": memory} if memory is not None else {})}
     if resume is not None:  # continue an interrupted run exactly where its last state left it
         for name, module in modules.items():
-            module.load_state_dict(resume[name])
-        opt.load_state_dict(resume["optimizer"])
-        gen.set_state(resume["generator"])
-        set_rng(resume["rng"])
-        history, step, best_test = list(resume["history"]), resume["step"], resume["best_test"]
-        untimed = resume.get("untimed", 0)
-        train_seconds, start = resume["train_seconds"], resume["epoch"] + 1
-    last_matrices = {}
+            module.load_state_dict(resume.modules[name])
+        opt.load_state_dict(resume.optimizer)
+        gen.set_state(resume.generator)
+        set_rng(resume.rng)
+        history, step, best_test, untimed = list(resume.history), resume.step, resume.best_test, resume.untimed
+        train_seconds, start = resume.train_seconds, resume.epoch + 1
+    final = None
     for epoch in range(start, recipe.epochs + 1):
         student.train()
         t0 = time.perf_counter()
@@ -189,26 +187,27 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             lr = get_lr(step, total_steps, recipe, steps_per_epoch)
             for g in opt.param_groups:
                 g["lr"] = lr
-            b = {"y": y, "index": idx, "gen": gen, "memory": memory, "t_centroids": t_centroids,
-                 "epoch": epoch, "epochs": recipe.epochs}
-            if method.needs_teacher_forward:
+            teacher_out = {}
+            if teacher_forward:
                 with torch.inference_mode(), autocast(device, precision):
                     ts = teacher.model.forward_stages(x) if stage_maps else None
                     t_feat, t_logits = (ts.features, ts.logits) if stage_maps else teacher.model(x)
                 # leave inference mode: copies the student's graph may hold
-                b |= {"t_feat": t_feat.float().clone(), "t_logits": t_logits.float().clone()}
+                teacher_out = {"t_features": t_feat.float().clone(), "t_logits": t_logits.float().clone()}
                 if stage_maps:
-                    b["t_maps"] = [m.float().clone() for m in ts.maps]
-                    b["t_preact"] = [m.float().clone() for m in ts.preact] if "t_preact" in reads else None
+                    teacher_out["t_maps"] = [m.float().clone() for m in ts.maps]
+                    teacher_out["t_preact"] = [m.float().clone() for m in ts.preact] if "t_preact" in reads else None
             with autocast(device, precision):
                 if stage_maps:
                     ss = student.forward_stages(x)
-                    feat, logits, b["maps"] = ss.features, ss.logits, [m.float() for m in ss.maps]
-                    b["preact"] = [m.float() for m in ss.preact] if "preact" in reads else None
+                    feat, logits = ss.features, ss.logits
+                    student_maps = {"maps": [m.float() for m in ss.maps],
+                                    "preact": [m.float() for m in ss.preact] if "preact" in reads else None}
                 else:
-                    feat, logits = net(x)
-            b |= {"feat": feat.float(), "logits": logits.float()}
-            logits = b["logits"]
+                    (feat, logits), student_maps = net(x), {}
+            b = Batch(logits=logits.float(), features=feat.float(), target=y, index=idx, epoch=epoch,
+                      epochs=recipe.epochs, generator=gen, t_centroids=t_centroids, memory=memory,
+                      **student_maps, **teacher_out)
             parts = [TERMS[t].compute(b, method, extras[t] if t in extras else None) for t in terms]
             for i, share in warmups:  # DKD's and ReviewKD's warm-up: the weight ramps linearly over that share of the run
                 parts[i] = parts[i] * min(1.0, step / max(share * total_steps, 1.0))
@@ -218,7 +217,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             loss.backward()
             opt.step()
             step += 1
-            sums += torch.cat([parts.detach(), loss.detach()[None], (logits.argmax(1) == y).sum()[None]])
+            sums += torch.cat([parts.detach(), loss.detach()[None], (b.logits.argmax(1) == y).sum()[None]])
             if first_compiled:  # one host sync, once: the compilation's time, apart
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -231,7 +230,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         train_seconds += epoch_seconds
 
         # --- 4. once an epoch: read the sums, check for divergence, evaluate, report ------------
-        # The last epoch's report carries the final metrics too (kNN included): a scheduler may stop
+        # The last epoch's report carries the final outputs too (kNN included): a scheduler may stop
         # the trial right after it, so nothing may come later.
         last = epoch == recipe.epochs
         sums = sums.tolist()
@@ -246,8 +245,8 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         evaluated = [split for split, when in (("val", cfg.eval_val), ("test", cfg.eval_test))
                      if (last or when == "every_epoch") and len(data.split(split)[1])]  # val_fraction = 0: no val
         # kNN's and retrieval's reference: the train split's features, once for every split evaluated
-        final = last or (cfg.final_every_epoch and evaluated)
-        train_features = forward_all(student, data.train_x, data)[0] if final else False
+        measure_final = last or (cfg.final_every_epoch and evaluated)
+        train_features = forward_all(student, data.train_x, data)[0] if measure_final else False
         matrices = {}  # the last epoch's student centroid-similarity matrices, per split
         for split in evaluated:
             row |= evaluate(student, data, split, views.get(split), knn=train_features, keep=matrices if last else None)
@@ -256,23 +255,21 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             row["best_test_top1"] = best_test
         row |= {"params": n_params, "epoch_seconds": epoch_seconds, "train_seconds": train_seconds,
                 "images_per_second": (steps_per_epoch * bs * epoch - untimed) / max(train_seconds, 1e-9)}
-        if last:  # autocast: the precision resolved on this device (bf16 | fp32)
-            row |= {"last_test_top1": row["test_top1"], "peak_memory_mib": peak_memory_mib(device),
-                    "compile_seconds": compile_seconds, "autocast": precision}
         history.append(row)
-        if last:  # what the report carries beside the row (never in the history): the matrices, the weights
-            last_matrices = {**matrices, **{f"teacher_{k}": v["S"].float().cpu().numpy() for k, v in views.items()}}
-            row = {**row, "matrices": last_matrices}
-            if final_weights:
-                row["final_weights"] = to_cpu(student.state_dict())
+        state = None
+        if last:  # the run's own numbers and outputs, beside the row (never in the history)
+            final = Final(run={"last_test_top1": row["test_top1"], "peak_memory_mib": peak_memory_mib(device),
+                               "compile_seconds": compile_seconds},
+                          precision=precision,
+                          matrices={**matrices, **{f"teacher_{k}": v["S"].float().cpu().numpy() for k, v in views.items()}},
+                          weights=to_cpu(student.state_dict()) if final_weights else None)
+        elif report is not None and state_when is not None and state_when(epoch):
+            state = TrainState(epoch=epoch, step=step, modules=to_cpu({k: m.state_dict() for k, m in modules.items()}),
+                               optimizer=to_cpu(opt.state_dict()), generator=gen.get_state().cpu(), rng=get_rng(device),
+                               history=list(history), best_test=best_test, train_seconds=train_seconds, untimed=untimed)
         if report is not None:
-            if state_when is not None and not last and state_when(epoch):
-                state = {name: module.state_dict() for name, module in modules.items()}
-                state |= {"optimizer": opt.state_dict(), "generator": gen.get_state(), "rng": get_rng(device),
-                          "history": list(history), "step": step, "best_test": best_test,
-                          "train_seconds": train_seconds, "epoch": epoch, "untimed": untimed}
-                report({**row, "state": to_cpu(state)})
-            else:
-                report(row)
-    return {**history[-1], "epochs": recipe.epochs, "history": history, "model": student, "matrices": last_matrices}
-
+            report(Epoch(row, state, final if last else None))
+    if final is None:  # resumed from the last epoch's state: nothing left to run (a state is never taken there)
+        raise ValueError(f"resume: the state is at epoch {start - 1}, the run has {recipe.epochs}")
+    return Run(metrics={**history[-1], **final.run, "epochs": recipe.epochs}, history=history, model=student,
+               precision=precision, matrices=final.matrices)

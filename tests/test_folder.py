@@ -166,7 +166,7 @@ def test_tune_train_and_compare_on_a_folder_with_a_torchvision_student_and_a_che
     data = load_data(f"folder:{root}", options={"image_size": 32})
     res = distill(TrainConfig("cnn_teacher", METHODS["baseline"], Recipe(epochs=3, batch_size=16), seed=0), data)
     ckpt = tmp_path / "teacher.pt"
-    torch.save({"model": res["model"].state_dict(), "epoch": 3}, ckpt)
+    torch.save({"model": res.model.state_dict(), "epoch": 3}, ckpt)
     # No study file: the data set, the models, the recipe and the space are flags (`tune --dataset ... --space ...`).
     out = tmp_path / "out"
     flags = ["--dataset", f"folder:{root}", "--image-size", "32", "--teacher", "cnn_teacher", "--teacher-checkpoint",

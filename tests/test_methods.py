@@ -208,13 +208,14 @@ def test_ctkd_lambda_rises_on_a_cosine_to_one_as_the_authors_schedule():
 def test_ctkd_trains_the_temperature_against_the_student():
     """The temperature's gradient is the KD loss's own derivative (a finite difference in theta) times -lambda;
     the student's logits get KD's gradient at that temperature unchanged."""
+    from kdbench.records import Batch
     from kdbench.terms import TERMS, _Temperature
 
     m = METHODS["ctkd"]
     zs, zt = torch.randn(16, 10, generator=g(1)) * 3, torch.randn(16, 10, generator=g(2)) * 5
     zs.requires_grad_(True)
     parts = _Temperature()
-    b = {"logits": zs, "t_logits": zt, "epoch": 1, "epochs": 30}
+    b = Batch(logits=zs, t_logits=zt, epoch=1, epochs=30)
     lam = losses.ctkd_lambda(1, 30, m.ctkd_loops)
     TERMS["ctkd"].compute(b, m, parts).backward()
 
@@ -280,8 +281,8 @@ def test_the_new_presets_carry_the_published_settings():
 @pytest.mark.parametrize("name", ["at", "pkt", "nst", "dist", "kd_ls", "dkd_ls"])
 def test_every_new_method_without_parts_trains_on_digits(name, digits, digits_teacher):
     res = distill(TrainConfig("cnn_student", METHODS[name], Recipe(epochs=2), seed=3), digits, digits_teacher)
-    assert all(math.isfinite(res[f"loss_{t}"]) for t in METHODS[name].terms), res
-    assert res["history"][1]["train_loss"] < res["history"][0]["train_loss"]  # it learns (AT and NST at their CIFAR
+    assert all(math.isfinite(res[f"loss_{t}"]) for t in METHODS[name].terms), res.metrics
+    assert res.history[1]["train_loss"] < res.history[0]["train_loss"]  # it learns (AT and NST at their CIFAR
     # weights barely lift this student's accuracy: results/digits-zoo; the loss still falls)
 
 
@@ -293,10 +294,10 @@ def test_every_new_method_with_trainable_parts_trains_on_digits_and_resumes_exac
         method = dataclasses.replace(method, crd_negatives=128)
     cfg = TrainConfig("cnn_student", method, Recipe(epochs=2), seed=3)
     states = {}
-    full = distill(cfg, digits, digits_teacher, lambda r: states.update({r["epoch"]: r["state"]}) if "state" in r else None,
+    full = distill(cfg, digits, digits_teacher, lambda e: states.update({e.row["epoch"]: e.state}),
                    state_when=lambda e: True)
     terms = [t for t in METHODS[name].terms if t != "ce"]
-    assert all(math.isfinite(full[f"loss_{t}"]) for t in terms) and full["test_top1"] > 10.0, full
+    assert all(math.isfinite(full[f"loss_{t}"]) for t in terms) and full["test_top1"] > 10.0, full.metrics
     again = distill(cfg, digits, digits_teacher, resume=states[1])  # the trainable parts (VID's, FitNet's) resume too
     assert {k: again[k] for k in ("test_top1", "test_geom_corr", "train_loss")} == \
         {k: full[k] for k in ("test_top1", "test_geom_corr", "train_loss")}

@@ -153,7 +153,7 @@ def test_library_student_takes_a_distillation_step_with_the_geometry_term(name, 
     feats, _ = forward_all(teacher, data.train_x, data)
     t = Teacher(teacher, class_centroids(feats, data.train_y, data.num_classes), {"arch": "cnn_student"})
     res = distill(TrainConfig(name, METHODS["geometry"], Recipe(epochs=1, batch_size=32), seed=0), data, t)
-    assert all(math.isfinite(res[f"loss_{term}"]) for term in ("ce", "kd", "geometry")), res
+    assert all(math.isfinite(res[f"loss_{term}"]) for term in ("ce", "kd", "geometry")), res.metrics
     assert res["loss_geometry"] > 0 and -1 <= res["test_geom_corr"] <= 1
 
 

@@ -131,8 +131,8 @@ def test_a_teacher_being_trained_elsewhere_is_waited_for_then_read_from_its_cach
     recipe, got = Recipe(epochs=2), {}
     second = threading.Thread(target=lambda: got.setdefault("second", get_teacher(digits, "cnn_student", recipe)))
 
-    def report(row):
-        if row["epoch"] == 1:
+    def report(e):
+        if e.row["epoch"] == 1:
             second.start()
             second.join(timeout=0.5)  # it is blocked on the lock, not finished: nothing is cached yet
             assert second.is_alive() and not list(tmp_path.glob("*.pt"))

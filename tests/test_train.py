@@ -8,6 +8,7 @@ import torch
 from kdbench.teacher import get_teacher, load_teacher
 from kdbench.methods import METHODS
 from kdbench.settings import DATASET_DEFAULTS, Recipe, trial_values
+from kdbench.records import TrainState
 from kdbench.train import DivergedError, TrainConfig, distill, get_lr
 
 
@@ -26,11 +27,11 @@ def test_distill_reports_every_epoch_and_final_metrics(digits, digits_teacher):
     rows = []
     cfg = TrainConfig("cnn_student", METHODS["geometry"], Recipe(epochs=3), seed=0, eval_val="every_epoch",
                       eval_test="every_epoch")
-    res = distill(cfg, digits, digits_teacher, rows.append)
+    res = distill(cfg, digits, digits_teacher, lambda e: rows.append(e.row))
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert {"loss_ce", "loss_kd", "loss_geometry", "val_top1", "val_geom_corr", "test_cka"} <= set(rows[0])
     assert "val_knn_top1" not in rows[0] and "val_knn_top1" in rows[-1]  # kNN once, at the end
-    assert res["last_test_top1"] == rows[-1]["test_top1"]
+    assert res["last_test_top1"] == rows[-1]["test_top1"] and res.history == rows
     assert res["best_test_top1"] == max(r["test_top1"] for r in rows)
     # The total loss is the weighted sum of the reported terms.
     m = METHODS["geometry"]
@@ -42,10 +43,11 @@ def test_distill_reports_every_epoch_and_final_metrics(digits, digits_teacher):
 
 def test_by_default_distill_evaluates_only_after_the_last_epoch(digits, digits_teacher):
     rows = []
-    res = distill(TrainConfig("cnn_student", METHODS["kd"], Recipe(epochs=3), seed=0), digits, digits_teacher, rows.append)
+    res = distill(TrainConfig("cnn_student", METHODS["kd"], Recipe(epochs=3), seed=0), digits, digits_teacher,
+                  lambda e: rows.append(e.row))
     assert not any(k.startswith(("val_", "test_")) for r in rows[:-1] for k in r)  # evaluation costs time
     assert {"val_top1", "test_top1", "test_geom_corr", "test_knn_top1"} <= set(rows[-1])
-    assert "best_test_top1" not in res  # no best epoch without a test score per epoch
+    assert "best_test_top1" not in res.metrics  # no best epoch without a test score per epoch
     # Evaluation never changes training: the same run evaluated every epoch ends with the same numbers.
     every = distill(TrainConfig("cnn_student", METHODS["kd"], Recipe(epochs=3), seed=0, eval_val="every_epoch",
                                 eval_test="every_epoch"), digits, digits_teacher)
@@ -95,7 +97,7 @@ def test_digits_acceptance_teacher_accuracy_and_geometry_gain(digits, digits_tea
     bf16 = distill(TrainConfig("cnn_student", METHODS["geometry"], dataclasses.replace(recipe, precision="bf16"), 0),
                    digits, digits_teacher)
     fp32 = runs["geometry"][0]
-    assert bf16["autocast"] == "bf16" and fp32["autocast"] == "fp32" and math.isfinite(bf16["loss_geometry"])
+    assert bf16.precision == "bf16" and fp32.precision == "fp32" and math.isfinite(bf16["loss_geometry"])
     assert abs(bf16["test_top1"] - fp32["test_top1"]) <= 2.0 and bf16["train_loss"] != fp32["train_loss"]
     gain = statistics.mean(corr["geometry"]) - statistics.mean(corr["baseline"])
     spread = max(statistics.stdev(corr["geometry"]), statistics.stdev(corr["baseline"]))
@@ -131,28 +133,28 @@ def test_resume_from_a_state_ends_exactly_like_the_uninterrupted_run(name, preci
     cfg = TrainConfig("cnn_student", METHODS[name], Recipe(epochs=4, precision=precision), seed=1, eval_test="every_epoch")
     states, rows = {}, []
 
-    def keep(row):
-        rows.append({k: v for k, v in row.items() if k != "state"})
-        if "state" in row:
-            states[row["epoch"]] = row["state"]
+    def keep(e):
+        rows.append(e.row)
+        if e.state is not None:
+            states[e.row["epoch"]] = e.state
 
     full = distill(cfg, digits, digits_teacher, keep, state_when=lambda epoch: True)
     assert sorted(states) == [1, 2, 3]  # never after the last epoch
     import io
 
     buf = io.BytesIO()  # through a file, as a checkpoint travels
-    torch.save(states[2], buf)
+    torch.save(states[2].state_dict(), buf)
     buf.seek(0)
     resumed_rows = []
-    again = distill(cfg, digits, digits_teacher, resumed_rows.append,
-                    resume=torch.load(buf, weights_only=True))
+    again = distill(cfg, digits, digits_teacher, lambda e: resumed_rows.append(e.row),
+                    resume=TrainState.from_state_dict(torch.load(buf, weights_only=True)))
     assert [r["epoch"] for r in resumed_rows] == [3, 4]
     for k in ("test_top1", "val_geom_corr", "test_cka", "train_loss", "best_test_top1", "val_knn_top1"):
         assert again[k] == full[k], k
-    assert [r["test_top1"] for r in again["history"]] == [r["test_top1"] for r in rows]
-    for a, b in zip(again["model"].state_dict().values(), full["model"].state_dict().values()):
+    assert [r["test_top1"] for r in again.history] == [r["test_top1"] for r in rows]
+    for a, b in zip(again.model.state_dict().values(), full.model.state_dict().values()):
         assert torch.equal(a, b)
-    assert full["autocast"] == {"auto": "fp32", "bf16": "bf16"}[precision]  # auto on the CPU: fp32
+    assert full.precision == {"auto": "fp32", "bf16": "bf16"}[precision]  # auto on the CPU: fp32
 
 
 def test_bf16_on_a_cuda_device_without_it_is_refused_in_one_line(monkeypatch):
@@ -176,7 +178,7 @@ def test_channels_last_on_the_cpu_changes_no_metric_beyond_float_noise(digits, d
     relative at one thread, 2.4e-3 at two: the noise two epochs of SGD grow from a different summation order)."""
     runs = {cl: distill(TrainConfig("cnn_student", METHODS["geometry"], Recipe(epochs=2, channels_last=cl), seed=0),
                         digits, digits_teacher) for cl in (False, True)}
-    conv = lambda r: next(m.weight for m in r["model"].modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    conv = lambda r: next(m.weight for m in r.model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
     assert conv(runs[True]).is_contiguous(memory_format=torch.channels_last) and not \
         conv(runs[False]).is_contiguous(memory_format=torch.channels_last)
     a, b = runs[False], runs[True]
@@ -195,12 +197,12 @@ def test_a_compiled_student_trains_as_the_eager_one_and_its_state_resumes_eagerl
     eager = distill(TrainConfig("cnn_student", METHODS["geometry"], recipe, seed=0), digits, digits_teacher)
     states = {}
     cfg = TrainConfig("cnn_student", METHODS["geometry"], dataclasses.replace(recipe, compile=True, compile_backend="aot_eager"), 0)
-    compiled = distill(cfg, digits, digits_teacher, lambda r: states.update({r["epoch"]: r["state"]}) if "state" in r else None,
+    compiled = distill(cfg, digits, digits_teacher, lambda e: states.update({e.row["epoch"]: e.state}),
                        state_when=lambda e: e == 1)
     keys = ("test_top1", "test_geom_corr", "test_cka", "test_knn_top1", "train_loss")
     assert {k: compiled[k] for k in keys} == pytest.approx({k: eager[k] for k in keys}, rel=1e-5, abs=1e-6)
     assert compiled["compile_seconds"] > 0 and eager["compile_seconds"] == 0
-    assert not any(k.startswith("_orig_mod") for k in states[1]["student"])
+    assert not any(k.startswith("_orig_mod") for k in states[1].modules["student"])
     resumed = distill(TrainConfig("cnn_student", METHODS["geometry"], recipe, seed=0), digits, digits_teacher, resume=states[1])
     assert {k: resumed[k] for k in keys} == pytest.approx({k: compiled[k] for k in keys}, rel=1e-5, abs=1e-6)
     assert "compile_backend" not in trial_values(METHODS["geometry"], cfg.recipe)  # how a run computes, not what
@@ -218,6 +220,6 @@ def test_a_downstream_objective_is_measured_at_every_evaluated_epoch_and_only_th
     for every in (True, False):
         cfg = TrainConfig("cnn_student", METHODS["geometry"], Recipe(epochs=2), 0, eval_val="every_epoch",
                           final_every_epoch=every)
-        rows[every] = distill(cfg, digits, digits_teacher)["history"]
+        rows[every] = distill(cfg, digits, digits_teacher).history
     assert all(0 <= h["val_map_at_r"] <= 1 and "val_nmi" in h for h in rows[True])
     assert "val_map_at_r" not in rows[False][0] and rows[False][1]["val_map_at_r"] == rows[True][1]["val_map_at_r"]

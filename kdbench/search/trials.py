@@ -20,6 +20,8 @@ from ..metrics import FINAL, mode
 from ..study import Study
 from ..trial import resolve_trial, trial_config_id
 from ..teacher import load_teacher
+from ..records import Epoch, TrainState
+from .writer import MATRICES, ROW
 from ..train import TrainConfig, distill, resolve_device
 
 def _trial_configs_grid(study: Study) -> list[dict]:
@@ -84,13 +86,13 @@ def _trainable(config: dict, study: Study, teacher: dict, data, threads: int, re
     if ckpt is not None:
         try:
             with ckpt.as_directory() as d:
-                state = checkpoints.load(Path(d))
+                state = TrainState.from_state_dict(checkpoints.load(Path(d)))
         except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
             # unreadable (cut short, removed, corrupt): start over rather than fail the trial
             print(f"kdbench: checkpoint {ckpt.path} unreadable ({type(e).__name__}: {e}); the trial starts over")
     # Where and how it ran: what `kdbench rerun` needs to reproduce it, and proof of a cluster's spread.
     where = {"node": ray.get_runtime_context().get_node_id()[:12], "host": socket.gethostname(),
-             "threads": torch.get_num_threads(), "device": str(device), "resumed_from": state["epoch"] if state else 0,
+             "threads": torch.get_num_threads(), "device": str(device), "resumed_from": state.epoch if state else 0,
              "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()), "started_at": started_at}
     last_epoch, last_saved = 0, time.monotonic()
 
@@ -98,23 +100,26 @@ def _trainable(config: dict, study: Study, teacher: dict, data, threads: int, re
         every, minutes = study.checkpoint_every, study.checkpoint_minutes
         return bool(every and epoch % every == 0) or bool(minutes and time.monotonic() - last_saved >= 60 * minutes)
 
-    def report(row: dict):
+    def report(e: Epoch):
         nonlocal last_epoch, last_saved
-        last_epoch = row["epoch"]
-        snapshot = row.pop("state", None)
-        final = row.pop("final_weights", None)
-        if final is not None:  # the trained student, through the storage to the driver (see ResultsWriter)
+        last_epoch = e.row["epoch"]
+        # ROW names the epoch's row among what Tune carries (the writer's epochs.csv row); the run's numbers, where
+        # and how it ran go with it to the trials.csv row.
+        result = {**e.row, ROW: list(e.row), **where, "ended_at": time.time()}
+        if e.final is not None:
+            result |= {**e.final.run, "autocast": e.final.precision, MATRICES: e.final.matrices}
+        if e.final is not None and e.final.weights is not None:  # the trained student, through the storage to the driver
             with tempfile.TemporaryDirectory(prefix="kdbench-student-") as d:
-                checkpoints.save_student(Path(d), results.student_file(final, study.student, data.num_classes, cid,
-                                                                       row["epoch"], {}))
-                return tune.report({**row, **where, "ended_at": time.time()}, checkpoint=tune.Checkpoint.from_directory(d))
-        if snapshot is None:
-            return tune.report({**row, **where, "ended_at": time.time()})
+                checkpoints.save_student(Path(d), results.student_file(e.final.weights, study.student, data.num_classes,
+                                                                       cid, last_epoch, {}))
+                return tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
+        if e.state is None:
+            return tune.report(result)
         last_saved = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="kdbench-ckpt-") as d:
-            checkpoints.save(Path(d), snapshot, {"config_id": cid, "seed": seed, "epoch": row["epoch"],
-                                                 "pid": os.getpid(), "history": snapshot["history"]})
-            tune.report({**row, **where, "ended_at": time.time()}, checkpoint=tune.Checkpoint.from_directory(d))
+            checkpoints.save(Path(d), e.state.state_dict(), {"config_id": cid, "seed": seed, "epoch": last_epoch,
+                                                             "pid": os.getpid(), "history": e.state.history})
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
 
     try:
         distill(TrainConfig(study.student, method, recipe, seed, eval_val=study.eval_val, eval_test=study.eval_test,

@@ -16,6 +16,12 @@ from ..trial import resolve_trial, trial_config_id
 from ..settings import trial_values
 
 
+# What a trial reports to Tune once an epoch is flat (schedulers and the searcher read its top-level metrics):
+# the epoch's row, the names of the row's columns under ROW (that row is epochs.csv's), where and how it ran, and
+# at its last epoch the run's numbers and its centroid-similarity matrices under MATRICES.
+ROW, MATRICES = "row", "matrices"
+
+
 @dataclass
 class SearchState:
     """What the live view shows; updated by the driver callback."""
@@ -125,16 +131,14 @@ class ResultsWriter(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "failure" in result:
             return
-        keep = ("loss_", "train_", "val_", "test_", "best_", "lr", "epoch_seconds", "ctkd_")  # ctkd_: its temperature
-        history = [result]
+        history = [{k: result[k] for k in result[ROW]}]
         if result.get("resumed_from") and result["epoch"] == result["resumed_from"] + 1:  # the epochs an earlier run made
             config = trial.config.get("trial", trial.config)
             method, recipe, seed = resolve_trial(self.study, config)
             earlier = self.resume_from.get((trial_config_id(self.study, method, recipe), seed), {})
             history = [h for h in earlier.get("history", []) if h["epoch"] <= result["resumed_from"]] + history
         for r in history:
-            self.epochs.append({"trial_id": trial.trial_id, "epoch": r["epoch"],
-                                **{k: v for k, v in r.items() if k.startswith(keep)}})
+            self.epochs.append({"trial_id": trial.trial_id, **r})
         a = self.state.active.get(trial.trial_id)
         if a is not None:
             self.state.epochs_done += 1
@@ -159,10 +163,10 @@ class ResultsWriter(tune.Callback):
         history = {(e["trial_id"], e["epoch"]): e for e in self.epochs if e["trial_id"] in finished}
         results.write_csv(self.out / "epochs.csv", list(history.values()))
         results.write_csv(self.out / "trials.csv", self.rows, results.TRIAL_COLUMNS)
-        if status == "completed" and r.get("matrices"):  # the class geometry, beside the row (see kdbench.matrices)
-            matrices.write_run(self.out, trial.trial_id, r["matrices"])
+        if status == "completed" and r.get(MATRICES):  # the class geometry, beside the row (see kdbench.matrices)
+            matrices.write_run(self.out, trial.trial_id, r[MATRICES])
             if not (self.out / matrices.MATRICES / "teacher.npz").exists():
-                matrices.write_teacher(self.out / matrices.MATRICES / "teacher.npz", r["matrices"], self.class_names)
+                matrices.write_teacher(self.out / matrices.MATRICES / "teacher.npz", r[MATRICES], self.class_names)
         if status == "completed" and self.study.keep_students != "none" and trial.checkpoint is not None:
             student = checkpoints.read_student(trial.checkpoint)
             if student is not None:  # its final metrics are the row's
