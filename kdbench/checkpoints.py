@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
+from .state import load_tensors
 from .study import StudyError
 
 __all__ = ["resolve_storage", "experiment_root", "find", "remove", "save", "load", "save_student", "read_student",
@@ -126,7 +127,7 @@ def save(folder: Path, state: dict, meta: dict) -> None:
 
 def load(folder: Path) -> dict:
     """The state of a checkpoint folder, on the CPU, read with ``weights_only=True``."""
-    return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    return load_tensors(Path(folder) / STATE_FILE)
 
 
 def save_student(folder: Path, blob: dict) -> None:
@@ -143,4 +144,4 @@ def read_student(checkpoint) -> dict | None:
             raw = f.read()
     except FS_ERRORS:
         return None
-    return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    return load_tensors(io.BytesIO(raw))

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .state import load_tensors
 
 __all__ = ["read_folder", "SUFFIXES"]
 
@@ -145,7 +146,7 @@ def read_folder(root: str | Path, image_size: int | None = None, skip_bad_images
     path = cache / "folders" / f"{root.name}-{key}.pt" if cache is not None else None
     if path is not None and path.is_file():
         t0 = time.perf_counter()
-        blob = torch.load(path, weights_only=True)
+        blob = load_tensors(path)
         _bad(root, blob["bad"], skip_bad_images)
         if log:
             log(f"folder:{root}: {sum(len(y) for _, y in blob['splits'].values()):,} images loaded from the cache "

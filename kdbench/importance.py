@@ -17,7 +17,8 @@ MIN_IMPORTANCE_TRIALS = 5
 def importances(folder: Folder) -> tuple[pd.DataFrame | None, str]:
     """fANOVA importances (``optuna.importance.FanovaImportanceEvaluator``, seed 0) of the searched
     hyperparameters for each objective, over the study's completed (full-fidelity) trials in
-    ``optuna.db``. Returns the table (objective, param, importance) or None, and a one-line note."""
+    ``optuna.db``. Returns the table (objective, param, importance, and the epoch whose values it ranks: the last for
+    completed trials, an earlier one where ASHA stopped most) or None, and a one-line note."""
     db = folder.path / "optuna.db" if folder.path is not None else None
     if db is None or not db.is_file():
         return None, "importances: no optuna.db (not a search)"
@@ -33,6 +34,7 @@ def importances(folder: Folder) -> tuple[pd.DataFrame | None, str]:
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     objectives = (folder.study.get("study") or {}).get("objectives") or DEFAULT_OBJECTIVES
     where = f"{len(done)} completed trials"
+    epoch = (folder.study.get("study") or {}).get("recipe", {}).get("epochs")  # completed trials: every epoch
     if len(done) < MIN_IMPORTANCE_TRIALS:  # ASHA stopped most: use the deepest epoch enough trials reached
         study, epoch = _study_at_epoch(folder, objectives)
         if study is None:
@@ -44,7 +46,7 @@ def importances(folder: Folder) -> tuple[pd.DataFrame | None, str]:
     for i, o in enumerate(objectives):
         imp = optuna.importance.get_param_importances(
             study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target=lambda t, i=i: t.values[i])
-        rows += [{"objective": f"val_{o}", "param": p, "importance": float(v)} for p, v in imp.items()]
+        rows += [{"objective": f"val_{o}", "param": p, "importance": float(v), "epoch": epoch} for p, v in imp.items()]
     note = (f"importances (fANOVA over {where}"
             + ("; few trials: a hint, not a ranking" if len(done) < 20 else "") + "): "
             + "; ".join(f"val_{o}: " + ", ".join(f"{r['param']} {r['importance']:.2f}" for r in rows

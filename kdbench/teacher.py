@@ -29,6 +29,7 @@ from .geometry import class_centroids
 from .models import build_model, count_parameters, fitting_models
 from .methods import METHODS
 from .settings import Recipe, fields_dict
+from .state import first_line, load_tensors
 from .train import Teacher, TrainConfig, distill
 
 __all__ = ["get_teacher", "load_teacher", "study_data", "teacher_key", "read_state_dict", "load_strict", "file_digest"]
@@ -54,7 +55,7 @@ def load_teacher(source: str | Path | dict, data: Data) -> Teacher:
     blob ``{"state_dict", "centroids", "meta"}`` that :meth:`Teacher.blob` gives (how trials on other
     machines of a Ray cluster receive it)."""
     device = data.train_x.device
-    blob = source if isinstance(source, dict) else torch.load(source, map_location=device, weights_only=True)
+    blob = source if isinstance(source, dict) else load_tensors(source, map_location=device)
     meta = blob["meta"]
     model = build_model(meta["arch"], data.num_classes, data.in_channels).to(device)
     model.load_state_dict(blob["state_dict"])
@@ -143,12 +144,12 @@ def read_state_dict(path: Path, option: str = "--teacher-checkpoint") -> dict:
     if not path.is_file():
         raise DataError(f"{option} {path}: no such file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_tensors(path)
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        why = "it carries code or objects other than tensors" if "weights_only" in str(e) or "Unsupported global" in str(e) \
-            else "not a PyTorch checkpoint"
-        raise DataError(f"{option} {path}: cannot be read with weights_only=True: {why} ({first[:160]}); "
+        first = first_line(e)
+        code = "weights_only" in str(e) or "Unsupported global" in str(e)  # torch's advice on unsafe loading: left out
+        why = "it carries code or objects other than tensors" if code else f"not a PyTorch checkpoint ({first[:160]})"
+        raise DataError(f"{option} {path}: cannot be read with weights_only=True: {why}; "
                         f"allowed: a state_dict, or a dict holding one under {', '.join(CHECKPOINT_KEYS)}") from None
     state = obj if _is_state_dict(obj) else next(
         (obj[k] for k in CHECKPOINT_KEYS if isinstance(obj, dict) and _is_state_dict(obj.get(k))), None)

@@ -125,7 +125,7 @@ def test_importances_fall_back_to_the_deepest_epoch_enough_trials_reached(tmp_pa
     f = Folder(tmp_path, {"name": "s", "study": {"space": space, "objectives": ["top1", "geom_corr"], "recipe": {"epochs": 4}}},
                trials, epochs)
     imp, note = report.importances(f)
-    assert "10 trials at epoch 2 of 4" in note, note
+    assert "10 trials at epoch 2 of 4" in note and set(imp["epoch"]) == {2}, note  # json and csv say the epoch too
     got = {(r["objective"], r["param"]): r["importance"] for r in imp.to_dict("records")}
     assert got[("val_top1", "x")] > 0.7 > got[("val_top1", "y")]  # fANOVA's forest on 10 points: not exactly 1
     assert got[("val_geom_corr", "y")] > 0.7 > got[("val_geom_corr", "x")]

@@ -142,3 +142,19 @@ def test_a_teacher_being_trained_elsewhere_is_waited_for_then_read_from_its_cach
     assert not hit and got["second"][1]  # trained once, then read from the cache
     assert torch.equal(first.centroids, got["second"][0].centroids)
     assert len(list(tmp_path.glob("*.pt"))) == 1
+
+
+def test_a_code_carrying_checkpoint_is_one_line_with_no_library_warning_before_it(tmp_path):
+    """In a fresh process, where nothing captures warnings: torch warns of a pickle protocol other than its own
+    before refusing the file; the user sees kdbench's one line only."""
+    import pickle
+    import subprocess
+    import sys
+
+    path = tmp_path / "module.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": torch.nn.Linear(2, 2)}, f, protocol=5)
+    r = subprocess.run([sys.executable, "-m", "kdbench.cli", "teacher", "--checkpoint", str(path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == "", r
+    assert r.stderr.count("\n") == 1 and "carries code" in r.stderr and "Warning" not in r.stderr, r.stderr
