@@ -13,24 +13,31 @@ from rich.table import Table
 from .console import (DatasetName, Device, EvalWhen, ImageSize, LiveView, SkipBad, ValFraction, check_resources,
                       check_model_flag, data_options, device_or_error, epoch_progress, err, errors, out, summary_table,
                       teacher_table, teacher_with_progress, threads_now)
+from .methods import METHODS
+from .metrics import METRICS
+from .settings import SAMPLERS
+from .values import keys_help
 from .views import compare_folders, live_view, show_progress, tune_one
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+# rich_markup_mode None: help is plain text ("[pairs]", "[METHOD.]KEY" are words, not markup); the lists in it come
+# from the registries (presets, --set keys, metrics, samplers), so they cannot fall behind them.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, rich_markup_mode=None,
                   help="Benchmark knowledge-distillation methods on accuracy and feature-space geometry.")
+PRESETS, OBJECTIVES = ", ".join(METHODS), ", ".join(METRICS)
 # Results go to stdout, progress, notes and errors to stderr. Piped output gets a wide page, not 80 columns.
 @app.command()
 @errors
 def train(
     dataset: DatasetName = "digits",
-    method: Annotated[str, typer.Option(help="baseline | kd | feature | geometry | geometry_only | rkd | sp | cc | dkd")] = "geometry",
+    method: Annotated[str, typer.Option(help=f"a preset: {PRESETS}")] = "geometry",
     student: Annotated[Optional[str], typer.Option(help="student model (default: the data set's)")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="teacher model (default: the data set's)")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="student epochs (default: the data set's recipe)")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="batch size")] = None,
     lr: Annotated[Optional[float], typer.Option(help="peak learning rate (SGD, Nesterov momentum 0.9)")] = None,
     seed: Annotated[int, typer.Option(help="training seed of the student")] = 0,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE for any term weight or recipe field, "
-                    "e.g. --set geometry=10 --set temperature=4 --set momentum=0.9 --set weight_decay=1e-4")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE, repeatable, e.g. --set geometry=10 "
+                    f"--set temperature=4. {keys_help()}")] = None,
     teacher_epochs: Annotated[Optional[int], typer.Option(help="teacher epochs (default: the data set's recipe)")] = None,
     teacher_checkpoint: Annotated[Optional[Path], typer.Option(help="the teacher's weights (a state_dict file): no "
                                                                "teacher training")] = None,
@@ -47,13 +54,7 @@ def train(
                                                 "best-epoch top-1)")] = "end",
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="write result.json, epochs.csv and student.pt here")] = None,
 ):
-    """Distill one student (training or loading the teacher first) and print its metrics.
-
-    --set keys: term weights ce, kd, feature, geometry, rkd, sp, cc, dkd; their hyperparameters
-    temperature, momentum (centroid momentum), rkd_distance, rkd_angle, cc_gamma, cc_order,
-    dkd_alpha, dkd_beta, dkd_warmup; recipe fields epochs, batch_size, lr, sgd_momentum,
-    weight_decay, schedule (cosine | step | constant), warmup_epochs.
-    """
+    """Distill one student (training or loading the teacher first) and print its metrics."""
     from . import results
     from .data import load_data
     from .matrices import write_teacher
@@ -176,15 +177,16 @@ def tune(
     space: Annotated[Optional[list[str]], typer.Option(help="KEY=DIST:LOW:HIGH[:when=M,...] (uniform, loguniform, int), "
                                                        "KEY=categorical:A,B or KEY=off: one axis of the search")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="[METHOD.]KEY=VALUE: a recipe field, or a term "
-                                                      "weight or hyperparameter (of the study's method by default)")] = None,
+                                                      "weight or hyperparameter (of the study's method by default). "
+                                                      f"{keys_help()}")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="digits | synthetic | cifar10 | cifar100 | folder:PATH")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="teacher model")] = None,
     student: Annotated[Optional[str], typer.Option(help="student model")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="student epochs (the full fidelity)")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")] = None,
     samples: Annotated[Optional[int], typer.Option(help="number of trials (searches)")] = None,
-    sampler: Annotated[Optional[str], typer.Option(help="tpe | nsga2 | random")] = None,
-    objectives: Annotated[Optional[str], typer.Option(help="two of top1, geom_corr, geom_err, cka, e.g. top1,geom_corr")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help=" | ".join(SAMPLERS))] = None,
+    objectives: Annotated[Optional[str], typer.Option(help=f"two of {OBJECTIVES}, e.g. top1,geom_corr")] = None,
     no_asha: Annotated[bool, typer.Option("--no-asha", help="no early stopping: every trial runs every epoch")] = False,
     image_size: ImageSize = None,
     val_fraction: ValFraction = None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .settings import setting
+from .settings import setting, weight
 
 __all__ = ["Method", "METHODS"]
 
@@ -24,45 +24,45 @@ class Method:
     """
 
     name: str = "baseline"
-    ce: float = setting(1.0)
-    kd: float = setting(0.0)
+    ce: float = weight(1.0)
+    kd: float = weight(0.0)
     temperature: float = setting(4.0, above=True)  # T of the kd and dkd terms
-    feature: float = setting(0.0)
-    geometry: float = setting(0.0)  # lambda
+    feature: float = weight(0.0)
+    geometry: float = weight(0.0)  # lambda
     momentum: float = setting(0.9, hi=0.999)  # centroid momentum m of the geometry term
-    rkd: float = setting(0.0)
+    rkd: float = weight(0.0)
     rkd_distance: float = setting(25.0)
     rkd_angle: float = setting(50.0)
-    sp: float = setting(0.0)
-    cc: float = setting(0.0)
+    sp: float = weight(0.0)
+    cc: float = weight(0.0)
     cc_gamma: float = setting(0.4, above=True)
     cc_order: int = setting(2, hi=8)
-    dkd: float = setting(0.0)
+    dkd: float = weight(0.0)
     dkd_alpha: float = setting(1.0)
     dkd_beta: float = setting(8.0)
     dkd_warmup: float = setting(1 / 12, hi=1)  # fraction of the run over which the dkd weight ramps up (20 of 240 epochs)
-    at: float = setting(0.0)
+    at: float = weight(0.0)
     at_p: float = setting(2.0, above=True)  # the power of the attention maps
-    pkt: float = setting(0.0)
-    nst: float = setting(0.0)
-    fitnet: float = setting(0.0)  # the hint at one stage map (a conv regressor), beside `feature` on the pooled features
+    pkt: float = weight(0.0)
+    nst: float = weight(0.0)
+    fitnet: float = weight(0.0)  # the hint at one stage map (a conv regressor), beside `feature` on the pooled features
     fitnet_stage: int = setting(2)  # which map: 0 the stem, 1.. the stages (RepDistiller's and mdistiller's hint layer 2)
-    vid: float = setting(0.0)
+    vid: float = weight(0.0)
     vid_init_var: float = setting(5.0, above=True)  # the variances' initial value
-    dist: float = setting(0.0)
+    dist: float = weight(0.0)
     dist_beta: float = setting(1.0)  # inter-class relation weight
     dist_gamma: float = setting(1.0)  # intra-class relation weight
     dist_tau: float = setting(1.0, above=True)  # DIST's temperature
     standardize: int = setting(0, hi=1)  # 1: logit standardisation (Sun et al., CVPR 2024) in kd, dkd, dist and ctkd
-    crd: float = setting(0.0)
+    crd: float = weight(0.0)
     crd_dim: int = setting(128, lo=1)  # embedding width
     crd_negatives: int = setting(16384, lo=1)  # K, capped by the training samples of other classes
     crd_temperature: float = setting(0.07, above=True)
     crd_momentum: float = setting(0.5, hi=0.999)  # of the memory banks
-    ofd: float = setting(0.0)
-    reviewkd: float = setting(0.0)
+    ofd: float = weight(0.0)
+    reviewkd: float = weight(0.0)
     reviewkd_warmup: float = setting(1 / 12, hi=1)  # the share of the run over which the reviewkd weight ramps up (20 of 240 epochs)
-    ctkd: float = setting(0.0)  # kd at a learned temperature, its gradient reversed (curriculum temperature)
+    ctkd: float = weight(0.0)  # kd at a learned temperature, its gradient reversed (curriculum temperature)
     ctkd_min: float = setting(1.0, above=True)  # the temperature's range: ctkd_min + ctkd_range * sigmoid(theta)
     ctkd_range: float = setting(20.0)
     # the share of the run over which the reversal lambda rises 0 -> 1 (10 of 240 epochs)

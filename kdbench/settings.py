@@ -14,15 +14,21 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-__all__ = ["setting", "rules", "Recipe", "SCHEDULES", "COMPILE_BACKENDS", "COMPILE_MODES", "PRECISIONS", "EVAL_WHEN",
+__all__ = ["setting", "weight", "rules", "weights", "Recipe", "SCHEDULES", "SAMPLERS", "COMPILE_BACKENDS", "COMPILE_MODES", "PRECISIONS", "EVAL_WHEN",
            "DATASET_DEFAULTS", "dataset_defaults", "LATER_FIELDS", "RUN_FIELDS", "fields_dict", "trial_values"]
 
 
 def setting(default, lo: float | None = 0, hi: float | None = None, above: bool = False, choices: tuple = (),
-            doc: str = ""):
+            doc: str = "", is_weight: bool = False):
     """A dataclass field with its rules: a number in ``[lo, hi]`` (``above``: ``lo`` itself excluded; ``None``:
     no bound), or one of ``choices``. Numbers default to ``>= 0``."""
-    return field(default=default, metadata={"lo": lo, "hi": hi, "above": above, "choices": tuple(choices), "doc": doc})
+    return field(default=default, metadata={"lo": lo, "hi": hi, "above": above, "choices": tuple(choices), "doc": doc,
+                                            "weight": is_weight})
+
+
+def weight(default: float = 0.0):
+    """A method's weight of one loss term (a name of :data:`kdbench.terms.TERMS`): >= 0, the term off at 0."""
+    return setting(default, is_weight=True)
 
 
 def rules(cls) -> dict[str, dataclasses.Field]:
@@ -30,7 +36,13 @@ def rules(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls) if f.name != "name"}
 
 
+def weights(cls) -> tuple[str, ...]:
+    """The term weights among a settings dataclass's fields."""
+    return tuple(name for name, f in rules(cls).items() if f.metadata["weight"])
+
+
 SCHEDULES = ("cosine", "step", "constant")
+SAMPLERS = ("tpe", "nsga2", "random")  # a search's Optuna sampler
 COMPILE_BACKENDS = ("inductor", "aot_eager", "cudagraphs")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 PRECISIONS = ("auto", "bf16", "fp32")

@@ -23,14 +23,13 @@ from .metrics import DEFAULT_OBJECTIVES, METRICS
 from .results import KEEP_STUDENTS
 from .models import check_model
 from .methods import METHODS, Method
-from .settings import EVAL_WHEN, Recipe, dataset_defaults, fields_dict
+from .settings import EVAL_WHEN, SAMPLERS, Recipe, dataset_defaults, fields_dict
 from .values import TUNABLE, StudyError, field_types, apply_overrides, check_value, gpus_allowed, parse_sets
 
 __all__ = ["Study", "Param", "Confirm", "StudyError", "load_study", "parse_study", "read_toml", "study_from_dict", "find_study",
            "bundled_studies", "apply_overrides", "check_value", "parse_sets", "TUNABLE", "check_confirm",
            "SAMPLERS", "OBJECTIVES"]  # StudyError and the single-value checks live in kdbench.values
 
-SAMPLERS = ("tpe", "nsga2", "random")
 # Searchable, measured on val at every epoch (the last five, computed only at the end otherwise, then are too).
 OBJECTIVES = tuple(METRICS)
 PARAM_TYPES = ("uniform", "loguniform", "int", "categorical")

@@ -7,9 +7,9 @@ from __future__ import annotations
 import dataclasses
 
 from .methods import Method
-from .settings import Recipe, rules
+from .settings import Recipe, rules, weights
 
-__all__ = ["StudyError", "TUNABLE", "FIELDS", "allowed", "field_types", "check_value", "apply_overrides", "parse_sets", "gpus_allowed"]
+__all__ = ["StudyError", "TUNABLE", "FIELDS", "allowed", "keys_help", "field_types", "check_value", "apply_overrides", "parse_sets", "gpus_allowed"]
 
 
 class StudyError(ValueError):
@@ -36,6 +36,14 @@ def field_types(cls) -> dict[str, str]:
 
 FIELDS = {**rules(Method), **rules(Recipe)}  # every key --set and a search space may name, with its rules
 TUNABLE = {name: f.type for name, f in FIELDS.items()}
+
+
+def keys_help() -> str:
+    """Every key ``--set`` and a search space take, grouped, each with what it allows: the help the commands show."""
+    hyper = [k for k in rules(Method) if k not in weights(Method)]
+    line = lambda keys: "; ".join(f"{k} ({allowed(k)})" for k in keys)
+    return (f"Term weights ({allowed('kd')}): {', '.join(weights(Method))}. Their hyperparameters: {line(hyper)}. "
+            f"Recipe fields: {line(rules(Recipe))}.")
 
 
 def allowed(key: str) -> str:

@@ -197,3 +197,25 @@ def test_errors_and_notes_stay_one_line_in_a_pipe(tmp_path):
                         name], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert name in r.stderr and len(r.stderr.strip()) > 200
+
+
+def test_every_commands_help_shows_every_word_it_is_given():
+    """Plain-text help: no word lost to markup ("[pairs]", "[METHOD.]KEY"), no line cut short; and the lists in it
+    are the registries' (every preset, every --set key, every metric)."""
+    import typer
+
+    from kdbench.methods import METHODS
+    from kdbench.metrics import METRICS
+    from kdbench.values import FIELDS
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        r = runner.invoke(app, [name, "--help"], terminal_width=100)
+        assert r.exit_code == 0 and "…" not in r.output, (name, r.output)
+        shown = " ".join(r.output.split())
+        for text in [command.help or ""] + [p.help or "" for p in command.params]:
+            assert " ".join(text.split()) in shown, (name, text)
+    train = " ".join(runner.invoke(app, ["train", "--help"]).output.split())
+    assert all(f" {m}," in train or f" {m} " in train for m in METHODS) and all(k in train for k in FIELDS)
+    tune = " ".join(runner.invoke(app, ["tune", "--help"]).output.split())
+    assert "A study with [pairs] runs" in tune and all(m in tune for m in METRICS)
