@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-__all__ = ["setting", "weight", "rules", "weights", "Recipe", "SCHEDULES", "SAMPLERS", "COMPILE_BACKENDS", "COMPILE_MODES", "PRECISIONS", "EVAL_WHEN",
+__all__ = ["setting", "weight", "rules", "weights", "Recipe", "SCHEDULES", "SAMPLERS", "COMPILE_BACKENDS", "COMPILE_MODES",
+           "PRECISIONS", "EVAL_WHEN",
            "DATASET_DEFAULTS", "dataset_defaults", "LATER_FIELDS", "RUN_FIELDS", "fields_dict", "trial_values"]
 
 

@@ -9,7 +9,8 @@ import dataclasses
 from .methods import Method
 from .settings import Recipe, rules, weights
 
-__all__ = ["StudyError", "TUNABLE", "FIELDS", "allowed", "keys_help", "field_types", "check_value", "apply_overrides", "parse_sets", "gpus_allowed"]
+__all__ = ["StudyError", "TUNABLE", "FIELDS", "allowed", "keys_help", "field_types", "check_value", "apply_overrides",
+           "parse_sets", "gpus_allowed"]
 
 
 class StudyError(ValueError):
