@@ -87,7 +87,7 @@ def evaluate_students(out: Path, data: Data, teacher: Teacher, arch: str, files:
     rows = _rows(data, teacher, arch, todo, label, context, first)  # everything measured before anything is written
     out.mkdir(parents=True, exist_ok=True)
     if not existing:
-        results.write_json(out / "study.json", {"name": out.name, "kind": "evaluate", "study": study,
+        results.write_json(out / "study.json", {"schema": results.SCHEMA, "name": out.name, "kind": "evaluate", "study": study,
                                                 "teacher": {k: v for k, v in teacher.meta.items() if k != "path"},
                                                 "environment": results.environment(device)})
     results.write_csv(out / "trials.csv", existing + rows, results.TRIAL_COLUMNS)

@@ -108,7 +108,7 @@ def train(
         results.write_student(out_dir / "student.pt", results.student_file(
             to_cpu(res.model.state_dict()), cfg.student, data.num_classes, cid, recipe.epochs, res.metrics))
         results.write_json(out_dir / "result.json", {
-            "config_id": cid,
+            "schema": results.SCHEMA, "config_id": cid,
             "config": {"dataset": dataset, "data_options": options, "student": cfg.student, "teacher": tm["arch"],
                        "method": dataclasses.asdict(m), "recipe": dataclasses.asdict(recipe), "seed": seed},
             "teacher": {k: v for k, v in tm.items() if k != "path"},

@@ -34,6 +34,10 @@ __all__ = ["write_json", "write_text", "write_csv", "environment", "ResultsError
 # ``precision`` resolved on its device); ``peak_memory_mib``: its device's peak memory (CUDA: max allocated; CPU: the
 # worker process's peak RSS, which spans the earlier trials a reused worker ran).
 STAGES = ("search", "grid", "confirm", "train", "evaluate")
+# The results format's version, written into every study.json and result.json. A folder without one is schema 1;
+# migrate() brings any folder to this one as it is read, so nothing above it knows older formats. Schema 2: the
+# version itself, importances with their epoch, epochs.csv rows exactly the loop's rows.
+SCHEMA = 2
 TRIAL_COLUMNS = ("trial_id", "config_id", "stage", "status", "fidelity", "method", "seed", "epochs",
                  *metric_columns(),
                  "best_test_top1", "last_test_top1", "params", "train_seconds", "images_per_second",
@@ -305,17 +309,23 @@ def read_folder(path: str | Path) -> Folder:
         missing = [c for c in ("trial_id", "status", "fidelity") if len(trials) and c not in trials.columns]
         if missing:
             raise ResultsError(f"{path / 'trials.csv'}: missing columns {', '.join(missing)}")
-        trials = _backfill(trials, study)
+    study, trials = migrate(study, trials)
     epochs = read_table(path / "epochs.csv") if (path / "epochs.csv").exists() else None
     if epochs is not None and "trial_id" not in epochs.columns:  # a single train run's history
         epochs.insert(0, "trial_id", "train")
     return Folder(path, study, trials, epochs)
 
 
-def _backfill(trials: pd.DataFrame, study: dict) -> pd.DataFrame:
-    """Folders written before ``config_id`` and ``stage`` existed: derive both from what the rows hold."""
-    if trials.empty:
-        return trials
+def migrate(study: dict, trials: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
+    """A folder's study.json (or result.json) and trials as the current :data:`SCHEMA` has them: the one place that
+    knows earlier formats. Schema 1 and before: rows written before ``config_id`` and ``stage`` existed get both,
+    derived from what they hold (the same ids the code that wrote them would have given)."""
+    study = {**study, "schema": study.get("schema", 1)}
+    if not isinstance(study["schema"], int) or isinstance(study["schema"], bool) or study["schema"] > SCHEMA:
+        raise ResultsError(f"{study.get('name', 'the folder')}: results schema {study['schema']}, newer than this "
+                           f"kdbench reads ({SCHEMA}); allowed: a folder of this version or earlier (upgrade kdbench)")
+    if trials.empty or {"stage", "config_id"} <= set(trials.columns):
+        return {**study, "schema": SCHEMA}, trials
     trials = trials.copy()
     if "stage" not in trials.columns:
         trials["stage"] = "grid" if study.get("kind") == "grid" else "search"
@@ -325,7 +335,7 @@ def _backfill(trials: pd.DataFrame, study: dict) -> pd.DataFrame:
         hp = [c for c in trials.columns if c not in known]
         trials["config_id"] = [config_id(ctx, {k: v for k, v in r.items() if not _missing(v)})
                                for r in trials[hp].to_dict("records")]
-    return trials
+    return {**study, "schema": SCHEMA}, trials
 
 
 def _missing(v) -> bool:

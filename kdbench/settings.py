@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["setting", "weight", "rules", "weights", "Recipe", "SCHEDULES", "SAMPLERS", "COMPILE_BACKENDS", "COMPILE_MODES",
            "PRECISIONS", "EVAL_WHEN",
-           "DATASET_DEFAULTS", "dataset_defaults", "LATER_FIELDS", "RUN_FIELDS", "fields_dict", "trial_values"]
+           "DATASET_DEFAULTS", "dataset_defaults", "SCHEMA_1_FIELDS", "RUN_FIELDS", "fields_dict", "trial_values"]
 
 
 def setting(default, lo: float | None = 0, hi: float | None = None, above: bool = False, choices: tuple = (),
@@ -92,14 +92,14 @@ def dataset_defaults(name: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # A run's identity
 
-# Fields added after results were first published: a run's values (its config_id, its trials.csv columns) and a
-# study's recipes (study.json, hence the teacher's part of every config_id) hold them only when they are set to
-# something else than their default, so that earlier folders keep their ids.
-LATER_FIELDS = {"milestones", "gamma", "precision", "channels_last", "compile", "compile_backend", "compile_mode",
-                "at", "at_p", "pkt", "nst", "fitnet", "fitnet_stage", "vid", "vid_init_var",
-                "dist", "dist_beta", "dist_gamma", "dist_tau", "standardize", "crd", "crd_dim", "crd_negatives",
-                "crd_temperature", "crd_momentum", "ofd", "reviewkd", "reviewkd_warmup", "ctkd", "ctkd_min", "ctkd_range",
-                "ctkd_loops"}
+# A run's identity (its config_id, its trials.csv columns, the teacher cache's key) holds a field when it is set to
+# something else than its default -- or, for the fields results were first published with (schema 1, frozen: this
+# set never grows), always, so that every folder and cached teacher keeps its id. A new field is thus in no id
+# until a run sets it: adding one changes nothing already written.
+SCHEMA_1_FIELDS = frozenset({
+    "name", "ce", "kd", "temperature", "feature", "geometry", "momentum", "rkd", "rkd_distance", "rkd_angle", "sp",
+    "cc", "cc_gamma", "cc_order", "dkd", "dkd_alpha", "dkd_beta", "dkd_warmup",
+    "epochs", "batch_size", "lr", "sgd_momentum", "weight_decay", "schedule", "warmup_epochs"})
 
 # How a run computes, not what: kept in a study's recipe (study.json, so a rerun computes the same way), out of a
 # configuration's identity and its trials.csv columns (they change numbers by float noise only).
@@ -107,14 +107,14 @@ RUN_FIELDS = {"channels_last", "compile", "compile_backend", "compile_mode"}
 
 
 def fields_dict(obj) -> dict:
-    """``dataclasses.asdict(obj)`` without the LATER_FIELDS that hold their default."""
+    """``dataclasses.asdict(obj)``: the fields of schema 1, and the others where they differ from their default."""
     defaults = {f.name: f.default for f in dataclasses.fields(obj)}
-    return {k: v for k, v in dataclasses.asdict(obj).items() if not (k in LATER_FIELDS and v == defaults[k])}
+    return {k: v for k, v in dataclasses.asdict(obj).items() if k in SCHEMA_1_FIELDS or v != defaults[k]}
 
 
 def trial_values(method, recipe: Recipe) -> dict:
     """Every term weight, hyperparameter and recipe field of a run: the trials.csv columns that define it
-    (``method`` holds the method's name; the epoch count is the study's; see ``LATER_FIELDS``, ``RUN_FIELDS``)."""
+    (``method`` holds the method's name; the epoch count is the study's; see ``SCHEMA_1_FIELDS``, ``RUN_FIELDS``)."""
     hp = {**fields_dict(method), **{k: v for k, v in fields_dict(recipe).items() if k not in RUN_FIELDS}}
     hp.pop("epochs")
     hp["method"] = hp.pop("name")

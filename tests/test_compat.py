@@ -32,3 +32,31 @@ def test_compare_prints_the_committed_leaderboard_byte_for_byte(folder):
     r = CliRunner().invoke(app, ["compare", str(folder), "--format", "md"])
     assert r.exit_code == 0, r.output
     assert r.stdout + f"\nIntervals: {interval_label('t')}.\n" == (folder / "leaderboard.md").read_text()
+
+
+def test_a_field_added_later_is_in_no_id_until_a_run_sets_it():
+    """What replaced a list of later fields to remember: schema 1's fields are frozen, any other enters an id only
+    where it differs from its default."""
+    import dataclasses
+
+    from kdbench.settings import SCHEMA_1_FIELDS, Recipe, fields_dict
+
+    newer = dataclasses.make_dataclass("Newer", [("shiny", float, dataclasses.field(default=0.5))], bases=(Recipe,),
+                                       frozen=True)
+    assert fields_dict(newer()) == fields_dict(Recipe()) and "shiny" not in SCHEMA_1_FIELDS
+    assert fields_dict(newer(shiny=1.0)) == {**fields_dict(Recipe()), "shiny": 1.0}
+
+
+def test_a_folder_is_read_at_the_current_schema_and_a_newer_one_is_one_line(tmp_path):
+    import json
+    import shutil
+
+    from kdbench.results import SCHEMA, ResultsError
+
+    assert read_folder(FOLDERS[0]).study["schema"] == SCHEMA  # schema 1 on disk (no "schema" key), migrated
+    out = tmp_path / "f"
+    shutil.copytree(FOLDERS[0], out)
+    meta = json.loads((out / "study.json").read_text())
+    (out / "study.json").write_text(json.dumps({**meta, "schema": SCHEMA + 1}))
+    with pytest.raises(ResultsError, match=f"results schema {SCHEMA + 1}, newer than this kdbench reads"):
+        read_folder(out)

@@ -219,7 +219,7 @@ def _check_unlocked(out: Path):
 
 def _run(f: _Folder, resume: bool, teacher, hit, device, storage: str | None) -> dict:
     study, out, rows = f.study, f.out, f.rows
-    meta = {"name": study.name, "kind": "grid" if study.is_grid else "search", "study": study.to_dict(),
+    meta = {"schema": results.SCHEMA, "name": study.name, "kind": "grid" if study.is_grid else "search", "study": study.to_dict(),
             "teacher": {k: v for k, v in teacher.meta.items() if k != "path"} | {"cache_hit": hit},
             "data": {"name": f.data.name, "classes": f.data.num_classes, "shape": list(f.data.train_x.shape[1:]),
                      **{s: len(f.data.split(s)[1]) for s in ("train", "val", "test")}, "skipped_images": f.data.skipped},
