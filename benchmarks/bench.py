@@ -112,7 +112,7 @@ def folder_decode(repeats: int, classes: int = 20, per_class: int = 100, size: i
 
     from PIL import Image
 
-    from kdbench.folder import read_folder
+    from kdbench.images import read_image_folder
 
     root = Path(tempfile.mkdtemp(prefix="kdbench-folder-bench-"))
     rng = np.random.default_rng(0)
@@ -127,11 +127,11 @@ def folder_decode(repeats: int, classes: int = 20, per_class: int = 100, size: i
         for r in range(repeats):
             cache = root / f"cache{r}"
             t0 = time.perf_counter()
-            read_folder(root / "imgs", cache=cache)
+            read_image_folder(root / "imgs", cache=cache)
             first.append(time.perf_counter() - t0)
             rates.append(classes * per_class / first[-1])
             t0 = time.perf_counter()
-            read_folder(root / "imgs", cache=cache)
+            read_image_folder(root / "imgs", cache=cache)
             cached.append(time.perf_counter() - t0)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -58,7 +58,7 @@ def train(
     from . import results
     from .data import load_data
     from .matrices import write_teacher
-    from .pictures import save_pictures
+    from .plots import save_plots
     from .state import to_cpu
     from .study import StudyError, apply_overrides, parse_sets
     from .methods import METHODS
@@ -115,7 +115,7 @@ def train(
             "environment": results.environment(str(dev)) | {"threads": threads_now()},
             "metrics": {**res.metrics, "autocast": res.precision}})
         write_teacher(out_dir / "matrices.npz", res.matrices, data.class_names, student=True)
-        pictures = save_pictures(out_dir)
+        pictures = save_plots(out_dir)
         err.print(f"wrote result.json, epochs.csv, student.pt, matrices.npz{''.join(', ' + p for p in pictures)} in {out_dir}")
 
 
@@ -349,7 +349,7 @@ def evaluate(
     device: Annotated[Device, typer.Option(help="auto: CUDA when present")] = Device.auto,
 ):
     """Measure students trained anywhere against a teacher (no training): every metric per file, as rows compare ranks."""
-    from .assess import check_students, evaluate_students
+    from .evaluate import check_students, evaluate_students
     from .data import load_data
 
     from .data import DataError

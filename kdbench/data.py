@@ -301,12 +301,12 @@ def _synthetic(root: Path, seed: int, download: bool, options: dict) -> Data:
 
 
 def _folder(path: str, seed: int, options: dict, device) -> Data:
-    """An image folder (see :mod:`kdbench.folder`); crop padding scales with the image (32 px -> 4)."""
-    from .folder import read_folder
+    """An image folder (see :mod:`kdbench.images`); crop padding scales with the image (32 px -> 4)."""
+    from .images import read_image_folder
 
     if "val_fraction" in options and (Path(path).expanduser() / "val").is_dir():
         raise DataError(f"folder:{path}: has a val/ folder; val_fraction applies only without one")
-    f = read_folder(path, options.get("image_size"), options.get("skip_bad_images", False), device, cache=cache_dir(),
+    f = read_image_folder(path, options.get("image_size"), options.get("skip_bad_images", False), device, cache=cache_dir(),
                     log=_news)
     (x, y), (tx, ty) = (t.numpy() for t in f["splits"]["train"]), (t.numpy() for t in f["splits"]["test"])
     val = tuple(t.numpy() for t in f["splits"]["val"]) if "val" in f["splits"] else None
@@ -384,7 +384,7 @@ def load_data(name: str, root: str | Path = "data", seed: int = 0, download: boo
     """Load a data set by name, split with ``seed`` (fixed across trials), moved to ``device``.
 
     Args:
-        name: one of ``DATASETS``, or ``folder:PATH`` (an image folder, see :mod:`kdbench.folder`).
+        name: one of ``DATASETS``, or ``folder:PATH`` (an image folder, see :mod:`kdbench.images`).
         root: folder holding the CIFAR archives (ignored by the others).
         seed: seed of the stratified train/val(/test) split.
         download: fetch CIFAR with torchvision when the archive is missing.

@@ -126,7 +126,7 @@ class Study:
     teacher_checkpoint: str = ""  # read the teacher from this file (absolute) instead of training it
     keep_students: str = "full"  # [results]: the trained students kept under students/ (results.KEEP_STUDENTS)
     asha_rank: str = "top1"  # rungs rank by val top-1 ("top1") or by non-dominated sorting on the objectives
-    # ("pareto", the default of searches, whose two objectives it keeps: see kdbench.search.moasha)
+    # ("pareto", the default of searches, whose two objectives it keeps: see kdbench.search.schedulers)
     source: dict = dataclasses.field(default_factory=dict)  # the TOML table it was read from, flags applied
 
     @property

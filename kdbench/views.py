@@ -105,7 +105,7 @@ def show_progress(live, state, printed: list) -> None:
 
 
 def compare_folders(folders, by, plot, fmt, val, top: int | None = None, save: bool = False, interval: str = "t"):
-    from . import pictures, report
+    from . import plots, report
     from .results import ResultsError
 
     problems = []
@@ -126,7 +126,7 @@ def compare_folders(folders, by, plot, fmt, val, top: int | None = None, save: b
     fr = report.front(df, report.objectives_of(loaded), split, searched=report.searched_of(loaded), interval=interval)
     imp, note = report.importances(loaded[0]) if len(loaded) == 1 else (None, "")
     front_ids = list(fr.rows["config_id"]) if len(fr.rows) else []
-    geo = pictures.geometry_summary(loaded, df, front_ids) if fmt in ("json", "table") else {}
+    geo = plots.geometry_summary(loaded, df, front_ids) if fmt in ("json", "table") else {}
     if fmt == "json":
         sys.stdout.write(report.to_json(lb, fr, imp, geo) + "\n")
     elif fmt == "csv":
@@ -143,9 +143,9 @@ def compare_folders(folders, by, plot, fmt, val, top: int | None = None, save: b
         for line in report.unsettled_lines(fr):
             out.print(line, highlight=False, soft_wrap=True)
         for name, items in geo["moved_pairs"].items():
-            out.print(pictures.moved_table(name, items))
+            out.print(_moved_table(name, items))
         for name, rows in geo["payoff"].items():
-            out.print(pictures.payoff_table(name, rows))
+            out.print(_payoff_table(name, rows))
         counts = df["status"].value_counts().to_dict()
         out.print("trials: " + ", ".join(f"{k} {v}" for k, v in counts.items()), highlight=False)
         if note and "no optuna.db" not in note:
@@ -157,5 +157,36 @@ def compare_folders(folders, by, plot, fmt, val, top: int | None = None, save: b
         err.print(f"wrote {plot}")
     if save:
         written = report.save_summary(loaded[0], lb, fr, df, by, imp)
-        written += pictures.save_pictures(loaded[0].path, front_ids)
+        written += plots.save_plots(loaded[0].path, front_ids)
         err.print(f"wrote {', '.join(written)} in {loaded[0].path}")
+
+
+def _moved_table(name: str, items: list[dict]):
+    from rich.table import Table
+
+    split = items[0]["split"] if items else "test"
+    t = Table(title=f"Class pairs moved most from the teacher's geometry — {name}",
+              caption=f"centroid-similarity on {split}: the teacher's value → the student's mean ± std over its seeds")
+    t.add_column("configuration")
+    for i in range(max(len(x["pairs"]) for x in items)):
+        t.add_column(f"#{i + 1}")
+    for x in items:
+        sd = (lambda p: f" ± {p['std']:.2f}") if x["runs"] > 1 else (lambda p: "")
+        t.add_row(x["config"], *(f"{p['a']} – {p['b']}: {p['teacher']:.2f} → {p['student']:.2f}{sd(p)}" for p in x["pairs"]))
+    return t
+
+
+def _payoff_table(name: str, rows: list[dict]):
+    from rich.table import Table
+
+    t = Table(title=f"Does keeping the geometry pay off? Spearman ρ of geom_corr with each measure — {name}",
+              caption=f"across runs ({rows[0]['split']} split); [95 % bootstrap interval over runs]; in top-1 bands: "
+                      f"the run-weighted ρ inside {rows[0]['band_width']:g}-point bands of top-1 (bands of 4+ runs), "
+                      f"where accuracy cannot explain it")
+    for h in ("measure", "runs", "ρ overall", "ρ in top-1 bands", "runs in bands"):
+        t.add_column(h, justify="left" if h == "measure" else "right")
+    fmt = lambda v, ci: "—" if v != v else f"{v:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]"
+    for r in rows:
+        t.add_row(r["measure"], str(r["runs"]), fmt(r["rho"], r["rho_ci"]), fmt(r["rho_in_band"], r["rho_in_band_ci"]),
+                  str(r["band_runs"]))
+    return t

@@ -216,7 +216,7 @@ def test_resumed_asha_starts_with_the_recorded_curves_and_stops_as_the_uninterru
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
-    from kdbench.search.trials import ResumableASHA
+    from kdbench.search.schedulers import ResumableASHA
 
     curves = {"a": {1: 50.0, 2: 90.0, 3: 91.0, 4: 95.0}, "b": {1: 40.0, 2: 80.0}, "c": {2: 70.0, 4: 60.0}}
     asha = ResumableASHA(time_attr="epoch", metric="val_top1", mode="max", max_t=8, grace_period=2,
@@ -236,7 +236,7 @@ def test_pareto_asha_keeps_the_rung_front_in_order_of_arrival_by_hand():
     """Rung at epoch 2, reduction factor 2: a trial continues when it is in the top ceil(n/2) at the rung."""
     from ray.tune.schedulers import TrialScheduler
 
-    from kdbench.search.moasha import ParetoASHA
+    from kdbench.search.schedulers import ParetoASHA
 
     asha = ParetoASHA(time_attr="epoch", metrics=["val_top1", "val_geom_corr"], modes=["max", "max"], max_t=8,
                       grace_period=2, reduction_factor=2)
@@ -258,7 +258,7 @@ def test_pareto_asha_keeps_the_rung_front_in_order_of_arrival_by_hand():
 
 
 def test_rung_order_breaks_ties_within_a_front_by_crowding_distance():
-    from kdbench.search.moasha import crowding_distance, rung_order
+    from kdbench.search.schedulers import crowding_distance, rung_order
 
     pts = np.array([(1, 5), (2, 4), (2.1, 3.9), (4, 2), (5, 1)], dtype=float)  # one front
     # By hand: extremes infinite; (2, 4): (2.1-1)/4 + (5-3.9)/4 = 0.55; (2.1, 3.9): 2/4 + 2/4 = 1.0;
@@ -271,7 +271,7 @@ def test_rung_order_breaks_ties_within_a_front_by_crowding_distance():
 
 def test_pareto_asha_never_keeps_a_trial_while_stopping_one_that_dominates_it():
     """At a rung, the kept set is closed under domination: whatever is kept, its dominators are kept too."""
-    from kdbench.search.moasha import rung_order
+    from kdbench.search.schedulers import rung_order
 
     rng = np.random.default_rng(0)
     for _ in range(200):
@@ -286,7 +286,7 @@ def test_pareto_asha_never_keeps_a_trial_while_stopping_one_that_dominates_it():
 def test_pareto_asha_survives_resume_through_its_recorded_curves():
     from ray.tune.schedulers import TrialScheduler
 
-    from kdbench.search.moasha import ParetoASHA
+    from kdbench.search.schedulers import ParetoASHA
 
     curves = {"a": {2: (90.0, 0.9)}, "b": {2: (80.0, 0.8), 4: (81.0, 0.8)}}
     asha = ParetoASHA(time_attr="epoch", metrics=["val_top1", "val_geom_corr"], modes=["max", "max"], max_t=8,

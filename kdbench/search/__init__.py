@@ -12,8 +12,9 @@ configuration and seed (grids and confirmations: the missing points; searches: O
 trials are marked failed and their parameters enqueued first) and continues from its last checkpoint;
 ASHA's rungs are rebuilt from the recorded validation curves.
 
-Layout: ``trials`` (what runs in a Ray worker: the trainable, the search space, the searcher, ASHA),
-``writer`` (the driver's callback that writes the results folder), ``run`` (tune and confirm).
+Layout: ``trainable`` (what runs in a Ray worker), ``searcher`` (Optuna: the space, the sampler, what it is told),
+``schedulers`` (ASHA: top-1 and two-objective rungs), ``writer`` (the driver's callback that writes the results
+folder), ``run`` (tune and confirm).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ __all__ = ["run_study", "run_confirm", "init_ray", "SearchState"]
 
 
 def __getattr__(name: str):
-    """The driver's side, imported on first use: a Ray worker imports ``trials`` only (not the
+    """The driver's side, imported on first use: a Ray worker imports ``trainable`` only (not the
     report's pandas/scipy), so that each trial's process starts sooner."""
     if name in ("run_study", "run_confirm", "init_ray", "_init_ray"):  # _init_ray: the tests' and benchmarks' name
         from . import run

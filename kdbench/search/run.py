@@ -25,8 +25,9 @@ from ..teacher import study_data
 from ..terms import check_method
 from ..train import resolve_device
 from ..trial import resolve_trial
-from .moasha import ParetoASHA
-from .trials import ResumableASHA, _make_searcher, _trainable, _trial_configs_grid
+from .schedulers import ParetoASHA, ResumableASHA
+from .searcher import grid_configs, make_searcher
+from .trainable import trainable
 from .writer import ResultsWriter, SearchState, _read_done
 
 def init_ray(address: str | None, verbose: bool):
@@ -90,7 +91,7 @@ def _load(study: Study, data_root: str | None, download: bool, on_teacher, on_te
 
 
 @dataclass
-class _Folder:
+class _Run:
     """What every Tuner.fit of one results folder shares."""
 
     study: Study
@@ -177,7 +178,7 @@ def run_study(study: Study, out: Path, *, resume: bool = False, address: str | N
         timings["teacher"] = time.time() - t0
         out.mkdir(parents=True, exist_ok=True)
         with results.FolderLock(out, "tune"):
-            f = _Folder(study, out, teacher.blob(), data, rows, epochs, root, _unfinished(root, rows) if resume else {},
+            f = _Run(study, out, teacher.blob(), data, rows, epochs, root, _unfinished(root, rows) if resume else {},
                         gpus_per_trial, verbose, on_update, timings)
             summary = _run(f, resume, teacher, hit, device, recorded)
             summary["timings"] = timings
@@ -217,7 +218,7 @@ def _check_unlocked(out: Path):
         raise StudyError(f"{out}: still running (pid {pid} is writing it); allowed: a folder no run is writing")
 
 
-def _run(f: _Folder, resume: bool, teacher, hit, device, storage: str | None) -> dict:
+def _run(f: _Run, resume: bool, teacher, hit, device, storage: str | None) -> dict:
     study, out, rows = f.study, f.out, f.rows
     meta = {"schema": results.SCHEMA, "name": study.name, "kind": "grid" if study.is_grid else "search", "study": study.to_dict(),
             "teacher": {k: v for k, v in teacher.meta.items() if k != "path"} | {"cache_hit": hit},
@@ -239,7 +240,7 @@ def _run(f: _Folder, resume: bool, teacher, hit, device, storage: str | None) ->
             state.counts[r["status"]] = state.counts.get(r["status"], 0) + 1
     remaining = study.trial_count() - sum(r.get("stage") != "confirm" for r in rows)
     if remaining > 0:
-        todo = [c for c in _trial_configs_grid(study) if c["point"] not in _done_points(rows)] if study.is_grid else None
+        todo = [c for c in grid_configs(study) if c["point"] not in _done_points(rows)] if study.is_grid else None
         _fit(f, state, remaining, todo, stage="search")
     meta["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     results.write_json(out / "study.json", meta)
@@ -292,7 +293,7 @@ def run_confirm(out: Path, confirm: Confirm, *, concurrency: int | None = None, 
         _, data, teacher, _ = _load(study, data_root, False, on_teacher, on_teacher_ready)
         with results.FolderLock(out, "confirm"):
             rows, epochs = _read_done(out)
-            f = _Folder(study, out, teacher.blob(), data, rows, epochs, root, _unfinished(root, rows), gpus_per_trial,
+            f = _Run(study, out, teacher.blob(), data, rows, epochs, root, _unfinished(root, rows), gpus_per_trial,
                         verbose, on_update)
             summary = _confirm(f, confirm)
             checkpoints.remove(root)  # every planned run has finished
@@ -350,7 +351,7 @@ def _pending(study: Study, trials, confirm: Confirm, recorded: dict, where: str)
     return runs(decision["next"]), picked, decision
 
 
-def _confirm(f: _Folder, confirm: Confirm) -> dict:
+def _confirm(f: _Run, confirm: Confirm) -> dict:
     started, out = time.time(), f.out
     meta = results.read_study(out)
     previous = meta.get("confirm") or {}
@@ -393,7 +394,7 @@ def _confirm(f: _Folder, confirm: Confirm) -> dict:
 _FITS = itertools.count()  # a fit's experiment name is unique even for two fits within one second
 
 
-def _fit(f: _Folder, state: SearchState, remaining: int, todo: list | None, asha: bool | None = None,
+def _fit(f: _Run, state: SearchState, remaining: int, todo: list | None, asha: bool | None = None,
          stage: str = "search"):
     """One Tuner.fit: ``todo`` (a grid or a confirmation: fixed trials) or ``remaining`` trials of the searcher.
 
@@ -412,15 +413,15 @@ def _fit(f: _Folder, state: SearchState, remaining: int, todo: list | None, asha
         # kdbench resumes from trials.csv and its own checkpoints, never from that state: not the user's error.
         logging.getLogger("ray.tune.execution.experiment_state").setLevel(logging.CRITICAL)
     gpus = gpus_of(study, f.gpus_per_trial)
-    trainable = tune.with_resources(
-        tune.with_parameters(_trainable, study=study, teacher=f.teacher, data=f.data,
+    worker = tune.with_resources(
+        tune.with_parameters(trainable, study=study, teacher=f.teacher, data=f.data,
                              threads=int(study.cpus_per_trial), resume_from=f.resume_from),
         {"cpu": study.cpus_per_trial, "gpu": gpus})
     if todo is not None:
         searcher, param_space, num_samples = None, {"trial": tune.grid_search(todo)}, 1
     else:
         finished = {(str(r["config_id"]), int(r["seed"])) for r in f.rows if r.get("stage") != "confirm"}
-        searcher, param_space, num_samples = _make_searcher(study, f.out, study.max_epochs, finished), {}, remaining
+        searcher, param_space, num_samples = make_searcher(study, f.out, study.max_epochs, finished), {}, remaining
     scheduler = None
     if (study.asha if asha is None else asha) and study.asha_rank == "pareto":
         metrics = [f"val_{o}" for o in study.objectives]
@@ -433,7 +434,7 @@ def _fit(f: _Folder, state: SearchState, remaining: int, todo: list | None, asha
                                   grace_period=study.grace_period, reduction_factor=study.reduction_factor,
                                   curves=curves)
     tuner = tune.Tuner(
-        trainable, param_space=param_space,
+        worker, param_space=param_space,
         # reuse_actors: a finished trial's worker process (torch imported, data in memory) runs the next one
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
                                     max_concurrent_trials=study.concurrency, reuse_actors=True),

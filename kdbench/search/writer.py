@@ -14,12 +14,7 @@ from ..metrics import DEFAULT_OBJECTIVES, better
 from ..study import Study
 from ..trial import resolve_trial, trial_config_id
 from ..settings import trial_values
-
-
-# What a trial reports to Tune once an epoch is flat (schedulers and the searcher read its top-level metrics):
-# the epoch's row, the names of the row's columns under ROW (that row is epochs.csv's), where and how it ran, and
-# at its last epoch the run's numbers and its centroid-similarity matrices under MATRICES.
-ROW, MATRICES = "row", "matrices"
+from .trainable import MATRICES, ROW
 
 
 @dataclass

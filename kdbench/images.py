@@ -22,7 +22,7 @@ import torch
 from .errors import DataError
 from .state import load_tensors
 
-__all__ = ["read_folder", "SUFFIXES"]
+__all__ = ["read_image_folder", "SUFFIXES"]
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 CACHE_VERSION = 1
@@ -122,7 +122,7 @@ def _bad(root: Path, bad: list, skip: bool) -> None:
                      f"([data] skip_bad_images = true) to leave such files out")
 
 
-def read_folder(root: str | Path, image_size: int | None = None, skip_bad_images: bool = False,
+def read_image_folder(root: str | Path, image_size: int | None = None, skip_bad_images: bool = False,
                 device: torch.device | str = "cpu", budget: int | None = None, cache: Path | None = None,
                 log=None) -> dict:
     """Decode (or load from the cache) an image folder.

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from conftest import one_line_error
 from kdbench.cli import app
 from kdbench.data import DataError, load_data
-from kdbench.folder import read_folder
+from kdbench.images import read_image_folder
 from kdbench.results import read_table
 
 runner = CliRunner()
@@ -36,7 +36,7 @@ def write_tree(root, per_split=(("train", 8), ("test", 3)), sizes=((20, 20), (24
 
 def test_splits_labels_and_sizes_from_the_tree(tmp_path):
     root = write_tree(tmp_path / "imgs")
-    f = read_folder(root, image_size=16)
+    f = read_image_folder(root, image_size=16)
     assert f["classes"] == list(CLASSES) and f["bad"] == []
     (x, y), (tx, ty) = f["splits"]["train"], f["splits"]["test"]
     assert x.shape == (24, 3, 16, 16) and x.dtype == torch.uint8 and tx.shape == (9, 3, 16, 16)
@@ -53,11 +53,11 @@ def test_center_crop_grayscale_and_exact_pixels(tmp_path):
         for name in ("a", "b"):
             (tmp_path / split / name).mkdir(parents=True)
             Image.fromarray(np.tile(row, (16, 1))).save(tmp_path / split / name / "0.png")
-    x, _ = read_folder(tmp_path, image_size=16)["splits"]["train"]
+    x, _ = read_image_folder(tmp_path, image_size=16)["splits"]["train"]
     assert x.shape == (2, 1, 16, 16)
     assert (x[0, 0] == torch.from_numpy(row[8:24]).expand(16, 16)).all()
     Image.fromarray(np.zeros((16, 32, 3), np.uint8)).save(tmp_path / "train" / "a" / "1.png")
-    x, _ = read_folder(tmp_path, image_size=16)["splits"]["train"]
+    x, _ = read_image_folder(tmp_path, image_size=16)["splits"]["train"]
     assert x.shape == (3, 3, 16, 16) and (x[0, 0] == x[0, 2]).all()  # gray -> equal R, G, B
 
 
@@ -80,14 +80,14 @@ def test_load_data_carves_val_or_takes_val_folder_and_scales_padding(tmp_path):
 def test_the_cache_is_used_until_a_file_changes(tmp_path):
     root = write_tree(tmp_path / "imgs")
     news = []
-    first = read_folder(root, image_size=16, cache=tmp_path / "cache", log=news.append)
-    again = read_folder(root, image_size=16, cache=tmp_path / "cache", log=news.append)
+    first = read_image_folder(root, image_size=16, cache=tmp_path / "cache", log=news.append)
+    again = read_image_folder(root, image_size=16, cache=tmp_path / "cache", log=news.append)
     assert "decoded" in news[0] and "images/s" in news[0] and "loaded from the cache" in news[1]
     assert torch.equal(first["splits"]["train"][0], again["splits"]["train"][0])
-    assert read_folder(root, image_size=12, cache=tmp_path / "cache", log=news.append)["splits"]["test"][0].shape[-1] == 12
+    assert read_image_folder(root, image_size=12, cache=tmp_path / "cache", log=news.append)["splits"]["test"][0].shape[-1] == 12
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(root / "test" / "cat" / "0.png")
     os.utime(root / "test" / "cat" / "0.png", ns=(1, 10**18))  # another modification time
-    changed = read_folder(root, image_size=16, cache=tmp_path / "cache", log=news.append)
+    changed = read_image_folder(root, image_size=16, cache=tmp_path / "cache", log=news.append)
     assert "decoded" in news[-1] and changed["splits"]["test"][0][0].sum() == 0
 
 
@@ -97,8 +97,8 @@ def test_unreadable_images_stop_or_are_counted(tmp_path):
     (root / "train" / "dog" / "1.jpg").write_bytes(data[: len(data) // 2])  # truncated: fails when decoded
     (root / "train" / "owl" / "2.png").write_bytes(b"not an image")  # fails at the header
     with pytest.raises(DataError, match=r"train/dog/1.jpg: unreadable image .*\(and 1 more\); .*--skip-bad-images"):
-        read_folder(root, image_size=16)
-    f = read_folder(root, image_size=16, skip_bad_images=True)
+        read_image_folder(root, image_size=16)
+    f = read_image_folder(root, image_size=16, skip_bad_images=True)
     assert len(f["bad"]) == 2 and len(f["splits"]["train"][1]) == 22
     d = load_data(f"folder:{root}", options={"image_size": 16, "skip_bad_images": True})
     assert d.skipped == 2
@@ -108,8 +108,8 @@ def test_over_the_memory_budget_names_an_image_size_that_fits(tmp_path):
     root = write_tree(tmp_path / "imgs")
     budget = 33 * 3 * 10 * 10 + 5  # 33 images: 10x10 fits, 11x11 does not
     with pytest.raises(DataError, match=r"33 images of 3x64x64 take .* over the budget .*; set image_size = 10 or smaller"):
-        read_folder(root, image_size=64, budget=budget)
-    assert read_folder(root, image_size=10, budget=budget)["splits"]["train"][0].shape[-1] == 10
+        read_image_folder(root, image_size=64, budget=budget)
+    assert read_image_folder(root, image_size=10, budget=budget)["splits"]["train"][0].shape[-1] == 10
 
 
 def _rm(p):

@@ -1,4 +1,5 @@
-"""Multi-objective ASHA: successive halving whose rungs rank trials by non-dominated sorting.
+"""ASHA's two rules: :class:`ResumableASHA` (rungs rank by validation top-1) and multi-objective ASHA
+(:class:`ParetoASHA`): successive halving whose rungs rank trials by non-dominated sorting.
 
 Schmucker et al., 2021, "Multi-objective multi-fidelity hyperparameter optimization with application
 to fairness" (Syne Tune's MOASHA). Same rungs, grace period and reduction factor as ASHA; at a rung a
@@ -20,12 +21,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from ray import tune
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.schedulers.async_hyperband import AsyncHyperBandScheduler
 
 from ..pareto import pareto_ranks
 
-__all__ = ["ParetoASHA", "rung_order", "crowding_distance"]
+__all__ = ["ParetoASHA", "ResumableASHA", "rung_order", "crowding_distance"]
 
 
 def crowding_distance(points: np.ndarray) -> np.ndarray:
@@ -100,3 +102,16 @@ class ParetoASHA(AsyncHyperBandScheduler):
 
     def on_trial_remove(self, tune_controller, trial) -> None:
         self._trial_info.pop(trial.trial_id, None)
+
+
+class ResumableASHA(tune.schedulers.ASHAScheduler):
+    """ASHA whose rungs start with the validation curves of trials an earlier run of the folder recorded,
+    so that a resumed search stops (and keeps) trials as the uninterrupted one would have."""
+
+    def __init__(self, *args, curves: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        for key, curve in (curves or {}).items():  # key -> {epoch: val_top1}
+            for bracket in self._brackets:
+                for milestone, recorded in bracket._rungs:
+                    if int(milestone) in curve:
+                        recorded[f"earlier:{key}"] = curve[int(milestone)]

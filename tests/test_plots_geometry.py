@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from kdbench import matrices
-from kdbench.pictures import curve_data, moved, plot_curves, plot_geometry, save_pictures, shown_configurations
+from kdbench.plots import curve_data, moved, plot_curves, plot_geometry, save_plots, shown_configurations
 from kdbench.report import trials_frame
 from kdbench.results import read_folder, write_csv, write_json
 
@@ -83,4 +83,4 @@ def test_curve_data_is_the_seed_mean_and_range_of_epochs_csv_on_the_evaluated_ep
 def test_a_folder_written_before_the_matrices_still_reads_and_draws_its_curves(tmp_path):
     f = _folder(tmp_path / "old", with_matrices=False)
     assert not matrices.read_matrices(f.path) and moved(f, shown_configurations(trials_frame([f]))) == []
-    assert save_pictures(f.path) == ["curves.png"]
+    assert save_plots(f.path) == ["curves.png"]

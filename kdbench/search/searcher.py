@@ -1,0 +1,116 @@
+"""What proposes a search's trials: the study's space as Optuna's define-by-run space, its sampler, and the searcher
+that tells Optuna a trial ASHA stopped as pruned (never as a full result); a grid's fixed trials."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+from ray.tune.search.optuna import OptunaSearch
+
+from ..metrics import mode
+from ..study import Study
+from ..trial import resolve_trial, trial_config_id
+
+__all__ = ["grid_configs", "Space", "make_sampler", "FidelityAwareOptuna", "make_searcher"]
+
+
+def grid_configs(study: Study) -> list[dict]:
+    return [{"point": i, "method": m, "seed": s, "stage": "grid", **dict(values)}
+            for i, (m, s, values) in enumerate(study.grid)]
+
+
+class Space:
+    """Optuna define-by-run space: the method (if searched) first, then the parameters that apply to it.
+
+    A class, not a closure: Ray pickles the searcher with its experiment state.
+    """
+
+    def __init__(self, study: Study):
+        self.study = study
+
+    def __call__(self, trial):
+        study, method = self.study, self.study.method
+        for p in study.space:
+            if p.name == "method":
+                method = trial.suggest_categorical("method", list(p.choices))
+        for p in study.space:
+            if p.name == "method" or (p.when and method not in p.when):
+                continue
+            if p.type == "categorical":
+                trial.suggest_categorical(p.name, list(p.choices))
+            elif p.type == "int":
+                trial.suggest_int(p.name, int(p.low), int(p.high))
+            else:
+                trial.suggest_float(p.name, p.low, p.high, log=p.type == "loguniform")
+        return {"method": method, "seed": study.seed}
+
+
+def make_sampler(study: Study, earlier: int = 0):
+    """The study's sampler. ``earlier``: trials a previous run of the folder already made; a resumed run's
+    sampler is seeded past them, or its random start-up proposals would repeat the first run's."""
+    seed = study.seed + earlier
+    if study.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, study.samples // 4)))
+    if study.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+class FidelityAwareOptuna(OptunaSearch):
+    """OptunaSearch that tells Optuna a trial stopped before ``max_epochs`` as PRUNED, a failed one as FAIL.
+
+    Ray hands a trial stopped by ASHA to the searcher as complete with its truncated result; a
+    low-fidelity point must not steer the sampler or enter Optuna's Pareto set.
+    """
+
+    def __init__(self, *args, max_epochs: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_epochs = max_epochs
+
+    def _setup_study(self, mode):
+        super()._setup_study(mode)
+        if isinstance(self._metric, list) and self._ot_study is not None:  # optuna-dashboard shows these names
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self._ot_study.set_metric_names(list(self._metric))
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if result is not None and result.get("failure"):
+            return super().on_trial_complete(trial_id, None, error=True)
+        if result is not None and result.get("epoch", 0) < self.max_epochs:
+            result = None  # -> PRUNED
+        return super().on_trial_complete(trial_id, result, error)
+
+
+def make_searcher(study: Study, out: Path, max_epochs: int, finished: set = frozenset()) -> FidelityAwareOptuna:
+    """The searcher, on the folder's optuna.db. ``finished``: the (config_id, seed) of trials.csv's rows."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'optuna.db'}")
+    earlier = 0
+    # Trials an interrupted run left RUNNING (or enqueued and never started) will never report: mark them
+    # failed, and ask for the same parameters first, so that they run again (from their checkpoints)
+    # instead of new proposals -- unless trials.csv already holds them (a kill can land between kdbench
+    # writing a trial's row and Optuna recording it).
+    if study.name in optuna.get_all_study_names(storage):
+        study_id = storage.get_study_id_from_name(study.name)
+        pending = storage.get_all_trials(study_id, deepcopy=False,
+                                         states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
+        again, asked = optuna.load_study(study_name=study.name, storage=storage), []
+        earlier = len(storage.get_all_trials(study_id, deepcopy=False))
+        for t in pending:
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+            storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+            if not t.params:  # killed between Optuna's ask and its suggestions: nothing to repeat
+                continue
+            config = {"method": t.params.get("method", study.method), **t.params}
+            method, recipe, seed = resolve_trial(study, config)
+            if (trial_config_id(study, method, recipe), seed) not in finished and t.params not in asked:
+                asked.append(t.params)
+                again.enqueue_trial(t.params)
+    metrics = [f"val_{o}" for o in study.objectives]
+    modes = [mode(o) for o in study.objectives]
+    # metric/mode go to the searcher only: a TuneConfig metric would silently collapse it to one objective.
+    return FidelityAwareOptuna(space=Space(study), metric=metrics, mode=modes, sampler=make_sampler(study, earlier),
+                               study_name=study.name, storage=storage, max_epochs=max_epochs)

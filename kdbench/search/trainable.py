@@ -1,0 +1,92 @@
+"""What runs in a Ray worker: one trial, from its config to its reports (the driver's side is :mod:`.writer`)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import torch
+from ray import tune
+
+from .. import checkpoints, results
+from ..metrics import FINAL
+from ..records import Epoch, TrainState
+from ..study import Study
+from ..teacher import load_teacher
+from ..train import TrainConfig, distill, resolve_device
+from ..trial import resolve_trial, trial_config_id
+
+__all__ = ["trainable", "ROW", "MATRICES"]
+
+# What a trial reports to Tune once an epoch is flat (schedulers and the searcher read its top-level metrics):
+# the epoch's row, the names of the row's columns under ROW (that row is epochs.csv's), where and how it ran, and
+# at its last epoch the run's numbers and its centroid-similarity matrices under MATRICES.
+ROW, MATRICES = "row", "matrices"
+
+
+def trainable(config: dict, study: Study, teacher: dict, data, threads: int, resume_from: dict):
+    """One trial, in a Ray worker on any machine of the cluster: the data set and the teacher come
+    through Ray's object store (put there once by the driver); distill; report every epoch, with a
+    checkpoint every ``study.checkpoint_every`` epochs, and at the first epoch's end once
+    ``study.checkpoint_minutes`` have passed since the last one."""
+    started_at = time.time()
+    torch.set_num_threads(max(1, threads))
+    method, recipe, seed = resolve_trial(study, config.get("trial", config))  # grids nest their point
+    cid = trial_config_id(study, method, recipe)
+    device = resolve_device("auto")
+    data = data.to(device)
+    teacher = load_teacher(teacher, data)
+    # Ray's retry of this trial after its worker died, else the checkpoint an interrupted run left.
+    ckpt = tune.get_checkpoint()
+    if ckpt is None and (cid, seed) in resume_from:
+        ckpt = tune.Checkpoint(resume_from[(cid, seed)]["uri"])
+    state = None
+    if ckpt is not None:
+        try:
+            with ckpt.as_directory() as d:
+                state = TrainState.from_state_dict(checkpoints.load(Path(d)))
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+            # unreadable (cut short, removed, corrupt): start over rather than fail the trial
+            print(f"kdbench: checkpoint {ckpt.path} unreadable ({type(e).__name__}: {e}); the trial starts over")
+    # Where and how it ran: what `kdbench rerun` needs to reproduce it, and proof of a cluster's spread.
+    where = {"node": ray.get_runtime_context().get_node_id()[:12], "host": socket.gethostname(),
+             "threads": torch.get_num_threads(), "device": str(device), "resumed_from": state.epoch if state else 0,
+             "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()), "started_at": started_at}
+    last_epoch, last_saved = 0, time.monotonic()
+
+    def due(epoch: int) -> bool:
+        every, minutes = study.checkpoint_every, study.checkpoint_minutes
+        return bool(every and epoch % every == 0) or bool(minutes and time.monotonic() - last_saved >= 60 * minutes)
+
+    def report(e: Epoch):
+        nonlocal last_epoch, last_saved
+        last_epoch = e.row["epoch"]
+        # ROW names the epoch's row among what Tune carries (the writer's epochs.csv row); the run's numbers, where
+        # and how it ran go with it to the trials.csv row.
+        result = {**e.row, ROW: list(e.row), **where, "ended_at": time.time()}
+        if e.final is not None:
+            result |= {**e.final.run, "autocast": e.final.precision, MATRICES: e.final.matrices}
+        if e.final is not None and e.final.weights is not None:  # the trained student, through the storage to the driver
+            with tempfile.TemporaryDirectory(prefix="kdbench-student-") as d:
+                checkpoints.save_student(Path(d), results.student_file(e.final.weights, study.student, data.num_classes,
+                                                                       cid, last_epoch, {}))
+                return tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
+        if e.state is None:
+            return tune.report(result)
+        last_saved = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="kdbench-ckpt-") as d:
+            checkpoints.save(Path(d), e.state.state_dict(), {"config_id": cid, "seed": seed, "epoch": last_epoch,
+                                                             "pid": os.getpid(), "history": e.state.history})
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
+
+    try:
+        distill(TrainConfig(study.student, method, recipe, seed, eval_val=study.eval_val, eval_test=study.eval_test,
+                            final_every_epoch=bool(set(study.objectives) & set(FINAL))),
+                data, teacher, report, resume=state, state_when=due, final_weights=study.keep_students != "none")
+    except Exception as e:  # NaN loss, OOM, a bug: the trial is failed, with its reason; the search goes on
+        tune.report({"epoch": last_epoch, "failure": f"{type(e).__name__}: {e}", **where, "ended_at": time.time()})
