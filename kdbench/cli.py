@@ -15,7 +15,7 @@ from .console import (DatasetName, Device, EvalWhen, ImageSize, LiveView, SkipBa
                       teacher_table, teacher_with_progress, threads_now)
 from .methods import METHODS
 from .metrics import METRICS
-from .settings import SAMPLERS
+from .settings import SAMPLERS, StudyKey
 from .values import keys_help
 from .views import compare_folders, live_view, show_progress, tune_one
 
@@ -179,29 +179,36 @@ def tune(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="[METHOD.]KEY=VALUE: a recipe field, or a term "
                                                       "weight or hyperparameter (of the study's method by default). "
                                                       f"{keys_help()}")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="digits | synthetic | cifar10 | cifar100 | folder:PATH")] = None,
-    teacher: Annotated[Optional[str], typer.Option(help="teacher model")] = None,
-    student: Annotated[Optional[str], typer.Option(help="student model")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="student epochs (the full fidelity)")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")] = None,
-    samples: Annotated[Optional[int], typer.Option(help="number of trials (searches)")] = None,
-    sampler: Annotated[Optional[str], typer.Option(help=" | ".join(SAMPLERS))] = None,
-    objectives: Annotated[Optional[str], typer.Option(help=f"two of {OBJECTIVES}, e.g. top1,geom_corr")] = None,
-    no_asha: Annotated[bool, typer.Option("--no-asha", help="no early stopping: every trial runs every epoch")] = False,
-    image_size: ImageSize = None,
-    val_fraction: ValFraction = None,
-    concurrency: Annotated[Optional[int], typer.Option(help="trials running at once")] = None,
+    # Each option marked StudyKey sets that key of the study's table (kdbench.flags applies it): a new flag for a
+    # study key is one option here.
+    dataset: Annotated[Optional[str], typer.Option(help="digits | synthetic | cifar10 | cifar100 | folder:PATH"),
+                       StudyKey("dataset")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="teacher model"), StudyKey("teacher")] = None,
+    student: Annotated[Optional[str], typer.Option(help="student model"), StudyKey("student")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="student epochs (the full fidelity)"), StudyKey("recipe.epochs")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32"),
+                         StudyKey("recipe.precision")] = None,
+    samples: Annotated[Optional[int], typer.Option(help="number of trials (searches)"), StudyKey("search.samples")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help=" | ".join(SAMPLERS)), StudyKey("search.sampler")] = None,
+    objectives: Annotated[Optional[str], typer.Option(help=f"two of {OBJECTIVES}, e.g. top1,geom_corr"),
+                          StudyKey("search.objectives", lambda v: [o.strip() for o in v.split(",")])] = None,
+    no_asha: Annotated[bool, typer.Option("--no-asha", help="no early stopping: every trial runs every epoch"),
+                       StudyKey("asha.enabled", lambda v: not v)] = False,
+    image_size: Annotated[ImageSize, StudyKey("data.image_size")] = None,
+    val_fraction: Annotated[ValFraction, StudyKey("data.val_fraction")] = None,
+    concurrency: Annotated[Optional[int], typer.Option(help="trials running at once"), StudyKey("search.concurrency")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="results folder (default results/<study>-<time>)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the interrupted run in --out")] = False,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (e.g. auto); default: a fresh local Ray")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="folder holding the CIFAR archives")] = None,
     download: Annotated[bool, typer.Option(help="download CIFAR into --data-root if missing")] = False,
     gpus_per_trial: Annotated[Optional[float], typer.Option(help="GPUs per trial; fractions share a GPU")] = None,
-    cpus_per_trial: Annotated[Optional[float], typer.Option(help="CPUs per trial")] = None,
+    cpus_per_trial: Annotated[Optional[float], typer.Option(help="CPUs per trial"), StudyKey("resources.cpus_per_trial")] = None,
     storage: Annotated[Optional[str], typer.Option(help="where trials keep checkpoints: a shared folder or a URI "
                                                    "(s3://...); default: DIR/ray")] = None,
     teacher_checkpoint: Annotated[Optional[Path], typer.Option(help="the teacher's weights (a state_dict file) "
-                                                               "instead of the study's teacher")] = None,
+                                                               "instead of the study's teacher"),
+                                  StudyKey("teacher_checkpoint", lambda p: str(p.expanduser().resolve()))] = None,
     verbose: Annotated[bool, typer.Option(help="show Ray's and Optuna's logs")] = False,
     plan: Annotated[bool, typer.Option("--plan", help="print the resolved study (space, trial-epochs, resources) and "
                                                       "exit: no data, no teacher, nothing written")] = False,
@@ -217,9 +224,7 @@ def tune(
     from .study import StudyError
 
     check_resources(concurrency, cpus_per_trial, gpus_per_trial)
-    checkpoint = str(teacher_checkpoint.expanduser().resolve()) if teacher_checkpoint else None
-    flags = Flags(tuple(space or ()), tuple(set_ or ()), dataset, teacher, student, epochs, samples, sampler, objectives,
-                  no_asha, image_size, val_fraction, checkpoint, concurrency, cpus_per_trial, precision)
+    flags = Flags.of(tune, locals())
     if resume and out_dir is None:
         raise StudyError("--resume needs --out DIR (the folder of the run to continue)")
     path, raw = study_source(study, flags, out_dir if resume else None)

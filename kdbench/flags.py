@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass, fields
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .data import canonical
 from .study import PARAM_TYPES, TUNABLE, Study, StudyError, bundled_studies, check_value, find_study, read_toml, study_from_dict
 from .methods import METHODS, Method
+from .settings import StudyKey
 from .values import field_types
 
 __all__ = ["Flags", "apply_flags", "base_table", "study_source", "differences", "RESUMABLE", "DEFAULT_STUDY"]
@@ -32,28 +35,34 @@ DEFAULT_STUDY = "digits"
 
 @dataclass(frozen=True)
 class Flags:
-    """What ``tune`` was told on top of (or instead of) a study file; None / empty: not given."""
+    """What ``tune`` was told on top of (or instead of) a study file.
+
+    ``keys``: dotted study key -> (the flag as typed, e.g. ``--samples 64``, and the key's value); ``space``,
+    ``sets``: the ``--space`` and ``--set`` arguments."""
 
     space: tuple[str, ...] = ()
     sets: tuple[str, ...] = ()
-    dataset: str | None = None
-    teacher: str | None = None
-    student: str | None = None
-    epochs: int | None = None
-    samples: int | None = None
-    sampler: str | None = None
-    objectives: str | None = None
-    no_asha: bool = False
-    image_size: int | None = None
-    val_fraction: float | None = None
-    teacher_checkpoint: str | None = None
-    concurrency: int | None = None
-    cpus_per_trial: float | None = None
-    precision: str | None = None
+    keys: dict = field(default_factory=dict)
 
-    def given(self) -> list[str]:
-        """The flags set, as ``--name``."""
-        return [f"--{f.name.replace('_', '-')}" for f in fields(self) if getattr(self, f.name) not in (None, (), False)]
+    @classmethod
+    def of(cls, command: Callable, given: dict) -> Flags:
+        """The flags of ``command`` (a Typer command whose options carry :class:`StudyKey` marks) that ``given``
+        (its arguments by name) sets; ``space`` and ``set_`` are the axes and the sets."""
+        keys = {}
+        for name, hint in typing.get_type_hints(command, include_extras=True).items():
+            meta = getattr(hint, "__metadata__", ())
+            mark = next((m for m in meta if isinstance(m, StudyKey)), None)
+            value = given.get(name)
+            if mark is None or value is None or value is False:
+                continue
+            decls = next((getattr(m, "param_decls", None) for m in meta if getattr(m, "param_decls", None)), None)
+            flag = decls[0] if decls else f"--{name.replace('_', '-')}"
+            keys[mark.key] = (flag if value is True else f"{flag} {value}", mark.parse(value))
+        return cls(tuple(given.get("space") or ()), tuple(given.get("set_") or ()), keys)
+
+    @property
+    def dataset(self) -> str | None:
+        return self.keys.get("dataset", (None, None))[1]
 
 
 def base_table(dataset: str, space: bool = True) -> dict:
@@ -121,29 +130,18 @@ def apply_flags(raw: dict, flags: Flags, file: str) -> tuple[dict, dict]:
         if grid:
             raise StudyError(f"{flag}: {file} is a grid study ([grid]); allowed only for a search ([search])")
 
-    for flag, key in (("--teacher", flags.teacher), ("--student", flags.student),
-                      ("--teacher-checkpoint", flags.teacher_checkpoint)):
-        if key is not None and pairs:
-            raise StudyError(f"{flag} {key}: {file} runs [pairs], each with its own teacher and student; allowed: a "
+    for dotted, (shown, value) in flags.keys.items():
+        table, _, key = dotted.rpartition(".")
+        if key in ("teacher", "student", "teacher_checkpoint") and not table and pairs:
+            raise StudyError(f"{shown}: {file} runs [pairs], each with its own teacher and student; allowed: a "
                              f"study without [pairs] ([pairs] teacher_checkpoint names a file per teacher)")
-    objectives = [o.strip() for o in flags.objectives.split(",")] if flags.objectives is not None else None
-    settings = [  # (flag, value, table, key): one key of the study's table each
-        ("--dataset", canonical(flags.dataset) if flags.dataset else None, "", "dataset"),
-        ("--teacher", flags.teacher, "", "teacher"), ("--student", flags.student, "", "student"),
-        ("--teacher-checkpoint", flags.teacher_checkpoint, "", "teacher_checkpoint"),
-        ("--concurrency", flags.concurrency, "grid" if grid else "search", "concurrency"),
-        ("--cpus-per-trial", flags.cpus_per_trial, "resources", "cpus_per_trial"),
-        ("--image-size", flags.image_size, "data", "image_size"), ("--val-fraction", flags.val_fraction, "data", "val_fraction"),
-        ("--epochs", flags.epochs, "recipe", "epochs"), ("--precision", flags.precision, "recipe", "precision"),
-        ("--samples", flags.samples, "search", "samples"), ("--sampler", flags.sampler, "search", "sampler"),
-        ("--objectives", objectives, "search", "objectives"), ("--no-asha", False if flags.no_asha else None, "asha", "enabled")]
-    for flag, value, table, key in settings:
-        if value is None:
-            continue
-        shown = flag if flag == "--no-asha" else f"{flag} {flags.objectives if key == 'objectives' else value}"
+        if dotted == "dataset":
+            value = canonical(value)
+        if dotted == "search.concurrency" and grid:  # a grid's trials run at once as a search's do
+            table = "grid"
         if table == "search":
             searches_only(shown)
-        put(table, key, check_value(key, value, flag) if table == "recipe" else value, shown)
+        put(table, key, check_value(key, value, shown.split()[0]) if table == "recipe" else value, shown)
     for arg in flags.space:
         searches_only(f"--space {arg}")
         key, table = _axis(arg)

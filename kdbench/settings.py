@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable
 
 __all__ = ["setting", "weight", "rules", "weights", "Recipe", "SCHEDULES", "SAMPLERS", "COMPILE_BACKENDS", "COMPILE_MODES",
            "PRECISIONS", "EVAL_WHEN",
-           "DATASET_DEFAULTS", "dataset_defaults", "SCHEMA_1_FIELDS", "RUN_FIELDS", "fields_dict", "trial_values"]
+           "DATASET_DEFAULTS", "dataset_defaults", "SCHEMA_1_FIELDS", "RUN_FIELDS", "fields_dict", "trial_values", "StudyKey"]
 
 
 def setting(default, lo: float | None = 0, hi: float | None = None, above: bool = False, choices: tuple = (),
@@ -121,3 +122,13 @@ def trial_values(method, recipe: Recipe) -> dict:
     if hp.get("milestones"):
         hp["milestones"] = " ".join(map(str, hp["milestones"]))  # one CSV cell, one id however it was spelt
     return hp
+
+
+@dataclass(frozen=True)
+class StudyKey:
+    """Marks a command-line option (in its ``Annotated[...]``) as setting one key of the study's table: ``key`` dotted
+    (``search.samples``), the option's value turned into the key's by ``parse``. A new flag for a study key is its
+    option with this mark, in cli.py alone."""
+
+    key: str
+    parse: Callable = lambda v: v

@@ -18,17 +18,24 @@ runner = CliRunner()
 DIGITS = find_study("digits")
 
 
+def _flags(**given) -> Flags:
+    """The flags `kdbench tune` makes of these arguments (its options name the study keys they set)."""
+    from kdbench.cli import tune
+
+    return Flags.of(tune, given)
+
+
 def _same(a, b):
     strip = lambda s: dataclasses.replace(s, path="", source={})
     assert strip(a) == strip(b)
 
 
 def test_flags_make_the_study_that_the_equivalent_toml_makes():
-    (flagged,) = load_studies(DIGITS, Flags(space=("geometry=loguniform:1:10000", "momentum=off",
-                                                   "method=categorical:geometry,kd", "temperature=uniform:2:6:when=kd"),
-                                            sets=("ce=0.5", "baseline.ce=0.9", "lr=0.1", "milestones=10,20"),
-                                            epochs=40, samples=7, sampler="nsga2", objectives="top1,cka", no_asha=True,
-                                            val_fraction=0.2, concurrency=3, cpus_per_trial=0.5))
+    (flagged,) = load_studies(DIGITS, _flags(space=("geometry=loguniform:1:10000", "momentum=off",
+                                                    "method=categorical:geometry,kd", "temperature=uniform:2:6:when=kd"),
+                                             set_=("ce=0.5", "baseline.ce=0.9", "lr=0.1", "milestones=10,20"),
+                                             epochs=40, samples=7, sampler="nsga2", objectives="top1,cka", no_asha=True,
+                                             val_fraction=0.2, concurrency=3, cpus_per_trial=0.5))
     raw = copy.deepcopy(read_toml(DIGITS))  # the same edits, by hand
     raw["search"] |= {"samples": 7, "sampler": "nsga2", "objectives": ["top1", "cka"], "concurrency": 3}
     raw["search"]["space"] = {"geometry": {"type": "loguniform", "low": 1.0, "high": 10000.0},
@@ -47,13 +54,13 @@ def test_flags_make_the_study_that_the_equivalent_toml_makes():
 
 
 def test_a_study_of_flags_alone_is_the_data_sets_defaults_and_the_default_search():
-    (s,) = load_studies(None, Flags(dataset="synthetic", space=("geometry=loguniform:1:100",)),
+    (s,) = load_studies(None, _flags(dataset="synthetic", space=("geometry=loguniform:1:100",)),
                         base_table("synthetic", space=False))
     (d,) = load_studies(DIGITS)
     assert (s.name, s.path, s.dataset, s.sampler, s.samples, s.objectives) == \
         ("synthetic-search", "", "synthetic", d.sampler, d.samples, d.objectives)
     assert [(p.name, p.low, p.high) for p in s.space] == [("geometry", 1.0, 100.0)] and s.confirm is None
-    (full,) = load_studies(None, Flags(dataset="synthetic"), base_table("synthetic"))
+    (full,) = load_studies(None, _flags(dataset="synthetic"), base_table("synthetic"))
     assert [p.name for p in full.space] == [p.name for p in d.space]
     r = runner.invoke(app, ["tune", "--dataset", "synthetic", "--space", "geometry=loguniform:1:100", "--plan"])
     assert r.exit_code == 0 and "synthetic-search: synthetic" in r.stdout and "space: geometry loguniform 1..100;" in r.stdout
@@ -126,6 +133,24 @@ def test_a_resume_compares_the_study_field_by_field_and_lets_only_the_how_much_c
     assert differences(older, dataclasses.replace(s, eval_test="every_epoch")) == []
     older["methods"]["geometry"]["temperature"] = 2.0  # but the method it trains is compared
     assert differences(older, s) == ["methods.geometry.temperature = 4.0 now, 2.0 in the folder"]
-    (changed,) = load_studies(DIGITS, Flags(space=("geometry=loguniform:1:5000",), epochs=31))
+    (changed,) = load_studies(DIGITS, _flags(space=("geometry=loguniform:1:5000",), epochs=31))
     assert differences(recorded, changed) == ["recipe.epochs = 31 now, 30 in the folder",
                                               "space.geometry.high = 5000.0 now, 1000.0 in the folder"]
+
+
+def test_a_new_flag_for_a_study_key_is_one_marked_option():
+    """What "Extending kdbench" says: an option carrying StudyKey is a flag, checked as the study file's line is."""
+    from typing import Annotated, Optional
+
+    import typer
+
+    from kdbench.settings import StudyKey
+    from kdbench.study import StudyError
+
+    def command(grace: Annotated[Optional[int], typer.Option("--grace"), StudyKey("asha.grace_period")] = None):
+        """A command with one new flag."""
+
+    (s,) = load_studies(DIGITS, Flags.of(command, {"grace": 2}))
+    assert s.grace_period == 2
+    with pytest.raises(StudyError, match=r"^--grace 99: grace_period = 99; allowed: <= recipe.epochs"):
+        load_studies(DIGITS, Flags.of(command, {"grace": 99}))
