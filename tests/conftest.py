@@ -148,33 +148,13 @@ def one_line_error(result, *fragments):
         assert f in text, text
 
 
-SEARCHED = """
-name = "c"
-dataset = "digits"
-[recipe]
-epochs = 3
-[search]
-samples = 5
-concurrency = 1   # one worker process: a second costs seconds of start-up and tests nothing here
-[search.space.geometry]
-type = "loguniform"
-low = 1.0
-high = 1000.0
-[search.space.momentum]
-type = "uniform"
-low = 0.0
-high = 0.99
-[asha]
-grace_period = 1
-reduction_factor = 2
-rank = "pareto"   # the two-objective stopping rule (a search's default), for real in Ray
-"""
+SEARCHED = ["tune", "quick"]  # the bundled study studies/quick.toml, as the README's tour runs it
 
 
 @pytest.fixture(scope="session")
 def searched_run(tmp_path_factory, ray_session, digits_teacher):
-    """One finished search through the CLI (`kdbench tune`), shared: (folder, CliRunner result). Tests that
-    write into a results folder work on a copy of it."""
+    """One finished search through the CLI (`kdbench tune quick --out DIR`, the README's line), shared: (folder,
+    CliRunner result). Tests that write into a results folder work on a copy of it."""
     from typer.testing import CliRunner
 
     from kdbench.cli import app
@@ -184,7 +164,6 @@ def searched_run(tmp_path_factory, ray_session, digits_teacher):
     from kdbench import views
 
     root = tmp_path_factory.mktemp("searched")
-    (root / "c.toml").write_text(SEARCHED)
     # What the terminal's live view shows at each update of the search, rendered by rich's recording console
     # (CliRunner is no terminal: the command itself prints its plain lines).
     frames, show = [], views.show_progress
@@ -197,7 +176,7 @@ def searched_run(tmp_path_factory, ray_session, digits_teacher):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(views, "show_progress", recorded)
-        result = CliRunner().invoke(app, ["tune", str(root / "c.toml"), "--out", str(root / "out")])
+        result = CliRunner().invoke(app, [*SEARCHED, "--out", str(root / "out")])
     assert result.exit_code == 0, result.output
     result.frames = frames
     return root / "out", result

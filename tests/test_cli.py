@@ -64,7 +64,7 @@ def _brute_front(points):
 
 
 def test_tune_then_compare_json_front_is_the_non_dominated_full_rows(tmp_path, searched_run):
-    out, r = searched_run  # `kdbench tune` of conftest.SEARCHED (samples 5, two parameters, pareto ASHA)
+    out, r = searched_run  # `kdbench tune quick` (samples 5, two parameters, pareto ASHA)
     assert "Pareto front" in r.output and "Leaderboard" in r.output
     # Not a terminal: one plain line per finished trial, with its status, epochs and objectives; no redraws.
     from kdbench.results import read_table

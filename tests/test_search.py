@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from kdbench.search import run_study
-from kdbench.study import load_study
+from kdbench.study import find_study, load_study
 from kdbench.results import most_at_once, read_table
 
 STUDY = """
@@ -79,17 +79,17 @@ def test_resume_runs_only_the_missing_trials(tmp_path, searched, digits_teacher)
     out = tmp_path / "out"
     shutil.copytree(searched, out)
     before = read_table(out / "trials.csv")
-    study = load_study(searched.parent / "c.toml")
+    study = load_study(find_study("quick"))
     # As if the first run had been interrupted after its 5 trials of 7.
     run_study(dataclasses.replace(study, samples=7), out, resume=True)
     after = read_table(out / "trials.csv")
     assert len(after) == 7 and after["trial_id"].is_unique
     pd.testing.assert_frame_equal(after.head(5)[before.columns], before)
-    ot = optuna.load_study(study_name="c", storage=f"sqlite:///{out / 'optuna.db'}")
+    ot = optuna.load_study(study_name="quick", storage=f"sqlite:///{out / 'optuna.db'}")
     assert len(ot.trials) == 7
     from kdbench.study import StudyError
 
-    with pytest.raises(StudyError, match="holds study 'c', not 'other'"):
+    with pytest.raises(StudyError, match="holds study 'quick', not 'other'"):
         run_study(dataclasses.replace(study, name="other"), out, resume=True)
     assert len(read_table(out / "trials.csv")) == 7
 
