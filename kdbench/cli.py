@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -57,12 +56,10 @@ def train(
     """Distill one student (training or loading the teacher first) and print its metrics."""
     from . import results
     from .data import load_data
-    from .matrices import write_teacher
     from .plots import save_plots
-    from .state import to_cpu
     from .study import StudyError, apply_overrides, parse_sets
     from .methods import METHODS
-    from .settings import dataset_defaults, trial_values
+    from .settings import dataset_defaults
     from .terms import check_method
     from .train import TrainConfig, distill
 
@@ -97,26 +94,9 @@ def train(
         res = distill(cfg, data, t, report)
     out.print(summary_table(res.metrics, cfg, dataset))
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        results.write_csv(out_dir / "epochs.csv", res.history)
-        tm = t.meta
-        context = results.run_context({
-            "dataset": dataset, "split_seed": tm["split_seed"], "teacher": tm["arch"], "teacher_recipe": tm["recipe"],
-            "teacher_seed": tm["seed"], "student": cfg.student, "recipe": {"epochs": recipe.epochs},
-            "data_options": options, "teacher_checkpoint": tm.get("checkpoint")})
-        cid = results.config_id(context, trial_values(m, recipe))
-        results.write_student(out_dir / "student.pt", results.student_file(
-            to_cpu(res.model.state_dict()), cfg.student, data.num_classes, cid, recipe.epochs, res.metrics))
-        results.write_json(out_dir / "result.json", {
-            "schema": results.SCHEMA, "config_id": cid,
-            "config": {"dataset": dataset, "data_options": options, "student": cfg.student, "teacher": tm["arch"],
-                       "method": dataclasses.asdict(m), "recipe": dataclasses.asdict(recipe), "seed": seed},
-            "teacher": {k: v for k, v in tm.items() if k != "path"},
-            "environment": results.environment(str(dev)) | {"threads": threads_now()},
-            "metrics": {**res.metrics, "autocast": res.precision}})
-        write_teacher(out_dir / "matrices.npz", res.matrices, data.class_names, student=True)
-        pictures = save_plots(out_dir)
-        err.print(f"wrote result.json, epochs.csv, student.pt, matrices.npz{''.join(', ' + p for p in pictures)} in {out_dir}")
+        written = results.write_train_run(out_dir, res, cfg, data, dataset, options, t.meta, str(dev), threads_now())
+        written += save_plots(out_dir)
+        err.print(f"wrote {', '.join(written)} in {out_dir}")
 
 
 @app.command()

@@ -14,7 +14,7 @@ from . import stats
 from .study import Confirm, Study, StudyError
 from .trial import resolve_trial, row_config, trial_config_id
 
-__all__ = ["plan_confirm", "settle", "fresh_seeds", "STOP_REASONS"]
+__all__ = ["plan_confirm", "settle", "pending", "confirmed_pairs", "fresh_seeds", "STOP_REASONS"]
 
 STOP_REASONS = ("separated", "dominated", "max seeds")
 
@@ -83,3 +83,32 @@ def settle(study: Study, trials, ids: list[str], confirm: Confirm, previous_fron
     reasons = {c: "max seeds" if c in overlapping or (c in want and seeds[c] >= confirm.max_seeds)
                else "separated" if c in front else "dominated" for c in seeds}
     return {"front": front, "unsettled": pairs, "seeds": seeds, "next": nxt, "settled": settled, "reasons": reasons}
+
+
+def confirmed_pairs(trials) -> set:
+    if len(trials) == 0 or "stage" not in trials.columns:
+        return set()
+    c = trials[trials["stage"] == "confirm"]
+    return set(zip(c["config_id"].astype(str), c["seed"].astype(int)))
+
+
+def pending(study: Study, trials, confirm: Confirm, recorded: dict, where: str) -> tuple[list[dict], list[dict], dict | None]:
+    """The confirmation runs still to make, the candidates, and the racing decision that chose them (None when
+    the runs finish a recorded round, or without ``until_settled``).
+
+    Round 1 is the plan of :func:`plan_confirm`; each later round is recorded in study.json
+    before it runs, so a round interrupted by a kill is finished as planned (only its missing runs), never
+    re-decided on partial results.
+    """
+    plan, picked = plan_confirm(study, trials, confirm, where)
+    done = confirmed_pairs(trials)
+    values = {p["config_id"]: p for p in picked}
+    # A pair of a configuration this confirmation does not pick (another --with, --top) is not run.
+    runs = lambda pairs: [{"config_id": c, "method": values[c]["method"], "seed": int(s), "stage": "confirm",
+                           **values[c]["values"]} for c, s in pairs if c in values]
+    rounds = recorded.get("rounds") or [{"pairs": [(p["config_id"], p["seed"]) for p in plan]}]
+    missing = [r for r in runs(rounds[-1]["pairs"]) if (r["config_id"], r["seed"]) not in done]
+    if missing or not confirm.until_settled:
+        return missing, picked, None
+    decision = settle(study, trials, list(values), confirm, rounds[-2].get("front") if len(rounds) > 1 else None)
+    return runs(decision["next"]), picked, decision

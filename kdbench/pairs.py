@@ -62,11 +62,13 @@ def load_studies(path: str | Path | None, flags: Flags | None = None, raw: dict 
     if not isinstance(lr, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
                                            for v in lr.values()):
         raise StudyError(f"{where}.lr = {lr!r}; allowed: a table of student name = learning rate > 0")
-    unknown = set(reference) - {pair_name(*p) for p in items} if isinstance(reference, dict) else {"?"}
+    if not isinstance(reference, dict) or not all(isinstance(v, dict) for v in reference.values()):
+        raise StudyError(f"{where}.reference = {reference!r}; allowed: a table per pair of method = published top-1")
+    unknown = set(reference) - {pair_name(*p) for p in items}
     if unknown:
         raise StudyError(f"{where}.reference: {sorted(unknown)} name no pair; allowed: "
                          f"{', '.join(pair_name(*p) for p in items)}")
-    if template and "{teacher}" not in template:
+    if not isinstance(template, str) or template and "{teacher}" not in template:
         raise StudyError(f"{where}.teacher_checkpoint = {template!r}; allowed: a path with {{teacher}} in it")
     studies, base = [], raw.get("name", Path(path).stem if path else "pairs")
     for t, s in items:

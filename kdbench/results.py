@@ -23,7 +23,7 @@ from .metrics import columns as metric_columns
 
 __all__ = ["write_json", "write_text", "write_csv", "environment", "ResultsError", "read_folder", "Folder",
            "read_table", "TRIAL_COLUMNS", "STAGES", "find_latest", "config_id", "run_context", "FolderLock", "read_study",
-           "student_file", "write_student", "final_metrics", "jsonable", "STUDENTS", "KEEP_STUDENTS", "most_at_once"]
+           "student_file", "write_student", "write_train_run", "final_metrics", "jsonable", "STUDENTS", "KEEP_STUDENTS", "most_at_once"]
 
 # Every trials.csv column has its owner here. ``config_id`` names a configuration (everything but the
 # seed, see :func:`config_id`); ``stage`` says which step produced the row; ``node`` (Ray node id),
@@ -115,6 +115,37 @@ def write_student(path: str | Path, blob: dict) -> None:
     tmp = _tmp(path)
     torch.save(blob, tmp)
     os.replace(tmp, path)
+
+
+def write_train_run(out: Path, run, cfg, data, dataset: str, options: dict, teacher: dict, device: str,
+                    threads: int) -> list[str]:
+    """``kdbench train --out``: the run's ``epochs.csv``, its student (``student.pt``), ``result.json`` (its
+    configuration and ``config_id``, the teacher, the environment, the final metrics) and its centroid-similarity
+    matrices; the names written. ``run``: a :class:`kdbench.records.Run`; ``dataset``: its canonical name (as a study
+    names it, so that the ``config_id`` is tune's); ``teacher``: the teacher's metadata."""
+    import dataclasses
+
+    from .matrices import write_teacher
+    from .settings import trial_values
+    from .state import to_cpu
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "epochs.csv", run.history)
+    context = run_context({"dataset": dataset, "split_seed": teacher["split_seed"],
+                           "teacher": teacher["arch"], "teacher_recipe": teacher["recipe"], "teacher_seed": teacher["seed"],
+                           "student": cfg.student, "recipe": {"epochs": cfg.recipe.epochs}, "data_options": options,
+                           "teacher_checkpoint": teacher.get("checkpoint")})
+    cid = config_id(context, trial_values(cfg.method, cfg.recipe))
+    write_student(out / "student.pt", student_file(to_cpu(run.model.state_dict()), cfg.student, data.num_classes, cid,
+                                                   cfg.recipe.epochs, run.metrics))
+    write_json(out / "result.json", {
+        "schema": SCHEMA, "config_id": cid,
+        "config": {"dataset": dataset, "data_options": options, "student": cfg.student, "teacher": teacher["arch"],
+                   "method": dataclasses.asdict(cfg.method), "recipe": dataclasses.asdict(cfg.recipe), "seed": cfg.seed},
+        "teacher": {k: v for k, v in teacher.items() if k != "path"},
+        "environment": environment(device) | {"threads": threads}, "metrics": {**run.metrics, "autocast": run.precision}})
+    write_teacher(out / "matrices.npz", run.matrices, data.class_names, student=True)
+    return ["result.json", "epochs.csv", "student.pt", "matrices.npz"]
 
 
 def jsonable(obj):

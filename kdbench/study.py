@@ -20,6 +20,7 @@ else:  # pragma: no cover
 
 from .data import DataError, canonical, check_data
 from .metrics import DEFAULT_OBJECTIVES, METRICS
+from .tables import TableReader
 from .results import KEEP_STUDENTS
 from .models import check_model
 from .methods import METHODS, Method
@@ -150,61 +151,14 @@ _TOP_KEYS = {"name", "description", "dataset", "data", "data_root", "split_seed"
              "resources", "reference", "confirm", "checkpoint", "evaluation", "results"}
 
 
-class _Reader:
-    """Typed access to a TOML table with errors that name the file and the dotted key, or the command-line flag
-    that set it (``origins``: dotted key -> flag, see :mod:`kdbench.flags`)."""
-
-    def __init__(self, file: str, table: dict, prefix: str = "", origins: dict | None = None):
-        self.file, self.table, self.prefix, self.origins = file, table, prefix, origins or {}
-
-    def where(self, key: str) -> str:
-        parts = f"{self.prefix}{key}".split(".")
-        for n in range(len(parts), 0, -1):  # the flag that set this key or a table above it
-            flag = self.origins.get(".".join(parts[:n]))
-            if flag:
-                return f"{flag}: {key}"
-        return f"{self.file}: {self.prefix}{key}"
-
-    def fail(self, key: str, value, allowed: str):
-        raise StudyError(f"{self.where(key)} = {value!r}; allowed: {allowed}")
-
-    def get(self, key: str, default, kind=None, choices=None, lo=None):
-        value = self.table.get(key, default)
-        kind = kind or type(default)
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if value is None and default is None:
-            return None
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            name = "number" if isinstance(kind, tuple) else kind.__name__
-            article = "an" if name[0] in "aeiou" else "a"
-            self.fail(key, value, f"{article} {name}" + (f" from {', '.join(choices)}" if choices else ""))
-        if choices is not None and value not in choices:
-            self.fail(key, value, ", ".join(map(str, choices)))
-        if lo is not None and value < lo:
-            self.fail(key, value, f">= {lo}")
-        return value
-
-    def sub(self, key: str) -> "_Reader":
-        value = self.table.get(key, {})
-        if not isinstance(value, dict):
-            self.fail(key, value, "a table")
-        return _Reader(self.file, value, f"{self.prefix}{key}.", self.origins)
-
-    def only(self, allowed) -> None:
-        for key in self.table:
-            if key not in allowed:
-                raise StudyError(f"{self.where(key)}: unknown key; allowed: {', '.join(sorted(allowed))}")
-
-
-def _model(r: _Reader, key: str, default: str) -> str:
+def _model(r: TableReader, key: str, default: str) -> str:
     try:
         return check_model(r.get(key, default, str))
     except ValueError as e:
         raise StudyError(f"{r.where(key)} = {e}") from None
 
 
-def _data(r: _Reader) -> tuple[str, dict]:
+def _data(r: TableReader) -> tuple[str, dict]:
     """``dataset`` (an image folder's path made absolute) and the ``[data]`` options."""
     dataset = r.get("dataset", "digits", str)
     try:
@@ -219,12 +173,12 @@ def _path(p: str) -> str:
     return str(Path(p).expanduser().resolve()) if p else ""
 
 
-def _recipe(r: _Reader, base: Recipe) -> Recipe:
+def _recipe(r: TableReader, base: Recipe) -> Recipe:
     r.only(field_types(Recipe))
     return apply_overrides(Method(), base, r.table, r.file + ": " + r.prefix.rstrip("."))[1]
 
 
-def _methods(r: _Reader) -> dict[str, Method]:
+def _methods(r: TableReader) -> dict[str, Method]:
     """Presets, with ``[methods.NAME]`` overrides; a new NAME needs ``base = PRESET``."""
     methods = dict(METHODS)
     for name, table in r.table.items():
@@ -243,19 +197,19 @@ def _methods(r: _Reader) -> dict[str, Method]:
     return methods
 
 
-def _space(r: _Reader, methods: dict) -> tuple[Param, ...]:
+def _space(r: TableReader, methods: dict) -> tuple[Param, ...]:
     params = []
     for name in r.table:
         p = r.sub(name)
         p.only({"type", "low", "high", "choices", "when"})
         kind = p.get("type", "uniform", str, PARAM_TYPES)
-        when = tuple(p.get("when", [], list))
+        when = tuple(p.get("when", [], list, item=str))
         for m in (m for m in when if m not in methods):
             p.fail("when", m, ", ".join(methods))
         if name == "method":
             if kind != "categorical":
                 p.fail("type", kind, "categorical (for method)")
-            choices = tuple(p.get("choices", [], list))
+            choices = tuple(p.get("choices", [], list, item=str))
             for c in (c for c in choices if c not in methods):
                 p.fail("choices", c, ", ".join(methods))
             params.append(Param(name, kind, choices=choices, when=when))
@@ -303,7 +257,7 @@ def parse_study(raw: dict, path: str | Path | None, where: str | None = None, or
     """Validate a study's TOML table (``where``: how errors name it, default the file; ``path`` None: a study made
     of command-line flags alone; ``origins``: the keys that flags set, named in errors by their flag)."""
     file = where or (str(path) if path is not None else "the command line")
-    r = _Reader(file, raw, origins=origins)
+    r = TableReader(file, raw, origins=origins)
     r.only(_TOP_KEYS)
     dataset, data_options = _data(r)
     d = dataset_defaults(dataset)
@@ -324,7 +278,7 @@ def parse_study(raw: dict, path: str | Path | None, where: str | None = None, or
         sampler = s.get("sampler", "tpe", str, SAMPLERS)
         samples = s.get("samples", 16, int, lo=1)
         concurrency = s.get("concurrency", 2, int, lo=1)
-        objectives = tuple(s.get("objectives", list(DEFAULT_OBJECTIVES), list))
+        objectives = tuple(s.get("objectives", list(DEFAULT_OBJECTIVES), list, item=str))
         for o in objectives:
             if o not in OBJECTIVES:
                 s.fail("objectives", o, ", ".join(OBJECTIVES))
@@ -338,11 +292,11 @@ def parse_study(raw: dict, path: str | Path | None, where: str | None = None, or
         g.only({"methods", "seeds", "values", "concurrency"})
         sampler, objectives = "grid", DEFAULT_OBJECTIVES
         concurrency = g.get("concurrency", 2, int, lo=1)
-        names = g.get("methods", [method], list)
+        names = g.get("methods", [method], list, item=str) or g.fail("methods", [], "a non-empty list of methods")
         for m in names:
             if m not in methods:
                 g.fail("methods", m, ", ".join(methods))
-        seeds = g.get("seeds", [seed], list)
+        seeds = g.get("seeds", [seed], list, item=int) or g.fail("seeds", [], "a non-empty list of seeds >= 0")
         for sd in seeds:
             if not isinstance(sd, int) or isinstance(sd, bool) or sd < 0:
                 g.fail("seeds", sd, "integers >= 0")
@@ -398,7 +352,7 @@ def parse_study(raw: dict, path: str | Path | None, where: str | None = None, or
         c.only({"seeds", "top", "with", "until_settled", "max_seeds"})
         if not has_search:
             c.fail("seeds", c.table.get("seeds", 3), "no [confirm] in a grid study: its seeds are already there")
-        confirm = check_confirm(c.get("seeds", 3, int), c.get("top", 3, int), tuple(c.get("with", ["baseline", "kd"], list)),
+        confirm = check_confirm(c.get("seeds", 3, int), c.get("top", 3, int), tuple(c.get("with", ["baseline", "kd"], list, item=str)),
                                 methods, f"{file}: confirm.", c.get("until_settled", False, bool), c.get("max_seeds", 8, int))
     return Study(
         name=r.get("name", Path(path).stem if path is not None else "search", str),

@@ -64,7 +64,7 @@ def test_confirm_adds_seeds_times_candidates_then_nothing_then_races_until_settl
     # each; every configuration says why it stopped; a second run adds nothing. A round recorded in study.json
     # (as a kill mid-round leaves it) is finished as planned: only its missing runs.
     from kdbench.confirm import STOP_REASONS
-    from kdbench.search.run import _pending
+    from kdbench.confirm import pending
     from kdbench.study import study_from_dict
 
     args = ["confirm", str(out), "--seeds", "2", "--top", "1", "--with", "baseline", "--until-settled", "--max-seeds", "3"]
@@ -103,7 +103,7 @@ def test_confirm_adds_seeds_times_candidates_then_nothing_then_races_until_settl
     c = Confirm(2, 2, ("baseline",), True, 4)
     cid = next(iter(seeds))
     recorded = {"rounds": rounds + [{"pairs": [[cid, seeds[cid][0]], [cid, 7]]}]}
-    todo, _, decision = _pending(study, trials, c, recorded, str(out))
+    todo, _, decision = pending(study, trials, c, recorded, str(out))
     assert [(t["config_id"], t["seed"]) for t in todo] == [(cid, 7)] and decision is None
 
     # Asked again another way after the race (no presets, or a subset of them): a new plan, nothing to add, the

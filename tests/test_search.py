@@ -137,7 +137,7 @@ DEATHS = """
 name = "ck"
 dataset = "digits"
 [recipe]
-epochs = 6
+epochs = 12        # long enough that a kill lands mid-run: a retry resumed at the last epoch writes no checkpoint
 [grid]
 methods = ["geometry"]
 seeds = [4, 5]
@@ -204,7 +204,7 @@ def test_a_dead_worker_is_retried_from_its_checkpoint_then_failed_with_the_reaso
     ref = _uninterrupted(study, digits, digits_teacher, 4)
     assert {k: ok[k] for k in METRICS} == {k: ref[k] for k in METRICS}
     history = read_table(out / "epochs.csv")
-    assert history[history["trial_id"] == ok["trial_id"]]["epoch"].tolist() == list(range(1, 7))
+    assert history[history["trial_id"] == ok["trial_id"]]["epoch"].tolist() == list(range(1, 13))
     assert failed["status"] == "failed" and "(after 1 retries)" in failed["failure"], failed.to_dict()
     assert "Actor" in failed["failure"] or "died" in failed["failure"], failed["failure"]
     # Two at once on the tests' Ray (one declared GPU): the automatic rule gave each half of GPU 0.

@@ -17,7 +17,7 @@ import ray
 from ray import tune
 
 from .. import checkpoints, results
-from ..confirm import plan_confirm, settle
+from ..confirm import pending, plan_confirm
 from ..flags import RESUMABLE, differences
 from ..metrics import mode
 from ..study import Confirm, Study, StudyError, study_from_dict
@@ -281,7 +281,7 @@ def run_confirm(out: Path, confirm: Confirm, *, concurrency: int | None = None, 
                                                              ("cpus_per_trial", cpus_per_trial)) if v is not None})
     folder = results.read_folder(out)
     plan, picked = plan_confirm(study, folder.trials, confirm, str(out))
-    todo, _, _ = _pending(study, folder.trials, confirm, meta.get("confirm") or {}, str(out))
+    todo, _, _ = pending(study, folder.trials, confirm, meta.get("confirm") or {}, str(out))
     on_plan(picked, todo)
     if not todo:  # nothing left: neither Ray nor the teacher is needed
         return {"out": str(out), "added": 0, "planned": len(plan), "candidates": picked, "seconds": 0.0,
@@ -322,35 +322,6 @@ def _prune_students(out: Path, study: Study) -> None:
             f.unlink()
 
 
-def _confirmed_pairs(trials) -> set:
-    if len(trials) == 0 or "stage" not in trials.columns:
-        return set()
-    c = trials[trials["stage"] == "confirm"]
-    return set(zip(c["config_id"].astype(str), c["seed"].astype(int)))
-
-
-def _pending(study: Study, trials, confirm: Confirm, recorded: dict, where: str) -> tuple[list[dict], list[dict], dict | None]:
-    """The confirmation runs still to make, the candidates, and the racing decision that chose them (None when
-    the runs finish a recorded round, or without ``until_settled``).
-
-    Round 1 is the plan of :func:`kdbench.confirm.plan_confirm`; each later round is recorded in study.json
-    before it runs, so a round interrupted by a kill is finished as planned (only its missing runs), never
-    re-decided on partial results.
-    """
-    plan, picked = plan_confirm(study, trials, confirm, where)
-    done = _confirmed_pairs(trials)
-    values = {p["config_id"]: p for p in picked}
-    # A pair of a configuration this confirmation does not pick (another --with, --top) is not run.
-    runs = lambda pairs: [{"config_id": c, "method": values[c]["method"], "seed": int(s), "stage": "confirm",
-                           **values[c]["values"]} for c, s in pairs if c in values]
-    rounds = recorded.get("rounds") or [{"pairs": [(p["config_id"], p["seed"]) for p in plan]}]
-    missing = [r for r in runs(rounds[-1]["pairs"]) if (r["config_id"], r["seed"]) not in done]
-    if missing or not confirm.until_settled:
-        return missing, picked, None
-    decision = settle(study, trials, list(values), confirm, rounds[-2].get("front") if len(rounds) > 1 else None)
-    return runs(decision["next"]), picked, decision
-
-
 def _confirm(f: _Run, confirm: Confirm) -> dict:
     started, out = time.time(), f.out
     meta = results.read_study(out)
@@ -369,7 +340,7 @@ def _confirm(f: _Run, confirm: Confirm) -> dict:
     results.write_json(out / "study.json", meta)
     added = 0
     while True:
-        todo, _, decision = _pending(f.study, trials, confirm, meta["confirm"], str(out))
+        todo, _, decision = pending(f.study, trials, confirm, meta["confirm"], str(out))
         if decision is not None:  # a round has ended: what it settled, and the next one (recorded before it runs)
             meta["confirm"]["rounds"][-1]["front"] = decision["front"]
             meta["confirm"]["settled"] = {c: {"seeds": n, "stop": decision["reasons"][c]} for c, n in decision["seeds"].items()}
