@@ -124,7 +124,8 @@ def compare_folders(folders, by, plot, fmt, val, top: int | None = None, save: b
         return
     lb = report.leaderboard(df, loaded, by, split, interval)
     fr = report.front(df, report.objectives_of(loaded), split, searched=report.searched_of(loaded), interval=interval)
-    imp, note = report.importances(loaded[0]) if len(loaded) == 1 else (None, "")
+    # fANOVA costs seconds: only where it is shown (json, the table) or saved
+    imp, note = report.importances(loaded[0]) if len(loaded) == 1 and (fmt in ("json", "table") or save) else (None, "")
     front_ids = list(fr.rows["config_id"]) if len(fr.rows) else []
     geo = plots.geometry_summary(loaded, df, front_ids) if fmt in ("json", "table") else {}
     if fmt == "json":

@@ -38,7 +38,7 @@ method = "toy"
 [recipe]
 epochs = 2
 [search]
-samples = 3
+samples = 2
 concurrency = 1
 objectives = ["top1", "toy_spread"]
 [search.space.toy]
@@ -75,10 +75,16 @@ def test_a_toy_term_and_a_toy_minimised_metric_reach_a_tune_folder_compare_and_t
     root = _copy_with_toys(tmp_path / "copy")
     (tmp_path / "toy.toml").write_text(STUDY)
     env = {**os.environ, "PYTHONPATH": str(root), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    run = lambda *args: subprocess.run([sys.executable, "-m", "kdbench.cli", *args], capture_output=True, text=True,
-                                       env=env, cwd=tmp_path, timeout=300)
     out = tmp_path / "out"
-    r = run("tune", str(tmp_path / "toy.toml"), "--out", str(out))
+    # One process, the two commands a user would type: `kdbench tune toy.toml --out out`, `kdbench compare out
+    # --format json` (the second's output alone on stdout, in out/compare.json).
+    script = (f"from typer.testing import CliRunner; from kdbench.cli import app; import sys\n"
+              f"r = CliRunner().invoke(app, ['tune', {str(tmp_path / 'toy.toml')!r}, '--out', {str(out)!r}])\n"
+              f"assert r.exit_code == 0, r.output[-3000:]\n"
+              f"r = CliRunner().invoke(app, ['compare', {str(out)!r}, '--format', 'json'])\n"
+              f"assert r.exit_code == 0, r.output[-3000:]\n"
+              f"open({str(out / 'compare.json')!r}, 'w').write(r.stdout)\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     trials, epochs = pd.read_csv(out / "trials.csv"), pd.read_csv(out / "epochs.csv")
     assert {"toy", "val_toy_spread", "test_toy_spread"} <= set(trials.columns)  # the term's weight, the metric
@@ -92,9 +98,7 @@ def test_a_toy_term_and_a_toy_minimised_metric_reach_a_tune_folder_compare_and_t
     directions = optuna.load_study(study_name="toy", storage=f"sqlite:///{out / 'optuna.db'}").directions
     assert directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
 
-    r = run("compare", str(out), "--format", "json")
-    assert r.returncode == 0, r.stderr[-3000:]
-    doc = json.loads(r.stdout)
+    doc = json.loads((out / "compare.json").read_text())
     assert doc["objectives"] == ["top1", "toy_spread"]
     assert all("test_toy_spread_mean" in row for row in doc["leaderboard"])
     front = [p["test_toy_spread_mean"] for p in doc["front"]]
