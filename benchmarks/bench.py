@@ -337,12 +337,14 @@ def search_comparison(seeds=(0, 1, 2, 3, 4), data_options: dict | None = None, s
 
     base = load_study(find_study(study_name))
     base = dataclasses.replace(base, confirm=None, data_options={**base.data_options, **(data_options or {})},
-                               samples=samples or base.samples)
+                               search=dataclasses.replace(base.search, samples=samples or base.search.samples))
     if epochs:  # a shorter recipe (and ASHA's first rung within it)
         base = dataclasses.replace(base, recipe=dataclasses.replace(base.recipe, epochs=epochs),
-                                   grace_period=min(base.grace_period, epochs))
-    variants = (("asha_tpe", {"asha_rank": "top1"}), ("moasha_tpe", {"asha_rank": "pareto"}),
-                ("random", {"sampler": "random", "asha": False}))
+                                   asha=dataclasses.replace(base.asha, grace_period=min(base.asha.grace_period, epochs)))
+    variants = (("asha_tpe", {"asha": dataclasses.replace(base.asha, rank="top1")}),
+                ("moasha_tpe", {"asha": dataclasses.replace(base.asha, rank="pareto")}),
+                ("random", {"search": dataclasses.replace(base.search, sampler="random"),
+                            "asha": dataclasses.replace(base.asha, enabled=False)}))
     _init_ray(None, verbose=False)
     out = {"search_hv_ratio": [], "search_budget_ratio": [], "search_hv_ratio_pareto": [],
            "search_budget_ratio_pareto": [], "search_runs": []}
@@ -361,7 +363,7 @@ def search_comparison(seeds=(0, 1, 2, 3, 4), data_options: dict | None = None, s
             for label, suffix in (("asha_tpe", ""), ("moasha_tpe", "_pareto")):
                 out[f"search_hv_ratio{suffix}"].append(hv[label] / max(hv["random"], 1e-12))
                 out[f"search_budget_ratio{suffix}"].append(spent[label] / spent["random"])
-            out["search_runs"].append({"seed": seed, "study": study_name, "samples": base.samples,
+            out["search_runs"].append({"seed": seed, "study": study_name, "samples": base.search.samples,
                                        "epochs": base.recipe.epochs, "data_options": base.data_options, "reference": list(reference),
                                        **{f"{k}_hv": v for k, v in hv.items()},
                                        **{f"{k}_trial_epochs": v for k, v in spent.items()},

@@ -140,7 +140,7 @@ def studies():
         ss = load_studies(path)
         s = ss[0]
         pairs = f"{len(ss)} pairs" if len(ss) > 1 else f"{s.teacher} → {s.student}"
-        rows.append((name, "grid" if s.is_grid else f"search/{s.sampler}", str(sum(x.trial_count() for x in ss)),
+        rows.append((name, "grid" if s.is_grid else f"search/{s.search.sampler}", str(sum(x.trial_count() for x in ss)),
                      s.dataset, pairs, s.description))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for i, r in enumerate(rows):

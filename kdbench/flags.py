@@ -213,42 +213,46 @@ def study_source(study: str | None, flags, resume_from: Path | None) -> tuple:
 
 
 # What a resume may change: where and how much runs, not what a trial is (anything else would mix two studies'
-# trials in one table).
-RESUMABLE = ("path", "description", "source", "samples", "concurrency", "cpus_per_trial", "gpus_per_trial", "data_root",
-             "confirm", "keep_students", "checkpoint_every", "checkpoint_minutes", "max_failures")
+# trials in one table). Dotted keys of the study record; a table's name covers its keys.
+RESUMABLE = ("path", "description", "source", "data_root", "search.samples", "search.concurrency", "grid.concurrency",
+             "resources", "checkpoint", "confirm", "keep_students")
 
 
 def differences(recorded: dict, study: Study) -> list[str]:
-    """How ``study`` differs from the one a results folder ran (its study.json's ``study``), one dotted key each,
-    leaving out what a resume may change (``RESUMABLE``) and the presets the study does not train (a later
-    version's new presets change nothing the folder holds). A grid may grow: runs added to it (a new method, more
-    seeds) are what the resume then runs; every run the folder holds must still be in it."""
+    """How ``study`` differs from the one a results folder ran (its study.json's ``study``, of any schema), one
+    dotted key each, leaving out what a resume may change (``RESUMABLE``) and the presets the study does not train
+    (a later version's new presets change nothing the folder holds). A grid may grow: runs added to it (a new
+    method, more seeds) are what the resume then runs; every run the folder holds must still be in it."""
     import json
 
-    grown = [list(g) for g in json.loads(json.dumps(study.grid, default=str))]
-    was = [list(g) for g in json.loads(json.dumps(recorded.get("grid") or [], default=str))]
+    from .results import migrate_study
+
+    plain = lambda d: json.loads(json.dumps(d, default=str))  # tuples and lists alike
+    recorded = plain(migrate_study(recorded))
+    now = plain(study.to_dict())
+    grown, was = (now.get("grid") or {}).get("points") or [], (recorded.get("grid") or {}).get("points") or []
     grid_grew = bool(was) and all(g in grown for g in was)
-    used = {study.method} | {m for m, _, _ in study.grid} | {c for p in study.space if p.name == "method" for c in p.choices}
-    if grid_grew:  # the methods only the added runs train change nothing the folder holds
-        used = {g[0] for g in was}
+    used = {study.method} | {c for p in study.space if p.name == "method" for c in p.choices}
+    used |= {g[0] for g in was} if grid_grew else {m for m, _, _ in (study.grid.points if study.grid else ())}
 
     def flat(d: dict, prefix: str = "") -> dict:
         items = {}
-        if prefix == "methods.":
-            d = {k: v for k, v in d.items() if k in used}
         for k, v in d.items():
+            key = f"{prefix}{k}"
+            if key == "methods":
+                v = {m: x for m, x in v.items() if m in used}
             if isinstance(v, list) and v and all(isinstance(x, dict) and "name" in x for x in v):
                 v = {x["name"]: x for x in v}  # the space's axes, by name
-            if prefix or k not in RESUMABLE and not (k == "grid" and grid_grew):
-                items |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+            if any(key == r or key.startswith(r + ".") for r in RESUMABLE) or (key == "grid.points" and grid_grew):
+                continue
+            items |= flat(v, f"{key}.") if isinstance(v, dict) and v else {key: v}
         return items
 
-    plain = lambda s: flat(json.loads(json.dumps(s.to_dict(), default=str)))  # tuples and lists alike
     try:
-        before = plain(study_from_dict(recorded))
+        before = flat(plain(study_from_dict(recorded).to_dict()))
     except (TypeError, KeyError, ValueError):  # a study.json of another version: compare what it holds
         before = flat(recorded)
-    now = plain(study)
+    now = flat(now)
     recorded_keys = set(recorded)  # a field an earlier version did not record: unknown, not different
     return [_difference(k, now.get(k, "(none)"), before.get(k, "(none)"))
             for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and k.split(".")[0] in recorded_keys]

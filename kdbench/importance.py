@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 
 from .metrics import DEFAULT_OBJECTIVES, direction
-from .results import Folder
+from .results import Folder, search_of
 
 __all__ = ["importances", "MIN_IMPORTANCE_TRIALS"]
 
@@ -32,7 +32,7 @@ def importances(folder: Folder) -> tuple[pd.DataFrame | None, str]:
     study = optuna.load_study(study_name=folder.study.get("name", names[0]) if folder.study.get("name") in names
                               else names[0], storage=storage)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    objectives = (folder.study.get("study") or {}).get("objectives") or DEFAULT_OBJECTIVES
+    objectives = search_of(folder.study).get("objectives") or DEFAULT_OBJECTIVES
     where = f"{len(done)} completed trials"
     epoch = (folder.study.get("study") or {}).get("recipe", {}).get("epochs")  # completed trials: every epoch
     if len(done) < MIN_IMPORTANCE_TRIALS:  # ASHA stopped most: use the deepest epoch enough trials reached
@@ -60,7 +60,7 @@ def _study_at_epoch(folder: Folder, objectives) -> tuple[object, int | None]:
     reached it); the space from study.json. (None, None) when no epoch has enough."""
     import optuna
 
-    space = [p for p in (folder.study.get("study") or {}).get("space") or ()]
+    space = list(search_of(folder.study).get("space") or ())
     trials, epochs = folder.trials, folder.epochs
     if not space or epochs is None or trials.empty or "stage" not in trials.columns:
         return None, None

@@ -97,15 +97,15 @@ def plan_lines(studies: list[Study]) -> list[str]:
     for st in studies:
         teacher = (f"read from {st.teacher_checkpoint}" if st.teacher_checkpoint else
                    f"trained if not cached: {st.teacher_recipe.epochs} epochs")
-        kind = (f"grid of {len(st.grid)} runs ({len({m for m, _, _ in st.grid})} methods × "
-                f"{len({sd for _, sd, _ in st.grid})} seeds)" if st.is_grid else
-                f"search of {st.samples} trials ({st.sampler}, ASHA {'on' if st.asha else 'off'})")
+        kind = (f"grid of {len(st.grid.points)} runs ({len({m for m, _, _ in st.grid.points})} methods × "
+                f"{len({sd for _, sd, _ in st.grid.points})} seeds)" if st.is_grid else
+                f"search of {st.search.samples} trials ({st.search.sampler}, ASHA {'on' if st.asha.enabled else 'off'})")
         epochs = st.trial_count() * st.recipe.epochs
         total += epochs
         lines.append(f"{st.name}: {st.dataset}, teacher {st.teacher} ({teacher}), student {st.student} (lr "
                      f"{st.recipe.lr}, {st.recipe.epochs} epochs); {kind}; at most {epochs:,} trial-epochs; "
-                     f"{st.concurrency} at once, {st.cpus_per_trial:g} CPU and "
-                     f"{'auto' if st.gpus_per_trial is None else st.gpus_per_trial} GPU each")
+                     f"{st.concurrency} at once, {st.resources.cpus_per_trial:g} CPU and "
+                     f"{'auto' if st.resources.gpus_per_trial is None else st.resources.gpus_per_trial} GPU each")
         if not st.is_grid:
             preset = METHODS.get(st.method)
             changed = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields_dict(st.methods[st.method]).items()

@@ -15,7 +15,7 @@ import pandas as pd
 from . import stats
 from .matrices import Matrices, cluster_order, moved_pairs, read_matrices
 from .metrics import DEFAULT_OBJECTIVES, FINAL, METRICS
-from .results import Folder, read_folder
+from .results import Folder, read_folder, search_of
 
 __all__ = ["plot_front", "plot_slices", "shown_configurations", "geometry_of", "moved", "plot_geometry", "plot_curves",
            "curve_data", "save_plots", "geometry_summary"]
@@ -104,13 +104,13 @@ def plot_front(df: pd.DataFrame, fr, folders: list[Folder], path: str | Path) ->
 def plot_slices(df: pd.DataFrame, folder: Folder, path: str | Path) -> bool:
     """Each objective (validation) against each searched hyperparameter; early-stopped trials faint.
     Returns False (and writes nothing) for a folder without a search space."""
-    study = folder.study.get("study") or {}
-    space = [p for p in study.get("space") or () if p["name"] != "method" and p["name"] in df.columns]
+    search = search_of(folder.study)
+    space = [p for p in search.get("space") or () if p["name"] != "method" and p["name"] in df.columns]
     search = df[df["stage"] == "search"] if "stage" in df.columns else df
     if not space or search.empty:
         return False
     plt = _pyplot()
-    objectives = study.get("objectives") or DEFAULT_OBJECTIVES
+    objectives = search.get("objectives") or DEFAULT_OBJECTIVES
     fig, axes = plt.subplots(len(objectives), len(space), figsize=(3.4 * len(space), 2.8 * len(objectives)),
                              dpi=110, squeeze=False)
     full, low = search[search["fidelity"] == "full"], search[(search["fidelity"] == "low") & (search["status"] != "failed")]

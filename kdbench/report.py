@@ -19,7 +19,7 @@ from . import stats
 from .pareto import hypervolume_2d
 from .importance import importances
 from .metrics import DEFAULT_OBJECTIVES, columns
-from .results import Folder, ResultsError, read_folder
+from .results import Folder, ResultsError, read_folder, search_of
 
 __all__ = ["load_folders", "trials_frame", "leaderboard", "front", "Front", "to_markdown", "to_json",
            "leaderboard_table", "front_table", "save_summary", "importances", "objectives_of"]
@@ -58,7 +58,7 @@ def trials_frame(folders: list[Folder]) -> pd.DataFrame:
 def objectives_of(folders: list[Folder]) -> tuple[str, str]:
     """The first folder's search objectives (top-1 and geom_corr for grids and single runs)."""
     for f in folders:
-        o = (f.study.get("study") or {}).get("objectives")
+        o = search_of(f.study).get("objectives")
         if o:
             return tuple(o)
     return DEFAULT_OBJECTIVES
@@ -131,9 +131,8 @@ def searched_of(folders: list[Folder]) -> list[str]:
     """The hyperparameters the folders' searches vary (grids: their value axes)."""
     names = []
     for f in folders:
-        study = f.study.get("study") or {}
-        names += [p["name"] for p in study.get("space") or () if p["name"] != "method"]
-        names += [k for _, _, values in study.get("grid") or () for k, _ in values]
+        names += [p["name"] for p in search_of(f.study).get("space") or () if p["name"] != "method"]
+        names += [k for _, _, values in ((f.study.get("study") or {}).get("grid") or {}).get("points") or () for k, _ in values]
     return list(dict.fromkeys(names))
 
 

@@ -23,7 +23,8 @@ from .metrics import columns as metric_columns
 
 __all__ = ["write_json", "write_text", "write_csv", "environment", "ResultsError", "read_folder", "Folder",
            "read_table", "TRIAL_COLUMNS", "STAGES", "find_latest", "config_id", "run_context", "FolderLock", "read_study",
-           "student_file", "write_student", "write_train_run", "final_metrics", "jsonable", "STUDENTS", "KEEP_STUDENTS", "most_at_once"]
+           "migrate_study", "search_of", "student_file", "write_student", "write_train_run", "final_metrics", "jsonable",
+           "STUDENTS", "KEEP_STUDENTS", "most_at_once", "SCHEMA", "migrate"]
 
 # Every trials.csv column has its owner here. ``config_id`` names a configuration (everything but the
 # seed, see :func:`config_id`); ``stage`` says which step produced the row; ``node`` (Ray node id),
@@ -36,8 +37,9 @@ __all__ = ["write_json", "write_text", "write_csv", "environment", "ResultsError
 STAGES = ("search", "grid", "confirm", "train", "evaluate")
 # The results format's version, written into every study.json and result.json. A folder without one is schema 1;
 # migrate() brings any folder to this one as it is read, so nothing above it knows older formats. Schema 2: the
-# version itself, importances with their epoch, epochs.csv rows exactly the loop's rows.
-SCHEMA = 2
+# version itself, importances with their epoch, epochs.csv rows exactly the loop's rows. Schema 3: study.json's
+# study nested as its TOML is ([search], [grid], [asha], [resources], [checkpoint], [evaluation]).
+SCHEMA = 3
 TRIAL_COLUMNS = ("trial_id", "config_id", "stage", "status", "fidelity", "method", "seed", "epochs",
                  *metric_columns(),
                  "best_test_top1", "last_test_top1", "params", "train_seconds", "images_per_second",
@@ -347,11 +349,40 @@ def read_folder(path: str | Path) -> Folder:
     return Folder(path, study, trials, epochs)
 
 
+def migrate_study(d: dict) -> dict:
+    """A study record (study.json's ``study``) as this schema has it: the flat record of schemas 1 and 2 nested as
+    the study's TOML is. A nested one is returned as it is (a copy)."""
+    d = dict(d)
+    if "sampler" not in d:
+        return d
+    flat = {k: d.pop(k) for k in ("sampler", "samples", "concurrency", "objectives", "space", "grid", "asha",
+                                  "grace_period", "reduction_factor", "asha_rank", "cpus_per_trial", "gpus_per_trial",
+                                  "checkpoint_every", "checkpoint_minutes", "max_failures", "eval_val", "eval_test")
+            if k in d}
+    grid = flat["sampler"] == "grid"
+    d["search"] = None if grid else {k: flat[k] for k in ("sampler", "samples", "concurrency", "objectives", "space")}
+    d["grid"] = {"points": flat["grid"], "concurrency": flat["concurrency"]} if grid else None
+    d["asha"] = {"enabled": flat["asha"], "grace_period": flat["grace_period"],
+                 "reduction_factor": flat["reduction_factor"], "rank": flat.get("asha_rank", "top1")}
+    d["resources"] = {"cpus_per_trial": flat["cpus_per_trial"], "gpus_per_trial": flat["gpus_per_trial"]}
+    d["checkpoint"] = {"every": flat.get("checkpoint_every", 1), "minutes": flat.get("checkpoint_minutes", 0.0),
+                       "max_failures": flat.get("max_failures", 1)}
+    d["evaluation"] = {"val": flat.get("eval_val", "every_epoch"), "test": flat.get("eval_test", "end")}
+    return d
+
+
+def search_of(meta: dict) -> dict:
+    """A folder's ``[search]`` table as study.json records it ({} for a grid, a single run or an evaluate folder)."""
+    return (meta.get("study") or {}).get("search") or {}
+
+
 def migrate(study: dict, trials: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
     """A folder's study.json (or result.json) and trials as the current :data:`SCHEMA` has them: the one place that
     knows earlier formats. Schema 1 and before: rows written before ``config_id`` and ``stage`` existed get both,
     derived from what they hold (the same ids the code that wrote them would have given)."""
     study = {**study, "schema": study.get("schema", 1)}
+    if isinstance(study.get("study"), dict) and study.get("kind") in ("search", "grid"):
+        study["study"] = migrate_study(study["study"])
     if not isinstance(study["schema"], int) or isinstance(study["schema"], bool) or study["schema"] > SCHEMA:
         raise ResultsError(f"{study.get('name', 'the folder')}: results schema {study['schema']}, newer than this "
                            f"kdbench reads ({SCHEMA}); allowed: a folder of this version or earlier (upgrade kdbench)")

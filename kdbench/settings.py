@@ -15,9 +15,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .metrics import DEFAULT_OBJECTIVES
+
 __all__ = ["setting", "weight", "rules", "weights", "Recipe", "SCHEDULES", "SAMPLERS", "COMPILE_BACKENDS", "COMPILE_MODES",
            "PRECISIONS", "EVAL_WHEN",
-           "DATASET_DEFAULTS", "dataset_defaults", "SCHEMA_1_FIELDS", "RUN_FIELDS", "fields_dict", "trial_values", "StudyKey"]
+           "DATASET_DEFAULTS", "dataset_defaults", "SCHEMA_1_FIELDS", "RUN_FIELDS", "fields_dict", "trial_values", "StudyKey", "Param",
+           "Confirm", "Search", "Grid", "Asha", "Resources", "Checkpointing", "Evaluation"]
 
 
 def setting(default, lo: float | None = 0, hi: float | None = None, above: bool = False, choices: tuple = (),
@@ -132,3 +135,94 @@ class StudyKey:
 
     key: str
     parse: Callable = lambda v: v
+
+
+# ---------------------------------------------------------------------------------------------
+# A study's tables ([search], [grid], [asha], ...): what kdbench.study.Study holds, validated by kdbench.study
+
+
+@dataclass(frozen=True)
+class Param:
+    """One axis of a search space. ``when``: the methods it applies to (empty: all)."""
+
+    name: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple = ()
+    when: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Confirm:
+    """A confirmation stage: retrain the search's best ``top`` configurations and the presets ``with``
+    on ``seeds`` fresh seeds (``kdbench confirm``; run by ``tune`` when a study has ``[confirm]``).
+
+    ``until_settled``: then add seeds in rounds, one at a time to the configurations whose front
+    membership the seeds do not settle yet, up to ``max_seeds`` each (see :mod:`kdbench.confirm`)."""
+
+    seeds: int = 3
+    top: int = 3
+    with_: tuple[str, ...] = ("baseline", "kd")
+    until_settled: bool = False
+    max_seeds: int = 8
+
+
+@dataclass(frozen=True)
+class Search:
+    """``[search]``: a sampler proposes ``samples`` trials in ``space``, ``concurrency`` at once, ranked on two
+    validation ``objectives``."""
+
+    sampler: str = "tpe"
+    samples: int = 16
+    concurrency: int = 2
+    objectives: tuple[str, ...] = DEFAULT_OBJECTIVES
+    space: tuple[Param, ...] = ()
+
+
+@dataclass(frozen=True)
+class Grid:
+    """``[grid]``: every (method, seed, fixed values) point of its methods x seeds x values, ``concurrency`` at once."""
+
+    points: tuple[tuple[str, int, tuple[tuple[str, float], ...]], ...] = ()
+    concurrency: int = 2
+
+
+@dataclass(frozen=True)
+class Asha:
+    """``[asha]``: early stopping at rungs ``grace_period * reduction_factor ** k`` epochs; ``rank``: rungs rank by
+    val top-1 (``top1``) or by non-dominated sorting on the objectives (``pareto``, a search's default: see
+    :mod:`kdbench.search.schedulers`)."""
+
+    enabled: bool = False
+    grace_period: int = 1
+    reduction_factor: int = 3
+    rank: str = "top1"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """``[resources]``: per trial; ``gpus_per_trial`` None: one GPU shared by the concurrent trials where Ray has
+    GPUs."""
+
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float | None = None
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """``[checkpoint]``: a trial's checkpoints every ``every`` epochs (0: none), and at the first epoch's end
+    ``minutes`` after the last (0: off); ``max_failures`` retries of a trial whose worker died, each from its last."""
+
+    every: int = 1
+    minutes: float = 0.0
+    max_failures: int = 1
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """``[evaluation]``: when trials evaluate each split: ``end`` or ``every_epoch`` (ASHA needs val every epoch;
+    test every epoch gives the paper's best-epoch top-1)."""
+
+    val: str = "every_epoch"
+    test: str = "end"

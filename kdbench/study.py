@@ -10,7 +10,7 @@ import copy
 import dataclasses
 import itertools
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -21,15 +21,17 @@ else:  # pragma: no cover
 from .data import DataError, canonical, check_data
 from .metrics import DEFAULT_OBJECTIVES, METRICS
 from .tables import TableReader
-from .results import KEEP_STUDENTS
+from .results import KEEP_STUDENTS, migrate_study
 from .models import check_model
 from .methods import METHODS, Method
-from .settings import EVAL_WHEN, SAMPLERS, Recipe, dataset_defaults, fields_dict
+from .settings import (EVAL_WHEN, SAMPLERS, Asha, Checkpointing, Confirm, Evaluation, Grid, Param, Recipe, Resources, Search,
+                       dataset_defaults, fields_dict)
 from .values import TUNABLE, StudyError, field_types, apply_overrides, check_value, gpus_allowed, parse_sets
 
-__all__ = ["Study", "Param", "Confirm", "StudyError", "load_study", "parse_study", "read_toml", "study_from_dict", "find_study",
-           "bundled_studies", "apply_overrides", "check_value", "parse_sets", "TUNABLE", "check_confirm",
-           "SAMPLERS", "OBJECTIVES"]  # StudyError and the single-value checks live in kdbench.values
+__all__ = ["Study", "Search", "Grid", "Asha", "Resources", "Checkpointing", "Evaluation", "Param", "Confirm",
+           "StudyError", "load_study", "parse_study", "read_toml", "study_from_dict", "find_study", "bundled_studies",
+           "apply_overrides", "check_value", "parse_sets", "TUNABLE", "check_confirm", "SAMPLERS", "OBJECTIVES"]
+# (the tables' dataclasses live in kdbench.settings, StudyError and the single-value checks in kdbench.values)
 
 # Searchable, measured on val at every epoch (the last five, computed only at the end otherwise, then are too).
 OBJECTIVES = tuple(METRICS)
@@ -39,33 +41,6 @@ STUDIES_DIR = Path(__file__).resolve().parent / "studies"
 
 # ---------------------------------------------------------------------------------------------
 # Study files
-
-
-@dataclass(frozen=True)
-class Param:
-    """One axis of a search space. ``when``: the methods it applies to (empty: all)."""
-
-    name: str
-    type: str
-    low: float | None = None
-    high: float | None = None
-    choices: tuple = ()
-    when: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Confirm:
-    """A confirmation stage: retrain the search's best ``top`` configurations and the presets ``with``
-    on ``seeds`` fresh seeds (``kdbench confirm``; run by ``tune`` when a study has ``[confirm]``).
-
-    ``until_settled``: then add seeds in rounds, one at a time to the configurations whose front
-    membership the seeds do not settle yet, up to ``max_seeds`` each (see :mod:`kdbench.confirm`)."""
-
-    seeds: int = 3
-    top: int = 3
-    with_: tuple[str, ...] = ("baseline", "kd")
-    until_settled: bool = False
-    max_seeds: int = 8
 
 
 def check_confirm(seeds: int, top: int, with_: tuple[str, ...], methods: dict, where: str,
@@ -86,7 +61,9 @@ def check_confirm(seeds: int, top: int, with_: tuple[str, ...], methods: dict, w
 
 @dataclass(frozen=True)
 class Study:
-    """A validated study: what to train, how, and what to search or enumerate."""
+    """A validated study, shaped as its TOML is: what to train and how (the top-level keys, ``[recipe]``,
+    ``[methods]``), and what to search (``[search]``) or enumerate (``[grid]``), with its ``[asha]``,
+    ``[resources]``, ``[checkpoint]``, ``[evaluation]``, ``[confirm]`` and ``[results]`` tables."""
 
     name: str
     path: str
@@ -102,44 +79,41 @@ class Study:
     methods: dict  # name -> Method: the presets with this study's overrides (and new combinations)
     method: str  # the method a search starts from
     seed: int
-    # search (sampler != "grid") or grid
-    sampler: str
-    samples: int
-    concurrency: int
-    objectives: tuple[str, ...]
-    space: tuple[Param, ...]
-    grid: tuple[tuple[str, int, tuple[tuple[str, float], ...]], ...]  # (method, seed, fixed values)
-    # early stopping
-    asha: bool
-    grace_period: int
-    reduction_factor: int
-    # resources
-    cpus_per_trial: float
-    gpus_per_trial: float | None  # None: 1 GPU per trial shared by `concurrency` where CUDA exists
+    search: Search | None = None  # exactly one of search and grid
+    grid: Grid | None = None
+    asha: Asha = field(default_factory=Asha)
+    resources: Resources = field(default_factory=Resources)
+    checkpoint: Checkpointing = field(default_factory=Checkpointing)
+    evaluation: Evaluation = field(default_factory=Evaluation)
     reference: tuple[tuple[str, float], ...] = ()  # reported test top-1 per method (e.g. the paper)
     confirm: Confirm | None = None  # run a confirmation right after the search
-    eval_val: str = "every_epoch"  # when trials evaluate validation ("end" | "every_epoch"; ASHA needs every epoch)
-    eval_test: str = "end"  # when trials evaluate test ("every_epoch": the paper's best-epoch top-1)
-    checkpoint_every: int = 1  # epochs between a trial's checkpoints (0: none)
-    checkpoint_minutes: float = 0.0  # also one at the first epoch's end this many minutes after the last (0: off)
-    max_failures: int = 1  # retries of a trial whose worker died, each from its last checkpoint
-    data_options: dict = dataclasses.field(default_factory=dict)  # [data]: val_fraction, pad, flip, image_size, ...
+    data_options: dict = field(default_factory=dict)  # [data]: val_fraction, pad, flip, image_size, ...
     teacher_checkpoint: str = ""  # read the teacher from this file (absolute) instead of training it
     keep_students: str = "full"  # [results]: the trained students kept under students/ (results.KEEP_STUDENTS)
-    asha_rank: str = "top1"  # rungs rank by val top-1 ("top1") or by non-dominated sorting on the objectives
-    # ("pareto", the default of searches, whose two objectives it keeps: see kdbench.search.schedulers)
-    source: dict = dataclasses.field(default_factory=dict)  # the TOML table it was read from, flags applied
+    source: dict = field(default_factory=dict)  # the TOML table it was read from, flags applied
 
     @property
     def is_grid(self) -> bool:
-        return self.sampler == "grid"
+        return self.grid is not None
 
     @property
     def max_epochs(self) -> int:
         return self.recipe.epochs
 
+    @property
+    def concurrency(self) -> int:
+        return (self.grid or self.search).concurrency
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        return self.search.objectives if self.search is not None else DEFAULT_OBJECTIVES
+
+    @property
+    def space(self) -> tuple[Param, ...]:
+        return self.search.space if self.search is not None else ()
+
     def trial_count(self) -> int:
-        return len(self.grid) if self.is_grid else self.samples
+        return len(self.grid.points) if self.is_grid else self.search.samples
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "recipe": fields_dict(self.recipe), "teacher_recipe": fields_dict(self.teacher_recipe),
@@ -271,81 +245,15 @@ def parse_study(raw: dict, path: str | Path | None, where: str | None = None, or
     has_search, has_grid = "search" in raw, "grid" in raw
     if has_search == has_grid:
         raise StudyError(f"{file}: needs exactly one of [search] (a sampler) or [grid] (an enumeration)")
-    space, grid = (), ()
-    if has_search:
-        s = r.sub("search")
-        s.only({"sampler", "samples", "concurrency", "objectives", "space"})
-        sampler = s.get("sampler", "tpe", str, SAMPLERS)
-        samples = s.get("samples", 16, int, lo=1)
-        concurrency = s.get("concurrency", 2, int, lo=1)
-        objectives = tuple(s.get("objectives", list(DEFAULT_OBJECTIVES), list, item=str))
-        for o in objectives:
-            if o not in OBJECTIVES:
-                s.fail("objectives", o, ", ".join(OBJECTIVES))
-        if len(objectives) != 2 or len(set(objectives)) != 2:
-            s.fail("objectives", list(objectives), "two different metrics (e.g. an accuracy and a geometry one)")
-        space = _space(s.sub("space"), methods)
-        if not space:
-            s.fail("space", {}, "at least one parameter table, e.g. [search.space.geometry]")
-    else:
-        g = r.sub("grid")
-        g.only({"methods", "seeds", "values", "concurrency"})
-        sampler, objectives = "grid", DEFAULT_OBJECTIVES
-        concurrency = g.get("concurrency", 2, int, lo=1)
-        names = g.get("methods", [method], list, item=str) or g.fail("methods", [], "a non-empty list of methods")
-        for m in names:
-            if m not in methods:
-                g.fail("methods", m, ", ".join(methods))
-        seeds = g.get("seeds", [seed], list, item=int) or g.fail("seeds", [], "a non-empty list of seeds >= 0")
-        for sd in seeds:
-            if not isinstance(sd, int) or isinstance(sd, bool) or sd < 0:
-                g.fail("seeds", sd, "integers >= 0")
-        v = g.sub("values")
-        axes = []
-        for key, values in v.table.items():
-            if not isinstance(values, list) or not values:
-                v.fail(key, values, "a non-empty list")
-            axes.append([(key, check_value(key, x, v.where(key))) for x in values])
-        fixed = list(itertools.product(*axes)) if axes else [()]
-        grid = tuple((m, sd, f) for m in names for sd in seeds for f in fixed)
-        samples = len(grid)
-
-    a = r.sub("asha")
-    a.only({"enabled", "grace_period", "reduction_factor", "rank"})
-    asha_rank = a.get("rank", "pareto" if has_search else "top1", str, ("top1", "pareto"))  # searches: 2 objectives
-    asha = a.get("enabled", has_search, bool)
-    grace = a.get("grace_period", max(1, recipe.epochs // 4), int, lo=1)
-    rf = a.get("reduction_factor", 3, int, lo=2)
-    if grace > recipe.epochs:
-        a.fail("grace_period", grace, f"<= recipe.epochs ({recipe.epochs})")
-    if data_options.get("val_fraction") == 0 and (has_search or asha):  # nothing to choose on, nothing to stop on
+    search = _search(r.sub("search"), methods) if has_search else None
+    grid = _grid(r.sub("grid"), methods, method, seed) if has_grid else None
+    asha = _asha(r.sub("asha"), has_search, recipe)
+    if data_options.get("val_fraction") == 0 and (has_search or asha.enabled):  # nothing to choose or stop on
         raise StudyError(f"{r.file}: data.val_fraction = 0.0 (no validation split); allowed only in a grid without "
                          f"ASHA: a search and ASHA choose and stop on validation metrics")
-
-    res = r.sub("resources")
-    res.only({"cpus_per_trial", "gpus_per_trial"})
-    cpus = res.get("cpus_per_trial", 1.0, float)
-    if cpus <= 0:
-        res.fail("cpus_per_trial", cpus, "> 0")
-    gpus = res.get("gpus_per_trial", None, float)
-    if gpus is not None and gpus_allowed(gpus):
-        res.fail("gpus_per_trial", gpus, gpus_allowed(gpus))
-
     ref = r.sub("reference")
-    reference = tuple((k, ref.get(k, 0.0, float)) for k in ref.table)
-    ev = r.sub("evaluation")
-    ev.only({"val", "test"})
-    eval_val = ev.get("val", "every_epoch" if asha else "end", str, EVAL_WHEN)
-    eval_test = ev.get("test", "end", str, EVAL_WHEN)
-    if asha and eval_val != "every_epoch":
-        ev.fail("val", eval_val, "every_epoch while [asha] is enabled (its rungs compare validation top-1)")
-    ck = r.sub("checkpoint")
-    ck.only({"every", "minutes", "max_failures"})
-    checkpoint_every, max_failures = ck.get("every", 1, int, lo=0), ck.get("max_failures", 1, int, lo=0)
-    checkpoint_minutes = ck.get("minutes", 0.0, float, lo=0.0)
     res_table = r.sub("results")
     res_table.only({"keep_students"})
-    keep_students = res_table.get("keep_students", "full", str, choices=KEEP_STUDENTS)
     confirm = None
     if "confirm" in raw:
         c = r.sub("confirm")
@@ -360,23 +268,97 @@ def parse_study(raw: dict, path: str | Path | None, where: str | None = None, or
         dataset=dataset, data_root=r.get("data_root", "data", str), split_seed=r.get("split_seed", 0, int, lo=0),
         data_options=data_options, teacher=teacher, teacher_recipe=teacher_recipe,
         teacher_seed=r.get("teacher_seed", 0, int, lo=0), teacher_checkpoint=_path(r.get("teacher_checkpoint", "", str)),
-        student=student, recipe=recipe, methods=methods, method=method, seed=seed, sampler=sampler,
-        samples=samples, concurrency=concurrency, objectives=objectives, space=space, grid=grid, asha=asha,
-        grace_period=grace, reduction_factor=rf, cpus_per_trial=cpus, gpus_per_trial=gpus, reference=reference,
-        confirm=confirm, checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,
-        max_failures=max_failures, eval_val=eval_val, eval_test=eval_test, asha_rank=asha_rank,
-        keep_students=keep_students)
+        student=student, recipe=recipe, methods=methods, method=method, seed=seed, search=search, grid=grid, asha=asha,
+        resources=_resources(r.sub("resources")), checkpoint=_checkpointing(r.sub("checkpoint")),
+        evaluation=_evaluation(r.sub("evaluation"), asha), reference=tuple((k, ref.get(k, 0.0, float)) for k in ref.table),
+        confirm=confirm, keep_students=res_table.get("keep_students", "full", str, choices=KEEP_STUDENTS))
+
+
+def _search(s: TableReader, methods: dict) -> Search:
+    s.only({"sampler", "samples", "concurrency", "objectives", "space"})
+    objectives = tuple(s.get("objectives", list(DEFAULT_OBJECTIVES), list, item=str))
+    for o in objectives:
+        if o not in OBJECTIVES:
+            s.fail("objectives", o, ", ".join(OBJECTIVES))
+    if len(objectives) != 2 or len(set(objectives)) != 2:
+        s.fail("objectives", list(objectives), "two different metrics (e.g. an accuracy and a geometry one)")
+    space = _space(s.sub("space"), methods)
+    if not space:
+        s.fail("space", {}, "at least one parameter table, e.g. [search.space.geometry]")
+    return Search(sampler=s.get("sampler", "tpe", str, SAMPLERS), samples=s.get("samples", 16, int, lo=1),
+                  concurrency=s.get("concurrency", 2, int, lo=1), objectives=objectives, space=space)
+
+
+def _grid(g: TableReader, methods: dict, method: str, seed: int) -> Grid:
+    g.only({"methods", "seeds", "values", "concurrency"})
+    names = g.get("methods", [method], list, item=str) or g.fail("methods", [], "a non-empty list of methods")
+    for m in names:
+        if m not in methods:
+            g.fail("methods", m, ", ".join(methods))
+    seeds = g.get("seeds", [seed], list, item=int) or g.fail("seeds", [], "a non-empty list of seeds >= 0")
+    for sd in seeds:
+        if sd < 0:
+            g.fail("seeds", sd, "integers >= 0")
+    v = g.sub("values")
+    axes = []
+    for key, values in v.table.items():
+        if not isinstance(values, list) or not values:
+            v.fail(key, values, "a non-empty list")
+        axes.append([(key, check_value(key, x, v.where(key))) for x in values])
+    fixed = list(itertools.product(*axes)) if axes else [()]
+    return Grid(tuple((m, sd, f) for m in names for sd in seeds for f in fixed), g.get("concurrency", 2, int, lo=1))
+
+
+def _asha(a: TableReader, has_search: bool, recipe: Recipe) -> Asha:
+    a.only({"enabled", "grace_period", "reduction_factor", "rank"})
+    grace = a.get("grace_period", max(1, recipe.epochs // 4), int, lo=1)
+    if grace > recipe.epochs:
+        a.fail("grace_period", grace, f"<= recipe.epochs ({recipe.epochs})")
+    return Asha(enabled=a.get("enabled", has_search, bool), grace_period=grace,
+                reduction_factor=a.get("reduction_factor", 3, int, lo=2),
+                rank=a.get("rank", "pareto" if has_search else "top1", str, ("top1", "pareto")))  # searches: 2 objectives
+
+
+def _resources(res: TableReader) -> Resources:
+    res.only({"cpus_per_trial", "gpus_per_trial"})
+    cpus = res.get("cpus_per_trial", 1.0, float)
+    if cpus <= 0:
+        res.fail("cpus_per_trial", cpus, "> 0")
+    gpus = res.get("gpus_per_trial", None, float)
+    if gpus is not None and gpus_allowed(gpus):
+        res.fail("gpus_per_trial", gpus, gpus_allowed(gpus))
+    return Resources(cpus, gpus)
+
+
+def _evaluation(ev: TableReader, asha: Asha) -> Evaluation:
+    ev.only({"val", "test"})
+    val = ev.get("val", "every_epoch" if asha.enabled else "end", str, EVAL_WHEN)
+    if asha.enabled and val != "every_epoch":
+        ev.fail("val", val, "every_epoch while [asha] is enabled (its rungs compare validation top-1)")
+    return Evaluation(val, ev.get("test", "end", str, EVAL_WHEN))
+
+
+def _checkpointing(ck: TableReader) -> Checkpointing:
+    ck.only({"every", "minutes", "max_failures"})
+    return Checkpointing(ck.get("every", 1, int, lo=0), ck.get("minutes", 0.0, float, lo=0.0), ck.get("max_failures", 1, int, lo=0))
 
 
 def study_from_dict(d: dict) -> Study:
-    """The :class:`Study` a results folder was run with, from its ``study.json`` (``Study.to_dict()``)."""
-    d = dict(d)
+    """The :class:`Study` a results folder was run with, from its ``study.json`` (``Study.to_dict()``; an earlier
+    schema's flat record is brought to this one by :func:`kdbench.results.migrate_study`)."""
+    d = migrate_study(d)
     recipe = lambda r: Recipe(**{**r, "milestones": tuple(r.get("milestones") or ())})
     d["recipe"], d["teacher_recipe"] = recipe(d["recipe"]), recipe(d["teacher_recipe"])
     d["methods"] = {k: Method(**v) for k, v in d["methods"].items()}
-    d["objectives"] = tuple(d["objectives"])
-    d["space"] = tuple(Param(**{**p, "choices": tuple(p["choices"]), "when": tuple(p["when"])}) for p in d["space"])
-    d["grid"] = tuple((m, s, tuple(tuple(kv) for kv in values)) for m, s, values in d["grid"])
+    if d.get("search"):
+        sp = d["search"]
+        d["search"] = Search(**{**sp, "objectives": tuple(sp["objectives"]), "space": tuple(
+            Param(**{**p, "choices": tuple(p["choices"]), "when": tuple(p["when"])}) for p in sp["space"])})
+    if d.get("grid"):
+        d["grid"] = Grid(tuple((m, s, tuple(tuple(kv) for kv in values)) for m, s, values in d["grid"]["points"]),
+                         d["grid"]["concurrency"])
+    for key, cls in (("asha", Asha), ("resources", Resources), ("checkpoint", Checkpointing), ("evaluation", Evaluation)):
+        d[key] = cls(**(d.get(key) or {}))  # a table an earlier version did not record: its defaults
     d["reference"] = tuple(tuple(kv) for kv in d.get("reference", ()))
     c = d.get("confirm")
     d["confirm"] = Confirm(**{**c, "with_": tuple(c["with_"])}) if c else None

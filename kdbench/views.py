@@ -28,8 +28,8 @@ def tune_one(s, again: str, folder: Path, resume: bool, address, data_root, down
         if "header" not in teacher_progress:
             teacher_progress["header"] = True
             err.print(f"study {s.name} ({s.path or 'from the command line'}): {s.trial_count()} trials, "
-                      f"{'grid' if s.is_grid else s.sampler + ' sampler'}, concurrency {s.concurrency}"
-                      f"{', ASHA' if s.asha else ''} → {folder}", highlight=False)
+                      f"{'grid' if s.is_grid else s.search.sampler + ' sampler'}, concurrency {s.concurrency}"
+                      f"{', ASHA' if s.asha.enabled else ''} → {folder}", highlight=False)
 
     def on_teacher(row):
         header()

@@ -102,7 +102,7 @@ def test_tune_then_compare_json_front_is_the_non_dominated_full_rows(tmp_path, s
     assert rows.loc[rows["status"] == "stopped", "test_map_at_r"].isna().all() and full["test_map_at_r"].between(0, 1).all()
     assert not any(p.name.startswith(".") for p in out.iterdir())  # no temporary files left behind
     meta = json.loads((out / "study.json").read_text())
-    assert meta["ended"] and meta["environment"]["versions"]["ray"] and meta["study"]["samples"] == 5
+    assert meta["ended"] and meta["environment"]["versions"]["ray"] and meta["study"]["search"]["samples"] == 5
     # Where the command's time went (the speed benchmark's breakdown): phases that add up within its span.
     t = meta["timings"]
     fit = t["search"]

@@ -12,6 +12,7 @@ from kdbench.cli import app
 from kdbench.flags import Flags, base_table
 from kdbench.pairs import load_studies
 from kdbench.flags import differences
+from kdbench.settings import Checkpointing, Evaluation, Resources
 from kdbench.study import find_study, parse_study, read_toml
 
 runner = CliRunner()
@@ -57,8 +58,8 @@ def test_a_study_of_flags_alone_is_the_data_sets_defaults_and_the_default_search
     (s,) = load_studies(None, _flags(dataset="synthetic", space=("geometry=loguniform:1:100",)),
                         base_table("synthetic", space=False))
     (d,) = load_studies(DIGITS)
-    assert (s.name, s.path, s.dataset, s.sampler, s.samples, s.objectives) == \
-        ("synthetic-search", "", "synthetic", d.sampler, d.samples, d.objectives)
+    assert (s.name, s.path, s.dataset, s.search.sampler, s.search.samples, s.objectives) == \
+        ("synthetic-search", "", "synthetic", d.search.sampler, d.search.samples, d.objectives)
     assert [(p.name, p.low, p.high) for p in s.space] == [("geometry", 1.0, 100.0)] and s.confirm is None
     (full,) = load_studies(None, _flags(dataset="synthetic"), base_table("synthetic"))
     assert [p.name for p in full.space] == [p.name for p in d.space]
@@ -108,12 +109,12 @@ def test_a_grid_may_grow_on_resume_and_a_changed_grid_is_named_in_a_short_line()
     (s,) = load_studies(find_study("digits-zoo"))
     recorded = s.to_dict()
     older = copy.deepcopy(recorded)  # the folder ran without ctkd (and its version had no ctkd preset)
-    older["grid"] = [g for g in older["grid"] if g[0] != "ctkd"]
+    older["grid"]["points"] = [g for g in older["grid"]["points"] if g[0] != "ctkd"]
     del older["methods"]["ctkd"]
     assert differences(older, s) == []  # the resume runs the 3 added runs
-    fewer = dataclasses.replace(s, grid=tuple(g for g in s.grid if g[1] != 2))
+    fewer = dataclasses.replace(s, grid=dataclasses.replace(s.grid, points=tuple(g for g in s.grid.points if g[1] != 2)))
     (line,) = differences(recorded, fewer)
-    assert line.startswith("grid: 23 gone (['baseline', 2, []], ['kd', 2, []], ['dkd', 2, []] and 20 more) since") and \
+    assert line.startswith("grid.points: 23 gone (['baseline', 2, []], ['kd', 2, []], ['dkd', 2, []] and 20 more) since") and \
         len(line) < 160, line
     changed = copy.deepcopy(older)
     changed["methods"]["kd"]["temperature"] = 2.0  # what the folder's own runs are still compared
@@ -124,18 +125,19 @@ def test_a_resume_compares_the_study_field_by_field_and_lets_only_the_how_much_c
     (s,) = load_studies(DIGITS)
     recorded = s.to_dict()
     assert differences(recorded, s) == []
-    more = dataclasses.replace(s, samples=40, concurrency=1, cpus_per_trial=2.0, max_failures=3, path="/elsewhere")
+    more = dataclasses.replace(s, search=dataclasses.replace(s.search, samples=40, concurrency=1), path="/elsewhere",
+                               resources=Resources(cpus_per_trial=2.0), checkpoint=Checkpointing(max_failures=3))
     assert differences(recorded, more) == []
     older = copy.deepcopy(recorded)  # a folder of an earlier version, which had fewer presets
     del older["methods"]["reviewkd"], older["methods"]["ofd"]
     assert differences(older, s) == []
-    del older["eval_test"]  # a field that version did not record: unknown, not different
-    assert differences(older, dataclasses.replace(s, eval_test="every_epoch")) == []
+    del older["evaluation"]  # a table that version did not record: unknown, not different
+    assert differences(older, dataclasses.replace(s, evaluation=Evaluation(test="every_epoch"))) == []
     older["methods"]["geometry"]["temperature"] = 2.0  # but the method it trains is compared
     assert differences(older, s) == ["methods.geometry.temperature = 4.0 now, 2.0 in the folder"]
     (changed,) = load_studies(DIGITS, _flags(space=("geometry=loguniform:1:5000",), epochs=31))
     assert differences(recorded, changed) == ["recipe.epochs = 31 now, 30 in the folder",
-                                              "space.geometry.high = 5000.0 now, 1000.0 in the folder"]
+                                              "search.space.geometry.high = 5000.0 now, 1000.0 in the folder"]
 
 
 def test_a_new_flag_for_a_study_key_is_one_marked_option():
@@ -151,6 +153,6 @@ def test_a_new_flag_for_a_study_key_is_one_marked_option():
         """A command with one new flag."""
 
     (s,) = load_studies(DIGITS, Flags.of(command, {"grace": 2}))
-    assert s.grace_period == 2
+    assert s.asha.grace_period == 2
     with pytest.raises(StudyError, match=r"^--grace 99: grace_period = 99; allowed: <= recipe.epochs"):
         load_studies(DIGITS, Flags.of(command, {"grace": 99}))

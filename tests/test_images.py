@@ -175,8 +175,8 @@ def test_tune_train_and_compare_on_a_folder_with_a_torchvision_student_and_a_che
     r = runner.invoke(app, ["tune", *flags, "--out", str(out)])
     assert r.exit_code == 0, r.output
     meta = json.loads((out / "study.json").read_text())
-    assert meta["name"] == "imgs-search" and meta["study"]["path"] == "" and not meta["study"]["asha"]
-    assert meta["study"]["space"] == [{"name": "geometry", "type": "loguniform", "low": 1.0, "high": 100.0, "choices": [],
+    assert meta["name"] == "imgs-search" and meta["study"]["path"] == "" and not meta["study"]["asha"]["enabled"]
+    assert meta["study"]["search"]["space"] == [{"name": "geometry", "type": "loguniform", "low": 1.0, "high": 100.0, "choices": [],
                                        "when": []}]
     # A resume needs no flags (study.json holds the study) and finds nothing left; a changed space is refused.
     r = runner.invoke(app, ["tune", "--out", str(out), "--resume"])

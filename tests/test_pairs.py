@@ -37,7 +37,7 @@ def test_the_repdistiller_study_is_thirteen_pairs_with_their_recipe_and_numbers(
     assert lr["MobileNetV2"] == lr["ShuffleV1"] == lr["ShuffleV2"] == 0.01 and lr["resnet8x4"] == 0.05
     s = studies[pairs.index(("resnet32x4", "resnet8x4"))]
     assert (s.recipe.epochs, s.recipe.batch_size, s.recipe.milestones, s.recipe.weight_decay) == (240, 64, (150, 180, 210), 5e-4)
-    assert s.data_options["val_fraction"] == 0.0 and s.is_grid and not s.asha
+    assert s.data_options["val_fraction"] == 0.0 and s.is_grid and not s.asha.enabled
     ref = dict(s.reference)
     assert (ref["teacher"], ref["baseline"], ref["kd"], ref["crd"], ref["dkd"]) == (79.42, 72.50, 73.33, 75.51, 76.32)
     assert len({st.name for st in studies}) == 13 and s.name == "cifar100-repdistiller-resnet32x4-resnet8x4"

@@ -81,7 +81,7 @@ def test_resume_runs_only_the_missing_trials(tmp_path, searched, digits_teacher)
     before = read_table(out / "trials.csv")
     study = load_study(find_study("quick"))
     # As if the first run had been interrupted after its 5 trials of 7.
-    run_study(dataclasses.replace(study, samples=7), out, resume=True)
+    run_study(dataclasses.replace(study, search=dataclasses.replace(study.search, samples=7)), out, resume=True)
     after = read_table(out / "trials.csv")
     assert len(after) == 7 and after["trial_id"].is_unique
     pd.testing.assert_frame_equal(after.head(5)[before.columns], before)
@@ -129,7 +129,8 @@ def test_existing_folder_is_not_overwritten(tmp_path, digits_teacher):
     out.mkdir()
     (out / "trials.csv").write_text("precious\n")
     with pytest.raises(StudyError, match="not empty; pass --resume"):
-        run_study(dataclasses.replace(_study(tmp_path), samples=1), out)
+        s = _study(tmp_path)
+        run_study(dataclasses.replace(s, search=dataclasses.replace(s.search, samples=1)), out)
     assert (out / "trials.csv").read_text() == "precious\n"
 
 

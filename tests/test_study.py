@@ -41,7 +41,7 @@ def test_paper_study_carries_the_papers_recipe_and_table():
     s = load_study(find_study("cifar100-paper"))
     assert (s.teacher, s.student, s.recipe.epochs, s.recipe.batch_size) == ("resnet50", "resnet18", 30, 64)
     assert dict(s.reference) == {"teacher": 72.81, "baseline": 74.64, "kd": 76.13, "feature": 76.00, "geometry": 75.81}
-    assert sorted({m for m, _, _ in s.grid}) == ["baseline", "feature", "geometry", "kd"] and len(s.grid) == 12
+    assert sorted({m for m, _, _ in s.grid.points}) == ["baseline", "feature", "geometry", "kd"] and len(s.grid.points) == 12
 
 
 def test_grid_is_methods_times_seeds_times_values(tmp_path):
@@ -55,9 +55,9 @@ temperature = [2, 4, 8]
 """)
     s = load_study(p)
     assert s.is_grid and s.trial_count() == 2 * 2 * 3
-    assert ("kd", 1, (("temperature", 8.0),)) in s.grid
-    assert s.asha_rank == "top1"  # a grid's objectives are nominal; a search's ASHA ranks on both of them
-    assert load_study(_write(tmp_path, BASE)).asha_rank == "pareto"
+    assert ("kd", 1, (("temperature", 8.0),)) in s.grid.points
+    assert s.asha.rank == "top1"  # a grid's objectives are nominal; a search's ASHA ranks on both of them
+    assert load_study(_write(tmp_path, BASE)).asha.rank == "pareto"
 
 
 def test_find_study_by_name_and_path(tmp_path):

@@ -52,7 +52,7 @@ def init_ray(address: str | None, verbose: bool):
 def gpus_of(study: Study, given: float | None) -> float:
     """GPUs per trial: ``--gpus-per-trial``, else the study's, else automatic — where the cluster has GPUs, one
     shared by the concurrent trials (1/concurrency, rounded down to a fraction that divides it), else none."""
-    gpus = given if given is not None else study.gpus_per_trial
+    gpus = given if given is not None else study.resources.gpus_per_trial
     if gpus is None:
         gpus = 1.0 / min(study.concurrency, 8) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     return gpus
@@ -82,7 +82,7 @@ def _load(study: Study, data_root: str | None, download: bool, on_teacher, on_te
     """Data set and teacher, once, in the driver (teacher from the cache or trained here)."""
     device = resolve_device("auto")
     data, teacher, hit = study_data(study, data_root, download, device, on_teacher)
-    names = {m for m, _, _ in study.grid} if study.is_grid else {study.method} | {
+    names = {m for m, _, _ in study.grid.points} if study.is_grid else {study.method} | {
         c for p in study.space if p.name == "method" for c in p.choices}
     for name in sorted(names):  # a method these models cannot run: one line now, not a failed trial in an hour
         check_method(study.methods[name], study.student, teacher, data)
@@ -386,23 +386,23 @@ def _fit(f: _Run, state: SearchState, remaining: int, todo: list | None, asha: b
     gpus = gpus_of(study, f.gpus_per_trial)
     worker = tune.with_resources(
         tune.with_parameters(trainable, study=study, teacher=f.teacher, data=f.data,
-                             threads=int(study.cpus_per_trial), resume_from=f.resume_from),
-        {"cpu": study.cpus_per_trial, "gpu": gpus})
+                             threads=int(study.resources.cpus_per_trial), resume_from=f.resume_from),
+        {"cpu": study.resources.cpus_per_trial, "gpu": gpus})
     if todo is not None:
         searcher, param_space, num_samples = None, {"trial": tune.grid_search(todo)}, 1
     else:
         finished = {(str(r["config_id"]), int(r["seed"])) for r in f.rows if r.get("stage") != "confirm"}
         searcher, param_space, num_samples = make_searcher(study, f.out, study.max_epochs, finished), {}, remaining
     scheduler = None
-    if (study.asha if asha is None else asha) and study.asha_rank == "pareto":
+    if (study.asha.enabled if asha is None else asha) and study.asha.rank == "pareto":
         metrics = [f"val_{o}" for o in study.objectives]
         scheduler = ParetoASHA(time_attr="epoch", metrics=metrics, modes=[mode(o) for o in study.objectives],
-                               max_t=study.max_epochs, grace_period=study.grace_period,
-                               reduction_factor=study.reduction_factor, curves=f.curves(metrics))
-    elif study.asha if asha is None else asha:
+                               max_t=study.max_epochs, grace_period=study.asha.grace_period,
+                               reduction_factor=study.asha.reduction_factor, curves=f.curves(metrics))
+    elif study.asha.enabled if asha is None else asha:
         curves = {k: {e: v[0] for e, v in c.items()} for k, c in f.curves(["val_top1"]).items()}
         scheduler = ResumableASHA(time_attr="epoch", metric="val_top1", mode="max", max_t=study.max_epochs,
-                                  grace_period=study.grace_period, reduction_factor=study.reduction_factor,
+                                  grace_period=study.asha.grace_period, reduction_factor=study.asha.reduction_factor,
                                   curves=curves)
     tuner = tune.Tuner(
         worker, param_space=param_space,
@@ -414,7 +414,7 @@ def _fit(f: _Run, state: SearchState, remaining: int, todo: list | None, asha: b
                                   callbacks=[ResultsWriter(study, f.out, state, f.rows, f.epochs, f.on_update,
                                                            f.resume_from, f.data.class_names)],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                  failure_config=tune.FailureConfig(max_failures=study.max_failures)))
+                                  failure_config=tune.FailureConfig(max_failures=study.checkpoint.max_failures)))
     tuner.fit()
     ended, ends = time.time(), sorted(state.ends)
     f.timings[stage] = {"seconds": ended - started, "to_first_trial": (state.first_start or ended) - started,

@@ -17,7 +17,7 @@ __all__ = ["grid_configs", "Space", "make_sampler", "FidelityAwareOptuna", "make
 
 def grid_configs(study: Study) -> list[dict]:
     return [{"point": i, "method": m, "seed": s, "stage": "grid", **dict(values)}
-            for i, (m, s, values) in enumerate(study.grid)]
+            for i, (m, s, values) in enumerate(study.grid.points)]
 
 
 class Space:
@@ -50,9 +50,9 @@ def make_sampler(study: Study, earlier: int = 0):
     """The study's sampler. ``earlier``: trials a previous run of the folder already made; a resumed run's
     sampler is seeded past them, or its random start-up proposals would repeat the first run's."""
     seed = study.seed + earlier
-    if study.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, study.samples // 4)))
-    if study.sampler == "random":
+    if study.search.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, study.search.samples // 4)))
+    if study.search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
 

@@ -32,8 +32,8 @@ ROW, MATRICES = "row", "matrices"
 def trainable(config: dict, study: Study, teacher: dict, data, threads: int, resume_from: dict):
     """One trial, in a Ray worker on any machine of the cluster: the data set and the teacher come
     through Ray's object store (put there once by the driver); distill; report every epoch, with a
-    checkpoint every ``study.checkpoint_every`` epochs, and at the first epoch's end once
-    ``study.checkpoint_minutes`` have passed since the last one."""
+    checkpoint every ``study.checkpoint.every`` epochs, and at the first epoch's end once
+    ``study.checkpoint.minutes`` have passed since the last one."""
     started_at = time.time()
     torch.set_num_threads(max(1, threads))
     method, recipe, seed = resolve_trial(study, config.get("trial", config))  # grids nest their point
@@ -60,7 +60,7 @@ def trainable(config: dict, study: Study, teacher: dict, data, threads: int, res
     last_epoch, last_saved = 0, time.monotonic()
 
     def due(epoch: int) -> bool:
-        every, minutes = study.checkpoint_every, study.checkpoint_minutes
+        every, minutes = study.checkpoint.every, study.checkpoint.minutes
         return bool(every and epoch % every == 0) or bool(minutes and time.monotonic() - last_saved >= 60 * minutes)
 
     def report(e: Epoch):
@@ -85,7 +85,7 @@ def trainable(config: dict, study: Study, teacher: dict, data, threads: int, res
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
 
     try:
-        distill(TrainConfig(study.student, method, recipe, seed, eval_val=study.eval_val, eval_test=study.eval_test,
+        distill(TrainConfig(study.student, method, recipe, seed, eval_val=study.evaluation.val, eval_test=study.evaluation.test,
                             final_every_epoch=bool(set(study.objectives) & set(FINAL))),
                 data, teacher, report, resume=state, state_when=due, final_weights=study.keep_students != "none")
     except Exception as e:  # NaN loss, OOM, a bug: the trial is failed, with its reason; the search goes on

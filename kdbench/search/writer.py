@@ -150,7 +150,7 @@ class ResultsWriter(tune.Callback):
             status = "completed" if r.get("epoch", 0) >= self.study.max_epochs else "stopped"
         row = _trial_row(self.study, trial, status, time.time() - self.starts.get(trial.trial_id, time.time()))
         if status == "failed" and not row["failure"]:
-            row["failure"] = f"{_reason(trial)} (after {self.study.max_failures} retries)"
+            row["failure"] = f"{_reason(trial)} (after {self.study.checkpoint.max_failures} retries)"
         self.rows.append(row)
         # History first, so a trials row never lacks it; only finished trials (an interrupted one reruns).
         # A retried trial reports again the epochs after its checkpoint: the last report of an epoch wins.
