@@ -1,6 +1,7 @@
 """The records that cross a module boundary during a run: what a training step's terms read (:class:`Batch`), what
 the loop reports once an epoch (:class:`Epoch`: a row of numbers, and beside it the continuation state or the
-final outputs), what a run returns (:class:`Run`) and the exact-continuation state (:class:`TrainState`).
+final outputs), what a run returns (:class:`Run`), the exact-continuation state (:class:`TrainState`) and what a
+search records of a finished trial (:class:`TrialRow`).
 
 A row (:data:`Row`) is one epoch's numbers by column name — ``epoch``, ``lr``, ``train_loss``, ``loss_<term>``,
 a term's own records (CTKD's ``ctkd_temperature``), ``val_<metric>``, ``test_<metric>`` — exactly what epochs.csv
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["Row", "Batch", "Epoch", "Final", "Run", "TrainState"]
+__all__ = ["Row", "Batch", "Epoch", "Final", "Run", "TrainState", "TrialRow"]
 
 Row = dict[str, float]  # one epoch's numbers by column name (epochs.csv's row)
 
@@ -122,3 +123,35 @@ class Run:
 
     def __getitem__(self, key: str) -> float:  # res["test_top1"]: a final metric
         return self.metrics[key]
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One trials.csv row, as the search writes it when a trial ends: which trial and configuration, how it ended,
+    what defines it, what it measured and where it ran. :meth:`as_row` is the row (its columns' order is
+    :data:`kdbench.results.TRIAL_COLUMNS`, the values' columns after them)."""
+
+    trial_id: str
+    config_id: str
+    stage: str  # search | grid | confirm
+    status: str  # completed | stopped (by ASHA) | failed
+    seed: int
+    epochs: int  # how far it got
+    values: dict  # the method's name and every term weight, hyperparameter and recipe field that defines it
+    measured: dict  # what its last report held of the trials.csv columns: final metrics, cost, where and how it ran
+    seconds: float  # from its start to its end, as the driver saw them
+    failure: str = ""  # why it failed (one line)
+    point: int | None = None  # a grid's point
+
+    @property
+    def fidelity(self) -> str:
+        """``full`` for a completed trial; ``low`` for one stopped early (or failed): never on a front."""
+        return "full" if self.status == "completed" else "low"
+
+    def as_row(self) -> dict:
+        row = {"trial_id": self.trial_id, "config_id": self.config_id, "stage": self.stage, "status": self.status,
+               "fidelity": self.fidelity, "seed": self.seed, "epochs": self.epochs, **self.values}
+        if self.point is not None:
+            row["point"] = self.point
+        return {**row, **{k: v for k, v in self.measured.items() if k not in row}, "seconds": self.seconds,
+                "failure": self.failure}

@@ -92,7 +92,7 @@ def test_a_toy_term_and_a_toy_minimised_metric_reach_a_tune_folder_compare_and_t
     full = trials[trials["fidelity"] == "full"]
     assert len(full) >= 1 and (full["test_toy_spread"] > 0).all() and (full["method"] == "toy").all()
     study = json.loads((out / "study.json").read_text())["study"]
-    assert study["objectives"] == ["top1", "toy_spread"]
+    assert study["search"]["objectives"] == ["top1", "toy_spread"]
     import optuna
 
     directions = optuna.load_study(study_name="toy", storage=f"sqlite:///{out / 'optuna.db'}").directions

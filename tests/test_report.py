@@ -122,8 +122,8 @@ def test_importances_fall_back_to_the_deepest_epoch_enough_trials_reached(tmp_pa
                            for i in range(10) for e in ((1, 2, 3, 4) if i < 2 else (1, 2))])
     space = [{"name": "x", "type": "uniform", "low": 0.0, "high": 1.0, "choices": [], "when": []},
              {"name": "y", "type": "uniform", "low": 0.0, "high": 1.0, "choices": [], "when": []}]
-    f = Folder(tmp_path, {"name": "s", "study": {"space": space, "objectives": ["top1", "geom_corr"], "recipe": {"epochs": 4}}},
-               trials, epochs)
+    f = Folder(tmp_path, {"name": "s", "study": {"search": {"space": space, "objectives": ["top1", "geom_corr"]},
+                                                   "recipe": {"epochs": 4}}}, trials, epochs)
     imp, note = report.importances(f)
     assert "10 trials at epoch 2 of 4" in note and set(imp["epoch"]) == {2}, note  # json and csv say the epoch too
     got = {(r["objective"], r["param"]): r["importance"] for r in imp.to_dict("records")}

@@ -277,8 +277,10 @@ def run_confirm(out: Path, confirm: Confirm, *, concurrency: int | None = None, 
         raise StudyError(f"{out}: the search has not finished (no end time in study.json); finish it first with "
                          f"kdbench tune STUDY --out {out} --resume")
     study = study_from_dict(meta["study"])
-    study = dataclasses.replace(study, **{k: v for k, v in (("concurrency", concurrency),
-                                                             ("cpus_per_trial", cpus_per_trial)) if v is not None})
+    if concurrency is not None:
+        study = dataclasses.replace(study, search=dataclasses.replace(study.search, concurrency=concurrency))
+    if cpus_per_trial is not None:
+        study = dataclasses.replace(study, resources=dataclasses.replace(study.resources, cpus_per_trial=cpus_per_trial))
     folder = results.read_folder(out)
     plan, picked = plan_confirm(study, folder.trials, confirm, str(out))
     todo, _, _ = pending(study, folder.trials, confirm, meta.get("confirm") or {}, str(out))

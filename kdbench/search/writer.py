@@ -11,6 +11,7 @@ from ray import tune
 
 from .. import checkpoints, matrices, results
 from ..metrics import DEFAULT_OBJECTIVES, better
+from ..records import TrialRow
 from ..study import Study
 from ..trial import resolve_trial, trial_config_id
 from ..settings import trial_values
@@ -54,23 +55,15 @@ def _shown(study: Study, config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in _NOT_SHOWN} | {"seed": config.get("seed")}
 
 
-def _trial_row(study: Study, trial, status: str, seconds: float) -> dict:
+def _trial_row(study: Study, trial, status: str, seconds: float, failure: str = "") -> TrialRow:
     r = trial.last_result or {}
     config = trial.config.get("trial", trial.config)
     method, recipe, seed = resolve_trial(study, config)
-    hp = trial_values(method, recipe)
-    row = {"trial_id": trial.trial_id, "config_id": trial_config_id(study, method, recipe),
-           "stage": config.get("stage", "grid" if study.is_grid else "search"), "status": status,
-           "fidelity": "full" if status == "completed" else "low",
-           "seed": seed, "epochs": r.get("epoch", 0), **hp}
-    if "point" in trial.config.get("trial", {}):
-        row["point"] = trial.config["trial"]["point"]
-    for k in results.TRIAL_COLUMNS:
-        if k not in row and k in r:
-            row[k] = r[k]
-    row["seconds"] = seconds
-    row["failure"] = r.get("failure", "")
-    return row
+    return TrialRow(trial_id=trial.trial_id, config_id=trial_config_id(study, method, recipe),
+                    stage=config.get("stage", "grid" if study.is_grid else "search"), status=status, seed=seed,
+                    epochs=r.get("epoch", 0), values=trial_values(method, recipe),
+                    measured={k: r[k] for k in results.TRIAL_COLUMNS if k in r and k != "failure"}, seconds=seconds,
+                    failure=r.get("failure", "") or failure, point=trial.config.get("trial", {}).get("point"))
 
 
 def _reason(trial) -> str:
@@ -148,9 +141,9 @@ class ResultsWriter(tune.Callback):
             status = "failed"
         elif status != "failed":
             status = "completed" if r.get("epoch", 0) >= self.study.max_epochs else "stopped"
-        row = _trial_row(self.study, trial, status, time.time() - self.starts.get(trial.trial_id, time.time()))
-        if status == "failed" and not row["failure"]:
-            row["failure"] = f"{_reason(trial)} (after {self.study.checkpoint.max_failures} retries)"
+        died = status == "failed" and not r.get("failure")  # Ray gave it up: its worker died, retries spent
+        why = f"{_reason(trial)} (after {self.study.checkpoint.max_failures} retries)" if died else ""
+        row = _trial_row(self.study, trial, status, time.time() - self.starts.get(trial.trial_id, time.time()), why).as_row()
         self.rows.append(row)
         # History first, so a trials row never lacks it; only finished trials (an interrupted one reruns).
         # A retried trial reports again the epochs after its checkpoint: the last report of an epoch wins.
