@@ -115,6 +115,11 @@ def test_confirm_adds_seeds_times_candidates_then_nothing_then_races_until_settl
         assert r.exception is None or isinstance(r.exception, SystemExit)
     assert (out / "trials.csv").read_bytes() == before
     assert json.loads((out / "study.json").read_text())["confirm"]["settled"] == settled
+    # Any presets, against the raced rounds recorded (planning only: no run): never a pair it did not pick.
+    recorded = json.loads((out / "study.json").read_text())["confirm"]
+    for presets in ((), ("kd",), ("baseline", "kd")):
+        todo, picked, _ = pending(study, read_folder(out).trials, Confirm(2, 1, presets, False, 8), recorded, str(out))
+        assert {t["config_id"] for t in todo} <= {p["config_id"] for p in picked}, presets
 
 
 def test_config_id_of_an_old_folder_is_derived_the_same_way(searched, tmp_path):
