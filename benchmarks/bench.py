@@ -301,7 +301,9 @@ def ray_overhead(quick: bool) -> dict:
         wall, peak = _run_tune(["digits", "--samples", str(samples), "--out", str(out)], env)
         trials = read_table(out / "trials.csv")
         meta = json.loads((out / "study.json").read_text())
-    concurrency, t = meta["study"]["concurrency"], meta["timings"]
+    from kdbench.study import study_from_dict
+
+    concurrency, t = study_from_dict(meta["study"]).concurrency, meta["timings"]  # the record, of any schema
     busy = trials["seconds"].sum() / concurrency
     # Where the wall time went: the command's own phases (study.json's timings), Python's start and the
     # imports before the command ran, and the exit after it; "trials" is the busy time the ratio divides by.
