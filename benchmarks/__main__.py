@@ -40,12 +40,13 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", dest="json_path", help="write the figures here as JSON")
     p.add_argument("--only", help="comma-separated subset: data,geometry,step,folder,method,compile,"
-                                        "downstream,ray,search,gpu")
+                                        "downstream,ray,search,replay,gpu")
     p.add_argument("--val-fraction", type=float, help="search comparison: the study's [data] val_fraction")
     p.add_argument("--search-study", default="digits", help="search comparison: the bundled study to search")
     p.add_argument("--search-seeds", type=int, default=5, help="search comparison: seeds 0..N-1")
     p.add_argument("--search-samples", type=int, help="search comparison: trials per search (default: the study's)")
     p.add_argument("--search-epochs", type=int, help="search comparison: epochs per trial (default: the study's)")
+    p.add_argument("--replay-seeds", type=int, default=50, help="search replay: replays per strategy and table")
     args = p.parse_args(argv)
     if args.device == "cuda":
         import torch
@@ -77,6 +78,10 @@ def main(argv=None) -> int:
         plan.append(("search", lambda: bench.search_comparison(
             seeds=tuple(range(args.search_seeds)), data_options=options, study_name=args.search_study,
             samples=args.search_samples, epochs=args.search_epochs)))
+    if not args.quick or args.only:  # recorded tables, every strategy replayed (benchmarks/replay)
+        from .replay.report import figures as replay_figures
+
+        plan.append(("replay", lambda: replay_figures(seeds=args.replay_seeds)))
     if args.device == "cuda":
         from . import gpu
 

@@ -47,7 +47,7 @@ def weights(cls) -> tuple[str, ...]:
 
 
 SCHEDULES = ("cosine", "step", "constant")
-SAMPLERS = ("tpe", "nsga2", "random")  # a search's Optuna sampler
+SAMPLERS = ("tpe", "nsga2", "gp", "qmc", "random")  # a search's Optuna sampler
 COMPILE_BACKENDS = ("inductor", "aot_eager", "cudagraphs")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 PRECISIONS = ("auto", "bf16", "fp32")

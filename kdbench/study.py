@@ -290,7 +290,8 @@ def _search(s: TableReader, methods: dict) -> Search:
 
 
 def _grid(g: TableReader, methods: dict, method: str, seed: int) -> Grid:
-    g.only({"methods", "seeds", "values", "concurrency"})
+    """methods x seeds x (the cross product of ``values``' axes, or the listed ``points``)."""
+    g.only({"methods", "seeds", "values", "points", "concurrency"})
     names = g.get("methods", [method], list, item=str) or g.fail("methods", [], "a non-empty list of methods")
     for m in names:
         if m not in methods:
@@ -299,13 +300,22 @@ def _grid(g: TableReader, methods: dict, method: str, seed: int) -> Grid:
     for sd in seeds:
         if sd < 0:
             g.fail("seeds", sd, "integers >= 0")
-    v = g.sub("values")
-    axes = []
-    for key, values in v.table.items():
-        if not isinstance(values, list) or not values:
-            v.fail(key, values, "a non-empty list")
-        axes.append([(key, check_value(key, x, v.where(key))) for x in values])
-    fixed = list(itertools.product(*axes)) if axes else [()]
+    if "points" in g.table:
+        if "values" in g.table:
+            g.fail("points", "...", "either [grid.values] (a cross product) or points (a list), not both")
+        points = g.get("points", [], list, item=dict) or g.fail("points", [], "a non-empty list of tables")
+        fixed = []
+        for i, point in enumerate(points):
+            p = TableReader(g.file, point, f"{g.prefix}points[{i}].", g.origins)
+            fixed.append(tuple((key, check_value(key, x, p.where(key))) for key, x in point.items()))
+    else:
+        v = g.sub("values")
+        axes = []
+        for key, values in v.table.items():
+            if not isinstance(values, list) or not values:
+                v.fail(key, values, "a non-empty list")
+            axes.append([(key, check_value(key, x, v.where(key))) for x in values])
+        fixed = list(itertools.product(*axes)) if axes else [()]
     return Grid(tuple((m, sd, f) for m in names for sd in seeds for f in fixed), g.get("concurrency", 2, int, lo=1))
 
 

@@ -85,7 +85,7 @@ def test_a_study_of_flags_alone_is_the_data_sets_defaults_and_the_default_search
     (["digits-paper", "--set", "ce=0.5"], ["the grid runs", "--set METHOD.ce=VALUE"]),
     (["--objectives", "top1,foo"], ["--objectives top1,foo: objectives = 'foo'"]),
     (["--objectives", "top1"], ["--objectives top1: objectives = ['top1']; allowed: two different metrics"]),
-    (["--sampler", "cmaes"], ["--sampler cmaes: sampler = 'cmaes'; allowed: tpe, nsga2, random"]),
+    (["--sampler", "cmaes"], ["--sampler cmaes: sampler = 'cmaes'; allowed: tpe, nsga2, gp, qmc, random"]),
     (["--samples", "0"], ["--samples 0: samples = 0; allowed: >= 1"]),
     (["--epochs", "3"], ["asha.grace_period = 6; allowed: <= recipe.epochs (3)"]),
     (["--dataset", "mnist"], ["--dataset mnist: dataset = 'mnist' is unknown"]),

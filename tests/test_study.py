@@ -60,6 +60,28 @@ temperature = [2, 4, 8]
     assert load_study(_write(tmp_path, BASE)).asha.rank == "pareto"
 
 
+def test_grid_points_are_listed_configurations_times_seeds(tmp_path):
+    p = _write(tmp_path, """
+dataset = "digits"
+method = "geometry"
+[grid]
+seeds = [0, 1]
+points = [{geometry = 3, temperature = 2.0}, {geometry = 30.0, momentum = 0.5}]
+""")
+    s = load_study(p)
+    assert s.grid.points == (("geometry", 0, (("geometry", 3.0), ("temperature", 2.0))),
+                             ("geometry", 0, (("geometry", 30.0), ("momentum", 0.5))),
+                             ("geometry", 1, (("geometry", 3.0), ("temperature", 2.0))),
+                             ("geometry", 1, (("geometry", 30.0), ("momentum", 0.5))))
+    for bad, match in (("momentum = 0.5", r"grid.points\[1\].momentum: momentum = 1.5; allowed: >= 0"),
+                       ("points = [", r"grid.points = \[3, .*allowed: a list of dicts")):
+        text = p.read_text().replace(bad, "momentum = 1.5" if "momentum" in bad else "points = [3, ")
+        with pytest.raises(StudyError, match=match):
+            load_study(_write(tmp_path, text))
+    with pytest.raises(StudyError, match=r"grid.points = '...'; allowed: either \[grid.values\]"):
+        load_study(_write(tmp_path, p.read_text() + "[grid.values]\ngeometry = [1.0]\n"))
+
+
 def test_find_study_by_name_and_path(tmp_path):
     assert find_study("digits").name == "digits.toml"
     p = _write(tmp_path, BASE)
@@ -76,7 +98,7 @@ def test_find_study_by_name_and_path(tmp_path):
     ("epochs = 6", "epochs = 6\nbatch_size = 1", r"batch_size = 1; allowed: >= 2"),
     ("[search]", "[methods.geometry]\nmomentum = 1.5\n[search]", r"methods.geometry: momentum = 1.5; allowed: >= 0"),
     ("[search]", "[methods.kd]\ntemperature = 'hot'\n[search]", r"temperature = 'hot'; allowed: a number"),
-    ("samples = 4", 'samples = 4\nsampler = "grid"', r"search.sampler = 'grid'; allowed: tpe, nsga2, random"),
+    ("samples = 4", 'samples = 4\nsampler = "grid"', r"search.sampler = 'grid'; allowed: tpe, nsga2, gp, qmc, random"),
     ("[search]", '[results]\nkeep_students = "best"\n[search]', r"s.toml: results.keep_students = 'best'; allowed: full, front, none"),
     ("[search]", "[confirm]\nuntil_settled = true\nmax_seeds = 2\n[search]", r"max_seeds 2: allowed: an integer >= .*confirm.seeds \(3\)"),
     ('type = "loguniform"', 'type = "normal"', r"search.space.geometry.type = 'normal'; allowed: uniform"),

@@ -19,13 +19,12 @@ from ray import tune
 from .. import checkpoints, results
 from ..confirm import pending, plan_confirm
 from ..flags import RESUMABLE, differences
-from ..metrics import mode
 from ..study import Confirm, Study, StudyError, study_from_dict
 from ..teacher import study_data
 from ..terms import check_method
 from ..train import resolve_device
 from ..trial import resolve_trial
-from .schedulers import ParetoASHA, ResumableASHA
+from .schedulers import make_scheduler
 from .searcher import grid_configs, make_searcher
 from .trainable import trainable
 from .writer import ResultsWriter, SearchState, _read_done
@@ -394,18 +393,8 @@ def _fit(f: _Run, state: SearchState, remaining: int, todo: list | None, asha: b
         searcher, param_space, num_samples = None, {"trial": tune.grid_search(todo)}, 1
     else:
         finished = {(str(r["config_id"]), int(r["seed"])) for r in f.rows if r.get("stage") != "confirm"}
-        searcher, param_space, num_samples = make_searcher(study, f.out, study.max_epochs, finished), {}, remaining
-    scheduler = None
-    if (study.asha.enabled if asha is None else asha) and study.asha.rank == "pareto":
-        metrics = [f"val_{o}" for o in study.objectives]
-        scheduler = ParetoASHA(time_attr="epoch", metrics=metrics, modes=[mode(o) for o in study.objectives],
-                               max_t=study.max_epochs, grace_period=study.asha.grace_period,
-                               reduction_factor=study.asha.reduction_factor, curves=f.curves(metrics))
-    elif study.asha.enabled if asha is None else asha:
-        curves = {k: {e: v[0] for e, v in c.items()} for k, c in f.curves(["val_top1"]).items()}
-        scheduler = ResumableASHA(time_attr="epoch", metric="val_top1", mode="max", max_t=study.max_epochs,
-                                  grace_period=study.asha.grace_period, reduction_factor=study.asha.reduction_factor,
-                                  curves=curves)
+        searcher, param_space, num_samples = make_searcher(study, f.out, finished), {}, remaining
+    scheduler = make_scheduler(study, f.curves, asha)
     tuner = tune.Tuner(
         worker, param_space=param_space,
         # reuse_actors: a finished trial's worker process (torch imported, data in memory) runs the next one

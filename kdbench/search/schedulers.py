@@ -25,9 +25,11 @@ from ray import tune
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.schedulers.async_hyperband import AsyncHyperBandScheduler
 
+from ..metrics import mode
 from ..pareto import pareto_ranks
+from ..study import Study
 
-__all__ = ["ParetoASHA", "ResumableASHA", "rung_order", "crowding_distance"]
+__all__ = ["ParetoASHA", "ResumableASHA", "make_scheduler", "rung_order", "crowding_distance"]
 
 
 def crowding_distance(points: np.ndarray) -> np.ndarray:
@@ -115,3 +117,19 @@ class ResumableASHA(tune.schedulers.ASHAScheduler):
                 for milestone, recorded in bracket._rungs:
                     if int(milestone) in curve:
                         recorded[f"earlier:{key}"] = curve[int(milestone)]
+
+
+def make_scheduler(study: Study, curves=lambda metrics: {}, asha: bool | None = None):
+    """The study's early stopping (None without ASHA): :class:`ParetoASHA` on its objectives' validation values
+    (``rank = "pareto"``) or :class:`ResumableASHA` on val top-1. ``curves(metrics)``: what an earlier run
+    recorded, ``{trial: {epoch: (value per metric)}}``. ``asha``: overrides ``[asha] enabled``. The Ray search
+    and the replay (benchmarks/replay) both build theirs here."""
+    if not (study.asha.enabled if asha is None else asha):
+        return None
+    rungs = dict(time_attr="epoch", max_t=study.max_epochs, grace_period=study.asha.grace_period,
+                 reduction_factor=study.asha.reduction_factor)
+    if study.asha.rank == "pareto":
+        metrics = [f"val_{o}" for o in study.objectives]
+        return ParetoASHA(metrics=metrics, modes=[mode(o) for o in study.objectives], curves=curves(metrics), **rungs)
+    earlier = {k: {e: v[0] for e, v in c.items()} for k, c in curves(["val_top1"]).items()}
+    return ResumableASHA(metric="val_top1", mode="max", curves=earlier, **rungs)

@@ -3,6 +3,7 @@ that tells Optuna a trial ASHA stopped as pruned (never as a full result); a gri
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import optuna
@@ -12,7 +13,7 @@ from ..metrics import mode
 from ..study import Study
 from ..trial import resolve_trial, trial_config_id
 
-__all__ = ["grid_configs", "Space", "make_sampler", "FidelityAwareOptuna", "make_searcher"]
+__all__ = ["grid_configs", "Space", "make_sampler", "FidelityAwareOptuna", "make_searcher", "searcher_of"]
 
 
 def grid_configs(study: Study) -> list[dict]:
@@ -47,14 +48,23 @@ class Space:
 
 
 def make_sampler(study: Study, earlier: int = 0):
-    """The study's sampler. ``earlier``: trials a previous run of the folder already made; a resumed run's
-    sampler is seeded past them, or its random start-up proposals would repeat the first run's."""
-    seed = study.seed + earlier
-    if study.search.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, study.search.samples // 4)))
-    if study.search.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    """The study's sampler: TPE (Optuna's defaults: on two objectives independent, with the constant liar), NSGA-II, a
+    Gaussian process (GPSampler: log expected hypervolume improvement on two objectives), scrambled Sobol points
+    (QMC) or random. ``earlier``: trials a previous run of the folder already made; a resumed run's sampler is
+    seeded past them, or its random start-up proposals would repeat the first run's."""
+    seed, name = study.seed + earlier, study.search.sampler
+    with warnings.catch_warnings():  # GPSampler and QMCSampler are marked experimental: not the user's concern
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, study.search.samples // 4)))
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
+        if name == "qmc":
+            return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed,
+                                              warn_independent_sampling=False, warn_asynchronous_seeding=False)
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=seed)
 
 
 class FidelityAwareOptuna(OptunaSearch):
@@ -71,8 +81,6 @@ class FidelityAwareOptuna(OptunaSearch):
     def _setup_study(self, mode):
         super()._setup_study(mode)
         if isinstance(self._metric, list) and self._ot_study is not None:  # optuna-dashboard shows these names
-            import warnings
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 self._ot_study.set_metric_names(list(self._metric))
@@ -85,7 +93,7 @@ class FidelityAwareOptuna(OptunaSearch):
         return super().on_trial_complete(trial_id, result, error)
 
 
-def make_searcher(study: Study, out: Path, max_epochs: int, finished: set = frozenset()) -> FidelityAwareOptuna:
+def make_searcher(study: Study, out: Path, finished: set = frozenset()) -> FidelityAwareOptuna:
     """The searcher, on the folder's optuna.db. ``finished``: the (config_id, seed) of trials.csv's rows."""
     storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'optuna.db'}")
     earlier = 0
@@ -109,8 +117,14 @@ def make_searcher(study: Study, out: Path, max_epochs: int, finished: set = froz
             if (trial_config_id(study, method, recipe), seed) not in finished and t.params not in asked:
                 asked.append(t.params)
                 again.enqueue_trial(t.params)
+    return searcher_of(study, make_sampler(study, earlier), storage)
+
+
+def searcher_of(study: Study, sampler, storage=None) -> FidelityAwareOptuna:
+    """The searcher on the study's space, objectives and ``sampler`` (Optuna's in-memory storage where
+    ``storage`` is None: the replay's)."""
     metrics = [f"val_{o}" for o in study.objectives]
     modes = [mode(o) for o in study.objectives]
     # metric/mode go to the searcher only: a TuneConfig metric would silently collapse it to one objective.
-    return FidelityAwareOptuna(space=Space(study), metric=metrics, mode=modes, sampler=make_sampler(study, earlier),
-                               study_name=study.name, storage=storage, max_epochs=max_epochs)
+    return FidelityAwareOptuna(space=Space(study), metric=metrics, mode=modes, sampler=sampler,
+                               study_name=study.name, storage=storage, max_epochs=study.max_epochs)

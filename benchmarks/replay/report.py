@@ -1,0 +1,176 @@
+"""Every strategy replayed on a table: the figures, the table printed, the anytime curves drawn."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table as RichTable
+
+from .score import bootstrap, reach
+from .strategies import curves, run_many, strategies, sweep
+from .tables import load_table, replay_study
+
+__all__ = ["evaluate", "show", "figures", "RESULTS"]
+
+RESULTS = Path(__file__).parents[1] / "results"
+
+
+def _finite(x: float):
+    return x if math.isfinite(x) else None  # JSON: a budget never reached is null
+
+
+def limit(strategy, budget: int, horizon: float) -> int:
+    """Trial-epochs a strategy's replays run to: random search (the reference) 3 x the default budget, the Gaussian
+    process 1 x (its proposals cost ~0.5 s each on 2 cores, ~90 s a replay at 3 x), the others ``horizon`` x."""
+    return int(budget * (3.0 if strategy.name == "random" else 1.0 if strategy.sampler == "gp" else horizon))
+
+
+def evaluate(name: str, seeds: int = 50, workers: int = 4, horizon: float = 2.0, processes: int | None = None,
+             path: Path | None = None, plot: bool = True) -> dict:
+    """Every strategy on table ``name``, ``seeds`` replays each (see :func:`limit` for how far); then the ASHA rung
+    sweep for the sampler whose two-objective ASHA reached the highest median at the default budget (the study's
+    samples x epochs, in trial-epochs). Per strategy: ``speedup_vs_random``, ``budget_share``, ``final_hv``
+    (median, 95% bootstrap interval of the median, quartiles), ``replay_seeds``."""
+    study = replay_study(name)
+    budget = study.search.samples * study.max_epochs
+    grid = np.arange(0, 3 * budget + 1)
+    table = load_table(name, path)
+    runs, started = {}, time.time()
+
+    def replay_all(chosen):
+        jobs = [(name, str(path) if path else None, s, seed, workers, limit(s, budget, horizon))
+                for s in chosen for seed in range(seeds)]
+        results = run_many(jobs, processes)
+        for i, s in enumerate(chosen):
+            runs[s.name] = (s, results[i * seeds:(i + 1) * seeds])
+
+    first = strategies(study)
+    replay_all(first)
+    scored = {s.name: curves(r, grid, limit(s, budget, horizon))[:, budget] for s, r in runs.values()
+              if s.asha == "pareto" or s.name == "default"}
+    best = max((s for s, _ in runs.values() if s.name in scored and (s.asha == "pareto" or s.name == "default")),
+               key=lambda s: np.median(scored[s.name]))
+    replay_all([s for s in sweep(study, best.sampler) if s.key(study) not in {x.key(study) for x, _ in runs.values()}])
+
+    random = curves(runs["random"][1], grid, 3 * budget)
+    target = float(np.median(random[:, budget]))
+    out = {"table": name, "configurations": len(table.values), "seeds_recorded": len(table.seeds),
+           "epochs": table.epochs, "budget_trial_epochs": budget,
+           "workers": workers, "random_final_hv_median": target, "best_sampler_for_the_sweep": best.sampler,
+           "strategies": {}}
+    for s, results in runs.values():
+        c = curves(results, grid, limit(s, budget, horizon))
+        reached = reach(c, grid, target)
+        lo, hi = bootstrap(lambda r, x: reach(x, grid, float(np.median(r[:, budget]))) / budget, random, c)
+        final = c[:, budget]
+        flo, fhi = bootstrap(np.median, final)
+        out["strategies"][s.name] = {
+            "sampler": s.sampler, "asha": s.asha, "grace_period": s.study(study, 0).asha.grace_period,
+            "reduction_factor": s.study(study, 0).asha.reduction_factor,
+            "budget_share": _finite(reached / budget), "budget_share_ci": [_finite(lo), _finite(hi)],
+            "speedup_vs_random": _finite(budget / reached) if reached > 0 else None,
+            "final_hv": {"median": float(np.median(final)), "ci_low": flo, "ci_high": fhi,
+                         "q25": float(np.percentile(final, 25)), "q75": float(np.percentile(final, 75))},
+            "full_trials_per_replay": float(np.mean([len(r[0]) for r in results])),
+            "replayed_to_trial_epochs": limit(s, budget, horizon),
+            "replay_seeds": len(results)}
+    out["seconds"] = time.time() - started
+    if plot:
+        out["plot"] = str(_plot(name, runs, grid, budget, target))
+    return out
+
+
+def _plot(name: str, runs: dict, grid: np.ndarray, budget: int, target: float) -> Path:
+    """Median (and quartiles, for the default and random search) of the normalised hypervolume over trial-epochs
+    and over simulated wall time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [n for n in ("default", "random", "random+pareto", "tpe", "tpe+pareto", "tpe-noliar+pareto", "nsga2",
+                         "qmc", "gp") if n in runs]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), dpi=110)
+    end = max(r[1][-1] for _, rs in runs.values() for r in rs if len(r[1]))
+    clock = np.linspace(0, end, 400)
+    for ax, axis, xs, label in ((axes[0], 0, grid, "trial-epochs"), (axes[1], 1, clock / 60, "simulated minutes")):
+        for n in shown:
+            c = curves(runs[n][1], grid if axis == 0 else clock, None, axis)
+            line, = ax.plot(xs, np.median(c, 0), label=n, lw=2.2 if n in ("default", "random") else 1.2)
+            if n in ("default", "random"):
+                ax.fill_between(xs, np.percentile(c, 25, 0), np.percentile(c, 75, 0), color=line.get_color(), alpha=0.15)
+        ax.axhline(target, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel(label), ax.set_ylabel("normalised hypervolume (seed means)"), ax.set_ylim(0, 1.01)
+        ax.grid(alpha=0.3)
+    axes[0].axvline(budget, color="grey", lw=0.8, ls="--")
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Replayed searches on the {name} table: median over replays (quartiles shaded); dotted: random "
+                 f"search's median at the default budget (dashed)", fontsize=9)
+    fig.tight_layout()
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"replay-{name}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def show(result: dict) -> None:
+    t = RichTable(title=f"{result['table']}: {result['configurations']} configurations x {result['seeds_recorded']} "
+                        f"seeds; budget {result['budget_trial_epochs']} trial-epochs, {result['workers']} workers")
+    for c in ("strategy", "final HV median [95% CI]", "quartiles", "budget share [95% CI]", "speed-up", "full trials"):
+        t.add_column(c, justify="left" if c == "strategy" else "right")
+    rows = sorted(result["strategies"].items(), key=lambda kv: -kv[1]["final_hv"]["median"])
+    for name, s in rows:
+        f, share, ci = s["final_hv"], s["budget_share"], s["budget_share_ci"]
+        fmt = lambda x: "never" if x is None else f"{x:.2f}"  # noqa: E731
+        t.add_row(name, f"{f['median']:.3f} [{f['ci_low']:.3f}, {f['ci_high']:.3f}]", f"{f['q25']:.3f}–{f['q75']:.3f}",
+                  f"{fmt(share)} [{fmt(ci[0])}, {fmt(ci[1])}]",
+                  "" if s["speedup_vs_random"] is None else f"{s['speedup_vs_random']:.2f}×", f"{s['full_trials_per_replay']:.0f}")
+    Console().print(t)
+
+
+def figures(tables=("digits", "synthetic"), seeds: int = 50, workers: int = 4) -> dict:
+    """What ``python -m benchmarks --only replay`` records: {"replay": {table: result}}."""
+    out = {}
+    for name in tables:
+        out[name] = evaluate(name, seeds=seeds, workers=workers)
+        show(out[name])
+    return {"replay": out}
+
+
+
+
+def check_real(name: str, folders: list[Path], seeds: int = 50) -> dict:
+    """Real ``kdbench tune`` searches (search stage) scored as the replay scores its own -- each reported
+    configuration looked up at the nearest recorded one -- beside the 5-95 % band of the default strategy replayed
+    with the same workers (the study's concurrency) and the same number of trials."""
+    from kdbench.pareto import pareto_mask
+    from kdbench.results import read_folder
+
+    from .score import truth
+    from .strategies import default_of
+
+    study, table = replay_study(name), load_table(name)
+    t = truth(table, study.objectives)
+    real = []
+    for folder in folders:
+        f = read_folder(folder)
+        rows = f.trials[f.trials["stage"] == "search"]
+        full = rows[(rows["fidelity"] == "full") & (rows["status"] == "completed")]
+        observed = full[[f"val_{o}" for o in study.objectives]].to_numpy(float) * t.signs
+        configs = [table.nearest(study, r) for r in full[list(table.axes)].to_dict("records")]
+        reported = {c for c, keep in zip(configs, pareto_mask(observed)) if keep}
+        spent = int(f.epochs["trial_id"].isin(rows["trial_id"]).sum())
+        real.append({"folder": str(folder), "final_hv": t.score(reported), "trials": len(rows), "trial_epochs": spent})
+    s = default_of(study)
+    jobs = [(name, None, s, seed, study.concurrency, None, study.search.samples) for seed in range(seeds)]
+    final = np.array([r[2][-1] if len(r[2]) else 0.0 for r in run_many(jobs)])
+    band = [float(np.percentile(final, 5)), float(np.percentile(final, 95))]
+    for r in real:
+        r["inside"] = band[0] <= r["final_hv"] <= band[1]
+    return {"table": name, "workers": study.concurrency, "trials": study.search.samples, "replay_band_5_95": band,
+            "replay_median": float(np.median(final)), "replay_seeds": seeds, "real": real}
