@@ -97,8 +97,10 @@ def plan_lines(studies: list[Study]) -> list[str]:
     for st in studies:
         teacher = (f"read from {st.teacher_checkpoint}" if st.teacher_checkpoint else
                    f"trained if not cached: {st.teacher_recipe.epochs} epochs")
+        values = len({v for _, _, v in st.grid.points}) if st.is_grid else 0
         kind = (f"grid of {len(st.grid.points)} runs ({len({m for m, _, _ in st.grid.points})} methods × "
-                f"{len({sd for _, sd, _ in st.grid.points})} seeds)" if st.is_grid else
+                f"{len({sd for _, sd, _ in st.grid.points})} seeds{f' × {values} values' if values > 1 else ''})"
+                if st.is_grid else
                 f"search of {st.search.samples} trials ({st.search.sampler}, ASHA {'on' if st.asha.enabled else 'off'})")
         epochs = st.trial_count() * st.recipe.epochs
         total += epochs

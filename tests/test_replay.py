@@ -166,3 +166,40 @@ def test_the_committed_table_is_whole(name):
     assert t.val.shape == (spec["configs"], len(spec["seeds"]), study.max_epochs, len(t.metrics))
     assert np.isfinite(t.val).all() and (t.seconds > 0).all() and np.isfinite(t.test).all()
     assert {"top1", "geom_corr"} <= set(t.metrics) and t.axes == tuple(p.name for p in study.space)
+
+
+@pytest.mark.parametrize("name", ["tpe", "nsga2", "gp", "qmc", "random"])
+def test_every_sampler_proposes_inside_the_space_through_the_searcher_quietly(name, capfd, recwarn):
+    from kdbench.search.searcher import make_sampler, searcher_of
+
+    study = Strategy("s", name, "none").study(replay_study("digits"), 3)
+    searcher = searcher_of(study, make_sampler(study))
+    searcher.set_search_properties(None, None, {})
+    rng = np.random.default_rng(0)
+    for i in range(12):  # past the model-based samplers' 10 start-up trials
+        config = searcher.suggest(f"t{i}")
+        assert 1 <= config["geometry"] <= 1000 and 1 <= config["temperature"] <= 8 and 0 <= config["momentum"] <= 0.99
+        searcher.on_trial_complete(f"t{i}", {"epoch": study.max_epochs, "val_top1": float(rng.random()),
+                                             "val_geom_corr": float(rng.random())})
+    err = capfd.readouterr().err
+    assert "Warning" not in err and "[W " not in err, err
+    assert not [w for w in recwarn if "optuna" in str(w.filename) or "ray" in str(w.filename)], [str(w.message) for w in recwarn]
+
+
+def test_a_table_file_loads_into_arrays_by_configuration_seed_and_epoch(tmp_path):
+    rows = ["config,seed,epoch,geometry,temperature,epoch_seconds,val_top1,val_geom_corr,test_top1,test_geom_corr"]
+    for c in (1, 0):  # out of order on purpose
+        for s in (0, 1):
+            for e in (1, 2, 3):
+                last = f"{50 + c + s},{0.5 + s / 10}" if e == 3 else ","
+                rows.append(f"{c},{s},{e},{10 ** c},{c + 1},{0.1 * e},{10 * c + e + s},{e / 10},{last}")
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    t = load_table("t", tmp_path / "t.csv")
+    assert t.axes == ("geometry", "temperature") and t.metrics == ("top1", "geom_corr") and t.seeds == (0, 1)
+    assert t.values.tolist() == [[1, 1], [10, 2]] and t.epochs == 3
+    assert t.val[1, 1, :, 0].tolist() == [12, 13, 14] and t.val[0, 0, :, 1].tolist() == [0.1, 0.2, 0.3]
+    assert t.seconds[0, 1].tolist() == pytest.approx([0.1, 0.2, 0.3])
+    assert t.test[:, :, 0].tolist() == [[50, 51], [51, 52]] and t.test[1, 1, 1] == 0.6
+    (tmp_path / "short.csv").write_text("\n".join(rows[:-1]) + "\n")
+    with pytest.raises(ValueError, match="11 rows; a full table has 12"):
+        load_table("short", tmp_path / "short.csv")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from kdbench.results import read_folder
-from kdbench.study import Study, find_study, load_study
+from kdbench.study import Study, find_study, load_study, read_toml
 
 __all__ = ["TABLES", "HERE", "record_study", "pack", "Table", "load_table", "replay_study"]
 
@@ -50,7 +49,7 @@ def record_study(name: str) -> str:
     from scipy.stats import qmc
 
     spec, study = TABLES[name], replay_study(name)
-    raw = tomllib.loads(find_study(spec["study"]).read_text())
+    raw = read_toml(find_study(spec["study"]))
     unit = qmc.Sobol(d=len(study.space), scramble=True, seed=0).random_base2(int(math.log2(spec["configs"])))
     points = []
     for u in unit:

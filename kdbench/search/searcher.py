@@ -85,6 +85,11 @@ class FidelityAwareOptuna(OptunaSearch):
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 self._ot_study.set_metric_names(list(self._metric))
 
+    def suggest(self, trial_id):
+        with warnings.catch_warnings():  # Ray times the define-by-run space, which a model-based sampler runs in
+            warnings.filterwarnings("ignore", message="Define-by-run function passed in the `space`")
+            return super().suggest(trial_id)
+
     def on_trial_complete(self, trial_id, result=None, error=False):
         if result is not None and result.get("failure"):
             return super().on_trial_complete(trial_id, None, error=True)
