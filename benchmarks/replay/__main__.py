@@ -4,7 +4,7 @@
     kdbench tune benchmarks/replay/tables/NAME.toml --out DIR   # record it (real runs; --resume continues)
     python -m benchmarks.replay pack DIR NAME       # write tables/NAME.csv.gz from that folder
     python -m benchmarks.replay run [--tables digits,synthetic] [--seeds 50] [--workers 4] [--json F]
-    python -m benchmarks.replay real NAME DIR...    # score real `kdbench tune` folders as the replay scores its own
+    python -m benchmarks.replay real NAME [DIR...] [--run 5 --out runs/real]   # real searches, scored alike
 
 ``run`` is what ``python -m benchmarks --only replay`` runs: every strategy on every table, ``--seeds`` replays
 each, anytime curves in benchmarks/results/replay-NAME.png.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .report import check_real, figures
+from .report import check_real, figures, run_real
 from .tables import HERE, TABLES, pack, record_study
 
 console = Console(stderr=True)
@@ -40,7 +40,9 @@ def main(argv=None) -> int:
     a.add_argument("--json", dest="json_path")
     a = sub.add_parser("real", help="score real `kdbench tune` folders beside the replay's band")
     a.add_argument("name", choices=sorted(TABLES))
-    a.add_argument("folders", type=Path, nargs="+")
+    a.add_argument("folders", type=Path, nargs="*", help="results folders (else --run)")
+    a.add_argument("--run", type=int, help="first run this many searches of the table's study into --out")
+    a.add_argument("--out", type=Path, default=Path("runs/real"))
     a.add_argument("--json", dest="json_path")
     args = p.parse_args(argv)
     if args.command == "study":
@@ -50,7 +52,8 @@ def main(argv=None) -> int:
     elif args.command == "pack":
         console.print(f"wrote {pack(args.folder, args.name)}")
     elif args.command == "real":
-        out = check_real(args.name, args.folders)
+        folders = args.folders + (run_real(args.name, args.out, args.run) if args.run else [])
+        out = check_real(args.name, folders)
         console.print(json.dumps(out, indent=2))
         if args.json_path:
             Path(args.json_path).write_text(json.dumps(out, indent=2))

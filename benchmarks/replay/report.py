@@ -72,19 +72,20 @@ def evaluate(name: str, seeds: int = 50, workers: int = 4, horizon: float = 2.0,
             "sampler": s.sampler, "asha": s.asha, "grace_period": s.study(study, 0).asha.grace_period,
             "reduction_factor": s.study(study, 0).asha.reduction_factor,
             "budget_share": _finite(reached / budget), "budget_share_ci": [_finite(lo), _finite(hi)],
-            "speedup_vs_random": _finite(budget / reached) if reached > 0 else None,
+            "speedup_vs_random": _finite(budget / reached) if 0 < reached < math.inf else None,
             "final_hv": {"median": float(np.median(final)), "ci_low": flo, "ci_high": fhi,
                          "q25": float(np.percentile(final, 25)), "q75": float(np.percentile(final, 75))},
-            "full_trials_per_replay": float(np.mean([len(r[0]) for r in results])),
+            "trials_at_budget": float(np.median([(r[3] <= budget).sum() for r in results])),
+            "full_trials_at_budget": float(np.median([(r[0] <= budget).sum() for r in results])),
             "replayed_to_trial_epochs": limit(s, budget, horizon),
             "replay_seeds": len(results)}
     out["seconds"] = time.time() - started
     if plot:
-        out["plot"] = str(_plot(name, runs, grid, budget, target))
+        out["plot"] = str(_plot(name, runs, grid, budget, target, table.epochs))
     return out
 
 
-def _plot(name: str, runs: dict, grid: np.ndarray, budget: int, target: float) -> Path:
+def _plot(name: str, runs: dict, grid: np.ndarray, budget: int, target: float, epochs: int) -> Path:
     """Median (and quartiles, for the default and random search) of the normalised hypervolume over trial-epochs
     and over simulated wall time."""
     import matplotlib
@@ -95,8 +96,9 @@ def _plot(name: str, runs: dict, grid: np.ndarray, budget: int, target: float) -
     shown = [n for n in ("default", "random", "random+pareto", "tpe", "tpe+pareto", "tpe-noliar+pareto", "nsga2",
                          "qmc", "gp") if n in runs]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), dpi=110)
+    first = min(r[1][0] for _, rs in runs.values() for r in rs if len(r[1]))  # the first full trial's end
     end = max(r[1][-1] for _, rs in runs.values() for r in rs if len(r[1]))
-    clock = np.linspace(0, end, 400)
+    clock = np.geomspace(first / 2, end, 400)
     for ax, axis, xs, label in ((axes[0], 0, grid, "trial-epochs"), (axes[1], 1, clock / 60, "simulated minutes")):
         for n in shown:
             c = curves(runs[n][1], grid if axis == 0 else clock, None, axis)
@@ -104,10 +106,12 @@ def _plot(name: str, runs: dict, grid: np.ndarray, budget: int, target: float) -
             if n in ("default", "random"):
                 ax.fill_between(xs, np.percentile(c, 25, 0), np.percentile(c, 75, 0), color=line.get_color(), alpha=0.15)
         ax.axhline(target, color="grey", lw=0.8, ls=":")
-        ax.set_xlabel(label), ax.set_ylabel("normalised hypervolume (seed means)"), ax.set_ylim(0, 1.01)
-        ax.grid(alpha=0.3)
+        ax.set_xscale("log"), ax.set_xlim(epochs / 2 if axis == 0 else xs[0], xs[-1])  # the first trials and the tail
+        ax.set_xlabel(f"{label} (log scale)"), ax.set_ylabel("normalised hypervolume (seed means)")
+        ax.set_ylim(max(0.0, 2 * target - 1.02), 1.005)  # the top: where strategies differ
+        ax.grid(alpha=0.3, which="both")
     axes[0].axvline(budget, color="grey", lw=0.8, ls="--")
-    axes[0].legend(fontsize=7, loc="lower right")
+    axes[1].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"Replayed searches on the {name} table: median over replays (quartiles shaded); dotted: random "
                  f"search's median at the default budget (dashed)", fontsize=9)
     fig.tight_layout()
@@ -121,16 +125,16 @@ def _plot(name: str, runs: dict, grid: np.ndarray, budget: int, target: float) -
 def show(result: dict) -> None:
     t = RichTable(title=f"{result['table']}: {result['configurations']} configurations x {result['seeds_recorded']} "
                         f"seeds; budget {result['budget_trial_epochs']} trial-epochs, {result['workers']} workers")
-    for c in ("strategy", "final HV median [95% CI]", "quartiles", "budget share [95% CI]", "speed-up", "full trials"):
+    for c in ("strategy", "final HV median [95% CI]", "quartiles", "budget share [95% CI]", "speed-up", "trials (full)"):
         t.add_column(c, justify="left" if c == "strategy" else "right")
     rows = sorted(result["strategies"].items(), key=lambda kv: -kv[1]["final_hv"]["median"])
+    fmt = lambda x: "never" if x is None else f"{x:.2f}"  # noqa: E731
     for name, s in rows:
-        f, share, ci = s["final_hv"], s["budget_share"], s["budget_share_ci"]
-        fmt = lambda x: "never" if x is None else f"{x:.2f}"  # noqa: E731
+        f, share, ci, speed = s["final_hv"], s["budget_share"], s["budget_share_ci"], s["speedup_vs_random"]
         t.add_row(name, f"{f['median']:.3f} [{f['ci_low']:.3f}, {f['ci_high']:.3f}]", f"{f['q25']:.3f}–{f['q75']:.3f}",
-                  f"{fmt(share)} [{fmt(ci[0])}, {fmt(ci[1])}]",
-                  "" if s["speedup_vs_random"] is None else f"{s['speedup_vs_random']:.2f}×", f"{s['full_trials_per_replay']:.0f}")
-    Console().print(t)
+                  f"{fmt(share)} [{fmt(ci[0])}, {fmt(ci[1])}]", "" if speed is None else f"{speed:.2f}×",
+                  f"{s['trials_at_budget']:.0f} ({s['full_trials_at_budget']:.0f})")
+    Console(width=max(Console().width, 120)).print(t)
 
 
 def figures(tables=("digits", "synthetic"), seeds: int = 50, workers: int = 4) -> dict:
@@ -142,6 +146,22 @@ def figures(tables=("digits", "synthetic"), seeds: int = 50, workers: int = 4) -
     return {"replay": out}
 
 
+
+
+def run_real(name: str, out: Path, searches: int = 5, first_seed: int = 10) -> list[Path]:
+    """``searches`` real searches of table ``name``'s study (search stage only: no confirmation), seeds
+    ``first_seed``, ``first_seed + 1``, ...: each a ``kdbench tune`` run into ``out/seed-K`` (one Ray instance)."""
+    import dataclasses
+
+    from kdbench.search import init_ray, run_study
+
+    init_ray(None, verbose=False)
+    folders = []
+    for k in range(first_seed, first_seed + searches):
+        study = dataclasses.replace(replay_study(name), seed=k, name=f"{name}-real-{k}")
+        folders.append(out / f"seed-{k}")
+        run_study(study, folders[-1], resume=(folders[-1] / "study.json").exists())
+    return folders
 
 
 def check_real(name: str, folders: list[Path], seeds: int = 50) -> dict:

@@ -92,7 +92,8 @@ def _loaded(table: str, path: str | None):
 
 def one(job: tuple) -> tuple:
     """One replay: (table, path, strategy, seed, workers, budget[, trials]) -> (trial-epochs, seconds,
-    hypervolume) arrays after each full-fidelity trial. ``budget`` None: until ``trials`` have ended."""
+    hypervolume) arrays after each full-fidelity trial, and the trial-epochs spent when each trial (stopped or
+    full) ended. ``budget`` None: until ``trials`` have ended."""
     table_name, path, strategy, seed, workers, budget, *trials = job
     import optuna
 
@@ -102,7 +103,7 @@ def one(job: tuple) -> tuple:
     s = strategy.study(study, seed)
     ran = replay(table, s, sampler_of(strategy, s), seed=seed, workers=workers,
                  budget=math.inf if budget is None else budget, trials=trials[0] if trials else math.inf)
-    return anytime(ran, truth(table, study.objectives))
+    return (*anytime(ran, truth(table, study.objectives)), np.array([r.spent for r in ran], float))
 
 
 def run_many(jobs: list[tuple], processes: int | None = None) -> list[tuple]:
