@@ -87,7 +87,7 @@ def test_a_study_of_flags_alone_is_the_data_sets_defaults_and_the_default_search
     (["--objectives", "top1"], ["--objectives top1: objectives = ['top1']; allowed: two different metrics"]),
     (["--sampler", "cmaes"], ["--sampler cmaes: sampler = 'cmaes'; allowed: tpe, nsga2, gp, qmc, random"]),
     (["--samples", "0"], ["--samples 0: samples = 0; allowed: >= 1"]),
-    (["--epochs", "3"], ["asha.grace_period = 6; allowed: <= recipe.epochs (3)"]),
+    (["--epochs", "2"], ["asha.grace_period = 3; allowed: <= recipe.epochs (2)"]),
     (["--dataset", "mnist"], ["--dataset mnist: dataset = 'mnist' is unknown"]),
     (["--teacher", "foo"], ["--teacher foo: teacher = 'foo' is unknown"]),
     (["cifar100-repdistiller", "--student", "resnet20"], ["runs [pairs]"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table as RichTable
 
-from .score import bootstrap, reach
+from .score import bootstrap, reach, truth
 from .strategies import curves, run_many, strategies, sweep
 from .tables import load_table, replay_study
 
@@ -61,6 +62,7 @@ def evaluate(name: str, seeds: int = 50, workers: int = 4, horizon: float = 2.0,
     out = {"table": name, "configurations": len(table.values), "seeds_recorded": len(table.seeds),
            "epochs": table.epochs, "budget_trial_epochs": budget,
            "workers": workers, "random_final_hv_median": target, "best_sampler_for_the_sweep": best.sampler,
+           "ceilings": truth(table, study.objectives).ceilings(table, study.objectives),
            "strategies": {}}
     for s, results in runs.values():
         c = curves(results, grid, limit(s, budget, horizon))
@@ -81,20 +83,23 @@ def evaluate(name: str, seeds: int = 50, workers: int = 4, horizon: float = 2.0,
             "replay_seeds": len(results)}
     out["seconds"] = time.time() - started
     if plot:
-        out["plot"] = str(_plot(name, runs, grid, budget, target, table.epochs))
+        best_found = max(out["strategies"], key=lambda n: out["strategies"][n]["final_hv"]["median"])
+        out["best_found"] = best_found
+        out["plot"] = str(_plot(name, runs, grid, budget, target, table.epochs, best_found))
     return out
 
 
-def _plot(name: str, runs: dict, grid: np.ndarray, budget: int, target: float, epochs: int) -> Path:
-    """Median (and quartiles, for the default and random search) of the normalised hypervolume over trial-epochs
-    and over simulated wall time."""
+def _plot(name: str, runs: dict, grid: np.ndarray, budget: int, target: float, epochs: int, best: str) -> Path:
+    """Median (and quartiles, for the default, random search and the ``best`` strategy) of the normalised
+    hypervolume over trial-epochs and over simulated wall time."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [n for n in ("default", "random", "random+pareto", "tpe", "tpe+pareto", "tpe-noliar+pareto", "nsga2",
-                         "qmc", "gp") if n in runs]
+    banded = list(dict.fromkeys(("default", "random", best)))
+    shown = banded + [n for n in ("random+pareto", "tpe", "tpe-noliar+pareto", "nsga2", "qmc", "gp") if n in runs
+                      and n not in banded]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), dpi=110)
     first = min(r[1][0] for _, rs in runs.values() for r in rs if len(r[1]))  # the first full trial's end
     end = max(r[1][-1] for _, rs in runs.values() for r in rs if len(r[1]))
@@ -102,8 +107,8 @@ def _plot(name: str, runs: dict, grid: np.ndarray, budget: int, target: float, e
     for ax, axis, xs, label in ((axes[0], 0, grid, "trial-epochs"), (axes[1], 1, clock / 60, "simulated minutes")):
         for n in shown:
             c = curves(runs[n][1], grid if axis == 0 else clock, None, axis)
-            line, = ax.plot(xs, np.median(c, 0), label=n, lw=2.2 if n in ("default", "random") else 1.2)
-            if n in ("default", "random"):
+            line, = ax.plot(xs, np.median(c, 0), label=n, lw=2.2 if n in banded else 1.0)
+            if n in banded:
                 ax.fill_between(xs, np.percentile(c, 25, 0), np.percentile(c, 75, 0), color=line.get_color(), alpha=0.15)
         ax.axhline(target, color="grey", lw=0.8, ls=":")
         ax.set_xscale("log"), ax.set_xlim(epochs / 2 if axis == 0 else xs[0], xs[-1])  # the first trials and the tail
@@ -112,8 +117,8 @@ def _plot(name: str, runs: dict, grid: np.ndarray, budget: int, target: float, e
         ax.grid(alpha=0.3, which="both")
     axes[0].axvline(budget, color="grey", lw=0.8, ls="--")
     axes[1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"Replayed searches on the {name} table: median over replays (quartiles shaded); dotted: random "
-                 f"search's median at the default budget (dashed)", fontsize=9)
+    fig.suptitle(f"Replayed searches on the {name} table: median over replays (quartiles shaded for the thick lines); "
+                 f"dotted: random search's median at the default budget (dashed)", fontsize=9)
     fig.tight_layout()
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"replay-{name}.png"
@@ -123,8 +128,12 @@ def _plot(name: str, runs: dict, grid: np.ndarray, budget: int, target: float, e
 
 
 def show(result: dict) -> None:
+    once, means = result["ceilings"]["every_configuration_one_seed"], result["ceilings"]["every_configuration_seed_means"]
     t = RichTable(title=f"{result['table']}: {result['configurations']} configurations x {result['seeds_recorded']} "
-                        f"seeds; budget {result['budget_trial_epochs']} trial-epochs, {result['workers']} workers")
+                        f"seeds; budget {result['budget_trial_epochs']} trial-epochs, {result['workers']} workers",
+                  caption=f"normalised hypervolume of the reported front on seed means; budget share: of random search's "
+                          f"budget, to reach its median ({result['random_final_hv_median']:.3f}). Ceilings, every "
+                          f"configuration run: once {min(once):.3f}–{max(once):.3f}, on seed means {means:.3f}")
     for c in ("strategy", "final HV median [95% CI]", "quartiles", "budget share [95% CI]", "speed-up", "trials (full)"):
         t.add_column(c, justify="left" if c == "strategy" else "right")
     rows = sorted(result["strategies"].items(), key=lambda kv: -kv[1]["final_hv"]["median"])
@@ -139,8 +148,13 @@ def show(result: dict) -> None:
 
 def figures(tables=("digits", "synthetic"), seeds: int = 50, workers: int = 4) -> dict:
     """What ``python -m benchmarks --only replay`` records: {"replay": {table: result}}."""
+    from .tables import HERE
+
     out = {}
     for name in tables:
+        if not (HERE / f"{name}.csv.gz").exists():
+            Console(stderr=True).print(f"replay: table {name} is not recorded yet (benchmarks/replay/README.md says how)")
+            continue
         out[name] = evaluate(name, seeds=seeds, workers=workers)
         show(out[name])
     return {"replay": out}
@@ -151,8 +165,6 @@ def figures(tables=("digits", "synthetic"), seeds: int = 50, workers: int = 4) -
 def run_real(name: str, out: Path, searches: int = 5, first_seed: int = 10) -> list[Path]:
     """``searches`` real searches of table ``name``'s study (search stage only: no confirmation), seeds
     ``first_seed``, ``first_seed + 1``, ...: each a ``kdbench tune`` run into ``out/seed-K`` (one Ray instance)."""
-    import dataclasses
-
     from kdbench.search import init_ray, run_study
 
     init_ray(None, verbose=False)
@@ -166,13 +178,13 @@ def run_real(name: str, out: Path, searches: int = 5, first_seed: int = 10) -> l
 
 def check_real(name: str, folders: list[Path], seeds: int = 50) -> dict:
     """Real ``kdbench tune`` searches (search stage) scored as the replay scores its own -- each reported
-    configuration looked up at the nearest recorded one -- beside the 5-95 % band of the default strategy replayed
-    with the same workers (the study's concurrency) and the same number of trials."""
+    configuration looked up at the nearest recorded one -- beside the 5-95 % band of the same strategy (the first
+    folder's sampler and ASHA) replayed with the same workers (its concurrency) and the same number of trials."""
     from kdbench.pareto import pareto_mask
     from kdbench.results import read_folder
+    from kdbench.study import study_from_dict
 
-    from .score import truth
-    from .strategies import default_of
+    from .strategies import Strategy
 
     study, table = replay_study(name), load_table(name)
     t = truth(table, study.objectives)
@@ -186,11 +198,16 @@ def check_real(name: str, folders: list[Path], seeds: int = 50) -> dict:
         reported = {c for c, keep in zip(configs, pareto_mask(observed)) if keep}
         spent = int(f.epochs["trial_id"].isin(rows["trial_id"]).sum())
         real.append({"folder": str(folder), "final_hv": t.score(reported), "trials": len(rows), "trial_epochs": spent})
-    s = default_of(study)
-    jobs = [(name, None, s, seed, study.concurrency, None, study.search.samples) for seed in range(seeds)]
-    final = np.array([r[2][-1] if len(r[2]) else 0.0 for r in run_many(jobs)])
+    ran = study_from_dict(read_folder(folders[0]).study["study"])
+    s = Strategy("real", ran.search.sampler, ran.asha.rank if ran.asha.enabled else "none", ran.asha.grace_period,
+                 ran.asha.reduction_factor)
+    jobs = [(name, None, s, seed, ran.concurrency, None, ran.search.samples) for seed in range(seeds)]
+    replays = run_many(jobs)
+    final = np.array([r[2][-1] if len(r[2]) else 0.0 for r in replays])
     band = [float(np.percentile(final, 5)), float(np.percentile(final, 95))]
     for r in real:
         r["inside"] = band[0] <= r["final_hv"] <= band[1]
-    return {"table": name, "workers": study.concurrency, "trials": study.search.samples, "replay_band_5_95": band,
-            "replay_median": float(np.median(final)), "replay_seeds": seeds, "real": real}
+    return {"table": name, "strategy": dataclasses.asdict(s), "workers": ran.concurrency, "trials": ran.search.samples,
+            "replay_band_5_95": band, "replay_median": float(np.median(final)),
+            "replay_trial_epochs_median": float(np.median([r[3][-1] for r in replays])), "replay_seeds": seeds,
+            "real": real}

@@ -32,6 +32,15 @@ class Truth:
         self.reference = tuple(lo - 0.1 * (hi - lo))
         self.perfect = hypervolume_2d(self.means, self.reference)
 
+    def ceilings(self, table: Table, objectives) -> dict:
+        """What reporting fronts of observed validation values can reach at best, with every configuration run:
+        once (per recorded seed: the front on that seed's values), and on its mean over all the seeds."""
+        j = [table.metrics.index(o) for o in objectives]
+        last = table.val[:, :, -1, :][:, :, j] * self.signs
+        once = [self.score(np.flatnonzero(pareto_mask(last[:, s]))) for s in range(last.shape[1])]
+        return {"every_configuration_one_seed": once,
+                "every_configuration_seed_means": self.score(np.flatnonzero(pareto_mask(last.mean(1))))}
+
     def score(self, configs) -> float:
         """Normalised hypervolume of the configurations ``configs`` (indices) on their means."""
         return hypervolume_2d(self.means[list(configs)], self.reference) / self.perfect if len(configs) else 0.0
@@ -73,5 +82,5 @@ def bootstrap(fn, *samples: np.ndarray, n: int = 1000, seed: int = 0) -> tuple[f
     """95% percentile interval of ``fn(*resampled)``, each sample's rows resampled with replacement."""
     rng = np.random.default_rng(seed)
     values = [fn(*[s[rng.integers(len(s), size=len(s))] for s in samples]) for _ in range(n)]
-    lo, hi = np.percentile(values, [2.5, 97.5])
+    lo, hi = np.quantile(values, [0.025, 0.975], method="inverted_cdf")  # no interpolation: inf (never) is a value
     return float(lo), float(hi)
