@@ -19,6 +19,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from kdbench.results import ResultsError
+from kdbench.study import StudyError
+
 from .report import check_real, figures, run_real
 from .tables import HERE, TABLES, pack, record_study
 
@@ -45,6 +48,14 @@ def main(argv=None) -> int:
     a.add_argument("--out", type=Path, default=Path("runs/real"))
     a.add_argument("--json", dest="json_path")
     args = p.parse_args(argv)
+    try:
+        return _run(args)
+    except (ResultsError, StudyError) as e:
+        console.print(f"error: {e}", markup=False, highlight=False)
+        return 2
+
+
+def _run(args) -> int:
     if args.command == "study":
         path = HERE / f"{args.name}.toml"
         path.write_text(record_study(args.name))

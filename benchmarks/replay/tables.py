@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,8 +91,9 @@ def pack(folder: Path, name: str) -> Path:
     trials = f.trials[f.trials["status"] == "completed"]
     missing = len(points) - len(trials)
     if missing:
-        raise SystemExit(f"{folder}: {missing} of {len(points)} trials did not complete; `kdbench tune "
-                         f"{HERE / (name + '.toml')} --out {folder} --resume` runs them")
+        print(f"error: {folder}: {missing} of {len(points)} trials did not complete; `kdbench tune "
+              f"{HERE / (name + '.toml')} --out {folder} --resume` runs them", file=sys.stderr)
+        raise SystemExit(2)
     found = trials[axes].to_numpy(float)
     config = np.abs(np.log(found[:, None, :]) - np.log(unique[None, :, :] + 1e-12)).sum(-1).argmin(1) \
         if (unique > 0).all() else np.abs(found[:, None, :] - unique[None]).sum(-1).argmin(1)
