@@ -181,6 +181,20 @@ def test_confirm_candidates_front_first_knee_first_one_per_configuration():
     assert pareto_ranks(np.array(pts)).tolist() == [0, 0, 0, 1, 2]
 
 
+def test_pareto_ranks_equal_fronts_peeled_one_at_a_time():
+    # A second formulation: the front of what is left, taken again and again (ties and duplicates included).
+    from kdbench.pareto import pareto_mask
+
+    rng = np.random.default_rng(0)
+    for n, k in ((1, 2), (7, 2), (60, 2), (40, 3)):
+        p = rng.integers(0, 5, size=(n, k)).astype(float)
+        expected, left, level = np.full(n, -1), np.arange(n), 0
+        while len(left):
+            expected[left[pareto_mask(p[left])]] = level
+            left, level = left[~pareto_mask(p[left])], level + 1
+        assert pareto_ranks(p).tolist() == expected.tolist()
+
+
 def test_config_id_ignores_the_seed_and_names_every_hyperparameter():
     ctx = {"dataset": "digits", "split_seed": 0, "teacher": "cnn_teacher", "student": "cnn_student", "epochs": 30}
     values = {"ce": 0.1, "kd": 0.9, "temperature": 4.0, "geometry": 100.0, "momentum": 0.9, "lr": 0.05, "cc_order": 2}

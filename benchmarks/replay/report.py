@@ -13,7 +13,7 @@ from rich.table import Table as RichTable
 
 from .score import bootstrap, reach, truth
 from .strategies import curves, run_many, strategies, sweep
-from .tables import load_table, replay_study
+from .tables import TABLES, load_table, replay_study
 
 __all__ = ["evaluate", "show", "figures", "RESULTS"]
 
@@ -33,11 +33,11 @@ def limit(strategy, budget: int, horizon: float) -> int:
 def evaluate(name: str, seeds: int = 50, workers: int = 4, horizon: float = 2.0, processes: int | None = None,
              path: Path | None = None, plot: bool = True) -> dict:
     """Every strategy on table ``name``, ``seeds`` replays each (see :func:`limit` for how far); then the ASHA rung
-    sweep for the sampler whose two-objective ASHA reached the highest median at the default budget (the study's
-    samples x epochs, in trial-epochs). Per strategy: ``speedup_vs_random``, ``budget_share``, ``final_hv``
+    sweep for the sampler whose two-objective ASHA reached the highest median at the default budget (``TABLES``'
+    budget, in trial-epochs). Per strategy: ``speedup_vs_random``, ``budget_share``, ``final_hv``
     (median, 95% bootstrap interval of the median, quartiles), ``replay_seeds``."""
     study = replay_study(name)
-    budget = study.search.samples * study.max_epochs
+    budget = TABLES[name]["budget"]
     grid = np.arange(0, 3 * budget + 1)
     table = load_table(name, path)
     runs, started = {}, time.time()
