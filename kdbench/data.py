@@ -49,13 +49,50 @@ class Data:
     key: str = ""  # non-default options / an image folder's contents: part of the teacher's cache key
     skipped: int = 0  # unreadable images left out (image folders with skip_bad_images)
 
+    # What training and measuring read (a streamed data set answers the same): the device, the image shape, a
+    # split's labels and size, one epoch's training batches, a split's images in order.
+
     @property
     def in_channels(self) -> int:
         return self.train_x.shape[1]
 
+    @property
+    def device(self) -> torch.device:
+        return self.train_x.device
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(C, H, W) of every image."""
+        return tuple(self.train_x.shape[1:])
+
+    def labels(self, split: str) -> torch.Tensor:
+        """The int64 labels of split ``train``, ``val`` or ``test``, in the split's order, on the device."""
+        return getattr(self, f"{split}_y")
+
+    def size(self, split: str) -> int:
+        return len(self.labels(split))
+
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The (images, labels) of split ``train``, ``val`` or ``test``."""
         return getattr(self, f"{name}_x"), getattr(self, f"{name}_y")
+
+    def train_batches(self, batch_size: int, generator: torch.Generator):
+        """One epoch: ``size("train") // batch_size`` batches (the last partial one dropped) in the order of a
+        permutation drawn from ``generator``, each ``(images, labels, indices)``: uint8 ``(B, C, H, W)`` images
+        augmented on the device (:func:`augment`, same generator), their labels, their rows in the train split.
+        Lazy: a batch's draws follow whatever the loop drew from ``generator`` for the batch before."""
+        n = self.size("train")
+        perm = torch.randperm(n, device=self.device, generator=generator)
+        for i in range(n // batch_size):
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            yield augment(self.train_x[idx], self.pad, self.flip, generator), self.train_y[idx], idx
+
+    def chunks(self, split: str, batch_size: int = 1000):
+        """Split ``split`` in order, ``(images, labels)`` of at most ``batch_size``: uint8 images on the device,
+        not augmented (what every measuring pass reads)."""
+        x, y = self.split(split)
+        for i in range(0, len(y), batch_size):
+            yield x[i:i + batch_size], y[i:i + batch_size]
 
     def to(self, device: torch.device | str) -> "Data":
         moved = {k: getattr(self, k).to(device) for k in

@@ -48,10 +48,10 @@ def _rows(data: Data, teacher: Teacher, arch: str, files: list[Path], label: str
     cid = results.config_id(context, {"evaluated": label})
     rows = []
     for i, path in enumerate(files):
-        model = build_model(arch, data.num_classes, data.in_channels).to(data.train_x.device)
+        model = build_model(arch, data.num_classes, data.in_channels).to(data.device)
         load_strict(model, read_state_dict(path, "--student"), path, arch, data.num_classes, "--student")
         t0 = time.perf_counter()
-        reference = forward_all(model, data.train_x, data)[0]  # kNN's reference set, once for both splits
+        reference = forward_all(model, "train", data)[0]  # kNN's reference set, once for both splits
         row = {"trial_id": f"{label}-{file_digest(path)[:8]}", "config_id": cid, "stage": "evaluate",
                "status": "completed", "fidelity": "full", "method": label, "seed": first_seed + i, "file": str(path.resolve())}
         for split in views:

@@ -55,18 +55,23 @@ def prepare(x: torch.Tensor, data: Data) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def forward_all(model: nn.Module, x: torch.Tensor, data: Data, batch_size: int = 1000):
-    """Features ``(N, d)`` and logits ``(N, C)`` of ``model`` in eval mode over uint8 images ``x``."""
+def forward_all(model: nn.Module, source: str | torch.Tensor, data: Data, batch_size: int = 1000):
+    """Features ``(N, d)`` and logits ``(N, C)`` of ``model`` in eval mode over split ``source`` of ``data`` (in
+    the split's order, not augmented: :meth:`Data.chunks`), or over a tensor of uint8 images."""
     was_training = model.training
     model.eval()
     feats, logits = [], []
-    with autocast(x.device):
-        for i in range(0, x.shape[0], batch_size):
-            f, z = model(prepare(x[i:i + batch_size], data))
+    chunks = data.chunks(source, batch_size) if isinstance(source, str) else \
+        ((source[i:i + batch_size], None) for i in range(0, source.shape[0], batch_size))
+    with autocast(data.device):
+        for x, _ in chunks:
+            f, z = model(prepare(x, data))
             feats.append(f.float())
             logits.append(z.float())
     model.train(was_training)
-    return torch.cat(feats), torch.cat(logits)
+    d = getattr(model, "feature_dim", 0)
+    return (torch.cat(feats), torch.cat(logits)) if feats else \
+        (torch.zeros(0, d, device=data.device), torch.zeros(0, data.num_classes, device=data.device))
 
 
 @dataclass
@@ -107,16 +112,15 @@ def evaluate(model: nn.Module, data: Data, split: str, teacher_view: dict | None
     already has them (one pass serves every split): then the ``final`` metrics too (kNN, retrieval, clustering).
     ``keep``: a dict that receives the student's centroid-similarity matrix of the split (float32, on the CPU).
     """
-    x, y = data.split(split)
-    f, z = forward_all(model, x, data)
-    o = SplitOutputs(f, z, y, data.num_classes)
+    f, z = forward_all(model, split, data)
+    o = SplitOutputs(f, z, data.labels(split), data.num_classes)
     if teacher_view is not None:
         o.teacher_features, o.teacher_similarity = teacher_view["features"], teacher_view["S"]
         if keep is not None:
             keep[split] = o.similarity.float().cpu().numpy()
     if knn is not False:
-        o.reference_features = knn if isinstance(knn, torch.Tensor) else forward_all(model, data.train_x, data)[0]
-        o.reference_labels = data.train_y
+        o.reference_features = knn if isinstance(knn, torch.Tensor) else forward_all(model, "train", data)[0]
+        o.reference_labels = data.labels("train")
     return {f"{split}_{name}": float(m.compute(o)) for name, m in METRICS.items()
             if (teacher_view is not None or not m.teacher) and (knn is not False or not m.final)}
 
@@ -128,9 +132,9 @@ def teacher_views(teacher: nn.Module, data: Data) -> dict:
     teacher.eval()
     views = {}
     for split in ("val", "test"):
-        x, y = data.split(split)
-        if len(x) == 0:
+        if data.size(split) == 0:
             continue
-        f, _ = forward_all(teacher, x, data)
-        views[split] = {"features": f.clone(), "S": similarity_matrix(class_centroids(f, y, data.num_classes)).clone()}
+        f, _ = forward_all(teacher, split, data)
+        views[split] = {"features": f.clone(),
+                        "S": similarity_matrix(class_centroids(f, data.labels(split), data.num_classes)).clone()}
     return views

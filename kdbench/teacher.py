@@ -54,7 +54,7 @@ def load_teacher(source: str | Path | dict, data: Data) -> Teacher:
     """A teacher on ``data``'s device, from a cache file (read with ``weights_only=True``) or from the
     blob ``{"state_dict", "centroids", "meta"}`` that :meth:`Teacher.blob` gives (how trials on other
     machines of a Ray cluster receive it)."""
-    device = data.train_x.device
+    device = data.device
     blob = source if isinstance(source, dict) else load_tensors(source, map_location=device)
     meta = blob["meta"]
     model = build_model(meta["arch"], data.num_classes, data.in_channels).to(device)
@@ -107,10 +107,10 @@ def _train(path, data, arch, recipe, seed, split_seed, key, report) -> Teacher:
     result = distill(TrainConfig(arch, METHODS["baseline"], recipe, seed, eval_val="every_epoch", eval_test="every_epoch"),
                      data, report=report)
     model = result.model.eval().requires_grad_(False)
-    feats, _ = forward_all(model, data.train_x, data)
+    feats, _ = forward_all(model, "train", data)
     meta = {"dataset": data.name, "arch": arch, "seed": seed, "split_seed": split_seed, "key": key,
             "recipe": fields_dict(recipe), **result.metrics, "autocast": result.precision}
-    return _save(path, model, class_centroids(feats, data.train_y, data.num_classes).clone(), meta)
+    return _save(path, model, class_centroids(feats, data.labels("train"), data.num_classes).clone(), meta)
 
 
 def study_data(study, data_root: str | None = None, download: bool = False, device="cpu",
@@ -203,14 +203,14 @@ def _from_checkpoint(path: Path, data: Data, arch: str, split_seed: int, use_cac
     if use_cache and cached.is_file():
         return load_teacher(cached, data), True
     t0 = time.perf_counter()
-    device = data.train_x.device
+    device = data.device
     model = build_model(arch, data.num_classes, data.in_channels)
     load_strict(model, state, path, arch, data.num_classes, option)
     model = model.to(device).eval().requires_grad_(False)
-    feats, _ = forward_all(model, data.train_x, data)
-    metrics = {**(evaluate(model, data, "val") if len(data.val_y) else {}), **evaluate(model, data, "test", knn=feats)}
+    feats, _ = forward_all(model, "train", data)
+    metrics = {**(evaluate(model, data, "val") if data.size("val") else {}), **evaluate(model, data, "test", knn=feats)}
     meta = {"dataset": data.name, "arch": arch, "seed": None, "split_seed": split_seed, "key": key,
             "recipe": None, "checkpoint": str(path.resolve()), "checkpoint_sha256": digest, **metrics,
             "best_test_top1": metrics["test_top1"], "params": count_parameters(model), "epochs": 0,
             "train_seconds": 0.0, "eval_seconds": time.perf_counter() - t0}
-    return _save(cached, model, class_centroids(feats, data.train_y, data.num_classes).clone(), meta), False
+    return _save(cached, model, class_centroids(feats, data.labels("train"), data.num_classes).clone(), meta), False

@@ -289,8 +289,8 @@ def shapes_of(terms, student: nn.Module, teacher, data) -> Shapes:
     training images, only where a term reads stage maps), the teacher's BNs before its ReLUs (OFD)."""
     d_t = teacher.centroids.shape[1] if teacher is not None else 0
     if teacher is None or not reads_of(terms) & STAGE_READS:
-        return Shapes(student.feature_dim, d_t, None, None, data.train_y)
-    x = prepare(data.train_x[:2].to(next(student.parameters()).device), data)
+        return Shapes(student.feature_dim, d_t, None, None, data.labels("train"))
+    x = prepare(next(data.chunks("train", 2))[0].to(next(student.parameters()).device), data)
 
     def stages(model):
         if not hasattr(model, "forward_stages"):
@@ -309,7 +309,7 @@ def shapes_of(terms, student: nn.Module, teacher, data) -> Shapes:
     (maps_s, pre_s), (maps_t, pre_t) = stages(student), stages(teacher.model)
     bn = getattr(teacher.model, "bn_before_relu", None) if "ofd" in terms else None
     t_bn = [(b.weight.detach().cpu().clone(), b.bias.detach().cpu().clone()) for b in bn()] if bn else None
-    return Shapes(student.feature_dim, d_t, maps_s, maps_t, data.train_y, (pre_s, pre_t), t_bn)
+    return Shapes(student.feature_dim, d_t, maps_s, maps_t, data.labels("train"), (pre_s, pre_t), t_bn)
 
 
 def check_method(method, student: str, teacher, data) -> None:
@@ -321,5 +321,5 @@ def check_method(method, student: str, teacher, data) -> None:
                           f"(allowed with {', '.join(LOGIT_TERMS)})")
     if teacher is None or not reads_of(terms) & STAGE_READS and not any(TERMS[t].parts for t in terms):
         return
-    model = build_model(student, data.num_classes, data.in_channels).to(data.train_x.device)
+    model = build_model(student, data.num_classes, data.in_channels).to(data.device)
     build_parts(terms, method, shapes_of(terms, model, teacher, data))

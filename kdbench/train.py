@@ -18,7 +18,7 @@ from torch import nn
 from .methods import Method
 from .settings import Recipe
 from .terms import STAGE_READS, TERMS, build_parts, reads_of, shapes_of
-from .data import Data, augment
+from .data import Data
 from .measure import autocast, evaluate, forward_all, peak_memory_mib, prepare, resolve_precision, teacher_views
 from .geometry import CentroidMemory
 from .models import build_model, count_parameters
@@ -114,7 +114,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         ``best_test_top1`` when test is evaluated every epoch; the run's ``last_test_top1``, ``peak_memory_mib``,
         ``compile_seconds``; ``epochs``), every epoch's row, the trained student, the precision and the matrices.
     """
-    method, recipe, device = cfg.method, cfg.recipe, data.train_x.device
+    method, recipe, device = cfg.method, cfg.recipe, data.device
     terms = method.terms
     if teacher is None and set(terms) - {"ce"}:
         raise ValueError(f"method {method.name!r} uses {sorted(set(terms) - {'ce'})}: it needs a teacher")
@@ -147,11 +147,11 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
     if "geometry" in terms:
         memory = CentroidMemory(data.num_classes, student.feature_dim, method.momentum).to(device)
         # every slot starts at the initial student's centroid
-        memory.fill(forward_all(student, data.train_x, data)[0], data.train_y)
+        memory.fill(forward_all(student, "train", data)[0], data.labels("train"))
         t_centroids = teacher.centroids.to(device).clone()
 
     # --- 3. the loop -------------------------------------------------------------------------
-    n = data.train_x.shape[0]
+    n = data.size("train")
     bs = min(recipe.batch_size, n)
     steps_per_epoch = n // bs  # drop the last partial batch (a batch of 1 breaks BatchNorm)
     total_steps = steps_per_epoch * recipe.epochs
@@ -174,16 +174,13 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         student.train()
         t0 = time.perf_counter()
         sums = torch.zeros(len(terms) + 2, device=device)  # per-term losses, total, correct: read once an epoch
-        perm = torch.randperm(n, device=device, generator=gen)
-        for i in range(steps_per_epoch):
-            idx = perm[i * bs:(i + 1) * bs]
-            x = prepare(augment(data.train_x[idx], data.pad, data.flip, gen), data)  # (B, C, H, W) float
+        for i, (images, y, idx) in enumerate(data.train_batches(bs, gen)):
+            x = prepare(images, data)  # (B, C, H, W) float
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             first_compiled = compiled and not stage_maps and i == 0 and epoch == start
             if first_compiled:
                 t_first = time.perf_counter()
-            y = data.train_y[idx]
             lr = get_lr(step, total_steps, recipe, steps_per_epoch)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -243,10 +240,10 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         if not math.isfinite(row["train_loss"]):
             raise DivergedError(f"training loss is {row['train_loss']} at epoch {epoch}")
         evaluated = [split for split, when in (("val", cfg.eval_val), ("test", cfg.eval_test))
-                     if (last or when == "every_epoch") and len(data.split(split)[1])]  # val_fraction = 0: no val
+                     if (last or when == "every_epoch") and data.size(split)]  # val_fraction = 0: no val
         # kNN's and retrieval's reference: the train split's features, once for every split evaluated
         measure_final = last or (cfg.final_every_epoch and evaluated)
-        train_features = forward_all(student, data.train_x, data)[0] if measure_final else False
+        train_features = forward_all(student, "train", data)[0] if measure_final else False
         matrices = {}  # the last epoch's student centroid-similarity matrices, per split
         for split in evaluated:
             row |= evaluate(student, data, split, views.get(split), knn=train_features, keep=matrices if last else None)

@@ -221,8 +221,8 @@ def _run(f: _Run, resume: bool, teacher, hit, device, storage: str | None) -> di
     study, out, rows = f.study, f.out, f.rows
     meta = {"schema": results.SCHEMA, "name": study.name, "kind": "grid" if study.is_grid else "search", "study": study.to_dict(),
             "teacher": {k: v for k, v in teacher.meta.items() if k != "path"} | {"cache_hit": hit},
-            "data": {"name": f.data.name, "classes": f.data.num_classes, "shape": list(f.data.train_x.shape[1:]),
-                     **{s: len(f.data.split(s)[1]) for s in ("train", "val", "test")}, "skipped_images": f.data.skipped},
+            "data": {"name": f.data.name, "classes": f.data.num_classes, "shape": list(f.data.shape),
+                     **{s: f.data.size(s) for s in ("train", "val", "test")}, "skipped_images": f.data.skipped},
             "environment": results.environment(str(device)), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "ended": None, "samples": study.trial_count(), "reference": dict(study.reference), "storage": storage}
     if resume:
