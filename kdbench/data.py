@@ -19,11 +19,15 @@ import pickle
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .errors import DataError
+
+if TYPE_CHECKING:
+    from .stream import StreamData
 
 __all__ = ["Data", "DATASETS", "DATA_OPTIONS", "DataError", "load_data", "check_data", "canonical", "cache_dir", "augment",
            "normalize", "stratified_split"]
@@ -48,6 +52,7 @@ class Data:
     class_names: tuple[str, ...] = ()
     key: str = ""  # non-default options / an image folder's contents: part of the teacher's cache key
     skipped: int = 0  # unreadable images left out (image folders with skip_bad_images)
+    streamed = False  # every image decoded, on the device (kdbench.stream: read from disk as it is used)
 
     # What training and measuring read (a streamed data set answers the same): the device, the image shape, a
     # split's labels and size, one epoch's training batches, a split's images in order.
@@ -337,12 +342,30 @@ def _synthetic(root: Path, seed: int, download: bool, options: dict) -> Data:
                  options, val_fraction=0.125, pad=4, flip=True)
 
 
-def _folder(path: str, seed: int, options: dict, device) -> Data:
-    """An image folder (see :mod:`kdbench.images`); crop padding scales with the image (32 px -> 4)."""
-    from .images import read_image_folder
+def _folder(path: str, seed: int, options: dict, device):
+    """An image folder (see :mod:`kdbench.images`): decoded on the device (crop padding scales with the image,
+    32 px -> 4), or streamed from disk (:mod:`kdbench.stream`) as ``[data] stream`` says: ``auto`` streams
+    where the decoded images would take over half the device's free memory."""
+    from .images import _free_memory, _gib, _listing, _probe, read_image_folder
+    from .stream import stream_folder
 
     if "val_fraction" in options and (Path(path).expanduser() / "val").is_dir():
         raise DataError(f"folder:{path}: has a val/ folder; val_fraction applies only without one")
+    stream = options.get("stream", "auto")
+    if stream == "auto":
+        root = Path(path).expanduser().resolve()
+        _, files = _listing(root)
+        n = sum(len(f) for f in files.values())
+        first = next(p for f in files.values() for p, _ in f)
+        head = _probe(first)
+        side = options.get("image_size") or (max(head[:2]) if not isinstance(head, str) else 224)
+        need, (free, what) = n * 3 * side * side, _free_memory(torch.device(device))
+        stream = need > free // 2
+        if stream:
+            _news(f"folder:{root}: {n:,} images of 3x{side}x{side} would take {_gib(need)} decoded, over half the free "
+                  f"{what} ({_gib(free // 2)}): streamed from disk ([data] stream = true or false chooses)")
+    if stream:
+        return stream_folder(path, seed, options)
     f = read_image_folder(path, options.get("image_size"), options.get("skip_bad_images", False), device, cache=cache_dir(),
                     log=_news)
     (x, y), (tx, ty) = (t.numpy() for t in f["splits"]["train"]), (t.numpy() for t in f["splits"]["test"])
@@ -374,12 +397,20 @@ DATA_OPTIONS = {
     "flip": (lambda v: isinstance(v, bool), "true or false"),
     "image_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 4, "an integer >= 4 (pixels)"),
     "skip_bad_images": (lambda v: isinstance(v, bool), "true or false"),
+    "stream": (lambda v: v in (True, False, "auto"),
+               '"auto" (stream from disk where the decoded images would not fit), true or false'),
+    "loader_workers": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                       "an integer >= 0 (DataLoader worker processes decoding a streamed folder; 0: in the training process)"),
+    "mean": (lambda v: isinstance(v, list) and v and all(isinstance(x, (int, float)) and 0 <= x <= 1 for x in v),
+             "a list of per-channel means on the 0..1 scale (a streamed folder; e.g. ImageNet's [0.485, 0.456, 0.406])"),
+    "std": (lambda v: isinstance(v, list) and v and all(isinstance(x, (int, float)) and 0 < x <= 1 for x in v),
+            "a list of per-channel standard deviations on the 0..1 scale (a streamed folder; e.g. [0.229, 0.224, 0.225])"),
     "train_per_class": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
                         "an integer >= 1 (train on the first N images of each class)"),
     "test_per_class": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
                        "an integer >= 1 (test on the first N images of each class)"),
 }
-FOLDER_ONLY = ("image_size", "skip_bad_images")
+FOLDER_ONLY = ("image_size", "skip_bad_images", "stream", "loader_workers", "mean", "std")
 
 
 def check_data(name: str, options: dict | None = None, where: str = "--dataset") -> dict:
@@ -417,7 +448,7 @@ def cache_dir() -> Path:
 
 
 def load_data(name: str, root: str | Path = "data", seed: int = 0, download: bool = False,
-              device: torch.device | str = "cpu", options: dict | None = None) -> Data:
+              device: torch.device | str = "cpu", options: dict | None = None) -> "Data | StreamData":
     """Load a data set by name, split with ``seed`` (fixed across trials), moved to ``device``.
 
     Args:
@@ -427,7 +458,7 @@ def load_data(name: str, root: str | Path = "data", seed: int = 0, download: boo
         download: fetch CIFAR with torchvision when the archive is missing.
         device: where the tensors live for training.
         options: ``DATA_OPTIONS`` (a study's ``[data]``): val_fraction, pad, flip; for folders also
-            image_size and skip_bad_images.
+            image_size, skip_bad_images, and stream (a :class:`kdbench.stream.StreamData`) with its options.
     """
     options = check_data(name, options)
     if name.startswith("folder:"):

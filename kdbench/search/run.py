@@ -222,7 +222,8 @@ def _run(f: _Run, resume: bool, teacher, hit, device, storage: str | None) -> di
     meta = {"schema": results.SCHEMA, "name": study.name, "kind": "grid" if study.is_grid else "search", "study": study.to_dict(),
             "teacher": {k: v for k, v in teacher.meta.items() if k != "path"} | {"cache_hit": hit},
             "data": {"name": f.data.name, "classes": f.data.num_classes, "shape": list(f.data.shape),
-                     **{s: f.data.size(s) for s in ("train", "val", "test")}, "skipped_images": f.data.skipped},
+                     **{s: f.data.size(s) for s in ("train", "val", "test")}, "skipped_images": f.data.skipped,
+                     "streamed": f.data.streamed},
             "environment": results.environment(str(device)), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "ended": None, "samples": study.trial_count(), "reference": dict(study.reference), "storage": storage}
     if resume:

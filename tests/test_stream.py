@@ -1,0 +1,153 @@
+"""Streamed image folders (issue 31): an ImageNet-layout tree written here in the real formats (JPEG, PNG,
+greyscale, CMYK, mixed sizes), read from disk batch by batch in DataLoader workers; the views checked against
+torchvision's own transforms; the batches the same with any number of workers; a bad file mid-stream one line."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kdbench.data import DataError, load_data
+from kdbench.stream import EVAL_RESIZE, _eval_view, _train_view, crop_box
+
+CLASSES = ("n01", "n02", "n03")
+
+
+def write_imagenet(root, train=6, val=2, seed=0):
+    """ImageNet's layout (train/<wnid>/*.JPEG, val/<wnid>/*, test/<wnid>/*): each class its own colour; sizes and
+    formats as ImageNet mixes them (an RGB JPEG, a greyscale JPEG, a CMYK JPEG, a PNG with alpha)."""
+    rng = np.random.default_rng(seed)
+    sizes = ((48, 40), (36, 60), (64, 64), (50, 30))
+    for split, n in (("train", train), ("val", val), ("test", val)):
+        for c, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                w, h = sizes[i % len(sizes)]
+                a = rng.integers(0, 60, (h, w, 3))
+                a[..., c] += 180
+                im = Image.fromarray(a.astype(np.uint8))
+                kind = i % 4
+                if kind == 1:
+                    im = im.convert("L")
+                elif kind == 2:
+                    im = im.convert("CMYK")
+                elif kind == 3:
+                    im.convert("RGBA").save(root / split / name / f"{i}.png")
+                    continue
+                im.save(root / split / name / f"{name}_{i}.JPEG", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return write_imagenet(tmp_path_factory.mktemp("imagenet"))
+
+
+def test_measuring_view_is_torchvisions_resize_and_centre_crop():
+    from torchvision.transforms import v2
+
+    rng = np.random.default_rng(1)
+    for w, h in ((64, 48), (37, 80), (32, 32)):
+        im = Image.fromarray(rng.integers(0, 255, (h, w, 3)).astype(np.uint8))
+        expected = v2.CenterCrop(24)(v2.Resize(int(24 / EVAL_RESIZE), interpolation=v2.InterpolationMode.BILINEAR)(im))
+        assert np.array_equal(np.asarray(_eval_view(im, 24)), np.asarray(expected))
+
+
+def test_random_resized_crop_draws_as_torchvision_and_crops_as_it_does():
+    from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional as F
+
+    rng = np.random.default_rng(0)
+    boxes = np.array([crop_box(80, 60, rng) for _ in range(4000)])
+    area, ratio = boxes[:, 2] * boxes[:, 3] / (80 * 60), boxes[:, 2] / boxes[:, 3]
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= 80).all() and (boxes[:, 1] + boxes[:, 3] <= 60).all()
+    assert 0.075 < area.min() < 0.1 and area.max() > 0.97 and 0.72 < ratio.min() < 0.78 and 1.3 < ratio.max() < 1.36
+    # Too thin for any draw: the fallback, the centre crop of the nearest ratio (3:4 here), as torchvision's get_params.
+    assert crop_box(3, 200, np.random.default_rng(0)) == (0, (200 - 4) // 2, 3, 4)
+    assert crop_box(200, 3, np.random.default_rng(0)) == ((200 - 4) // 2, 0, 4, 3)
+    # The same box through torchvision's resized_crop gives the same pixels, then the flip.
+    im = Image.fromarray(np.random.default_rng(2).integers(0, 255, (60, 80, 3)).astype(np.uint8))
+    for seed in range(6):
+        r = np.random.default_rng(seed)
+        left, top, cw, ch = crop_box(80, 60, r)
+        expected = F.resized_crop(im, top, left, ch, cw, [24, 24], interpolation=v2.InterpolationMode.BILINEAR)
+        if r.random() < 0.5:
+            expected = F.horizontal_flip(expected)
+        assert np.array_equal(np.asarray(_train_view(im, 24, seed)), np.asarray(expected))
+
+
+def test_a_streamed_folder_lists_every_format_as_three_channels_and_keeps_its_val_split(tree):
+    d = load_data(f"folder:{tree}", options={"stream": True, "image_size": 24, "loader_workers": 0})
+    assert d.streamed and d.shape == (3, 24, 24) and (d.size("train"), d.size("val"), d.size("test")) == (18, 6, 6)
+    assert d.labels("train").tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    x, y = next(d.chunks("val", 100))
+    assert x.shape == (6, 3, 24, 24) and x.dtype == torch.uint8 and y.tolist() == [0, 0, 1, 1, 2, 2]
+    # Each image is dominated by its class's channel, greyscale and CMYK files aside.
+    rgb = [i for i, f in enumerate(d.files["val"]) if f.endswith("_0.JPEG")]
+    assert (x[rgb].float().mean((2, 3)).argmax(1) == y[rgb]).all()
+    # The statistics: from the images as measured (here all of them), per channel on the 0..1 scale.
+    whole = torch.cat([c for c, _ in d.chunks("train")]).double() / 255
+    assert d.mean == pytest.approx(whole.mean((0, 2, 3)).tolist(), abs=1e-6)
+    assert d.std == pytest.approx(whole.transpose(0, 1).reshape(3, -1).std(1, unbiased=False).tolist(), abs=1e-6)
+
+
+def test_training_batches_are_the_same_with_any_number_of_workers(tree):
+    base = load_data(f"folder:{tree}", options={"stream": True, "image_size": 16, "loader_workers": 0})
+    epochs = {}
+    for workers in (0, 2):
+        d = dataclasses.replace(base, workers=workers)
+        g = torch.Generator().manual_seed(3)
+        epochs[workers] = [list(d.train_batches(4, g)) for _ in range(2)]
+    for (a, b) in zip(epochs[0], epochs[2]):
+        assert len(a) == len(b) == 18 // 4
+        for (xa, ya, ia), (xb, yb, ib) in zip(a, b):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ib)
+            assert torch.equal(ya, base.labels("train")[ia])
+    seen = torch.cat([i for _, _, i in epochs[0][0]])
+    assert len(set(seen.tolist())) == 16  # a permutation: 4 batches of 4 distinct images
+    assert not torch.equal(torch.cat([x for x, _, _ in epochs[0][0]]), torch.cat([x for x, _, _ in epochs[0][1]]))
+
+
+def test_a_bad_file_mid_stream_is_one_line_or_skipped_and_counted(tree, tmp_path):
+    import shutil
+
+    root = tmp_path / "t"
+    shutil.copytree(tree, root)
+    bad = root / "train" / "n02" / "n02_0.JPEG"
+    bad.write_bytes(bad.read_bytes()[:200])  # a truncated JPEG: its header reads, its pixels do not
+    d = load_data(f"folder:{root}", options={"stream": True, "image_size": 16, "loader_workers": 0})
+    with pytest.raises(DataError, match=rf"^{bad}: unreadable image \(.*\); remove it, or pass --skip-bad-images"):
+        for _ in d.train_batches(18, torch.Generator().manual_seed(0)):
+            pass
+    d = load_data(f"folder:{root}", options={"stream": True, "image_size": 16, "loader_workers": 0, "skip_bad_images": True})
+    (x, y, i), = list(d.train_batches(18, torch.Generator().manual_seed(0)))
+    assert len(y) == 17 and [f for f, _ in d.bad] == ["train/n02/n02_0.JPEG"]
+
+
+def test_auto_streams_only_what_does_not_fit(tree, monkeypatch, capsys):
+    import kdbench.images
+
+    d = load_data(f"folder:{tree}", options={"image_size": 16})
+    assert not d.streamed and "streamed" not in capsys.readouterr().err
+    monkeypatch.setattr(kdbench.images, "_free_memory", lambda device: (40_000, "RAM"))  # 30 images x 3x16x16 = 23,040 B
+    d = load_data(f"folder:{tree}", options={"image_size": 16, "loader_workers": 0})
+    assert d.streamed
+    assert ("30 images of 3x16x16 would take 22 KiB decoded, over half the free RAM (20 KiB): streamed from disk"
+            in capsys.readouterr().err.replace("\n", " "))
+
+
+def test_distill_trains_on_a_streamed_folder(tree, monkeypatch):
+    from kdbench.methods import METHODS
+    from kdbench.settings import Recipe
+    from kdbench.teacher import get_teacher
+    from kdbench.train import TrainConfig, distill
+
+    monkeypatch.setenv("KDBENCH_CACHE", str(tree.parent / "cache"))
+    d = load_data(f"folder:{tree}", options={"stream": True, "image_size": 16, "loader_workers": 2})
+    recipe = Recipe(epochs=2, batch_size=6, lr=0.05)
+    teacher, _ = get_teacher(d, "cnn_teacher", recipe)
+    assert teacher.centroids.shape[0] == 3
+    run = distill(TrainConfig("cnn_student", METHODS["geometry"], recipe, seed=0), d, teacher)
+    assert len(run.history) == 2 and 0 <= run["test_top1"] <= 100 and np.isfinite(run["test_geom_corr"])
