@@ -1,6 +1,12 @@
-"""The model zoo against RepDistiller's own model code: checkpoints load strictly, the numbers agree.
+"""The model zoo against RepDistiller's and mdistiller's own model code: checkpoints load strictly, the numbers agree.
 
     python -m benchmarks.zoo --repdistiller PATH [--json FILE]
+    python -m benchmarks.zoo --mdistiller PATH [--json FILE]
+
+``--mdistiller``: PATH holds mdistiller's ``mdistiller/models/imagenet/`` (its ImageNet ResNet-18/34/50, whose
+parameter names are torchvision's, and MobileNetV1), checked the same way at 224x224 against ``tv:resnet18``,
+``tv:resnet34``, ``tv:resnet50`` and kdbench's ``MobileNetV1``, 1000 classes: logits, features, its ``feats``
+and ``preact_feats``.
 
 PATH is a checkout of HobbitLong/RepDistiller (not part of kdbench; its code is imported from there at run
 time, never copied). For each of the 24 names (its ``model_dict`` and the ResNet18/34 of ``resnetv2.py``):
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import sys
 import tempfile
@@ -72,18 +79,64 @@ def check(name: str, folder: Path) -> dict:
             "preact": max(_rel(a, b) for a, b in zip(s.preact, pre_feats[:-1]))}
 
 
+IMAGENET = {"tv:resnet18": "resnet18", "tv:resnet34": "resnet34", "tv:resnet50": "resnet50", "MobileNetV1": "MobileNetV1"}
+
+
+def _mdistiller(name: str, root: Path):
+    """mdistiller's ImageNet model ``name``, its module loaded from its file (no mdistiller package import)."""
+    module = "mobilenetv1" if name == "MobileNetV1" else "resnet"
+    spec = importlib.util.spec_from_file_location(f"mdistiller_{module}", root / "mdistiller/models/imagenet" / f"{module}.py")
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    return getattr(m, name)()
+
+
+def check_imagenet(name: str, folder: Path, root: Path) -> dict:
+    torch.manual_seed(0)
+    ref = _mdistiller(IMAGENET[name], root)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9)
+    ref.train()
+    for _ in range(2):
+        x = torch.randn(4, 3, 224, 224)
+        loss = torch.nn.functional.cross_entropy(ref(x)[0], torch.randint(0, 1000, (4,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = folder / f"{IMAGENET[name]}.pth"
+    torch.save(ref.state_dict(), path)
+    ours = build_model(name, 1000, 3)
+    ours.load_state_dict(read_state_dict(path), strict=True)
+    ref.eval()
+    ours.eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        logits, feats = ref(x)
+        s = ours.forward_stages(x)
+        features, plain_logits = ours(x)
+    return {"name": name, "keys": len(ref.state_dict()), "strict_load": True,
+            "shapes_match": [tuple(m.shape) for m in feats["feats"]] == [tuple(m.shape) for m in s.maps],
+            "logits": max(_rel(s.logits, logits), _rel(plain_logits, logits)),
+            "features": max(_rel(s.features, feats["pooled_feat"]), _rel(features, feats["pooled_feat"])),
+            "maps": max(_rel(a, b) for a, b in zip(s.maps, feats["feats"])),
+            "preact": max(_rel(a, b) for a, b in zip(s.preact, feats["preact_feats"]))}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.zoo", description=__doc__.splitlines()[0])
-    p.add_argument("--repdistiller", required=True, type=Path, help="a checkout of HobbitLong/RepDistiller")
+    authors = p.add_mutually_exclusive_group(required=True)
+    authors.add_argument("--repdistiller", type=Path, help="a checkout of HobbitLong/RepDistiller")
+    authors.add_argument("--mdistiller", type=Path, help="a checkout of megvii-research/mdistiller")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
-    sys.path.insert(0, str(a.repdistiller.resolve()))
+    if a.repdistiller:
+        sys.path.insert(0, str(a.repdistiller.resolve()))
+    names = NAMES if a.repdistiller else list(IMAGENET)
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        for name in NAMES:
-            r = check(name, Path(d))
+        for name in names:
+            r = check(name, Path(d)) if a.repdistiller else check_imagenet(name, Path(d), a.mdistiller.resolve())
             rows.append(r)
-            print(f"{name:12s} keys {r['keys']:4d}  strict load ok  max rel. error: logits {r['logits']:.1e}  "
+            print(f"{name:13s} keys {r['keys']:4d}  strict load ok  max rel. error: logits {r['logits']:.1e}  "
                   f"features {r['features']:.1e}  maps {r['maps']:.1e}  preact {r['preact']:.1e}", flush=True)
     worst = max(max(r["logits"], r["features"], r["maps"], r["preact"]) for r in rows)
     print(f"{len(rows)} architectures; worst relative error {worst:.1e} (tolerance 1e-4)")

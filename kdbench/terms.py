@@ -131,7 +131,7 @@ class _OFDParts(nn.Module):
 def _ofd_parts(sh: Shapes, m) -> nn.Module:
     if sh.t_bn is None:
         raise MethodError("ofd: the teacher names no BN before its stages' ReLU (its margins); allowed teachers: the "
-                          "CIFAR ResNets, ResNet18/34/50, WRNs, VGGs, the digits CNNs")
+                          "CIFAR ResNets, ResNet18/34/50, WRNs, VGGs, the digits CNNs, MobileNetV1, torchvision's ResNets")
     return _OFDParts(_pairs(sh, "ofd"), sh.t_bn)
 
 

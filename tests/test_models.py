@@ -23,10 +23,12 @@ ZOO = {"resnet8": (0.08, 56, _R, 64), "resnet14": (0.18, 92, _R, 64), "resnet20"
        "ResNet18": (11.22, 122, _V2, 512), "ResNet34": (21.33, 218, _V2, 512),
        "ResNet50": (23.71, 320, [(64, 32), (256, 32), (512, 16), (1024, 8), (2048, 4)], 2048)}
 DIGITS = {"cnn_teacher": [(64, 8), (64, 8), (128, 4)], "cnn_student": [(8, 8), (8, 8), (16, 4)]}
+# mdistiller's ImageNet MobileNetV1 (1000 classes, 3x224x224): the same facts (benchmarks/zoo.py --mdistiller).
+IMAGENET = {"MobileNetV1": (4.23, 164, [(128, 56), (256, 28), (512, 14), (1024, 7)], 1024)}
 
 
-def test_the_registry_is_repdistillers_zoo_and_the_digits_cnns():
-    assert set(MODELS) == set(ZOO) | set(DIGITS)
+def test_the_registry_is_repdistillers_zoo_mdistillers_imagenet_student_and_the_digits_cnns():
+    assert set(MODELS) == set(ZOO) | set(IMAGENET) | set(DIGITS)
     assert all(MODELS[ALIASES[a]] is MODELS[n] for a, n in (("resnet18", "ResNet18"), ("resnet50", "ResNet50")))
 
 
@@ -63,6 +65,34 @@ def test_every_model_returns_pooled_features_of_its_last_map_and_logits_of_its_h
         assert torch.allclose(s.maps[-1].mean((2, 3)), s.features, atol=1e-5)
     if name.startswith("wrn"):  # WRN: BN-ReLU of the last stage (its pre-activation), then the pool
         assert torch.allclose(torch.relu(s.preact[-1]).mean((2, 3)), s.features, atol=1e-5)
+
+
+def test_mobilenet_v1_has_mdistillers_counts_names_and_stages():
+    params, entries, maps, width = IMAGENET["MobileNetV1"]
+    model = build_model("MobileNetV1", 1000, 3).eval()
+    assert round(count_parameters(model) / 1e6, 2) == params and len(model.state_dict()) == entries
+    assert {"model.0.0.weight", "model.13.3.weight", "model.13.4.running_var", "fc.weight"} <= set(model.state_dict())
+    with torch.inference_mode():
+        s = model.forward_stages(torch.randn(1, 3, 224, 224))
+    assert [(m.shape[1], m.shape[2]) for m in s.maps] == maps and s.features.shape == (1, width)
+    assert all(torch.equal(torch.relu(p), m) for p, m in zip(s.preact, s.maps)) and (s.preact[-1] < 0).any()
+    assert [b.num_features for b in model.bn_before_relu()] == [c for c, _ in maps]
+
+
+@pytest.mark.parametrize("name", ["tv:resnet18", "tv:resnet50"])
+def test_torchvision_resnets_give_mdistillers_pre_activations_and_their_bns(name):
+    """Each stage's map is its pre-activation after the ReLU (the stem: the same tensor, as mdistiller returns
+    it); the pass gives the library forward's own logits; the BNs before the ReLUs are the last blocks'."""
+    model = build_model(name, 10, 3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        s, (f, z) = model.forward_stages(x), model(x)
+    assert torch.allclose(s.logits, z, atol=1e-5) and torch.allclose(s.features, f, atol=1e-5)
+    assert s.preact[0] is s.maps[0] and len(s.maps) == 5
+    assert all(torch.equal(torch.relu(p), m) and (p < 0).any() for p, m in zip(s.preact[1:], s.maps[1:]))
+    bns = model.bn_before_relu()
+    assert bns[0] is model.bn1 and bns[-1] is (model.layer4[-1].bn3 if name == "tv:resnet50" else model.layer4[-1].bn2)
+    assert [b.num_features for b in bns] == [m.shape[1] for m in s.maps]
 
 
 def test_state_dict_keys_are_repdistillers():
@@ -125,7 +155,8 @@ def test_library_models_give_features_and_logits_of_their_head_and_load_their_ow
     # Stage maps: 4-D, each resolution at most once, halving from one to the next, the last at the lowest one.
     sizes = [m.shape[-1] for m in s.maps]
     assert len(sizes) >= 3 and all(m.ndim == 4 for m in s.maps) and sizes == sorted(sizes, reverse=True), sizes
-    assert s.preact is None and torch.allclose(s.features, f, atol=1e-5) and torch.allclose(s.logits, z, atol=1e-5)
+    assert (s.preact is None) != name.startswith("tv:resnet")  # torchvision's ResNets give mdistiller's pre-activations
+    assert torch.allclose(s.features, f, atol=1e-5) and torch.allclose(s.logits, z, atol=1e-5)
 
 
 def test_library_model_takes_the_data_sets_channels():

@@ -21,10 +21,10 @@ HERE = Path(__file__).parent / "tables"
 # name -> the bundled study whose space, recipe and default search the table serves, Sobol points (a power of
 # two), seeds, and the budget strategies are compared at: the trial-epochs of the study's search before the replay
 # (24 full 30-epoch trials on digits, 16 full 10-epoch ones on synthetic) -- fixed, so that a default whose
-# ``samples`` is raised to spend it with early stopping is scored at the same budget. synthetic: 64
-# configurations (its epochs cost ~20x digits') keep it within ~90 minutes on 2 cores.
+# ``samples`` is raised to spend it with early stopping is scored at the same budget. synthetic: 32
+# configurations (a run is ~70 s of one core against digits' ~3 s) keep it within ~60 minutes on 2 cores.
 TABLES = {"digits": dict(study="digits", configs=256, seeds=(0, 1, 2), budget=24 * 30),
-          "synthetic": dict(study="synthetic-search", configs=64, seeds=(0, 1, 2), budget=16 * 10)}
+          "synthetic": dict(study="synthetic-search", configs=32, seeds=(0, 1, 2), budget=16 * 10)}
 
 
 def replay_study(name: str) -> Study:

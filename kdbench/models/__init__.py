@@ -17,6 +17,7 @@ from torch import nn
 from .adapters import StagesUnavailable, timm_model, torchvision_model
 from .base import Net, Stages
 from .mobilenet import mobilenet_v2
+from .mobilenetv1 import MobileNetV1
 from .resnet import BasicBlock, Bottleneck, cifar_resnet, resnet_v2
 from .shufflenet import ShuffleNetV1, ShuffleNetV2
 from .small import SmallCNN
@@ -39,6 +40,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "MobileNetV2": mobilenet_v2(),
     "ShuffleV1": lambda num_classes, in_channels=3: ShuffleNetV1(num_classes, in_channels),
     "ShuffleV2": lambda num_classes, in_channels=3: ShuffleNetV2(num_classes, in_channels),
+    # ImageNet: mdistiller's MobileNetV1 (its ResNets are torchvision's: tv:resnet18, tv:resnet34, tv:resnet50).
+    "MobileNetV1": lambda num_classes, in_channels=3: MobileNetV1(num_classes, in_channels),
     # The embedded digits set (8x8, one channel).
     "cnn_teacher": lambda num_classes, in_channels=1: SmallCNN((64, 128), num_classes, in_channels),
     "cnn_student": lambda num_classes, in_channels=1: SmallCNN((8, 16), num_classes, in_channels),

@@ -2,7 +2,11 @@
 
 ``forward(x) -> (features, logits)`` from one pass of the library's own forward; ``forward_stages(x)``
 gives the library's stage outputs (timm's ``forward_intermediates``; torchvision's ``layer1..4``,
-``trunk_output`` blocks or the last ``features`` module at each resolution), with no pre-activations.
+``trunk_output`` blocks or the last ``features`` module at each resolution). torchvision's ResNets also give
+their pre-activations, as mdistiller's ImageNet ResNet returns them (``preact_feats``, what OFD and ReviewKD
+read): each stage's last block before its final ReLU, after the stem's output (before the max-pool: after its
+ReLU, as in mdistiller, whose in-place ReLU overwrites the BN output it keeps); ``maps`` are the same after the
+ReLU; ``bn_before_relu()`` the BNs whose outputs those blocks add.
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ def torchvision_model(arch: str, num_classes: int, in_channels: int) -> nn.Modul
         return self.kd_head.__dict__.pop("kd_input"), logits
 
     def forward_stages(self, x):
+        if isinstance(self, torchvision.models.ResNet):
+            return _resnet_stages(self, x)
         modules, last_per_size = _tv_stage_modules(self)
         outs = []
         hooks = [m.register_forward_hook(lambda mod, args, out: outs.append(out)) for m in modules]
@@ -78,7 +84,41 @@ def torchvision_model(arch: str, num_classes: int, in_channels: int) -> nn.Modul
             maps = [m for i, m in enumerate(maps) if i + 1 == len(maps) or maps[i + 1].shape[-1] != m.shape[-1]]
         return Stages(maps, None, features, logits)
 
-    return _adapt(model, head, forward, forward_stages)
+    model = _adapt(model, head, forward, forward_stages)
+    if isinstance(model, torchvision.models.ResNet):
+        type(model).bn_before_relu = _resnet_bn_before_relu
+    return model
+
+
+def _resnet_stages(model, x) -> Stages:
+    """A torchvision ResNet's pass with its stage maps and pre-activations (see the module's docstring); the
+    same arithmetic as its own forward, module by module."""
+    x = model.relu(model.bn1(model.conv1(x)))
+    maps, preact = [x], [x]
+    x = model.maxpool(x)
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in layer[:-1]:
+            x = block(x)
+        last = layer[-1]
+        identity = last.downsample(x) if last.downsample is not None else x
+        out = last.relu(last.bn1(last.conv1(x)))
+        if hasattr(last, "bn3"):  # Bottleneck
+            out = last.bn3(last.conv3(last.relu(last.bn2(last.conv2(out)))))
+        else:
+            out = last.bn2(last.conv2(out))
+        pre = out + identity
+        x = torch.relu(pre)
+        maps.append(x)
+        preact.append(pre)
+    features = torch.flatten(model.avgpool(x), 1)
+    return Stages(maps, preact, features, model.fc(features))
+
+
+def _resnet_bn_before_relu(self) -> list[nn.BatchNorm2d]:
+    """Per stage, the BN of the last block whose output is added to the shortcut before the ReLU (OFD's
+    margins), as mdistiller's ``get_bn_before_relu`` (the stem's BN first)."""
+    last = [getattr(self, f"layer{i}")[-1] for i in range(1, 5)]
+    return [self.bn1, *(b.bn3 if hasattr(b, "bn3") else b.bn2 for b in last)]
 
 
 def timm_model(arch: str, num_classes: int, in_channels: int) -> nn.Module:
