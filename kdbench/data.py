@@ -16,7 +16,6 @@ import io
 import json
 import os
 import pickle
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +29,7 @@ if TYPE_CHECKING:
     from .stream import StreamData
 
 __all__ = ["Data", "DATASETS", "DATA_OPTIONS", "DataError", "load_data", "check_data", "canonical", "cache_dir", "augment",
-           "normalize", "stratified_split"]
+           "normalize", "stratified_split", "reference_rows"]
 
 
 @dataclass(frozen=True)
@@ -92,12 +91,14 @@ class Data:
             idx = perm[i * batch_size:(i + 1) * batch_size]
             yield augment(self.train_x[idx], self.pad, self.flip, generator), self.train_y[idx], idx
 
-    def chunks(self, split: str, batch_size: int = 1000):
-        """Split ``split`` in order, ``(images, labels)`` of at most ``batch_size``: uint8 images on the device,
-        not augmented (what every measuring pass reads)."""
+    def chunks(self, split: str, batch_size: int = 1000, rows: torch.Tensor | None = None):
+        """Split ``split`` in order (or its ``rows``), ``(images, labels)`` of at most ``batch_size``: uint8 images
+        on the device, not augmented (what every measuring pass reads)."""
         x, y = self.split(split)
-        for i in range(0, len(y), batch_size):
-            yield x[i:i + batch_size], y[i:i + batch_size]
+        n = len(y) if rows is None else len(rows)
+        for i in range(0, n, batch_size):
+            take = slice(i, i + batch_size) if rows is None else rows[i:i + batch_size]
+            yield x[take], y[take]
 
     def to(self, device: torch.device | str) -> "Data":
         moved = {k: getattr(self, k).to(device) for k in
@@ -170,6 +171,20 @@ def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int
         for k in range(len(fractions)):
             parts[k].append(idx[bounds[k]:bounds[k + 1]])
     return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def reference_rows(labels: torch.Tensor, per_class: int, seed: int = 0) -> torch.Tensor | None:
+    """Rows of a split holding at most ``per_class`` images of each class, drawn without replacement from a
+    permutation seeded ``seed`` (the same for every trial), sorted; None for ``per_class`` 0 (every row)."""
+    if not per_class:
+        return None
+    y = labels.cpu().numpy()
+    order = np.random.default_rng(seed).permutation(len(y))
+    ranked = np.empty(len(y), dtype=np.int64)  # each row's place among its class's rows in that order
+    for c in np.unique(y):
+        members = order[y[order] == c]
+        ranked[members] = np.arange(len(members))
+    return torch.from_numpy(np.flatnonzero(ranked < per_class)).to(labels.device)
 
 
 def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,46 +357,6 @@ def _synthetic(root: Path, seed: int, download: bool, options: dict) -> Data:
                  options, val_fraction=0.125, pad=4, flip=True)
 
 
-def _folder(path: str, seed: int, options: dict, device):
-    """An image folder (see :mod:`kdbench.images`): decoded on the device (crop padding scales with the image,
-    32 px -> 4), or streamed from disk (:mod:`kdbench.stream`) as ``[data] stream`` says: ``auto`` streams
-    where the decoded images would take over half the device's free memory."""
-    from .images import _free_memory, _gib, _listing, _probe, read_image_folder
-    from .stream import stream_folder
-
-    if "val_fraction" in options and (Path(path).expanduser() / "val").is_dir():
-        raise DataError(f"folder:{path}: has a val/ folder; val_fraction applies only without one")
-    stream = options.get("stream", "auto")
-    if stream == "auto":
-        root = Path(path).expanduser().resolve()
-        _, files = _listing(root)
-        n = sum(len(f) for f in files.values())
-        first = next(p for f in files.values() for p, _ in f)
-        head = _probe(first)
-        side = options.get("image_size") or (max(head[:2]) if not isinstance(head, str) else 224)
-        need, (free, what) = n * 3 * side * side, _free_memory(torch.device(device))
-        stream = need > free // 2
-        if stream:
-            _news(f"folder:{root}: {n:,} images of 3x{side}x{side} would take {_gib(need)} decoded, over half the free "
-                  f"{what} ({_gib(free // 2)}): streamed from disk ([data] stream = true or false chooses)")
-    if stream:
-        return stream_folder(path, seed, options)
-    f = read_image_folder(path, options.get("image_size"), options.get("skip_bad_images", False), device, cache=cache_dir(),
-                    log=_news)
-    (x, y), (tx, ty) = (t.numpy() for t in f["splits"]["train"]), (t.numpy() for t in f["splits"]["test"])
-    val = tuple(t.numpy() for t in f["splits"]["val"]) if "val" in f["splits"] else None
-    d = _make(f"folder:{path}", x, y, tx, ty, seed, len(f["classes"]), f["classes"], options, val=val,
-              val_fraction=0.1, pad=max(1, round(x.shape[-1] / 8)), flip=True)
-    key = hashlib.sha256(f"{f['key']}{d.key}".encode()).hexdigest()[:16]
-    return dataclasses.replace(d, key=key, skipped=len(f["bad"]))
-
-
-def _news(line: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True, highlight=False, soft_wrap=True).print(line)
-
-
 DATASETS = {
     "digits": _digits,
     "synthetic": _synthetic,
@@ -462,5 +437,7 @@ def load_data(name: str, root: str | Path = "data", seed: int = 0, download: boo
     """
     options = check_data(name, options)
     if name.startswith("folder:"):
-        return _folder(name[len("folder:"):], seed, options, torch.device(device)).to(device)
+        from .images import folder_data
+
+        return folder_data(name[len("folder:"):], seed, options, torch.device(device)).to(device)
     return DATASETS[name](Path(root).expanduser(), seed, download, options).to(device)

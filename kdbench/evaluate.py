@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import results
 from .data import Data, DataError
-from .measure import evaluate, forward_all, teacher_views
+from .measure import evaluate, reference, teacher_views
 from .models import build_model, count_parameters
 from .teacher import file_digest, load_strict, read_state_dict
 from .train import Teacher
@@ -51,11 +51,11 @@ def _rows(data: Data, teacher: Teacher, arch: str, files: list[Path], label: str
         model = build_model(arch, data.num_classes, data.in_channels).to(data.device)
         load_strict(model, read_state_dict(path, "--student"), path, arch, data.num_classes, "--student")
         t0 = time.perf_counter()
-        reference = forward_all(model, "train", data)[0]  # kNN's reference set, once for both splits
+        ref = reference(model, data)  # kNN's reference set, once for both splits
         row = {"trial_id": f"{label}-{file_digest(path)[:8]}", "config_id": cid, "stage": "evaluate",
                "status": "completed", "fidelity": "full", "method": label, "seed": first_seed + i, "file": str(path.resolve())}
         for split in views:
-            row |= evaluate(model, data, split, views[split], knn=reference)
+            row |= evaluate(model, data, split, views[split], knn=ref)
         row["last_test_top1"] = row.get("test_top1")
         row |= {"params": count_parameters(model), "seconds": time.perf_counter() - t0}
         rows.append(row)

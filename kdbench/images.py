@@ -1,6 +1,8 @@
 """Image folders (torchvision's ImageFolder layout) -> uint8 tensors, decoded once and cached.
 
-``PATH/train/<class>/<image>``, ``PATH/test/<class>/...`` and, optionally, ``PATH/val/...``. Classes
+``PATH/train/<class>/<image>``, ``PATH/test/<class>/...`` and, optionally, ``PATH/val/...``; or ImageNet's
+``PATH/train`` and ``PATH/val`` alone, where ``val/`` is the test split (as papers report ImageNet's top-1 on it)
+and validation is carved out of ``train/`` (``val_fraction``). Classes
 are the folder names (the same in every split). Images are read with Pillow (PNG, JPEG and whatever
 else it reads), converted to RGB (grayscale when every image is), resized (shorter side) and
 center-cropped to ``image_size``, in parallel threads; the tensors are cached under the kdbench cache,
@@ -9,6 +11,7 @@ keyed by the file list, sizes, modification times and ``image_size``, so the nex
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,7 +25,7 @@ import torch
 from .errors import DataError
 from .state import load_tensors
 
-__all__ = ["read_image_folder", "SUFFIXES"]
+__all__ = ["read_image_folder", "folder_data", "SUFFIXES"]
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 CACHE_VERSION = 1
@@ -37,24 +40,27 @@ def _listing(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
     """Class names and, per split, (file, label) in a stable order; checks the layout."""
     if not root.is_dir():
         raise _error(f"folder:{root}: no such folder")
-    for split in ("train", "test"):
+    # ImageNet's layout (train/ and val/, no labelled test set): val/ is the test split, as every paper reports it.
+    test = "val" if (root / "val").is_dir() and not (root / "test").is_dir() else "test"
+    for split in ("train", test):
         if not (root / split).is_dir():
             raise _error(f"folder:{root}: no {split}/ folder; expected {root}/train/<class>/<image> and "
-                         f"{root}/test/<class>/<image> (val/ optional)")
-    splits = [s for s in ("train", "val", "test") if (root / s).is_dir()]
-    per_split = {s: sorted(p.name for p in (root / s).iterdir() if p.is_dir()) for s in splits}
+                         f"{root}/test/<class>/<image> (val/ optional), or ImageNet's train/ and val/ (val/ then tests)")
+    folder = {"train": "train", "val": "val", "test": test} if test == "test" else {"train": "train", "test": "val"}
+    splits = [s for s in ("train", "val", "test") if s in folder and (root / folder[s]).is_dir()]
+    per_split = {s: sorted(p.name for p in (root / folder[s]).iterdir() if p.is_dir()) for s in splits}
     classes = per_split["train"]
     files, empty = {}, []
     for s in splits:
         for c in sorted(set(classes) ^ set(per_split[s])):
-            where, other = ("train", s) if c in classes else (s, "train")
+            where, other = ("train", folder[s]) if c in classes else (folder[s], "train")
             raise _error(f"{root / other}: no folder for class {c!r} (it is in {where}/); every split needs "
                          f"the same class folders")
         files[s] = []
         for label, c in enumerate(classes):
-            found = sorted(p for p in (root / s / c).rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
+            found = sorted(p for p in (root / folder[s] / c).rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
             files[s] += [(p, label) for p in found]
-            empty += [] if found else [root / s / c]
+            empty += [] if found else [root / folder[s] / c]
     if not any(files.values()):
         raise _error(f"folder:{root}: no images (expected {root}/train/<class>/<image>; read: {', '.join(SUFFIXES)})")
     if empty:
@@ -215,6 +221,47 @@ def read_image_folder(root: str | Path, image_size: int | None = None, skip_bad_
         log(f"folder:{root}: {n:,} images decoded in {seconds:.1f} s ({n / seconds:,.0f} images/s)"
             + (f", {len(bad)} unreadable left out" if bad else "") + (f"; cached in {path}" if path else ""))
     return out
+
+
+def folder_data(path: str, seed: int, options: dict, device):
+    """An image folder (see :mod:`kdbench.images`): decoded on the device (crop padding scales with the image,
+    32 px -> 4), or streamed from disk (:mod:`kdbench.stream`) as ``[data] stream`` says: ``auto`` streams
+    where the decoded images would take over half the device's free memory."""
+    from .data import _make, cache_dir
+    from .stream import stream_folder
+
+    root = Path(path).expanduser()
+    if "val_fraction" in options and (root / "val").is_dir() and (root / "test").is_dir():
+        raise _error(f"folder:{path}: has a val/ folder; val_fraction applies only without one")
+    stream = options.get("stream", "auto")
+    if stream == "auto":
+        root = root.resolve()
+        _, files = _listing(root)
+        n = sum(len(f) for f in files.values())
+        first = next(p for f in files.values() for p, _ in f)
+        head = _probe(first)
+        side = options.get("image_size") or (max(head[:2]) if not isinstance(head, str) else 224)
+        need, (free, what) = n * 3 * side * side, _free_memory(torch.device(device))
+        stream = need > free // 2
+        if stream:
+            _news(f"folder:{root}: {n:,} images of 3x{side}x{side} would take {_gib(need)} decoded, over half the free "
+                  f"{what} ({_gib(free // 2)}): streamed from disk ([data] stream = true or false chooses)")
+    if stream:
+        return stream_folder(path, seed, options)
+    f = read_image_folder(path, options.get("image_size"), options.get("skip_bad_images", False), device, cache=cache_dir(),
+                    log=_news)
+    (x, y), (tx, ty) = (t.numpy() for t in f["splits"]["train"]), (t.numpy() for t in f["splits"]["test"])
+    val = tuple(t.numpy() for t in f["splits"]["val"]) if "val" in f["splits"] else None
+    d = _make(f"folder:{path}", x, y, tx, ty, seed, len(f["classes"]), f["classes"], options, val=val,
+              val_fraction=0.1, pad=max(1, round(x.shape[-1] / 8)), flip=True)
+    key = hashlib.sha256(f"{f['key']}{d.key}".encode()).hexdigest()[:16]
+    return dataclasses.replace(d, key=key, skipped=len(f["bad"]))
+
+
+def _news(line: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(line)
 
 
 class _progress:

@@ -17,7 +17,7 @@ from .downstream import clustering, retrieval
 from .geometry import class_centroids, similarity_matrix
 from .metrics import METRICS
 
-__all__ = ["resolve_precision", "peak_memory_mib", "autocast", "prepare", "forward_all", "evaluate",
+__all__ = ["resolve_precision", "peak_memory_mib", "autocast", "prepare", "forward_all", "reference", "evaluate",
            "teacher_views", "SplitOutputs"]
 
 
@@ -55,13 +55,14 @@ def prepare(x: torch.Tensor, data: Data) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def forward_all(model: nn.Module, source: str | torch.Tensor, data: Data, batch_size: int = 1000):
+def forward_all(model: nn.Module, source: str | torch.Tensor, data: Data, batch_size: int = 1000,
+                rows: torch.Tensor | None = None):
     """Features ``(N, d)`` and logits ``(N, C)`` of ``model`` in eval mode over split ``source`` of ``data`` (in
-    the split's order, not augmented: :meth:`Data.chunks`), or over a tensor of uint8 images."""
+    the split's order, or its ``rows``; not augmented: :meth:`Data.chunks`), or over a tensor of uint8 images."""
     was_training = model.training
     model.eval()
     feats, logits = [], []
-    chunks = data.chunks(source, batch_size) if isinstance(source, str) else \
+    chunks = data.chunks(source, batch_size, rows) if isinstance(source, str) else \
         ((source[i:i + batch_size], None) for i in range(0, source.shape[0], batch_size))
     with autocast(data.device):
         for x, _ in chunks:
@@ -103,13 +104,21 @@ class SplitOutputs:
         return clustering(self.features, self.labels, self.num_classes)
 
 
+def reference(model: nn.Module, data: Data, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """kNN's and retrieval's reference set: ``model``'s features on the training split (or its ``rows``, see
+    :func:`kdbench.data.reference_rows`) and their labels."""
+    labels = data.labels("train")
+    return forward_all(model, "train", data, rows=rows)[0], labels if rows is None else labels[rows]
+
+
 def evaluate(model: nn.Module, data: Data, split: str, teacher_view: dict | None = None,
-             knn: bool | torch.Tensor = False, keep: dict | None = None) -> dict[str, float]:
+             knn: bool | tuple[torch.Tensor, torch.Tensor] = False, keep: dict | None = None) -> dict[str, float]:
     """Every metric of :data:`kdbench.metrics.METRICS` on ``split`` without augmentation, prefixed ``<split>_``.
 
     ``teacher_view`` holds the teacher's features and similarity matrix on the same split; without it the metrics
-    that compare with the teacher are left out. ``knn``: True, or the model's train-split features when the caller
-    already has them (one pass serves every split): then the ``final`` metrics too (kNN, retrieval, clustering).
+    that compare with the teacher are left out. ``knn``: True (every training image), or the reference
+    (:func:`reference`) when the caller already has it (one pass serves every split): then the ``final`` metrics too
+    (kNN, retrieval, clustering).
     ``keep``: a dict that receives the student's centroid-similarity matrix of the split (float32, on the CPU).
     """
     f, z = forward_all(model, split, data)
@@ -119,8 +128,7 @@ def evaluate(model: nn.Module, data: Data, split: str, teacher_view: dict | None
         if keep is not None:
             keep[split] = o.similarity.float().cpu().numpy()
     if knn is not False:
-        o.reference_features = knn if isinstance(knn, torch.Tensor) else forward_all(model, "train", data)[0]
-        o.reference_labels = data.labels("train")
+        o.reference_features, o.reference_labels = knn if isinstance(knn, tuple) else reference(model, data)
     return {f"{split}_{name}": float(m.compute(o)) for name, m in METRICS.items()
             if (teacher_view is not None or not m.teacher) and (knn is not False or not m.final)}
 

@@ -10,8 +10,9 @@ as a study of its own and run into its own results folder (``DIR/<teacher>-<stud
     [pairs.reference.resnet56-resnet20]                               # published test top-1 per method
     teacher = 72.34
 
-A pair's teacher is read from ``teacher_checkpoint`` (``{teacher}`` replaced by its name, relative to the
-working directory, as cifar_teachers.tar unpacks) where that file exists, and trained with
+A pair's teacher is read from ``teacher_checkpoint`` (``{teacher}`` replaced by its name, ``{arch}`` by the name
+without a library prefix; relative to the working directory, as cifar_teachers.tar unpacks) where that file
+exists, and trained with
 ``[teacher_recipe]`` where it does not.
 """
 
@@ -68,8 +69,9 @@ def load_studies(path: str | Path | None, flags: Flags | None = None, raw: dict 
     if unknown:
         raise StudyError(f"{where}.reference: {sorted(unknown)} name no pair; allowed: "
                          f"{', '.join(pair_name(*p) for p in items)}")
-    if not isinstance(template, str) or template and "{teacher}" not in template:
-        raise StudyError(f"{where}.teacher_checkpoint = {template!r}; allowed: a path with {{teacher}} in it")
+    if not isinstance(template, str) or template and "{teacher}" not in template and "{arch}" not in template:
+        raise StudyError(f"{where}.teacher_checkpoint = {template!r}; allowed: a path with {{teacher}} (the name) or "
+                         f"{{arch}} (the name without a library prefix: resnet34 for tv:resnet34) in it")
     studies, base = [], raw.get("name", Path(path).stem if path else "pairs")
     for t, s in items:
         sub = copy.deepcopy(raw)
@@ -77,7 +79,7 @@ def load_studies(path: str | Path | None, flags: Flags | None = None, raw: dict 
                 "reference": reference.get(pair_name(t, s), sub.get("reference", {}))}
         if s in lr:
             sub.setdefault("recipe", {})["lr"] = float(lr[s])
-        ckpt = Path(template.format(teacher=t)).expanduser() if template else None
+        ckpt = Path(template.format(teacher=t, arch=t.partition(":")[2] or t)).expanduser() if template else None
         if ckpt is not None and ckpt.is_file():
             sub["teacher_checkpoint"] = str(ckpt)
         studies.append(parse_study(sub, path, f"{path} [{pair_name(t, s)}]", origins))

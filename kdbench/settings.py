@@ -222,7 +222,9 @@ class Checkpointing:
 @dataclass(frozen=True)
 class Evaluation:
     """``[evaluation]``: when trials evaluate each split: ``end`` or ``every_epoch`` (ASHA needs val every epoch;
-    test every epoch gives the paper's best-epoch top-1)."""
+    test every epoch gives the paper's best-epoch top-1); how many training images a class kNN and retrieval
+    compare with (a seeded subsample: ImageNet's 1.28 M features would not fit beside the model)."""
 
     val: str = "every_epoch"
     test: str = "end"
+    reference_per_class: int = 0  # kNN's, retrieval's reference: this many training images a class, seeded (0: all)

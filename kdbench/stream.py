@@ -88,10 +88,11 @@ class StreamData:
         batches = [[(perm[i], seed + i) for i in range(b * batch_size, (b + 1) * batch_size)] for b in range(n // batch_size)]
         yield from self._stream("train", batches, train=True)
 
-    def chunks(self, split: str, batch_size: int = 250):
-        """Split ``split`` in order, ``(images, labels)``, resized and centre-cropped, not augmented."""
-        n = self.size(split)
-        batches = [[(i, 0) for i in range(a, min(a + batch_size, n))] for a in range(0, n, batch_size)]
+    def chunks(self, split: str, batch_size: int = 250, rows: torch.Tensor | None = None):
+        """Split ``split`` in order (or its ``rows``), ``(images, labels)``, resized and centre-cropped, not
+        augmented."""
+        rows = list(range(self.size(split))) if rows is None else rows.tolist()
+        batches = [[(i, 0) for i in rows[a:a + batch_size]] for a in range(0, len(rows), batch_size)]
         for x, y, _ in self._stream(split, batches, train=False):
             yield x, y
 

@@ -341,11 +341,11 @@ def _resources(res: TableReader) -> Resources:
 
 
 def _evaluation(ev: TableReader, asha: Asha) -> Evaluation:
-    ev.only({"val", "test"})
+    ev.only({"val", "test", "reference_per_class"})
     val = ev.get("val", "every_epoch" if asha.enabled else "end", str, EVAL_WHEN)
     if asha.enabled and val != "every_epoch":
         ev.fail("val", val, "every_epoch while [asha] is enabled (its rungs compare validation top-1)")
-    return Evaluation(val, ev.get("test", "end", str, EVAL_WHEN))
+    return Evaluation(val, ev.get("test", "end", str, EVAL_WHEN), ev.get("reference_per_class", 0, int, lo=0))
 
 
 def _checkpointing(ck: TableReader) -> Checkpointing:

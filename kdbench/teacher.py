@@ -208,7 +208,8 @@ def _from_checkpoint(path: Path, data: Data, arch: str, split_seed: int, use_cac
     load_strict(model, state, path, arch, data.num_classes, option)
     model = model.to(device).eval().requires_grad_(False)
     feats, _ = forward_all(model, "train", data)
-    metrics = {**(evaluate(model, data, "val") if data.size("val") else {}), **evaluate(model, data, "test", knn=feats)}
+    metrics = {**(evaluate(model, data, "val") if data.size("val") else {}),
+               **evaluate(model, data, "test", knn=(feats, data.labels("train")))}
     meta = {"dataset": data.name, "arch": arch, "seed": None, "split_seed": split_seed, "key": key,
             "recipe": None, "checkpoint": str(path.resolve()), "checkpoint_sha256": digest, **metrics,
             "best_test_top1": metrics["test_top1"], "params": count_parameters(model), "epochs": 0,

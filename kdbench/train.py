@@ -18,8 +18,8 @@ from torch import nn
 from .methods import Method
 from .settings import Recipe
 from .terms import STAGE_READS, TERMS, build_parts, reads_of, shapes_of
-from .data import Data
-from .measure import autocast, evaluate, forward_all, peak_memory_mib, prepare, resolve_precision, teacher_views
+from .data import Data, reference_rows
+from .measure import autocast, evaluate, forward_all, peak_memory_mib, prepare, reference, resolve_precision, teacher_views
 from .geometry import CentroidMemory
 from .models import build_model, count_parameters
 from .records import Batch, Epoch, Final, Run, TrainState
@@ -46,6 +46,7 @@ class TrainConfig:
     eval_val: str = "end"
     eval_test: str = "end"
     final_every_epoch: bool = False  # kNN, retrieval and clustering at every evaluated epoch (a search objective)
+    reference_per_class: int = 0  # kNN's and retrieval's reference: training images a class (0: all; see reference_rows)
 
 
 @dataclass
@@ -152,6 +153,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
 
     # --- 3. the loop -------------------------------------------------------------------------
     n = data.size("train")
+    reference_at = reference_rows(data.labels("train"), cfg.reference_per_class)
     bs = min(recipe.batch_size, n)
     steps_per_epoch = n // bs  # drop the last partial batch (a batch of 1 breaks BatchNorm)
     total_steps = steps_per_epoch * recipe.epochs
@@ -243,7 +245,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
                      if (last or when == "every_epoch") and data.size(split)]  # val_fraction = 0: no val
         # kNN's and retrieval's reference: the train split's features, once for every split evaluated
         measure_final = last or (cfg.final_every_epoch and evaluated)
-        train_features = forward_all(student, "train", data)[0] if measure_final else False
+        train_features = reference(student, data, reference_at) if measure_final else False
         matrices = {}  # the last epoch's student centroid-similarity matrices, per split
         for split in evaluated:
             row |= evaluate(student, data, split, views.get(split), knn=train_features, keep=matrices if last else None)

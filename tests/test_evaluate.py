@@ -138,3 +138,28 @@ def test_train_out_keeps_both_geometries_and_the_final_measures_recompute_from_t
     assert (int(first["a"]), int(first["b"])) == (i[change.argmax()], j[change.argmax()])
     assert first["teacher"] == pytest.approx(float(z["teacher_test"][i[change.argmax()], j[change.argmax()]]))
     assert len(moved["pairs"]) == 3 and moved["runs"] == 1
+
+
+def test_a_reference_of_k_images_a_class_is_seeded_and_all_of_them_is_the_whole_split(digits, digits_teacher):
+    """``[evaluation] reference_per_class``: by hand on six labels; then kNN against a reference as large as the
+    biggest class equals kNN against the whole split, and against 2 images a class it is the vote of those."""
+    from kdbench.data import reference_rows
+    from kdbench.geometry import knn_top1
+    from kdbench.measure import forward_all
+    from kdbench.methods import METHODS
+    from kdbench.settings import Recipe
+    from kdbench.train import TrainConfig, distill
+
+    y = torch.tensor([0, 0, 0, 1, 1, 2])
+    rows = reference_rows(y, 2, seed=0)
+    assert reference_rows(y, 0) is None and torch.equal(rows, reference_rows(y, 2, seed=0))
+    assert torch.bincount(y[rows]).tolist() == [2, 2, 1] and torch.equal(rows, rows.sort().values)
+    assert torch.equal(reference_rows(y, 3), torch.arange(6))
+    runs = {k: distill(TrainConfig("cnn_student", METHODS["kd"], Recipe(epochs=1), seed=0, reference_per_class=k),
+                       digits, digits_teacher) for k in (0, 500, 2)}
+    assert runs[500]["test_knn_top1"] == runs[0]["test_knn_top1"] and runs[500]["test_map_at_r"] == runs[0]["test_map_at_r"]
+    few = reference_rows(digits.labels("train"), 2)
+    f = forward_all(runs[2].model, "train", digits)[0]
+    by_hand = knn_top1(f[few], digits.labels("train")[few], forward_all(runs[2].model, "test", digits)[0],
+                       digits.labels("test"), digits.num_classes)
+    assert len(few) == 20 and runs[2]["test_knn_top1"] == pytest.approx(float(by_hand), abs=1e-9)

@@ -189,7 +189,8 @@ def test_tune_train_and_compare_on_a_folder_with_a_torchvision_student_and_a_che
     meta = json.loads((out / "study.json").read_text())
     assert meta["teacher"]["checkpoint"] == str(ckpt) and meta["teacher"]["epochs"] == 0  # read, not trained
     assert meta["data"] | {"name": ""} == {"name": "", "classes": 3, "shape": [3, 32, 32], "train": 33, "val": 3,
-                                           "test": 12, "skipped_images": 0, "streamed": False}
+                                           "test": 12, "skipped_images": 0, "streamed": False,
+                                           "reference_images": 33}
     # `train` with a trial's values names the same configuration, and at the trial's one thread ends the same.
     row = t.iloc[0]
     one = tmp_path / "one"

@@ -71,7 +71,7 @@ methods = ["baseline"]
     ('list = [["resnet56", "resnet9"]]', "pairs.list: student 'resnet9' is unknown"),
     ('list = [["resnet56", "resnet20"], ["resnet56", "resnet20"]]', "a pair appears twice"),
     ('list = [["resnet56", "resnet20"]]\nlr = { resnet20 = -1 }', "pairs.lr"),
-    ('list = [["resnet56", "resnet20"]]\nteacher_checkpoint = "t.pth"', "with {teacher} in it"),
+    ('list = [["resnet56", "resnet20"]]\nteacher_checkpoint = "t.pth"', "with {teacher} (the name) or {arch}"),
     ('list = [["resnet56", "resnet20"]]\n[pairs.reference.vgg13-vgg8]\nkd = 1.0', "['vgg13-vgg8'] name no pair"),
     ('list = [["resnet56", "resnet20"]]\nwho = 1', "allowed keys: list, lr, teacher_checkpoint, reference"),
 ])

@@ -16,11 +16,11 @@ CLASSES = ("n01", "n02", "n03")
 
 
 def write_imagenet(root, train=6, val=2, seed=0):
-    """ImageNet's layout (train/<wnid>/*.JPEG, val/<wnid>/*, test/<wnid>/*): each class its own colour; sizes and
+    """ImageNet's layout (train/<wnid>/*.JPEG, val/<wnid>/*: no test/): each class its own colour; sizes and
     formats as ImageNet mixes them (an RGB JPEG, a greyscale JPEG, a CMYK JPEG, a PNG with alpha)."""
     rng = np.random.default_rng(seed)
     sizes = ((48, 40), (36, 60), (64, 64), (50, 30))
-    for split, n in (("train", train), ("val", val), ("test", val)):
+    for split, n in (("train", train), ("val", val)):
         for c, name in enumerate(CLASSES):
             (root / split / name).mkdir(parents=True)
             for i in range(n):
@@ -78,14 +78,15 @@ def test_random_resized_crop_draws_as_torchvision_and_crops_as_it_does():
         assert np.array_equal(np.asarray(_train_view(im, 24, seed)), np.asarray(expected))
 
 
-def test_a_streamed_folder_lists_every_format_as_three_channels_and_keeps_its_val_split(tree):
-    d = load_data(f"folder:{tree}", options={"stream": True, "image_size": 24, "loader_workers": 0})
-    assert d.streamed and d.shape == (3, 24, 24) and (d.size("train"), d.size("val"), d.size("test")) == (18, 6, 6)
-    assert d.labels("train").tolist() == [0] * 6 + [1] * 6 + [2] * 6
-    x, y = next(d.chunks("val", 100))
+def test_a_streamed_imagenet_folder_tests_on_val_carves_validation_and_reads_every_format_as_rgb(tree):
+    d = load_data(f"folder:{tree}", options={"stream": True, "image_size": 24, "loader_workers": 0, "val_fraction": 0.2})
+    assert d.streamed and d.shape == (3, 24, 24) and (d.size("train"), d.size("val"), d.size("test")) == (15, 3, 6)
+    assert d.labels("train").tolist() == [0] * 5 + [1] * 5 + [2] * 5 and d.labels("val").tolist() == [0, 1, 2]
+    assert all(f.startswith("val/") for f in d.files["test"]) and all(f.startswith("train/") for f in d.files["val"])
+    x, y = next(d.chunks("test", 100))
     assert x.shape == (6, 3, 24, 24) and x.dtype == torch.uint8 and y.tolist() == [0, 0, 1, 1, 2, 2]
     # Each image is dominated by its class's channel, greyscale and CMYK files aside.
-    rgb = [i for i, f in enumerate(d.files["val"]) if f.endswith("_0.JPEG")]
+    rgb = [i for i, f in enumerate(d.files["test"]) if f.endswith("_0.JPEG")]
     assert (x[rgb].float().mean((2, 3)).argmax(1) == y[rgb]).all()
     # The statistics: from the images as measured (here all of them), per channel on the 0..1 scale.
     whole = torch.cat([c for c, _ in d.chunks("train")]).double() / 255
@@ -94,7 +95,7 @@ def test_a_streamed_folder_lists_every_format_as_three_channels_and_keeps_its_va
 
 
 def test_training_batches_are_the_same_with_any_number_of_workers(tree):
-    base = load_data(f"folder:{tree}", options={"stream": True, "image_size": 16, "loader_workers": 0})
+    base = load_data(f"folder:{tree}", options={"stream": True, "image_size": 16, "loader_workers": 0, "val_fraction": 0.0})
     epochs = {}
     for workers in (0, 2):
         d = dataclasses.replace(base, workers=workers)
@@ -117,24 +118,28 @@ def test_a_bad_file_mid_stream_is_one_line_or_skipped_and_counted(tree, tmp_path
     shutil.copytree(tree, root)
     bad = root / "train" / "n02" / "n02_0.JPEG"
     bad.write_bytes(bad.read_bytes()[:200])  # a truncated JPEG: its header reads, its pixels do not
-    d = load_data(f"folder:{root}", options={"stream": True, "image_size": 16, "loader_workers": 0})
+    d = load_data(f"folder:{root}", options={"stream": True, "image_size": 16, "loader_workers": 0, "val_fraction": 0.0})
     with pytest.raises(DataError, match=rf"^{bad}: unreadable image \(.*\); remove it, or pass --skip-bad-images"):
         for _ in d.train_batches(18, torch.Generator().manual_seed(0)):
             pass
-    d = load_data(f"folder:{root}", options={"stream": True, "image_size": 16, "loader_workers": 0, "skip_bad_images": True})
+    d = load_data(f"folder:{root}", options={"stream": True, "image_size": 16, "loader_workers": 0, "val_fraction": 0.0,
+                                             "skip_bad_images": True})
     (x, y, i), = list(d.train_batches(18, torch.Generator().manual_seed(0)))
     assert len(y) == 17 and [f for f, _ in d.bad] == ["train/n02/n02_0.JPEG"]
 
 
 def test_auto_streams_only_what_does_not_fit(tree, monkeypatch, capsys):
+    """24 images of 3x16x16 take 18,432 bytes decoded: resident under a budget of 20,000 (half of 40,000 free),
+    streamed under 15,000."""
     import kdbench.images
 
+    monkeypatch.setattr(kdbench.images, "_free_memory", lambda device: (40_000, "RAM"))
     d = load_data(f"folder:{tree}", options={"image_size": 16})
     assert not d.streamed and "streamed" not in capsys.readouterr().err
-    monkeypatch.setattr(kdbench.images, "_free_memory", lambda device: (40_000, "RAM"))  # 30 images x 3x16x16 = 23,040 B
+    monkeypatch.setattr(kdbench.images, "_free_memory", lambda device: (30_000, "RAM"))
     d = load_data(f"folder:{tree}", options={"image_size": 16, "loader_workers": 0})
     assert d.streamed
-    assert ("30 images of 3x16x16 would take 22 KiB decoded, over half the free RAM (20 KiB): streamed from disk"
+    assert ("24 images of 3x16x16 would take 18 KiB decoded, over half the free RAM (15 KiB): streamed from disk"
             in capsys.readouterr().err.replace("\n", " "))
 
 

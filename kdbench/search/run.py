@@ -217,13 +217,21 @@ def _check_unlocked(out: Path):
         raise StudyError(f"{out}: still running (pid {pid} is writing it); allowed: a folder no run is writing")
 
 
+def _reference_images(data, study) -> int:
+    """How many training images kNN and retrieval compare with (``[evaluation] reference_per_class``)."""
+    from ..data import reference_rows
+
+    rows = reference_rows(data.labels("train"), study.evaluation.reference_per_class)
+    return data.size("train") if rows is None else len(rows)
+
+
 def _run(f: _Run, resume: bool, teacher, hit, device, storage: str | None) -> dict:
     study, out, rows = f.study, f.out, f.rows
     meta = {"schema": results.SCHEMA, "name": study.name, "kind": "grid" if study.is_grid else "search", "study": study.to_dict(),
             "teacher": {k: v for k, v in teacher.meta.items() if k != "path"} | {"cache_hit": hit},
             "data": {"name": f.data.name, "classes": f.data.num_classes, "shape": list(f.data.shape),
                      **{s: f.data.size(s) for s in ("train", "val", "test")}, "skipped_images": f.data.skipped,
-                     "streamed": f.data.streamed},
+                     "streamed": f.data.streamed, "reference_images": _reference_images(f.data, study)},
             "environment": results.environment(str(device)), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "ended": None, "samples": study.trial_count(), "reference": dict(study.reference), "storage": storage}
     if resume:

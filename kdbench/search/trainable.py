@@ -86,7 +86,8 @@ def trainable(config: dict, study: Study, teacher: dict, data, threads: int, res
 
     try:
         distill(TrainConfig(study.student, method, recipe, seed, eval_val=study.evaluation.val, eval_test=study.evaluation.test,
-                            final_every_epoch=bool(set(study.objectives) & set(FINAL))),
+                            final_every_epoch=bool(set(study.objectives) & set(FINAL)),
+                            reference_per_class=study.evaluation.reference_per_class),
                 data, teacher, report, resume=state, state_when=due, final_weights=study.keep_students != "none")
     except Exception as e:  # NaN loss, OOM, a bug: the trial is failed, with its reason; the search goes on
         tune.report({"epoch": last_epoch, "failure": f"{type(e).__name__}: {e}", **where, "ended_at": time.time()})
