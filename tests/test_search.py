@@ -284,6 +284,19 @@ def test_pareto_asha_never_keeps_a_trial_while_stopping_one_that_dominates_it():
                     assert i in kept
 
 
+def test_a_rung_asks_in_top_which_answers_as_the_whole_order_does():
+    """ParetoASHA asks in_top (crowding only for the rank the cut falls in): the same answer as the position in
+    rung_order, for every row and every cut, on point sets with ties, duplicates and several ranks."""
+    from kdbench.search.schedulers import in_top, rung_order
+
+    rng = np.random.default_rng(1)
+    for _ in range(150):
+        pts = rng.integers(0, 5, size=(rng.integers(1, 14), 2)).astype(float)
+        order = rung_order(pts)
+        for keep in range(1, len(pts) + 1):
+            assert [in_top(pts, i, keep) for i in range(len(pts))] == [i in order[:keep] for i in range(len(pts))]
+
+
 def test_pareto_asha_survives_resume_through_its_recorded_curves():
     from ray.tune.schedulers import TrialScheduler
 

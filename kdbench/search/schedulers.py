@@ -29,7 +29,7 @@ from ..metrics import mode
 from ..pareto import pareto_ranks
 from ..study import Study
 
-__all__ = ["ParetoASHA", "ResumableASHA", "make_scheduler", "rung_order", "crowding_distance"]
+__all__ = ["ParetoASHA", "ResumableASHA", "make_scheduler", "rung_order", "in_top", "crowding_distance"]
 
 
 def crowding_distance(points: np.ndarray) -> np.ndarray:
@@ -61,6 +61,20 @@ def rung_order(points: np.ndarray) -> list[int]:
     return sorted(range(len(p)), key=lambda i: (rank[i], -crowd[i], i))
 
 
+def in_top(points: np.ndarray, i: int, keep: int) -> bool:
+    """Whether row ``i`` is among the first ``keep`` of :func:`rung_order` (the same answer), with crowding
+    distances computed only for the rank the cut falls in: what a rung asks of each report."""
+    p = np.asarray(points, dtype=float).reshape(len(points), -1)
+    rank = pareto_ranks(p)
+    members = np.flatnonzero(rank == rank[i])
+    better = int((rank < rank[i]).sum())
+    if better + len(members) <= keep or better >= keep:
+        return better < keep
+    crowd = crowding_distance(p[members])
+    order = sorted(range(len(members)), key=lambda j: (-crowd[j], members[j]))
+    return better + order.index(int(np.searchsorted(members, i))) < keep
+
+
 class ParetoASHA(AsyncHyperBandScheduler):
     """ASHA for two (or more) objectives: ``metrics`` and ``modes`` name them; rungs compare trials by
     :func:`rung_order`. ``curves``: per earlier trial, ``{epoch: (value, ...)}`` already recorded (a
@@ -87,9 +101,9 @@ class ParetoASHA(AsyncHyperBandScheduler):
                 continue
             recorded[trial_id] = vector
             keys = list(recorded)
-            order = rung_order(np.array([recorded[k] for k in keys]))
             keep = math.ceil(len(keys) / self._reduction_factor)
-            return TrialScheduler.CONTINUE if keys.index(trial_id) in order[:keep] else TrialScheduler.STOP
+            kept = in_top(np.array([recorded[k] for k in keys]), keys.index(trial_id), keep)
+            return TrialScheduler.CONTINUE if kept else TrialScheduler.STOP
         return TrialScheduler.CONTINUE
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
