@@ -9,9 +9,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .console import (DatasetName, Device, EvalWhen, ImageSize, LiveView, SkipBad, ValFraction, check_resources,
+from .console import (DatasetName, Device, EvalWhen, ImageSize, LiveView, SkipBad, Stream, ValFraction, check_resources,
                       check_model_flag, data_options, device_or_error, epoch_progress, err, errors, out, summary_table,
-                      teacher_table, teacher_with_progress, threads_now)
+                      teacher_table, teacher_with_progress, stream_value, threads_now)
 from .methods import METHODS
 from .metrics import METRICS
 from .settings import SAMPLERS, StudyKey
@@ -43,6 +43,7 @@ def train(
     image_size: ImageSize = None,
     skip_bad_images: SkipBad = False,
     val_fraction: ValFraction = None,
+    stream: Stream = None,
     data_root: Annotated[Path, typer.Option(help="folder holding cifar-100-python/ or cifar-10-batches-py/")] = Path("data"),
     download: Annotated[bool, typer.Option(help="download CIFAR into --data-root if missing")] = False,
     device: Annotated[Device, typer.Option(help="auto: CUDA when present")] = Device.auto,
@@ -64,7 +65,7 @@ def train(
     from .train import TrainConfig, distill
 
     # Validate everything before any work (and before anything is written).
-    dataset, options = data_options(dataset, image_size, skip_bad_images, val_fraction)
+    dataset, options = data_options(dataset, image_size, skip_bad_images, val_fraction, stream)
     if method not in METHODS:
         raise StudyError(f"--method {method!r} is unknown; allowed: {', '.join(METHODS)}")
     defaults = dataset_defaults(dataset)
@@ -111,6 +112,7 @@ def teacher(
     image_size: ImageSize = None,
     skip_bad_images: SkipBad = False,
     val_fraction: ValFraction = None,
+    stream: Stream = None,
     data_root: Annotated[Path, typer.Option(help="folder holding the CIFAR archives")] = Path("data"),
     download: Annotated[bool, typer.Option(help="download CIFAR into --data-root if missing")] = False,
     device: Annotated[Device, typer.Option(help="auto: CUDA when present")] = Device.auto,
@@ -119,7 +121,7 @@ def teacher(
     """Train a teacher, or read it from --checkpoint (either is cached: $KDBENCH_CACHE or ~/.cache/kdbench), and print it."""
     from .data import load_data
 
-    dataset, options = data_options(dataset, image_size, skip_bad_images, val_fraction)
+    dataset, options = data_options(dataset, image_size, skip_bad_images, val_fraction, stream)
     check_model_flag("--arch", arch)
     dev = device_or_error(device.value)
     data = load_data(dataset, data_root, 0, download, dev, options)
@@ -175,6 +177,7 @@ def tune(
     no_asha: Annotated[bool, typer.Option("--no-asha", help="no early stopping: every trial runs every epoch"),
                        StudyKey("asha.enabled", lambda v: not v)] = False,
     image_size: Annotated[ImageSize, StudyKey("data.image_size")] = None,
+    stream: Annotated[Stream, StudyKey("data.stream", stream_value)] = None,
     val_fraction: Annotated[ValFraction, StudyKey("data.val_fraction")] = None,
     concurrency: Annotated[Optional[int], typer.Option(help="trials running at once"), StudyKey("search.concurrency")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="results folder (default results/<study>-<time>)")] = None,
@@ -330,6 +333,7 @@ def evaluate(
     image_size: ImageSize = None,
     skip_bad_images: SkipBad = False,
     val_fraction: ValFraction = None,
+    stream: Stream = None,
     data_root: Annotated[Path, typer.Option(help="folder holding cifar-100-python/ or cifar-10-batches-py/")] = Path("data"),
     device: Annotated[Device, typer.Option(help="auto: CUDA when present")] = Device.auto,
 ):
@@ -339,7 +343,7 @@ def evaluate(
 
     from .data import DataError
 
-    dataset, options = data_options(dataset, image_size, skip_bad_images, val_fraction)
+    dataset, options = data_options(dataset, image_size, skip_bad_images, val_fraction, stream)
     for flag, v, allowed in (("--student", student, "the students' architecture"), ("--out", out_dir, "a results folder")):
         if v is None:
             raise DataError(f"{flag}: missing; allowed: {allowed}")

@@ -58,13 +58,22 @@ DatasetName = Annotated[str, typer.Option("--dataset", help="digits | synthetic 
 ImageSize = Annotated[Optional[int], typer.Option(help="image folders: resize (shorter side) and center-crop to this")]
 SkipBad = Annotated[bool, typer.Option(help="image folders: leave unreadable images out (counted) instead of stopping")]
 ValFraction = Annotated[Optional[float], typer.Option(help="share of train held out as val (default: the data set's)")]
+Stream = Annotated[Optional[str], typer.Option(help="image folders: auto (stream from disk what would not fit in "
+                                                    "memory; the default), true or false")]
 
 
-def data_options(dataset: str, image_size, skip_bad_images: bool, val_fraction) -> tuple[str, dict]:
+def stream_value(text: str):
+    """``--stream``'s text as the study's ``[data] stream`` value: "auto", True or False (else as given, which
+    the data check refuses in one line)."""
+    return {"auto": "auto", "true": True, "false": False}.get(str(text).strip().lower(), text)
+
+
+def data_options(dataset: str, image_size, skip_bad_images: bool, val_fraction, stream=None) -> tuple[str, dict]:
     """The data set's canonical name and its checked options (the ones given)."""
     from .data import canonical, check_data
 
-    given = {"image_size": image_size, "skip_bad_images": skip_bad_images or None, "val_fraction": val_fraction}
+    given = {"image_size": image_size, "skip_bad_images": skip_bad_images or None, "val_fraction": val_fraction,
+             "stream": None if stream is None else stream_value(stream)}
     return canonical(dataset), check_data(dataset, {k: v for k, v in given.items() if v is not None})
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import one_line_error
 from kdbench.data import DataError, load_data
 from kdbench.stream import EVAL_RESIZE, _eval_view, _train_view, crop_box
 
@@ -156,3 +157,26 @@ def test_distill_trains_on_a_streamed_folder(tree, monkeypatch):
     assert teacher.centroids.shape[0] == 3
     run = distill(TrainConfig("cnn_student", METHODS["geometry"], recipe, seed=0), d, teacher)
     assert len(run.history) == 2 and 0 <= run["test_top1"] <= 100 and np.isfinite(run["test_geom_corr"])
+
+
+def test_a_streamed_folder_travels_to_a_ray_worker_and_trains_from_the_command_line(tree, tmp_path, monkeypatch):
+    """What Ray's object store does with the data set (pickle) leaves its batches as they were; `kdbench train
+    --stream true` runs; a bad --stream is one line. (`kdbench tune` on a streamed folder was run by hand: its
+    trials' DataLoader workers start inside Ray's workers, and study.json records streamed and the reference.)"""
+    import pickle
+
+    from typer.testing import CliRunner
+
+    from kdbench.cli import app
+
+    d = load_data(f"folder:{tree}", options={"stream": True, "image_size": 16, "loader_workers": 0, "val_fraction": 0.0})
+    again = pickle.loads(pickle.dumps(d))
+    for (a, ya, _), (b, yb, _) in zip(d.train_batches(6, torch.Generator().manual_seed(1)),
+                                      again.train_batches(6, torch.Generator().manual_seed(1))):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+    monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path / "cache"))
+    flags = ["train", "--dataset", f"folder:{tree}", "--image-size", "16", "--teacher", "cnn_teacher", "--student",
+             "cnn_student", "--method", "kd", "--epochs", "1", "--teacher-epochs", "1", "--batch-size", "6"]
+    r = CliRunner().invoke(app, [*flags, "--stream", "true"])
+    assert r.exit_code == 0, r.output
+    one_line_error(CliRunner().invoke(app, [*flags, "--stream", "maybe"]), "stream = 'maybe'; allowed: \"auto\"")
