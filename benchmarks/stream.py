@@ -10,11 +10,16 @@ Figures, each measured interleaved repeat by repeat in one process:
 - ``stream_epoch_images_per_second``: a streamed training epoch (read, decode, random resized crop to 224, flip,
   collate) through ``StreamData.train_batches`` with every core as a DataLoader worker;
 - ``stream_vs_resident_epoch``: that epoch's time over the resident path's (the same images decoded once to
-  224 x 224 and kept in memory, augmented on the device) -- what streaming costs where the data would fit.
+  224 x 224 and kept in memory, augmented on the device) -- what streaming costs where the data would fit;
+- ``stream_vs_imagefolder_w1`` / ``_w2``: images/s of a streamed epoch over torchvision's ``ImageFolder`` + PIL
+  + ``DataLoader`` with the same transforms (RandomResizedCrop 224, flip, uint8 tensors), batch and workers;
+- ``stream_epoch_rss_growth_mib``: how much the training process's resident memory grew over a streamed epoch
+  (flat: it holds batches, not the data set).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -70,6 +75,22 @@ def _decode_torchcodec(files):
         decode_jpeg(str(f), mode="RGB")
 
 
+def _imagefolder_epoch(root: Path, workers: int, seed: int) -> int:
+    """torchvision's way: ImageFolder + PIL transforms + DataLoader, one epoch; the images it yielded."""
+    from torchvision import datasets, transforms
+
+    t = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
+    loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(root / "train"), transform=t), batch_size=64,
+                                         shuffle=True, drop_last=True, num_workers=workers,
+                                         generator=torch.Generator().manual_seed(seed), prefetch_factor=4 if workers else None)
+    return sum(len(y) for _, y in loader)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
 def stream_costs(repeats: int = 3) -> dict:
     from kdbench.data import Data, load_data
 
@@ -90,7 +111,7 @@ def stream_costs(repeats: int = 3) -> dict:
         _decode_pil(files[:8]), _decode_torchvision(files[:8])  # libraries loaded, files in the page cache
         if codec:
             _decode_torchcodec(files[:8])
-        ratio, ratio_codec, per_second, versus = [], [], [], []
+        ratio, ratio_codec, per_second, versus, against, growth = [], [], [], [], {1: [], 2: []}, []
         for r in range(repeats):
             t0 = time.perf_counter()
             _decode_pil(files)
@@ -113,7 +134,20 @@ def stream_costs(repeats: int = 3) -> dict:
             kept = time.perf_counter() - t0
             per_second.append(seen / stream)
             versus.append(stream / kept)
+            for w in (1, 2):
+                d_w = dataclasses.replace(streamed, workers=w)
+                t0 = time.perf_counter()
+                ours = sum(len(b[1]) for b in d_w.train_batches(64, torch.Generator().manual_seed(r)))
+                ours = ours / (time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                theirs = _imagefolder_epoch(root, w, r) / (time.perf_counter() - t0)
+                against[w].append(ours / theirs)
+            before = _rss_mib()
+            for _ in streamed.train_batches(64, torch.Generator().manual_seed(r)):
+                pass
+            growth.append(_rss_mib() - before)
         return {"stream_decode_torchvision_vs_pil": ratio, "stream_epoch_images_per_second": per_second,
                 **({"stream_decode_torchcodec_vs_pil": ratio_codec} if codec else {}),
-                "stream_vs_resident_epoch": versus, "stream_images": len(files),
+                "stream_vs_resident_epoch": versus, "stream_vs_imagefolder_w1": against[1],
+                "stream_vs_imagefolder_w2": against[2], "stream_epoch_rss_growth_mib": growth, "stream_images": len(files),
                 "stream_workers": os.cpu_count() or 1}

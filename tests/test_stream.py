@@ -151,12 +151,13 @@ def test_distill_trains_on_a_streamed_folder(tree, monkeypatch):
     from kdbench.train import TrainConfig, distill
 
     monkeypatch.setenv("KDBENCH_CACHE", str(tree.parent / "cache"))
-    d = load_data(f"folder:{tree}", options={"stream": True, "image_size": 16, "loader_workers": 2})
-    recipe = Recipe(epochs=2, batch_size=6, lr=0.05)
+    d = load_data(f"folder:{tree}", options={"stream": True, "image_size": 16, "loader_workers": 0, "val_fraction": 0.0})
+    recipe = Recipe(epochs=6, batch_size=6, lr=0.05)
     teacher, _ = get_teacher(d, "cnn_teacher", recipe)
     assert teacher.centroids.shape[0] == 3
     run = distill(TrainConfig("cnn_student", METHODS["geometry"], recipe, seed=0), d, teacher)
-    assert len(run.history) == 2 and 0 <= run["test_top1"] <= 100 and np.isfinite(run["test_geom_corr"])
+    # Each class is its own colour: separable; chance is 33 %.
+    assert len(run.history) == 6 and run["test_top1"] >= 66 and np.isfinite(run["test_geom_corr"])
 
 
 def test_a_streamed_folder_travels_to_a_ray_worker_and_trains_from_the_command_line(tree, tmp_path, monkeypatch):
@@ -180,3 +181,23 @@ def test_a_streamed_folder_travels_to_a_ray_worker_and_trains_from_the_command_l
     r = CliRunner().invoke(app, [*flags, "--stream", "true"])
     assert r.exit_code == 0, r.output
     one_line_error(CliRunner().invoke(app, [*flags, "--stream", "maybe"]), "stream = 'maybe'; allowed: \"auto\"")
+
+
+def test_a_fixed_model_measures_the_same_streamed_or_resident(tree):
+    """The same images, preprocessed the same way (the streamed measuring view, decoded once into a resident
+    data set): every metric of a fixed model, kNN and retrieval included, the same through either path."""
+    from kdbench.data import Data
+    from kdbench.measure import evaluate, teacher_views
+    from kdbench.models import build_model
+
+    s = load_data(f"folder:{tree}", options={"stream": True, "image_size": 16, "loader_workers": 0, "val_fraction": 0.2})
+    split = {name: torch.cat([x for x, _ in s.chunks(name)]) for name in ("train", "val", "test")}
+    r = Data("resident", split["train"], s.labels("train"), split["val"], s.labels("val"), split["test"], s.labels("test"),
+             s.num_classes, s.mean, s.std, pad=0, flip=False)
+    torch.manual_seed(0)
+    model, teacher = build_model("cnn_student", 3, 3).eval(), build_model("cnn_teacher", 3, 3).eval()
+    for name in ("val", "test"):
+        a = evaluate(model, s, name, teacher_views(teacher, s)[name], knn=True)
+        b = evaluate(model, r, name, teacher_views(teacher, r)[name], knn=True)
+        assert a.keys() == b.keys() and len(a) > 8
+        assert all(a[k] == pytest.approx(b[k], abs=1e-5, nan_ok=True) for k in a), {k: (a[k], b[k]) for k in a}
