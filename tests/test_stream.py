@@ -201,3 +201,30 @@ def test_a_fixed_model_measures_the_same_streamed_or_resident(tree):
         b = evaluate(model, r, name, teacher_views(teacher, r)[name], knn=True)
         assert a.keys() == b.keys() and len(a) > 8
         assert all(a[k] == pytest.approx(b[k], abs=1e-5, nan_ok=True) for k in a), {k: (a[k], b[k]) for k in a}
+
+
+def test_a_search_with_asha_on_a_streamed_folder_writes_a_complete_folder(tree, tmp_path, monkeypatch, ray_session):
+    """`kdbench tune` on a study that streams: every trial reads its batches in DataLoader workers inside a Ray worker,
+    two-objective ASHA (grace 1, factor 2) stops some at its rungs, and the folder is whole."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from kdbench.cli import app
+    from kdbench.results import read_folder
+
+    monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path / "cache"))
+    out, study = tmp_path / "out", tmp_path / "s.toml"
+    study.write_text(f'name = "s"\ndataset = "folder:{tree}"\nteacher = "cnn_teacher"\nstudent = "cnn_student"\n'
+                     'method = "geometry"\n[data]\nstream = true\nimage_size = 16\nloader_workers = 1\n'
+                     '[recipe]\nepochs = 3\nbatch_size = 6\n[teacher_recipe]\nepochs = 1\nbatch_size = 6\n'
+                     '[search]\nsamples = 3\nconcurrency = 2\n[search.space.geometry]\ntype = "loguniform"\n'
+                     'low = 1.0\nhigh = 100.0\n[asha]\ngrace_period = 1\nreduction_factor = 2\n')
+    r = CliRunner().invoke(app, ["tune", str(study), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((out / "study.json").read_text())
+    assert meta["data"]["streamed"] and meta["study"]["asha"]["enabled"] and meta["study"]["data_options"]["stream"] is True
+    f = read_folder(out)
+    assert len(f.trials) == 3 and set(f.trials["status"]) <= {"completed", "stopped"}
+    assert (f.trials["status"] == "completed").any()
+    assert f.epochs.groupby("trial_id")["epoch"].max().to_dict() == f.trials.set_index("trial_id")["epochs"].to_dict()
