@@ -48,23 +48,28 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
-def check(name: str, folder: Path) -> dict:
-    torch.manual_seed(0)
-    ref = _reference(name)
+def _step_and_load(ref, name: str, classes: int, size: int, batch: int, steps: int, logits_of, saved, path: Path):
+    """A few SGD steps of the authors' model (BN statistics and weights away from their initial values), saved as
+    ``saved(state_dict, optimiser)`` (their own format), read by kdbench into its model strictly; both in eval mode."""
     opt = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9)
     ref.train()
-    for _ in range(3):  # a few steps: BN running statistics and weights away from their initial values
-        x = torch.randn(8, 3, 32, 32)
-        loss = torch.nn.functional.cross_entropy(ref(x), torch.randint(0, 100, (8,)))
+    for _ in range(steps):
+        x = torch.randn(batch, 3, size, size)
+        loss = torch.nn.functional.cross_entropy(logits_of(ref(x)), torch.randint(0, classes, (batch,)))
         opt.zero_grad()
         loss.backward()
         opt.step()
-    path = folder / f"{name}_ckpt_epoch_240.pth"
-    torch.save({"epoch": 240, "model": ref.state_dict(), "accuracy": 0.0, "optimizer": opt.state_dict()}, path)
-    ours = build_model(name, 100, 3)
+    torch.save(saved(ref.state_dict(), opt), path)
+    ours = build_model(name, classes, 3)
     ours.load_state_dict(read_state_dict(path), strict=True)
-    ref.eval()
-    ours.eval()
+    return ref.eval(), ours.eval()
+
+
+def check(name: str, folder: Path) -> dict:
+    torch.manual_seed(0)
+    ref, ours = _step_and_load(_reference(name), name, 100, 32, 8, 3, lambda out: out,
+                               lambda state, opt: {"epoch": 240, "model": state, "accuracy": 0.0, "optimizer": opt.state_dict()},
+                               folder / f"{name}_ckpt_epoch_240.pth")
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         feats, logits = ref(x, is_feat=True)
@@ -93,21 +98,8 @@ def _mdistiller(name: str, root: Path):
 
 def check_imagenet(name: str, folder: Path, root: Path) -> dict:
     torch.manual_seed(0)
-    ref = _mdistiller(IMAGENET[name], root)
-    opt = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9)
-    ref.train()
-    for _ in range(2):
-        x = torch.randn(4, 3, 224, 224)
-        loss = torch.nn.functional.cross_entropy(ref(x)[0], torch.randint(0, 1000, (4,)))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    path = folder / f"{IMAGENET[name]}.pth"
-    torch.save(ref.state_dict(), path)
-    ours = build_model(name, 1000, 3)
-    ours.load_state_dict(read_state_dict(path), strict=True)
-    ref.eval()
-    ours.eval()
+    ref, ours = _step_and_load(_mdistiller(IMAGENET[name], root), name, 1000, 224, 4, 2, lambda out: out[0],
+                               lambda state, opt: state, folder / f"{IMAGENET[name]}.pth")
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         logits, feats = ref(x)

@@ -20,17 +20,23 @@ runner = CliRunner()
 CLASSES = ("cat", "dog", "owl")
 
 
-def write_tree(root, per_split=(("train", 8), ("test", 3)), sizes=((20, 20), (24, 20)), seed=0):
-    """Each class its own colour plus noise; even images PNG, odd ones JPEG; sizes alternate."""
+def _png_or_jpeg(im, folder, i):
+    im.save(folder / f"{i}.{'png' if i % 2 == 0 else 'jpg'}")
+
+
+def write_tree(root, per_split=(("train", 8), ("test", 3)), sizes=((20, 20), (24, 20)), seed=0, classes=CLASSES,
+               save=_png_or_jpeg):
+    """Each class its own colour plus noise; sizes alternate; ``save(image, folder, i)`` writes image i (default:
+    even ones PNG, odd ones JPEG)."""
     rng = np.random.default_rng(seed)
     for split, n in per_split:
-        for c, name in enumerate(CLASSES):
+        for c, name in enumerate(classes):
             (root / split / name).mkdir(parents=True)
             for i in range(n):
                 w, h = sizes[i % len(sizes)]
                 img = rng.integers(0, 60, (h, w, 3))
                 img[..., c] += 180
-                Image.fromarray(img.astype(np.uint8)).save(root / split / name / f"{i}.{'png' if i % 2 == 0 else 'jpg'}")
+                save(Image.fromarray(img.astype(np.uint8)), root / split / name, i)
     return root
 
 

@@ -10,35 +10,26 @@ import torch
 from PIL import Image
 
 from conftest import one_line_error
+from test_images import write_tree
 from kdbench.data import DataError, load_data
 from kdbench.stream import EVAL_RESIZE, _eval_view, _train_view, crop_box
 
 CLASSES = ("n01", "n02", "n03")
 
 
+def _imagenet_kinds(im, folder, i):
+    """As ImageNet mixes them: an RGB JPEG, a greyscale JPEG, a CMYK JPEG, a PNG with alpha."""
+    if i % 4 == 3:
+        return im.convert("RGBA").save(folder / f"{i}.png")
+    im = im.convert("L") if i % 4 == 1 else im.convert("CMYK") if i % 4 == 2 else im
+    im.save(folder / f"{folder.name}_{i}.JPEG", quality=90)
+
+
 def write_imagenet(root, train=6, val=2, seed=0):
     """ImageNet's layout (train/<wnid>/*.JPEG, val/<wnid>/*: no test/): each class its own colour; sizes and
-    formats as ImageNet mixes them (an RGB JPEG, a greyscale JPEG, a CMYK JPEG, a PNG with alpha)."""
-    rng = np.random.default_rng(seed)
-    sizes = ((48, 40), (36, 60), (64, 64), (50, 30))
-    for split, n in (("train", train), ("val", val)):
-        for c, name in enumerate(CLASSES):
-            (root / split / name).mkdir(parents=True)
-            for i in range(n):
-                w, h = sizes[i % len(sizes)]
-                a = rng.integers(0, 60, (h, w, 3))
-                a[..., c] += 180
-                im = Image.fromarray(a.astype(np.uint8))
-                kind = i % 4
-                if kind == 1:
-                    im = im.convert("L")
-                elif kind == 2:
-                    im = im.convert("CMYK")
-                elif kind == 3:
-                    im.convert("RGBA").save(root / split / name / f"{i}.png")
-                    continue
-                im.save(root / split / name / f"{name}_{i}.JPEG", quality=90)
-    return root
+    formats mixed as ImageNet mixes them."""
+    return write_tree(root, (("train", train), ("val", val)), ((48, 40), (36, 60), (64, 64), (50, 30)), seed, CLASSES,
+                      _imagenet_kinds)
 
 
 @pytest.fixture(scope="module")
