@@ -81,9 +81,7 @@ def rerun_trial(path: str | Path, trial_id: str, threads: int | None = None, dev
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        distill(TrainConfig(study.student, method, recipe, seed, eval_val=study.evaluation.val, eval_test=study.evaluation.test,
-                            reference_per_class=study.evaluation.reference_per_class),
-                data, teacher, hook)
+        distill(TrainConfig.of_trial(study, method, recipe, seed), data, teacher, hook)
     except _Stop:  # the epoch where ASHA stopped the recorded trial
         assert last["epoch"] == epochs
     finally:

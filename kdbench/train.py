@@ -48,6 +48,16 @@ class TrainConfig:
     final_every_epoch: bool = False  # kNN, retrieval and clustering at every evaluated epoch (a search objective)
     reference_per_class: int = 0  # kNN's and retrieval's reference: training images a class (0: all; see reference_rows)
 
+    @classmethod
+    def of_trial(cls, study, method: Method, recipe: Recipe, seed: int) -> "TrainConfig":
+        """A study's trial as a run (what a search's worker and ``kdbench rerun`` both train): the study's student
+        and evaluation schedule, the final measures every evaluated epoch where an objective is one of them."""
+        from .metrics import FINAL
+
+        return cls(study.student, method, recipe, seed, eval_val=study.evaluation.val, eval_test=study.evaluation.test,
+                   final_every_epoch=bool(set(study.objectives) & set(FINAL)),
+                   reference_per_class=study.evaluation.reference_per_class)
+
 
 @dataclass
 class Teacher:

@@ -14,7 +14,6 @@ import torch
 from ray import tune
 
 from .. import checkpoints, results
-from ..metrics import FINAL
 from ..records import Epoch, TrainState
 from ..study import Study
 from ..teacher import load_teacher
@@ -85,9 +84,7 @@ def trainable(config: dict, study: Study, teacher: dict, data, threads: int, res
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
 
     try:
-        distill(TrainConfig(study.student, method, recipe, seed, eval_val=study.evaluation.val, eval_test=study.evaluation.test,
-                            final_every_epoch=bool(set(study.objectives) & set(FINAL)),
-                            reference_per_class=study.evaluation.reference_per_class),
-                data, teacher, report, resume=state, state_when=due, final_weights=study.keep_students != "none")
+        distill(TrainConfig.of_trial(study, method, recipe, seed), data, teacher, report, resume=state, state_when=due,
+                final_weights=study.keep_students != "none")
     except Exception as e:  # NaN loss, OOM, a bug: the trial is failed, with its reason; the search goes on
         tune.report({"epoch": last_epoch, "failure": f"{type(e).__name__}: {e}", **where, "ended_at": time.time()})
