@@ -11,7 +11,7 @@ from ray.tune.experiment import Trial
 
 from benchmarks.replay.score import Truth, anytime, at, reach
 from benchmarks.replay.simulate import Ran, replay
-from benchmarks.replay.strategies import Strategy, strategies
+from benchmarks.replay.strategies import Strategy, one, pool, run_many, strategies, sweep
 from benchmarks.replay.tables import TABLES, HERE, Table, load_table, replay_study
 from kdbench.search.schedulers import ParetoASHA
 
@@ -155,6 +155,23 @@ def test_strategies_name_the_default_once_and_cover_the_samplers():
     names = [s.name for s in strategies(replay_study("digits"))]
     assert names[0] == "default" and "tpe+pareto" not in names  # the bundled default is TPE + two-objective ASHA
     assert {"random", "random+pareto", "tpe", "tpe+top1", "tpe-noliar+pareto", "nsga2", "qmc", "gp"} <= set(names)
+
+
+def test_the_sweep_leaves_out_a_grace_period_with_no_rung():
+    assert [(s.grace, s.eta) for s in sweep(replay_study("digits"), "qmc")][::3] == [(3, 2), (6, 2), (10, 2)]
+    assert {s.grace for s in sweep(replay_study("synthetic"), "tpe")} == {3, 6}  # 10 epochs: grace 10 stops nothing
+
+
+def test_many_replays_on_a_pool_come_back_in_the_order_asked_and_equal_one_at_a_time():
+    """The pool runs the Gaussian process's jobs first; the answers still line up with the jobs."""
+    random, gp = (Strategy(n, n, "none") for n in ("random", "gp"))
+    jobs = [("synthetic", None, random, 0, 4, 30), ("synthetic", None, gp, 1, 4, 30), ("synthetic", None, random, 2, 4, 30)]
+    with pool(1) as workers:
+        many = run_many(jobs, workers)
+    for job, got in zip(jobs, many):
+        for a, b in zip(one(job), got):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(many[0][2], many[2][2]) or not np.array_equal(many[0][3], many[2][3])
 
 
 @pytest.mark.parametrize("name", sorted(TABLES))
