@@ -100,13 +100,16 @@ def plan_lines(studies: list[Study]) -> list[str]:
         teacher = (f"read from {st.teacher_checkpoint}" if st.teacher_checkpoint else
                    f"trained if not cached: {st.teacher_recipe.epochs} epochs")
         values = len({v for _, _, v in st.grid.points}) if st.is_grid else 0
-        kind = (f"grid of {len(st.grid.points)} runs ({len({m for m, _, _ in st.grid.points})} methods × "
-                f"{len({sd for _, sd, _ in st.grid.points})} seeds{f' × {values} values' if values > 1 else ''})"
+        n = lambda k, word: f"{k} {word}{'s' if k != 1 else ''}"  # noqa: E731
+        kind = (f"grid of {n(len(st.grid.points), 'run')} ({n(len({m for m, _, _ in st.grid.points}), 'method')} × "
+                f"{n(len({sd for _, sd, _ in st.grid.points}), 'seed')}{f' × {values} values' if values > 1 else ''})"
                 if st.is_grid else
                 f"search of {st.search.samples} trials ({st.search.sampler}, ASHA {'on' if st.asha.enabled else 'off'})")
         epochs = st.trial_count() * st.recipe.epochs
         total += epochs
-        lines.append(f"{st.name}: {st.dataset}, teacher {st.teacher} ({teacher}), student {st.student} (lr "
+        streamed = {True: " (streamed from disk)", "auto": ""}.get(st.data_options.get("stream", "auto"), " (in memory)") \
+            if st.dataset.startswith("folder:") else ""
+        lines.append(f"{st.name}: {st.dataset}{streamed}, teacher {st.teacher} ({teacher}), student {st.student} (lr "
                      f"{st.recipe.lr}, {st.recipe.epochs} epochs); {kind}; at most {epochs:,} trial-epochs; "
                      f"{st.concurrency} at once, {st.resources.cpus_per_trial:g} CPU and "
                      f"{'auto' if st.resources.gpus_per_trial is None else st.resources.gpus_per_trial} GPU each")

@@ -99,9 +99,10 @@ class StreamData:
     def _stream(self, split: str, batches: list, train: bool):
         dataset = _Images(self.root, self.files[split], self.targets[split].cpu(), self.channels, self.image_size, train)
         cuda = self.device.type == "cuda"
+        workers = min(self.workers, len(batches))  # a process per batch at most: small passes start few
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=batches, num_workers=self.workers, collate_fn=_collate, pin_memory=cuda,
-            prefetch_factor=self.prefetch if self.workers else None, persistent_workers=False)
+            dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate, pin_memory=cuda,
+            prefetch_factor=self.prefetch if workers else None, persistent_workers=False)
         for x, y, idx, bad in loader:
             if bad:
                 self.bad.extend(bad)

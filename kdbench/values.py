@@ -109,7 +109,7 @@ def apply_overrides(method: Method, recipe: Recipe, values: dict, where: str) ->
         v = check_value(key, value, where)
         (m if key in field_types(Method) else r)[key] = v
     recipe = dataclasses.replace(recipe, **r)
-    if recipe.milestones and recipe.milestones[-1] >= recipe.epochs:
+    if recipe.schedule == "step" and recipe.milestones and recipe.milestones[-1] >= recipe.epochs:  # else unused
         raise StudyError(f"{where}: milestones = {list(recipe.milestones)}; allowed: epochs before the last "
                          f"(epochs = {recipe.epochs})")
     if recipe.compile_mode != "default" and recipe.compile_backend != "inductor":

@@ -86,7 +86,7 @@ def test_bad_pairs_are_one_line(tmp_path, pairs, fragment):
      "data.val_fraction = 0.0 (no validation split); allowed only in a grid without ASHA"),
     ('[data]\nval_fraction = 0.0\n[grid]\nmethods = ["kd"]\n[asha]\nenabled = true', "allowed only in a grid without ASHA"),
     ('[recipe]\nepochs = 10\nmilestones = [5, 3]\n[grid]', "milestones = [5, 3]; allowed: increasing epochs >= 1"),
-    ('[recipe]\nepochs = 10\nmilestones = [5, 10]\n[grid]', "milestones = [5, 10]; allowed: epochs before the last"),
+    ('[recipe]\nepochs = 10\nschedule = "step"\nmilestones = [5, 10]\n[grid]', "milestones = [5, 10]; allowed: epochs before the last"),
 ])
 def test_bad_recipe_and_split_are_one_line(tmp_path, text, fragment):
     p = tmp_path / "s.toml"

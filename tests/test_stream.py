@@ -3,6 +3,7 @@ greyscale, CMYK, mixed sizes), read from disk batch by batch in DataLoader worke
 torchvision's own transforms; the batches the same with any number of workers; a bad file mid-stream one line."""
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,3 +220,34 @@ def test_a_search_with_asha_on_a_streamed_folder_writes_a_complete_folder(tree, 
     assert len(f.trials) == 3 and set(f.trials["status"]) <= {"completed", "stopped"}
     assert (f.trials["status"] == "completed").any()
     assert f.epochs.groupby("trial_id")["epoch"].max().to_dict() == f.trials.set_index("trial_id")["epochs"].to_dict()
+
+
+def test_the_imagenet_study_runs_end_to_end_on_a_tiny_jpeg_folder(tmp_path, monkeypatch, ray_session):
+    """studies/imagenet-mdistiller.toml as bundled, on an ImageNet-shaped folder of JPEGs (train/ + val/, no test/)
+    with teachers' files of torchvision's architectures where its [pairs] template looks for them (random weights:
+    the file format and the keys, not the numbers), shrunk only by flags: both pairs, all four methods, one epoch,
+    two trials at once."""
+    import torchvision
+    from typer.testing import CliRunner
+
+    from kdbench.cli import app
+    from kdbench.results import read_folder
+
+    monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # the template is relative to the working directory, as the study's comment says
+    jpeg = lambda image, folder, i: image.save(folder / f"n{i:08d}.JPEG", quality=90)  # noqa: E731
+    write_tree(tmp_path / "imagenet", (("train", 4), ("val", 2)), ((40, 36), (36, 44)), 0, CLASSES[:2], jpeg)
+    (tmp_path / "download_ckpts/imagenet").mkdir(parents=True)
+    for arch in ("resnet34", "resnet50"):
+        torch.manual_seed(0)
+        torch.save(torchvision.models.get_model(arch, num_classes=2).state_dict(), f"download_ckpts/imagenet/{arch}.pth")
+    study = Path(__file__).parents[1] / "studies/imagenet-mdistiller.toml"
+    r = CliRunner().invoke(app, ["tune", str(study), "--dataset", f"folder:{tmp_path / 'imagenet'}", "--image-size", "32",
+                                 "--epochs", "1", "--set", "batch_size=4", "--set", "schedule=constant",
+                                 "--cpus-per-trial", "1", "--gpus-per-trial", "0.5", "--concurrency", "2", "--out", "out"])
+    assert r.exit_code == 0, r.output
+    for pair in ("tv:resnet34-tv:resnet18", "tv:resnet50-MobileNetV1"):
+        f = read_folder(tmp_path / "out" / pair)
+        assert sorted(f.trials["method"]) == ["baseline", "dkd", "geometry", "kd"]
+        assert (f.trials["status"] == "completed").all() and f.study["data"]["streamed"]
+        assert f.study["study"]["teacher_checkpoint"].endswith(f"{pair.split('-')[0][3:]}.pth")

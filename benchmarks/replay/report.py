@@ -86,13 +86,15 @@ def evaluate(name: str, seeds: int = 50, workers: int = 4, horizon: float = 1.25
     if plot:
         best_found = max(out["strategies"], key=lambda n: out["strategies"][n]["final_hv"]["median"])
         out["best_found"] = best_found
-        out["plot"] = str(_plot(name, runs, grid, budget, target, table.epochs, best_found))
+        out["plot"] = str(_plot(name, runs, grid, budget, target, table.epochs, best_found, horizon))
     return out
 
 
-def _plot(name: str, runs: dict, grid: np.ndarray, budget: int, target: float, epochs: int, best: str) -> Path:
+def _plot(name: str, runs: dict, grid: np.ndarray, budget: int, target: float, epochs: int, best: str,
+          horizon: float) -> Path:
     """Median (and quartiles, for the default, random search and the ``best`` strategy) of the normalised
-    hypervolume over trial-epochs and over simulated wall time."""
+    hypervolume over trial-epochs and over simulated wall time, each line ending where its replays stopped (on the
+    clock: where the first of them stopped)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,10 +109,13 @@ def _plot(name: str, runs: dict, grid: np.ndarray, budget: int, target: float, e
     clock = np.geomspace(first / 2, end, 400)
     for ax, axis, xs, label in ((axes[0], 0, grid, "trial-epochs"), (axes[1], 1, clock / 60, "simulated minutes")):
         for n in shown:
-            c = curves(runs[n][1], grid if axis == 0 else clock, None, axis)
+            s, results = runs[n]
+            stop = limit(s, budget, horizon) if axis == 0 else min(r[1][-1] for r in results if len(r[1]))
+            c = curves(results, grid if axis == 0 else clock, stop, axis)
             line, = ax.plot(xs, np.median(c, 0), label=n, lw=2.2 if n in banded else 1.0)
             if n in banded:
                 ax.fill_between(xs, np.percentile(c, 25, 0), np.percentile(c, 75, 0), color=line.get_color(), alpha=0.15)
+            # (NaN past a line's end: numpy's median and percentiles of an all-NaN column are NaN, drawn as a gap)
         ax.axhline(target, color="grey", lw=0.8, ls=":")
         ax.set_xscale("log"), ax.set_xlim(epochs / 2 if axis == 0 else xs[0], xs[-1])  # the first trials and the tail
         ax.set_xlabel(f"{label} (log scale)"), ax.set_ylabel("normalised hypervolume (seed means)")
