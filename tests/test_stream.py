@@ -224,9 +224,9 @@ def test_a_search_with_asha_on_a_streamed_folder_writes_a_complete_folder(tree, 
 
 def test_the_imagenet_study_runs_end_to_end_on_a_tiny_jpeg_folder(tmp_path, monkeypatch, ray_session):
     """studies/imagenet-mdistiller.toml as bundled, on an ImageNet-shaped folder of JPEGs (train/ + val/, no test/)
-    with teachers' files of torchvision's architectures where its [pairs] template looks for them (random weights:
-    the file format and the keys, not the numbers), shrunk only by flags: both pairs, all four methods, one epoch,
-    two trials at once."""
+    with the teacher's file of torchvision's architecture where its [pairs] template looks for it (random weights:
+    the file format and the keys, not the numbers), shrunk by flags: all four methods, one epoch, two trials at
+    once."""
     import torchvision
     from typer.testing import CliRunner
 
@@ -238,16 +238,24 @@ def test_the_imagenet_study_runs_end_to_end_on_a_tiny_jpeg_folder(tmp_path, monk
     jpeg = lambda image, folder, i: image.save(folder / f"n{i:08d}.JPEG", quality=90)  # noqa: E731
     write_tree(tmp_path / "imagenet", (("train", 4), ("val", 2)), ((40, 36), (36, 44)), 0, CLASSES[:2], jpeg)
     (tmp_path / "download_ckpts/imagenet").mkdir(parents=True)
-    for arch in ("resnet34", "resnet50"):
+    for arch in ("resnet50",):
         torch.manual_seed(0)
         torch.save(torchvision.models.get_model(arch, num_classes=2).state_dict(), f"download_ckpts/imagenet/{arch}.pth")
-    study = Path(__file__).parents[1] / "studies/imagenet-mdistiller.toml"
+    # The bundled file with its [pairs] list (and references) cut to the pair whose student is kdbench's own (MobileNetV1): one pair
+    # runs the whole path; both would double the suite's time for no new code.
+    bundled = (Path(__file__).parents[1] / "studies/imagenet-mdistiller.toml").read_text()
+    both = 'list = [["tv:resnet34", "tv:resnet18"], ["tv:resnet50", "MobileNetV1"]]'
+    assert both in bundled
+    study = tmp_path / "imagenet-mdistiller.toml"
+    other = bundled.index('[pairs.reference."tv:resnet34-tv:resnet18"]')
+    cut = bundled[:other] + bundled[bundled.index('[pairs.reference."tv:resnet50-MobileNetV1"]'):]
+    study.write_text(cut.replace(both, 'list = [["tv:resnet50", "MobileNetV1"]]'))
     r = CliRunner().invoke(app, ["tune", str(study), "--dataset", f"folder:{tmp_path / 'imagenet'}", "--image-size", "32",
                                  "--epochs", "1", "--set", "batch_size=4", "--set", "schedule=constant",
                                  "--cpus-per-trial", "1", "--gpus-per-trial", "0.5", "--concurrency", "2", "--out", "out"])
     assert r.exit_code == 0, r.output
-    for pair in ("tv:resnet34-tv:resnet18", "tv:resnet50-MobileNetV1"):
-        f = read_folder(tmp_path / "out" / pair)
-        assert sorted(f.trials["method"]) == ["baseline", "dkd", "geometry", "kd"]
-        assert (f.trials["status"] == "completed").all() and f.study["data"]["streamed"]
-        assert f.study["study"]["teacher_checkpoint"].endswith(f"{pair.split('-')[0][3:]}.pth")
+    f = read_folder(tmp_path / "out")  # one pair: its folder is --out itself
+    assert sorted(f.trials["method"]) == ["baseline", "dkd", "geometry", "kd"]
+    assert (f.trials["status"] == "completed").all() and f.study["data"]["streamed"]
+    assert f.study["study"]["teacher_checkpoint"].endswith("download_ckpts/imagenet/resnet50.pth")
+    assert f.study["study"]["student"] == "MobileNetV1"
