@@ -36,6 +36,7 @@ def errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from .data import DataError
+        from .measure import DivergedError
         from .results import ResultsError
         from .study import StudyError
         from .terms import MethodError
@@ -45,6 +46,10 @@ def errors(fn):
         except (StudyError, DataError, ResultsError, MethodError) as e:
             err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)  # '[timm]' is not markup
             raise typer.Exit(2) from None
+        except DivergedError as e:  # not bad input: the run itself went wrong; exit 1, still one line
+            err.print(f"[red]error:[/red] the run diverged: {escape(str(e))} (a lower lr or term weight may help)",
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/yellow]")
             raise typer.Exit(130) from None

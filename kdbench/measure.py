@@ -17,7 +17,7 @@ from .downstream import clustering, retrieval
 from .geometry import class_centroids, similarity_matrix
 from .metrics import METRICS
 
-__all__ = ["resolve_precision", "peak_memory_mib", "autocast", "prepare", "forward_all", "reference", "evaluate",
+__all__ = ["DivergedError", "resolve_precision", "peak_memory_mib", "autocast", "prepare", "forward_all", "reference", "evaluate",
            "teacher_views", "SplitOutputs"]
 
 
@@ -104,6 +104,10 @@ class SplitOutputs:
         return clustering(self.features, self.labels, self.num_classes)
 
 
+class DivergedError(RuntimeError):
+    """The training loss, or the student's outputs on a split, became NaN or infinite."""
+
+
 def reference(model: nn.Module, data: Data, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """kNN's and retrieval's reference set: ``model``'s features on the training split (or its ``rows``, see
     :func:`kdbench.data.reference_rows`) and their labels."""
@@ -122,6 +126,8 @@ def evaluate(model: nn.Module, data: Data, split: str, teacher_view: dict | None
     ``keep``: a dict that receives the student's centroid-similarity matrix of the split (float32, on the CPU).
     """
     f, z = forward_all(model, split, data)
+    if not (torch.isfinite(f).all() and torch.isfinite(z).all()):  # one check a pass: k-means and the rest need numbers
+        raise DivergedError(f"the model's features or logits on {split} are not finite")
     o = SplitOutputs(f, z, data.labels(split), data.num_classes)
     if teacher_view is not None:
         o.teacher_features, o.teacher_similarity = teacher_view["features"], teacher_view["S"]

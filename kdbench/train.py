@@ -19,7 +19,7 @@ from .methods import Method
 from .settings import Recipe
 from .terms import STAGE_READS, TERMS, build_parts, reads_of, shapes_of
 from .data import Data, reference_rows
-from .measure import autocast, evaluate, forward_all, peak_memory_mib, prepare, reference, resolve_precision, teacher_views
+from .measure import DivergedError, autocast, evaluate, forward_all, peak_memory_mib, prepare, reference, resolve_precision, teacher_views
 from .geometry import CentroidMemory
 from .models import build_model, count_parameters
 from .records import Batch, Epoch, Final, Run, TrainState
@@ -71,10 +71,6 @@ class Teacher:
         """Weights, centroids and metadata on the CPU: what the cache file holds, as one picklable dict."""
         return {"state_dict": to_cpu(self.model.state_dict()),
                 "centroids": self.centroids.cpu(), "meta": {k: v for k, v in self.meta.items() if k != "path"}}
-
-
-class DivergedError(RuntimeError):
-    """The training loss became NaN or infinite."""
 
 
 def resolve_device(name: str = "auto") -> torch.device:

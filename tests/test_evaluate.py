@@ -163,3 +163,22 @@ def test_a_reference_of_k_images_a_class_is_seeded_and_all_of_them_is_the_whole_
     by_hand = knn_top1(f[few], digits.labels("train")[few], forward_all(runs[2].model, "test", digits)[0],
                        digits.labels("test"), digits.num_classes)
     assert len(few) == 20 and runs[2]["test_knn_top1"] == pytest.approx(float(by_hand), abs=1e-9)
+
+
+def test_a_model_whose_outputs_are_not_finite_is_a_divergence_in_one_line(digits, digits_teacher, tmp_path):
+    """A student whose training loss stays finite while its weights blow up (BatchNorm's running variance, say)
+    gives inf features at evaluation: a DivergedError naming the split (which a search records as the trial's
+    failure), not a crash inside k-means; `kdbench train` says so in one line, exit 1, and writes nothing."""
+    from kdbench.measure import DivergedError, evaluate
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            f = x.flatten(1).float()
+            return f.masked_fill(torch.arange(f.shape[0])[:, None] == 3, float("inf")), f[:, :10]
+
+    with pytest.raises(DivergedError, match="on test are not finite"):
+        evaluate(Broken(), digits, "test", knn=True)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["train", "--epochs", "1", "--lr", "1e12", "--out", str(out)])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert r.output.strip().splitlines()[-1].startswith("error: the run diverged:") and not out.exists()

@@ -224,9 +224,9 @@ def test_a_search_with_asha_on_a_streamed_folder_writes_a_complete_folder(tree, 
 
 def test_the_imagenet_study_runs_end_to_end_on_a_tiny_jpeg_folder(tmp_path, monkeypatch, ray_session):
     """studies/imagenet-mdistiller.toml as bundled, on an ImageNet-shaped folder of JPEGs (train/ + val/, no test/)
-    with the teacher's file of torchvision's architecture where its [pairs] template looks for it (random weights:
-    the file format and the keys, not the numbers), shrunk by flags: all four methods, one epoch, two trials at
-    once."""
+    with the teacher's file of torchvision's architecture where its [pairs] template looks for it (random weights,
+    the head centred on val/'s features), shrunk by flags: all four methods, one epoch, two trials at
+    once, lr 0.01 (the recipe's 0.2 on batches of 4 blows geometry's student up: a DivergedError, tested apart)."""
     import torchvision
     from typer.testing import CliRunner
 
@@ -236,11 +236,26 @@ def test_the_imagenet_study_runs_end_to_end_on_a_tiny_jpeg_folder(tmp_path, monk
     monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)  # the template is relative to the working directory, as the study's comment says
     jpeg = lambda image, folder, i: image.save(folder / f"n{i:08d}.JPEG", quality=90)  # noqa: E731
-    write_tree(tmp_path / "imagenet", (("train", 4), ("val", 2)), ((40, 36), (36, 44)), 0, CLASSES[:2], jpeg)
+    write_tree(tmp_path / "imagenet", (("train", 4), ("val", 5)), ((40, 36), (36, 44)), 0, CLASSES[:2], jpeg)
     (tmp_path / "download_ckpts/imagenet").mkdir(parents=True)
-    for arch in ("resnet50",):
-        torch.manual_seed(0)
-        torch.save(torchvision.models.get_model(arch, num_classes=2).state_dict(), f"download_ckpts/imagenet/{arch}.pth")
+    # A random ResNet-50 whose head is centred on val/'s features, so that its answers differ from image to image.
+    from torchvision.transforms import v2
+
+    view = v2.Compose([v2.Resize(int(32 / 0.875)), v2.CenterCrop(32), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    files = sorted((tmp_path / "imagenet/val").glob("*/*.JPEG"))
+    images = torch.stack([view(Image.open(p).convert("RGB")) for p in files])
+    torch.manual_seed(0)
+    net = torchvision.models.get_model("resnet50", num_classes=2).eval()
+    with torch.no_grad():
+        head, net.fc = net.fc, torch.nn.Identity()
+        features = net(images)
+        net.fc = head
+        head.weight.copy_(torch.randn(2, features.shape[1]) / features.std(0).clamp_min(1e-6))
+        head.bias.copy_(-head.weight @ features.mean(0))
+        pred = net(images).argmax(1)
+    assert 0 < pred.sum() < len(pred)  # not one class for every image
+    torch.save(net.state_dict(), "download_ckpts/imagenet/resnet50.pth")
     # The bundled file with its [pairs] list (and references) cut to the pair whose student is kdbench's own (MobileNetV1): one pair
     # runs the whole path; both would double the suite's time for no new code.
     bundled = (Path(__file__).parents[1] / "studies/imagenet-mdistiller.toml").read_text()
@@ -251,7 +266,7 @@ def test_the_imagenet_study_runs_end_to_end_on_a_tiny_jpeg_folder(tmp_path, monk
     cut = bundled[:other] + bundled[bundled.index('[pairs.reference."tv:resnet50-MobileNetV1"]'):]
     study.write_text(cut.replace(both, 'list = [["tv:resnet50", "MobileNetV1"]]'))
     r = CliRunner().invoke(app, ["tune", str(study), "--dataset", f"folder:{tmp_path / 'imagenet'}", "--image-size", "32",
-                                 "--epochs", "1", "--set", "batch_size=4", "--set", "schedule=constant",
+                                 "--epochs", "1", "--set", "batch_size=4", "--set", "lr=0.01", "--set", "schedule=constant",
                                  "--cpus-per-trial", "1", "--gpus-per-trial", "0.5", "--concurrency", "2", "--out", "out"])
     assert r.exit_code == 0, r.output
     f = read_folder(tmp_path / "out")  # one pair: its folder is --out itself
@@ -259,3 +274,7 @@ def test_the_imagenet_study_runs_end_to_end_on_a_tiny_jpeg_folder(tmp_path, monk
     assert (f.trials["status"] == "completed").all() and f.study["data"]["streamed"]
     assert f.study["study"]["teacher_checkpoint"].endswith("download_ckpts/imagenet/resnet50.pth")
     assert f.study["study"]["student"] == "MobileNetV1"
+    # The teacher's recorded test top-1 (val/ of ImageNet's layout) is the file's model run on val/ through
+    # torchvision's own pipeline: resize to 32 / 0.875, centre crop 32, ImageNet's mean and std from the study.
+    labels = torch.tensor([CLASSES.index(p.parent.name) for p in files])
+    assert f.study["teacher"]["test_top1"] == pytest.approx(100 * (pred == labels).float().mean().item(), abs=1e-4)
