@@ -416,7 +416,7 @@ def compile_check(device: str) -> dict:
     for compiled in (False, True):
         cfg = TrainConfig("cnn_student", METHODS["geometry"], dataclasses.replace(recipe, compile=compiled), seed=0)
         keep = (lambda e: states.update({e.row["epoch"]: e.state})) if compiled else None
-        runs[compiled] = distill(cfg, data, teacher, keep, state_when=(lambda e: e == 15) if compiled else None)
+        runs[compiled] = distill(cfg, data, teacher, keep, state_when=(lambda e, within: e == 15 and not within) if compiled else None)
     eager_cfg = TrainConfig("cnn_student", METHODS["geometry"], recipe, seed=0)
     resumed = distill(eager_cfg, data, teacher, resume=states[15])
     e, c = runs[False], runs[True]

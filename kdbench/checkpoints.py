@@ -7,7 +7,7 @@ a cluster and a later resume all see it. Ray keeps only the latest checkpoint of
 removes a trial's checkpoint when the trial ends, and the whole default storage once every trial of
 the folder has finished. Each checkpoint folder holds ``state.pt`` (what
 :func:`kdbench.train.distill` needs to continue exactly) and ``kdbench.json`` (which configuration and
-seed, which epoch, the history so far, the state's size): a resume finds the latest complete
+seed, which epoch and batch, the history so far, the state's size): a resume finds the latest complete
 checkpoint of each unfinished (configuration, seed) by reading those.
 """
 
@@ -73,8 +73,9 @@ def experiment_root(storage: str, default: bool, out: Path, name: str) -> str:
 
 
 def find(root: str) -> dict[tuple[str, int], dict]:
-    """The latest checkpoint of each (config_id, seed) under ``root``: ``{"uri", "epoch", "history", "pid"}``
-    (``history``: the per-epoch metrics up to that epoch; ``pid``: the process that wrote it)."""
+    """The latest checkpoint of each (config_id, seed) under ``root``: ``{"uri", "epoch", "batch", "history", "pid"}``
+    (``epoch``: epochs done; ``batch``: batches of the next one done, where the checkpoint is mid-epoch;
+    ``history``: the per-epoch metrics up to that epoch; ``pid``: the process that wrote it)."""
     try:
         fs, path = _fs(root)
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
@@ -95,9 +96,10 @@ def find(root: str) -> dict[tuple[str, int], dict]:
         if state.type == pafs.FileType.NotFound or state.size != meta.get("state_bytes"):
             continue
         key = (str(meta["config_id"]), int(meta["seed"]))
-        if key not in latest or meta["epoch"] > latest[key]["epoch"]:
+        at = (int(meta["epoch"]), int(meta.get("batch", 0)))
+        if key not in latest or at > (latest[key]["epoch"], latest[key]["batch"]):
             uri = folder if "://" not in root else root.split("://")[0] + "://" + folder
-            latest[key] = {"uri": uri, "epoch": int(meta["epoch"]), "history": meta.get("history", []),
+            latest[key] = {"uri": uri, "epoch": at[0], "batch": at[1], "history": meta.get("history", []),
                            "pid": meta.get("pid")}
     return latest
 

@@ -216,6 +216,10 @@ def tune(
         for line in plan_lines(studies):
             out.print(line, highlight=False, soft_wrap=True)
         return
+    for s in studies:
+        if s.teacher_looked_for:  # an ImageNet teacher is days of training: say so before it starts
+            err.print(f"note: {s.name}: no teacher file at {s.teacher_looked_for}; {s.teacher} is trained if not cached "
+                      f"({s.teacher_recipe.epochs} epochs)", highlight=False, soft_wrap=True)
     base = out_dir or Path("results") / f"{Path(studies[0].path).stem if len(studies) > 1 else studies[0].name}-" \
         f"{time.strftime('%Y%m%d-%H%M%S')}"
     folders = [base] if len(studies) == 1 else [base / pair_name(s.teacher, s.student) for s in studies]

@@ -19,6 +19,7 @@ exists, and trained with
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 from .flags import Flags, apply_flags
@@ -82,7 +83,9 @@ def load_studies(path: str | Path | None, flags: Flags | None = None, raw: dict 
         ckpt = Path(template.format(teacher=t, arch=t.partition(":")[2] or t)).expanduser() if template else None
         if ckpt is not None and ckpt.is_file():
             sub["teacher_checkpoint"] = str(ckpt)
-        studies.append(parse_study(sub, path, f"{path} [{pair_name(t, s)}]", origins))
+        st = parse_study(sub, path, f"{path} [{pair_name(t, s)}]", origins)
+        missing = ckpt is not None and not ckpt.is_file() and not st.teacher_checkpoint  # (a flag may name one)
+        studies.append(dataclasses.replace(st, teacher_looked_for=str(ckpt)) if missing else st)
     return studies
 
 
@@ -97,8 +100,9 @@ def plan_lines(studies: list[Study]) -> list[str]:
     """What a run of ``studies`` would do, without data: per study its teacher, student, trials and trial-epochs."""
     lines, total = [], 0
     for st in studies:
+        looked = f"no file at {st.teacher_looked_for}: " if st.teacher_looked_for else ""
         teacher = (f"read from {st.teacher_checkpoint}" if st.teacher_checkpoint else
-                   f"trained if not cached: {st.teacher_recipe.epochs} epochs")
+                   f"{looked}trained if not cached: {st.teacher_recipe.epochs} epochs")
         values = len({v for _, _, v in st.grid.points}) if st.is_grid else 0
         n = lambda k, word: f"{k} {word}{'s' if k != 1 else ''}"  # noqa: E731
         kind = (f"grid of {n(len(st.grid.points), 'run')} ({n(len({m for m, _, _ in st.grid.points}), 'method')} × "

@@ -58,9 +58,12 @@ class Batch:
 
 @dataclass(frozen=True)
 class TrainState:
-    """Everything an exact continuation of a run needs after ``epoch``, on the CPU: the modules' state dicts
-    (``student``, ``extras``: the terms' trainable parts, ``memory``: the geometry term's, where it has one), the
-    optimiser's, the loop's generator and every RNG state, and the loop's counters and history.
+    """Everything an exact continuation of a run needs after ``epoch`` (and ``batch`` batches of the next one), on
+    the CPU: the modules' state dicts (``student``, ``extras``: the terms' trainable parts, ``memory``: the geometry
+    term's, where it has one), the optimiser's, the loop's generator and every RNG state, and the loop's counters
+    and history. Mid-epoch (``batch`` > 0) also the generator as the epoch began (what drew its order: the
+    permutation, or a streamed epoch's seed that every image's crop and flip derive from), the epoch's running sums
+    and its time so far.
 
     :meth:`state_dict` is what a checkpoint file holds (flat, readable with ``torch.load(weights_only=True)``);
     :meth:`from_state_dict` reads it back: the one place either is spelt.
@@ -76,19 +79,28 @@ class TrainState:
     best_test: float
     train_seconds: float
     untimed: int = 0  # images of steps kept out of the timing (the first compiled step)
+    batch: int = 0  # batches of epoch ``epoch + 1`` done (0: at an epoch's end)
+    epoch_generator: torch.Tensor | None = None  # mid-epoch: the generator's state as that epoch began
+    sums: torch.Tensor | None = None  # mid-epoch: the epoch's running loss sums (see distill)
+    epoch_seconds: float = 0.0  # mid-epoch: the epoch's training time so far
 
     def state_dict(self) -> dict:
+        mid = {"batch": self.batch, "epoch_generator": self.epoch_generator, "sums": self.sums,
+               "epoch_seconds": self.epoch_seconds} if self.batch else {}
         return {**self.modules, "optimizer": self.optimizer, "generator": self.generator, "rng": self.rng,
                 "history": list(self.history), "step": self.step, "best_test": self.best_test,
-                "train_seconds": self.train_seconds, "epoch": self.epoch, "untimed": self.untimed}
+                "train_seconds": self.train_seconds, "epoch": self.epoch, "untimed": self.untimed, **mid}
 
     @classmethod
     def from_state_dict(cls, d: dict) -> TrainState:
-        counters = {"optimizer", "generator", "rng", "history", "step", "best_test", "train_seconds", "epoch", "untimed"}
+        counters = {"optimizer", "generator", "rng", "history", "step", "best_test", "train_seconds", "epoch", "untimed",
+                    "batch", "epoch_generator", "sums", "epoch_seconds"}
         return cls(epoch=int(d["epoch"]), step=int(d["step"]), modules={k: v for k, v in d.items() if k not in counters},
                    optimizer=d["optimizer"], generator=d["generator"], rng=d["rng"], history=list(d["history"]),
                    best_test=float(d["best_test"]), train_seconds=float(d["train_seconds"]),
-                   untimed=int(d.get("untimed", 0)))
+                   untimed=int(d.get("untimed", 0)), batch=int(d.get("batch", 0)),
+                   epoch_generator=d.get("epoch_generator"), sums=d.get("sums"),
+                   epoch_seconds=float(d.get("epoch_seconds", 0.0)))
 
 
 @dataclass(frozen=True)
@@ -106,8 +118,8 @@ class Final:
 class Epoch:
     """What the loop hands ``report`` once an epoch."""
 
-    row: Row
-    state: TrainState | None = None  # where a continuation was asked for after this epoch
+    row: Row  # empty where the loop hands only a mid-epoch state (see distill's ``state_when``)
+    state: TrainState | None = None  # where a continuation was asked for after this epoch (or step)
     final: Final | None = None  # at the last epoch
 
 

@@ -211,8 +211,9 @@ class Resources:
 
 @dataclass(frozen=True)
 class Checkpointing:
-    """``[checkpoint]``: a trial's checkpoints every ``every`` epochs (0: none), and at the first epoch's end
-    ``minutes`` after the last (0: off); ``max_failures`` retries of a trial whose worker died, each from its last."""
+    """``[checkpoint]``: a trial's checkpoints every ``every`` epochs (0: none), and at the first step's end
+    ``minutes`` after the last (0: off; mid-epoch too, resumed exactly: an ImageNet epoch is an hour on one GPU);
+    ``max_failures`` retries of a trial whose worker died, each from its last."""
 
     every: int = 1
     minutes: float = 0.0

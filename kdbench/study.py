@@ -89,6 +89,7 @@ class Study:
     confirm: Confirm | None = None  # run a confirmation right after the search
     data_options: dict = field(default_factory=dict)  # [data]: val_fraction, pad, flip, image_size, ...
     teacher_checkpoint: str = ""  # read the teacher from this file (absolute) instead of training it
+    teacher_looked_for: str = ""  # [pairs]: the teacher_checkpoint file its template names, not found (trained instead)
     keep_students: str = "full"  # [results]: the trained students kept under students/ (results.KEEP_STUDENTS)
     source: dict = field(default_factory=dict)  # the TOML table it was read from, flags applied
 

@@ -7,6 +7,7 @@ tests and ``ray.tune.report``. A teacher is a student trained with ``baseline`` 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -98,21 +99,26 @@ def get_lr(step: int, total_steps: int, recipe: Recipe, steps_per_epoch: int) ->
 
 def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             report: Callable[[Epoch], None] | None = None, resume: TrainState | None = None,
-            state_when: Callable[[int], bool] | None = None, final_weights: bool = False) -> Run:
+            state_when: Callable[[int, bool], bool] | None = None, final_weights: bool = False) -> Run:
     """Train ``cfg.student`` on ``data`` with the loss of ``cfg.method``; return the run.
 
     Args:
         cfg: student, method (term weights), recipe, seed.
         data: the data set, resident on the training device (the run uses that device).
         teacher: frozen teacher; required when the method has a term other than ``ce``.
-        report: called once per epoch with an :class:`~kdbench.records.Epoch`: its row (``epoch``, losses, and the
-            val/test metrics of the splits evaluated that epoch, see ``TrainConfig.eval_val``/``eval_test``), and
+        report: called once per epoch (and mid-epoch where ``state_when`` asks) with an
+            :class:`~kdbench.records.Epoch`: its row (``epoch``, losses, and the val/test metrics of the splits
+            evaluated that epoch, see ``TrainConfig.eval_val``/``eval_test``), and
             at the last epoch the run's final outputs (``Epoch.final``: the run's numbers, the precision it ran
             in, the centroid-similarity matrices, the weights where ``final_weights``).
         resume: a state an earlier report of the same configuration carried: training continues after its
-            epoch and ends exactly as the uninterrupted run would (same device and threads).
-        state_when: ``state_when(epoch)`` true (never after the last epoch): that epoch's report carries
-            ``Epoch.state``, everything an exact continuation needs, on the CPU.
+            epoch (or its step within an epoch) and ends exactly as the uninterrupted run would (same device and
+            threads).
+        state_when: ``state_when(epoch, False)`` true at an epoch's end (never the last one's): that epoch's
+            report carries ``Epoch.state``, everything an exact continuation needs, on the CPU;
+            ``state_when(epoch, True)`` true after a step inside an epoch (asked after every step but an epoch's
+            last; cheap: no device sync): ``report`` is called then too, with an empty row and the state (a
+            streamed ImageNet epoch is an hour on one GPU: a checkpoint by time lands mid-epoch).
         final_weights: the last epoch's report carries the trained student's state_dict on the CPU (what a
             search keeps of a finished trial).
 
@@ -177,16 +183,31 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         set_rng(resume.rng)
         history, step, best_test, untimed = list(resume.history), resume.step, resume.best_test, resume.untimed
         train_seconds, start = resume.train_seconds, resume.epoch + 1
+    skip = resume.batch if resume is not None else 0  # batches of the first epoch a mid-epoch state had done
+
+    def snapshot(**mid) -> TrainState:  # everything an exact continuation needs, on the CPU
+        return TrainState(epoch=epoch - 1 if mid else epoch, step=step, optimizer=to_cpu(opt.state_dict()),
+                          modules=to_cpu({k: m.state_dict() for k, m in modules.items()}), generator=gen.get_state().cpu(),
+                          rng=get_rng(device), history=list(history), best_test=best_test, train_seconds=train_seconds,
+                          untimed=untimed, **mid)
+
     final = None
     for epoch in range(start, recipe.epochs + 1):
         student.train()
         t0 = time.perf_counter()
         sums = torch.zeros(len(terms) + 2, device=device)  # per-term losses, total, correct: read once an epoch
-        for i, (images, y, idx) in enumerate(data.train_batches(bs, gen)):
+        if skip:  # resumed mid-epoch: the epoch's order as drawn when it began; every later draw as the state left it
+            gen.set_state(resume.epoch_generator)
+        epoch_generator = gen.get_state()
+        batches = data.train_batches(bs, gen, skip)
+        if skip:
+            gen.set_state(resume.generator)
+            sums, t0 = resume.sums.to(device, copy=True), t0 - resume.epoch_seconds
+        for i, (images, y, idx) in enumerate(batches, start=skip):
             x = prepare(images, data)  # (B, C, H, W) float
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            first_compiled = compiled and not stage_maps and i == 0 and epoch == start
+            first_compiled = compiled and not stage_maps and i == skip and epoch == start
             if first_compiled:
                 t_first = time.perf_counter()
             lr = get_lr(step, total_steps, recipe, steps_per_epoch)
@@ -214,8 +235,8 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
                       epochs=recipe.epochs, generator=gen, t_centroids=t_centroids, memory=memory,
                       **student_maps, **teacher_out)
             parts = [TERMS[t].compute(b, method, extras[t] if t in extras else None) for t in terms]
-            for i, share in warmups:  # DKD's and ReviewKD's warm-up: the weight ramps linearly over that share of the run
-                parts[i] = parts[i] * min(1.0, step / max(share * total_steps, 1.0))
+            for k, share in warmups:  # DKD's and ReviewKD's warm-up: the weight ramps linearly over that share of the run
+                parts[k] = parts[k] * min(1.0, step / max(share * total_steps, 1.0))
             parts = torch.stack(parts)
             loss = (parts * weights).sum()
             opt.zero_grad(set_to_none=True)
@@ -229,6 +250,10 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
                 compile_seconds = time.perf_counter() - t_first
                 t0 += compile_seconds
                 untimed += bs
+            if report is not None and state_when is not None and i + 1 < steps_per_epoch and state_when(epoch, True):
+                state = snapshot(batch=i + 1, epoch_generator=to_cpu(epoch_generator), sums=to_cpu(sums))
+                report(Epoch({}, dataclasses.replace(state, epoch_seconds=time.perf_counter() - t0)))
+        skip = 0
         if device.type == "cuda":
             torch.cuda.synchronize()
         epoch_seconds = time.perf_counter() - t0
@@ -268,10 +293,8 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
                           precision=precision,
                           matrices={**matrices, **{f"teacher_{k}": v["S"].float().cpu().numpy() for k, v in views.items()}},
                           weights=to_cpu(student.state_dict()) if final_weights else None)
-        elif report is not None and state_when is not None and state_when(epoch):
-            state = TrainState(epoch=epoch, step=step, modules=to_cpu({k: m.state_dict() for k, m in modules.items()}),
-                               optimizer=to_cpu(opt.state_dict()), generator=gen.get_state().cpu(), rng=get_rng(device),
-                               history=list(history), best_test=best_test, train_seconds=train_seconds, untimed=untimed)
+        elif report is not None and state_when is not None and state_when(epoch, False):
+            state = snapshot()
         if report is not None:
             report(Epoch(row, state, final if last else None))
     if final is None:  # resumed from the last epoch's state: nothing left to run (a state is never taken there)

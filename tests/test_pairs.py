@@ -54,7 +54,12 @@ def test_a_pair_reads_its_teacher_where_the_file_is(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     studies = {s.teacher: s for s in load_studies(find_study("cifar100-repdistiller"))}
     assert studies["resnet56"].teacher_checkpoint.endswith("resnet56_vanilla/ckpt_epoch_240.pth")
-    assert studies["resnet110"].teacher_checkpoint == ""  # missing: trained with [teacher_recipe]
+    assert studies["resnet110"].teacher_checkpoint == ""  # missing: trained with [teacher_recipe], and said so
+    assert studies["resnet110"].teacher_looked_for == "download_ckpts/cifar_teachers/resnet110_vanilla/ckpt_epoch_240.pth"
+    assert studies["resnet56"].teacher_looked_for == ""
+    r = runner.invoke(app, ["tune", "cifar100-repdistiller", "--plan"])
+    assert "teacher resnet56 (read from " in r.output and "teacher resnet110 (no file at download_ckpts/cifar_teachers/" \
+        "resnet110_vanilla/ckpt_epoch_240.pth: trained if not cached: 240 epochs)" in r.output, r.output
 
 
 BASE = """

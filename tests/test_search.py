@@ -144,8 +144,8 @@ methods = ["geometry"]
 seeds = [4, 5]
 concurrency = 2
 [checkpoint]
-every = 0          # checkpoints by time only: one at the end of every epoch here
-minutes = 0.0001
+every = 0          # checkpoints by time only: a few an epoch here, mid-epoch ones among them
+minutes = 0.003
 max_failures = 1
 """
 METRICS = ("val_top1", "test_top1", "val_geom_corr", "test_geom_corr", "test_cka", "test_knn_top1", "last_test_top1")
@@ -165,8 +165,9 @@ def _uninterrupted(study, digits, digits_teacher, seed):
         torch.set_num_threads(before)
 
 
-def _wait_for_checkpoint(root, seed, epoch, not_pid=None, deadline_s=120):
-    """The first checkpoint of ``seed`` at ``epoch`` or later, written by another process than ``not_pid``."""
+def _wait_for_checkpoint(root, seed, epoch, not_pid=None, deadline_s=120, mid=False):
+    """The first checkpoint of ``seed`` at ``epoch`` or later, written by another process than ``not_pid`` (``mid``:
+    one taken inside an epoch)."""
     import time
 
     from kdbench import checkpoints
@@ -174,7 +175,7 @@ def _wait_for_checkpoint(root, seed, epoch, not_pid=None, deadline_s=120):
     deadline = time.time() + deadline_s
     while time.time() < deadline:
         for (_, s), c in checkpoints.find(str(root)).items():
-            if s == seed and c["epoch"] >= epoch and c["pid"] != not_pid:
+            if s == seed and c["epoch"] >= epoch and c["pid"] != not_pid and (c["batch"] > 0 or not mid):
                 return c
         time.sleep(0.05)
     raise AssertionError(f"no checkpoint of seed {seed} at epoch {epoch} under {root}")
@@ -182,8 +183,9 @@ def _wait_for_checkpoint(root, seed, epoch, not_pid=None, deadline_s=120):
 
 def test_a_dead_worker_is_retried_from_its_checkpoint_then_failed_with_the_reason(tmp_path, ray_session, digits,
                                                                                     digits_teacher):
-    """Two trials at once, checkpoints by time: seed 4's worker dies once (retried from its checkpoint, ends
-    bit for bit as if nothing happened); seed 5's dies twice (max_failures = 1: recorded failed, with why)."""
+    """Two trials at once, checkpoints by time: seed 4's worker dies once, just after a checkpoint inside an epoch
+    (retried from its checkpoint, ends bit for bit as if nothing happened); seed 5's dies twice (max_failures = 1:
+    recorded failed, with why)."""
     import os
     import signal
     import threading
@@ -194,7 +196,7 @@ def test_a_dead_worker_is_retried_from_its_checkpoint_then_failed_with_the_reaso
     run = threading.Thread(target=run_study, args=(study, out))
     run.start()
     # Each kill once a checkpoint is on disk: Ray retries from the last one the driver has registered.
-    os.kill(_wait_for_checkpoint(out / "ray", 4, 2)["pid"], signal.SIGKILL)  # as on OOM or a lost node
+    os.kill(_wait_for_checkpoint(out / "ray", 4, 2, mid=True)["pid"], signal.SIGKILL)  # as on OOM or a lost node
     first = _wait_for_checkpoint(out / "ray", 5, 1)["pid"]
     os.kill(first, signal.SIGKILL)
     os.kill(_wait_for_checkpoint(out / "ray", 5, 1, not_pid=first)["pid"], signal.SIGKILL)  # its retry dies too

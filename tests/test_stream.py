@@ -136,7 +136,10 @@ def test_auto_streams_only_what_does_not_fit(tree, monkeypatch, capsys):
             in capsys.readouterr().err.replace("\n", " "))
 
 
-def test_distill_trains_on_a_streamed_folder(tree, monkeypatch):
+def test_distill_trains_on_a_streamed_folder_and_resumes_mid_epoch_exactly(tree, monkeypatch):
+    """Six epochs learn a separable set; a state taken after a step inside epoch 4 (what a checkpoint by time takes
+    on an hour-long ImageNet epoch) continues to the same numbers and weights, with the epoch's order and every
+    image's crop and flip as the uninterrupted run drew them, whatever the number of loader workers."""
     from kdbench.methods import METHODS
     from kdbench.settings import Recipe
     from kdbench.teacher import get_teacher
@@ -147,9 +150,20 @@ def test_distill_trains_on_a_streamed_folder(tree, monkeypatch):
     recipe = Recipe(epochs=6, batch_size=6, lr=0.05)
     teacher, _ = get_teacher(d, "cnn_teacher", recipe)
     assert teacher.centroids.shape[0] == 3
-    run = distill(TrainConfig("cnn_student", METHODS["geometry"], recipe, seed=0), d, teacher)
+    cfg, states = TrainConfig("cnn_student", METHODS["geometry"], recipe, seed=0), []
+    keep = lambda e: states.append(e.state) if e.state is not None and not e.row else None  # noqa: E731
+    run = distill(cfg, d, teacher, keep, state_when=lambda epoch, within: within and epoch == 4 and not states)
     # Each class is its own colour: separable; chance is 33 %.
     assert len(run.history) == 6 and run["test_top1"] >= 66 and np.isfinite(run["test_geom_corr"])
+    # A state after the first of epoch 4's three steps resumes exactly, decoding in two worker processes.
+    (mid,) = states
+    assert (mid.epoch, mid.batch, len(mid.history)) == (3, 1, 3)
+    rows = []
+    again = distill(cfg, dataclasses.replace(d, workers=2), teacher, lambda e: rows.append(e.row), resume=mid)
+    assert [r["epoch"] for r in rows] == [4, 5, 6] and rows[0]["train_loss"] == run.history[3]["train_loss"]
+    assert {k: again[k] for k in run.metrics if "seconds" not in k and "per_second" not in k} == \
+        {k: run[k] for k in run.metrics if "seconds" not in k and "per_second" not in k}
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), run.model.state_dict().values()))
 
 
 def test_a_streamed_folder_travels_to_a_ray_worker_and_trains_from_the_command_line(tree, tmp_path, monkeypatch):

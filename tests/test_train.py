@@ -128,32 +128,38 @@ def test_every_method_trains_on_synthetic(synthetic):
 
 @pytest.mark.parametrize("name, precision", [("geometry", "auto"), ("geometry", "bf16")])
 def test_resume_from_a_state_ends_exactly_like_the_uninterrupted_run(name, precision, digits, digits_teacher):
-    """Everything a continuation needs is in the state: weights, extras, memory, optimiser, RNGs, history; in bf16
-    autocast (on the CPU here: the code a GPU runs) as in fp32. (Trainable parts: tests/test_methods.py.)"""
+    """Everything a continuation needs is in the state: weights, extras, memory, optimiser, RNGs, history, and
+    mid-epoch the epoch's permutation, running sums and augmentation draws; in bf16 autocast (on the CPU here: the
+    code a GPU runs) as in fp32. (Trainable parts: tests/test_methods.py; streamed data: tests/test_stream.py.)"""
     cfg = TrainConfig("cnn_student", METHODS[name], Recipe(epochs=4, precision=precision), seed=1, eval_test="every_epoch")
     states, rows = {}, []
 
     def keep(e):
-        rows.append(e.row)
+        if e.row:
+            rows.append(e.row)
         if e.state is not None:
-            states[e.row["epoch"]] = e.state
+            states[e.state.epoch, e.state.batch] = e.state
 
-    full = distill(cfg, digits, digits_teacher, keep, state_when=lambda epoch: True)
-    assert sorted(states) == [1, 2, 3]  # never after the last epoch
+    full = distill(cfg, digits, digits_teacher, keep, state_when=lambda epoch, within: not within or epoch == 3)
+    steps = len(digits.labels("train")) // cfg.recipe.batch_size
+    # every epoch's end but the last; every step of epoch 3 but its last (its end is the epoch's state)
+    assert sorted(states) == [(1, 0), (2, 0), *((2, b) for b in range(1, steps)), (3, 0)]
     import io
 
-    buf = io.BytesIO()  # through a file, as a checkpoint travels
-    torch.save(states[2].state_dict(), buf)
-    buf.seek(0)
-    resumed_rows = []
-    again = distill(cfg, digits, digits_teacher, lambda e: resumed_rows.append(e.row),
-                    resume=TrainState.from_state_dict(torch.load(buf, weights_only=True)))
-    assert [r["epoch"] for r in resumed_rows] == [3, 4]
-    for k in ("test_top1", "val_geom_corr", "test_cka", "train_loss", "best_test_top1", "val_knn_top1"):
-        assert again[k] == full[k], k
-    assert [r["test_top1"] for r in again.history] == [r["test_top1"] for r in rows]
-    for a, b in zip(again.model.state_dict().values(), full.model.state_dict().values()):
-        assert torch.equal(a, b)
+    for at in ((2, 0), (2, steps // 2)):
+        buf = io.BytesIO()  # through a file, as a checkpoint travels
+        torch.save(states[at].state_dict(), buf)
+        buf.seek(0)
+        resumed_rows = []
+        again = distill(cfg, digits, digits_teacher, lambda e: resumed_rows.append(e.row),
+                        resume=TrainState.from_state_dict(torch.load(buf, weights_only=True)))
+        assert [r["epoch"] for r in resumed_rows] == [3, 4], at
+        for k in ("test_top1", "val_geom_corr", "test_cka", "train_loss", "best_test_top1", "val_knn_top1"):
+            assert again[k] == full[k], (at, k)
+        assert [r["test_top1"] for r in again.history] == [r["test_top1"] for r in rows]
+        assert [r["train_loss"] for r in again.history] == [r["train_loss"] for r in rows]
+        for a, b in zip(again.model.state_dict().values(), full.model.state_dict().values()):
+            assert torch.equal(a, b), at
     assert full.precision == {"auto": "fp32", "bf16": "bf16"}[precision]  # auto on the CPU: fp32
 
 
@@ -200,7 +206,7 @@ def test_a_compiled_student_trains_as_the_eager_one_and_its_state_resumes_eagerl
     states = {}
     cfg = TrainConfig("cnn_student", METHODS["geometry"], dataclasses.replace(recipe, compile=True, compile_backend="aot_eager"), 0)
     compiled = distill(cfg, digits, digits_teacher, lambda e: states.update({e.row["epoch"]: e.state}),
-                       state_when=lambda e: e == 1)
+                       state_when=lambda e, within: e == 1 and not within)
     keys = ("test_top1", "test_geom_corr", "test_cka", "test_knn_top1", "train_loss")
     assert {k: compiled[k] for k in keys} == pytest.approx({k: eager[k] for k in keys}, rel=1e-5, abs=1e-6)
     assert compiled["compile_seconds"] > 0 and eager["compile_seconds"] == 0

@@ -31,8 +31,9 @@ ROW, MATRICES = "row", "matrices"
 def trainable(config: dict, study: Study, teacher: dict, data, threads: int, resume_from: dict):
     """One trial, in a Ray worker on any machine of the cluster: the data set and the teacher come
     through Ray's object store (put there once by the driver); distill; report every epoch, with a
-    checkpoint every ``study.checkpoint.every`` epochs, and at the first epoch's end once
-    ``study.checkpoint.minutes`` have passed since the last one."""
+    checkpoint every ``study.checkpoint.every`` epochs, and at the first step's end once
+    ``study.checkpoint.minutes`` have passed since the last one (mid-epoch too: a report with a checkpoint and no
+    row, which the schedulers, the searcher and the writer pass over)."""
     started_at = time.time()
     torch.set_num_threads(max(1, threads))
     method, recipe, seed = resolve_trial(study, config.get("trial", config))  # grids nest their point
@@ -58,12 +59,23 @@ def trainable(config: dict, study: Study, teacher: dict, data, threads: int, res
              "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()), "started_at": started_at}
     last_epoch, last_saved = 0, time.monotonic()
 
-    def due(epoch: int) -> bool:
+    def due(epoch: int, within: bool) -> bool:
         every, minutes = study.checkpoint.every, study.checkpoint.minutes
-        return bool(every and epoch % every == 0) or bool(minutes and time.monotonic() - last_saved >= 60 * minutes)
+        return bool(minutes and time.monotonic() - last_saved >= 60 * minutes) or bool(not within and every and epoch % every == 0)
+
+    def save(state: TrainState, result: dict):
+        nonlocal last_saved
+        last_saved = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="kdbench-ckpt-") as d:
+            checkpoints.save(Path(d), state.state_dict(), {"config_id": cid, "seed": seed, "epoch": state.epoch,
+                                                           "batch": state.batch, "pid": os.getpid(),
+                                                           "history": state.history})
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
 
     def report(e: Epoch):
-        nonlocal last_epoch, last_saved
+        nonlocal last_epoch
+        if not e.row:  # a mid-epoch state: its checkpoint, with no row (ROW absent) for anyone to read
+            return save(e.state, {"epoch": e.state.epoch, "batch": e.state.batch, **where, "ended_at": time.time()})
         last_epoch = e.row["epoch"]
         # ROW names the epoch's row among what Tune carries (the writer's epochs.csv row); the run's numbers, where
         # and how it ran go with it to the trials.csv row.
@@ -77,11 +89,7 @@ def trainable(config: dict, study: Study, teacher: dict, data, threads: int, res
                 return tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
         if e.state is None:
             return tune.report(result)
-        last_saved = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="kdbench-ckpt-") as d:
-            checkpoints.save(Path(d), e.state.state_dict(), {"config_id": cid, "seed": seed, "epoch": last_epoch,
-                                                             "pid": os.getpid(), "history": e.state.history})
-            tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
+        save(e.state, result)
 
     try:
         distill(TrainConfig.of_trial(study, method, recipe, seed), data, teacher, report, resume=state, state_when=due,

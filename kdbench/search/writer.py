@@ -55,8 +55,8 @@ def _shown(study: Study, config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in _NOT_SHOWN} | {"seed": config.get("seed")}
 
 
-def _trial_row(study: Study, trial, status: str, seconds: float, failure: str = "") -> TrialRow:
-    r = trial.last_result or {}
+def _trial_row(study: Study, trial, r: dict, status: str, seconds: float, failure: str = "") -> TrialRow:
+    """``r``: the trial's last report with a row (or its failure)."""
     config = trial.config.get("trial", trial.config)
     method, recipe, seed = resolve_trial(study, config)
     return TrialRow(trial_id=trial.trial_id, config_id=trial_config_id(study, method, recipe),
@@ -97,6 +97,7 @@ class ResultsWriter(tune.Callback):
                  resume_from: dict, class_names: tuple = ()):
         self.study, self.out, self.state, self.rows, self.epochs = study, out, state, rows, epochs
         self.on_update, self.starts, self.resume_from, self.running = on_update, {}, resume_from, set()
+        self.last = {}  # trial_id -> its last report with a row or a failure (a mid-epoch checkpoint's report has neither)
         self.class_names = class_names
 
     def __getstate__(self):  # Ray pickles its run config; the live view's hook holds locks and stays here
@@ -117,7 +118,9 @@ class ResultsWriter(tune.Callback):
         self._update()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "failure" in result:
+        if "failure" in result or ROW in result:
+            self.last[trial.trial_id] = result
+        if "failure" in result or ROW not in result:  # a mid-epoch checkpoint has no row
             return
         history = [{k: result[k] for k in result[ROW]}]
         if result.get("resumed_from") and result["epoch"] == result["resumed_from"] + 1:  # the epochs an earlier run made
@@ -135,7 +138,7 @@ class ResultsWriter(tune.Callback):
             self._update()
 
     def _finish(self, trial, status: str):
-        r, state = trial.last_result or {}, self.state
+        r, state = self.last.pop(trial.trial_id, None) or trial.last_result or {}, self.state
         state.ends.append(time.time())
         if status != "failed" and r.get("failure"):
             status = "failed"
@@ -143,7 +146,7 @@ class ResultsWriter(tune.Callback):
             status = "completed" if r.get("epoch", 0) >= self.study.max_epochs else "stopped"
         died = status == "failed" and not r.get("failure")  # Ray gave it up: its worker died, retries spent
         why = f"{_reason(trial)} (after {self.study.checkpoint.max_failures} retries)" if died else ""
-        row = _trial_row(self.study, trial, status, time.time() - self.starts.get(trial.trial_id, time.time()), why).as_row()
+        row = _trial_row(self.study, trial, r, status, time.time() - self.starts.get(trial.trial_id, time.time()), why).as_row()
         self.rows.append(row)
         # History first, so a trials row never lacks it; only finished trials (an interrupted one reruns).
         # A retried trial reports again the epochs after its checkpoint: the last report of an epoch wins.
