@@ -7,7 +7,8 @@ with replacement here, on the device, from the loop's generator) are the negativ
 scored against the teacher's memory and the teacher's against the student's, ``exp(v . m / T)`` normalised by
 a constant ``Z`` fixed at the first batch, and the NCE loss of each direction is summed
 (:func:`kdbench.losses.crd_nce`). The banks and ``Z`` are buffers: they go into checkpoints, and a resumed run
-continues exactly.
+continues exactly. Data-parallel, the negatives are drawn for the global batch, ``Z`` is its mean and the banks take
+every worker's rows, so that each worker holds what one process would.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import losses
+from .parallel import all_rows, all_sum, world
 
 __all__ = ["CRD"]
 
@@ -44,7 +46,9 @@ class CRD(nn.Module):
     def negatives(self, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """``(B, K)`` indices of training samples of other classes than each ``y``, uniform, with replacement."""
         c, off = self.count[y][:, None], self.offset[y][:, None]
-        r = (torch.rand(y.shape[0], self.k, device=y.device, generator=gen) * (self.n - c)).long()
+        w = world()  # data-parallel: drawn for the global batch, this worker's rows taken
+        r = torch.rand(y.shape[0] * w.size, self.k, device=y.device, generator=gen)[w.share(y.shape[0] * w.size)]
+        r = (r * (self.n - c)).long()
         return self.order[torch.where(r >= off, r + c, r)]  # skip the sample's own class in the sorted order
 
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor, index: torch.Tensor, y: torch.Tensor,
@@ -56,10 +60,11 @@ class CRD(nn.Module):
         out_t = torch.exp(torch.bmm(w_s, v_t[:, :, None]).squeeze(2) / self.temperature)  # teacher vs student bank
         out_s = torch.exp(torch.bmm(w_t, v_s[:, :, None]).squeeze(2) / self.temperature)  # student vs teacher bank
         with torch.no_grad():  # Z: fixed at the first batch (no host sync: a select, not an `if`)
-            first = torch.stack([out_s.mean(), out_t.mean()]) * self.n
+            first = all_sum(torch.stack([out_s.mean(), out_t.mean()])) / world().size * self.n
             self.z.copy_(torch.where(self.z < 0, first, self.z))
         loss = losses.crd_nce(out_s / self.z[0], self.n) + losses.crd_nce(out_t / self.z[1], self.n)
-        with torch.no_grad():  # the banks: momentum update of the batch's own rows
+        with torch.no_grad():  # the banks: momentum update of the (global) batch's own rows
+            index, v_s, v_t = all_rows(index), all_rows(v_s.detach()), all_rows(v_t)
             for memory, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
                 memory.index_copy_(0, index, F.normalize(memory[index] * self.momentum + v.detach() * (1 - self.momentum), dim=1))
         return loss

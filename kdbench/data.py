@@ -80,15 +80,16 @@ class Data:
         """The (images, labels) of split ``train``, ``val`` or ``test``."""
         return getattr(self, f"{name}_x"), getattr(self, f"{name}_y")
 
-    def train_batches(self, batch_size: int, generator: torch.Generator, skip: int = 0):
+    def train_batches(self, batch_size: int, generator: torch.Generator, skip: int = 0, share: slice = slice(None)):
         """One epoch: ``size("train") // batch_size`` batches (the last partial one dropped) in the order of a
         permutation drawn from ``generator`` when called, each ``(images, labels, indices)``: uint8 ``(B, C, H, W)``
         images augmented on the device (:func:`augment`, same generator), their labels, their rows in the train
         split. Lazy: a batch's draws follow whatever the loop drew from ``generator`` for the batch before.
-        ``skip``: the epoch's first batches are left out, drawing nothing (a run resumed mid-epoch)."""
+        ``skip``: the epoch's first batches are left out, drawing nothing (a run resumed mid-epoch). ``share``: a
+        data-parallel worker's rows of each batch (:meth:`kdbench.parallel.World.share`), drawn as the whole batch's."""
         n = self.size("train")
         perm = torch.randperm(n, device=self.device, generator=generator)
-        return ((augment(self.train_x[idx], self.pad, self.flip, generator), self.train_y[idx], idx)
+        return ((augment(self.train_x[idx], self.pad, self.flip, generator)[share], self.train_y[idx][share], idx[share])
                 for idx in (perm[i * batch_size:(i + 1) * batch_size] for i in range(skip, n // batch_size)))
 
     def chunks(self, split: str, batch_size: int = 1000, rows: torch.Tensor | None = None):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .parallel import all_sum, world
+
 __all__ = ["class_centroids", "similarity_matrix", "geometry_corr", "geom_err", "linear_cka",
            "knn_top1", "CentroidMemory", "class_sums"]
 
@@ -92,7 +94,8 @@ class CentroidMemory(torch.nn.Module):
     For each class ``c`` present in the batch with batch mean ``b_c``, the differentiable centroid is
     ``mu_c = m * M_c + (1 - m) * b_c`` with ``M_c`` detached; absent classes use ``M_c``. After the
     step, ``M_c <- m * M_c + (1 - m) * b_c.detach()``. A slot never filled is initialised by its
-    first batch mean. All of it is tensor ops: no host sync per step.
+    first batch mean. All of it is tensor ops: no host sync per step. Data-parallel, ``b_c`` is the global
+    batch's (every worker holds the same bank, the one a single process would).
 
     Args:
         num_classes: C.
@@ -116,6 +119,9 @@ class CentroidMemory(torch.nn.Module):
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Differentiable centroids ``(C, d)`` for this batch; updates the bank in place."""
         sums, counts = class_sums(features.float(), labels, self.bank.shape[0])
+        if world().size > 1:  # data-parallel: the global batch's sums and counts, in one all-reduce
+            total = all_sum(torch.cat([sums, counts[:, None]], 1))
+            sums, counts = total[:, :-1], total[:, -1].detach()
         present = (counts > 0).unsqueeze(1)  # (C, 1)
         batch_mean = sums / counts.clamp(min=1).unsqueeze(1)  # (C, d)
         m = self.momentum

@@ -74,6 +74,8 @@ class Recipe:
     # torch.compile's backend: inductor | aot_eager (graph capture, no codegen) | cudagraphs
     compile_backend: str = setting("inductor", choices=COMPILE_BACKENDS)
     compile_mode: str = setting("default", choices=COMPILE_MODES)  # inductor's mode
+    # data-parallel workers: BatchNorm's batch statistics over the global batch, not each worker's (kdbench.parallel)
+    sync_bn: bool = setting(False)
 
 
 EVAL_WHEN = ("end", "every_epoch")

@@ -79,14 +79,15 @@ class StreamData:
         return dataclasses.replace(self, where=str(torch.device(device)),
                                    targets={s: t.to(device) for s, t in self.targets.items()}, bad=[])
 
-    def train_batches(self, batch_size: int, generator: torch.Generator, skip: int = 0):
+    def train_batches(self, batch_size: int, generator: torch.Generator, skip: int = 0, share: slice = slice(None)):
         """One epoch's batches, as :meth:`kdbench.data.Data.train_batches`; the permutation and every image's
         crop and flip come from one seed drawn from ``generator`` when called (one host read an epoch), so a run
-        resumed mid-epoch (``skip``) decodes none of the batches it left out and draws the others as before."""
+        resumed mid-epoch (``skip``) decodes none of the batches it left out and draws the others as before, and a
+        data-parallel worker decodes only its ``share`` of each batch."""
         n = self.size("train")
         seed = int(torch.randint(2 ** 62, (1,), device=generator.device, generator=generator))
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-        batches = [[(perm[i], seed + i) for i in range(b * batch_size, (b + 1) * batch_size)]
+        batches = [[(perm[i], seed + i) for i in range(b * batch_size, (b + 1) * batch_size)][share]
                    for b in range(skip, n // batch_size)]
         return self._stream("train", batches, train=True)
 

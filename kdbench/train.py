@@ -23,6 +23,7 @@ from .data import Data, reference_rows
 from .measure import DivergedError, autocast, evaluate, forward_all, peak_memory_mib, prepare, reference, resolve_precision, teacher_views
 from .geometry import CentroidMemory
 from .models import build_model, count_parameters
+from . import parallel
 from .records import Batch, Epoch, Final, Run, TrainState
 from .state import get_rng, set_rng, to_cpu
 
@@ -135,6 +136,9 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
     # --- 1. model, trainable extras, optimiser -------------------------------------------------
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.student, data.num_classes, data.in_channels).to(device)
+    dp = parallel.world()  # data-parallel workers (kdbench.parallel: Ray Train starts them); one process: as ever
+    if dp.size > 1 and recipe.sync_bn:
+        student = parallel.sync_batchnorm(student)
     channels_last = device.type == "cuda" or recipe.channels_last
     if channels_last:
         student = student.to(memory_format=torch.channels_last)
@@ -153,9 +157,19 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
     mode = None if recipe.compile_mode == "default" else recipe.compile_mode
     net = torch.compile(student, backend=recipe.compile_backend, mode=mode) if compiled else student
     compile_seconds = 0.0  # the first compiled step (tracing, compilation), kept out of train_seconds
+    if dp.size > 1:  # DDP averages the student's and the parts' gradients, all-reduced as the backward pass runs
+        if compiled:
+            raise ValueError("compile = true with data-parallel workers: not supported; allowed: compile = false")
+        replica = nn.parallel.DistributedDataParallel(_Replica(student, extras), forward_sync_buffers=False,
+                                                      device_ids=[device] if device.type == "cuda" else None)
+
+    def forward(x: torch.Tensor, stages: bool = False):  # the student's outputs, through DDP where it wraps it
+        if dp.size > 1:
+            return replica(x, stages)
+        return student.forward_stages(x) if stages else net(x)
 
     # --- 2. the teacher's fixed views: eval-split features and similarity matrices, once -------
-    views = teacher_views(teacher.model, data) if teacher is not None else {}
+    views = teacher_views(teacher.model, data) if teacher is not None and dp.rank == 0 else {}  # rank 0 measures
     memory, t_centroids = None, None
     if "geometry" in terms:
         memory = CentroidMemory(data.num_classes, student.feature_dim, method.momentum).to(device)
@@ -167,6 +181,8 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
     n = data.size("train")
     reference_at = reference_rows(data.labels("train"), cfg.reference_per_class)
     bs = min(recipe.batch_size, n)
+    if bs % dp.size:
+        raise ValueError(f"batch_size = {bs}: not a multiple of the {dp.size} workers; allowed: a multiple (the global batch)")
     steps_per_epoch = n // bs  # drop the last partial batch (a batch of 1 breaks BatchNorm)
     total_steps = steps_per_epoch * recipe.epochs
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -199,7 +215,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         if skip:  # resumed mid-epoch: the epoch's order as drawn when it began; every later draw as the state left it
             gen.set_state(resume.epoch_generator)
         epoch_generator = gen.get_state()
-        batches = data.train_batches(bs, gen, skip)
+        batches = data.train_batches(bs, gen, skip, dp.share(bs))
         if skip:
             gen.set_state(resume.generator)
             sums, t0 = resume.sums.to(device, copy=True), t0 - resume.epoch_seconds
@@ -225,12 +241,12 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
                     teacher_out["t_preact"] = [m.float().clone() for m in ts.preact] if "t_preact" in reads else None
             with autocast(device, precision):
                 if stage_maps:
-                    ss = student.forward_stages(x)
+                    ss = forward(x, True)
                     feat, logits = ss.features, ss.logits
                     student_maps = {"maps": [m.float() for m in ss.maps],
                                     "preact": [m.float() for m in ss.preact] if "preact" in reads else None}
                 else:
-                    (feat, logits), student_maps = net(x), {}
+                    (feat, logits), student_maps = forward(x), {}
             b = Batch(logits=logits.float(), features=feat.float(), target=y, index=idx, epoch=epoch,
                       epochs=recipe.epochs, generator=gen, t_centroids=t_centroids, memory=memory,
                       **student_maps, **teacher_out)
@@ -250,7 +266,8 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
                 compile_seconds = time.perf_counter() - t_first
                 t0 += compile_seconds
                 untimed += bs
-            if report is not None and state_when is not None and i + 1 < steps_per_epoch and state_when(epoch, True):
+            if report is not None and state_when is not None and i + 1 < steps_per_epoch and dp.size == 1 and \
+                    state_when(epoch, True):
                 state = snapshot(batch=i + 1, epoch_generator=to_cpu(epoch_generator), sums=to_cpu(sums))
                 report(Epoch({}, dataclasses.replace(state, epoch_seconds=time.perf_counter() - t0)))
         skip = 0
@@ -263,6 +280,9 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         # The last epoch's report carries the final outputs too (kNN included): a scheduler may stop
         # the trial right after it, so nothing may come later.
         last = epoch == recipe.epochs
+        if dp.size > 1:  # the global batch's: losses averaged over the workers, correct answers summed
+            sums = parallel.all_sum(sums)
+            sums[:-1] /= dp.size
         sums = sums.tolist()
         row = {"epoch": epoch, "lr": lr, "train_loss": sums[-2] / steps_per_epoch,
                "train_top1": 100.0 * sums[-1] / (steps_per_epoch * bs),
@@ -273,14 +293,14 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         if not math.isfinite(row["train_loss"]):
             raise DivergedError(f"training loss is {row['train_loss']} at epoch {epoch}")
         evaluated = [split for split, when in (("val", cfg.eval_val), ("test", cfg.eval_test))
-                     if (last or when == "every_epoch") and data.size(split)]  # val_fraction = 0: no val
+                     if (last or when == "every_epoch") and data.size(split) and dp.rank == 0]  # val_fraction = 0: no val
         # kNN's and retrieval's reference: the train split's features, once for every split evaluated
         measure_final = last or (cfg.final_every_epoch and evaluated)
         train_features = reference(student, data, reference_at) if measure_final else False
         matrices = {}  # the last epoch's student centroid-similarity matrices, per split
         for split in evaluated:
             row |= evaluate(student, data, split, views.get(split), knn=train_features, keep=matrices if last else None)
-        if cfg.eval_test == "every_epoch":
+        if cfg.eval_test == "every_epoch" and "test_top1" in row:
             best_test = max(best_test, row["test_top1"])
             row["best_test_top1"] = best_test
         row |= {"params": n_params, "epoch_seconds": epoch_seconds, "train_seconds": train_seconds,
@@ -288,7 +308,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         history.append(row)
         state = None
         if last:  # the run's own numbers and outputs, beside the row (never in the history)
-            final = Final(run={"last_test_top1": row["test_top1"], "peak_memory_mib": peak_memory_mib(device),
+            final = Final(run={"last_test_top1": row.get("test_top1", math.nan), "peak_memory_mib": peak_memory_mib(device),
                                "compile_seconds": compile_seconds},
                           precision=precision,
                           matrices={**matrices, **{f"teacher_{k}": v["S"].float().cpu().numpy() for k, v in views.items()}},
@@ -301,3 +321,16 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         raise ValueError(f"resume: the state is at epoch {start - 1}, the run has {recipe.epochs}")
     return Run(metrics={**history[-1], **final.run, "epochs": recipe.epochs}, history=history, model=student,
                precision=precision, matrices=final.matrices)
+
+
+class _Replica(nn.Module):
+    """What DDP wraps: the student (its forward, or its stage maps) and the terms' trainable parts, so that one
+    set of gradient buckets covers every trained parameter (the parts run outside this forward, inside the same
+    backward pass)."""
+
+    def __init__(self, student: nn.Module, extras: nn.Module):
+        super().__init__()
+        self.student, self.extras = student, extras
+
+    def forward(self, x: torch.Tensor, stages: bool = False):
+        return self.student.forward_stages(x) if stages else self.student(x)

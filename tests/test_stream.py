@@ -102,6 +102,12 @@ def test_training_batches_are_the_same_with_any_number_of_workers(tree):
     seen = torch.cat([i for _, _, i in epochs[0][0]])
     assert len(set(seen.tolist())) == 16  # a permutation: 4 batches of 4 distinct images
     assert not torch.equal(torch.cat([x for x, _, _ in epochs[0][0]]), torch.cat([x for x, _, _ in epochs[0][1]]))
+    # A data-parallel worker decodes only its share of each batch: rank 1 of 2, the second half, as drawn whole.
+    from kdbench.parallel import World
+
+    share = list(base.train_batches(4, torch.Generator().manual_seed(3), share=World(1, 2).share(4)))
+    for (x, y, i), (xa, ya, ia) in zip(share, epochs[0][0]):
+        assert torch.equal(x, xa[2:]) and torch.equal(y, ya[2:]) and torch.equal(i, ia[2:])
 
 
 def test_a_bad_file_mid_stream_is_one_line_or_skipped_and_counted(tree, tmp_path):
