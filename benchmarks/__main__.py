@@ -18,7 +18,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from . import bench, downstream, stream
+from . import bench, ddp, downstream, stream
 
 console = Console(stderr=True)
 
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", dest="json_path", help="write the figures here as JSON")
     p.add_argument("--only", help="comma-separated subset: data,geometry,step,folder,method,compile,"
-                                        "downstream,stream,ray,search,replay,gpu")
+                                        "downstream,stream,ddp,ray,search,replay,gpu")
     p.add_argument("--val-fraction", type=float, help="search comparison: the study's [data] val_fraction")
     p.add_argument("--search-study", default="digits", help="search comparison: the bundled study to search")
     p.add_argument("--search-seeds", type=int, default=5, help="search comparison: seeds 0..N-1")
@@ -61,7 +61,8 @@ def main(argv=None) -> int:
              "search_hv_ratio_pareto": ">= 0.97 (min >= 0.90)", "search_budget_ratio_pareto": "<= 0.5",
              "gpu_images_per_second": ">= 10000", "gpu_packed_4_speedup": ">= 2.5", "gpu_tune_exit_code": "0",
              "folder_decode_seconds": "< 30 (2,000 JPEGs 64x64)", "folder_cache_load_seconds": "< 3",
-             "downstream_share": "<= 0.10", "stream_decode_torchvision_vs_pil": "> 1: torchvision decodes"}
+             "downstream_share": "<= 0.10", "stream_decode_torchvision_vs_pil": "> 1: torchvision decodes",
+             "ddp_step_ratio": "< 1 on 2 cores (0.5: no cost)"}
     plan = [
         ("data_path_speedup", lambda: bench.data_path(args.device, repeats)),
         ("geometry_overhead", lambda: bench.geometry_overhead(args.device, repeats)),
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
         ("compile", lambda: bench.compile_check(args.device)),
         ("downstream", lambda: downstream.downstream_cost(args.device, max(2, repeats // 2))),
         ("stream", lambda: stream.stream_costs(max(2, repeats // 2))),
+        ("ddp", lambda: ddp.ddp_cost(max(3, repeats // 2))),
     ]
     if args.device == "cpu":  # the default study on the CPU; on a GPU, the GPU check below instead
         plan.append(("ray_overhead", lambda: bench.ray_overhead(quick=args.quick)))

@@ -187,6 +187,9 @@ def tune(
     download: Annotated[bool, typer.Option(help="download CIFAR into --data-root if missing")] = False,
     gpus_per_trial: Annotated[Optional[float], typer.Option(help="GPUs per trial; fractions share a GPU")] = None,
     cpus_per_trial: Annotated[Optional[float], typer.Option(help="CPUs per trial"), StudyKey("resources.cpus_per_trial")] = None,
+    workers_per_trial: Annotated[Optional[int], typer.Option(help="data-parallel workers per trial (Ray Train, DDP); "
+                                                             "CPUs and GPUs are then per worker", min=1),
+                                 StudyKey("resources.workers_per_trial")] = None,
     storage: Annotated[Optional[str], typer.Option(help="where trials keep checkpoints: a shared folder or a URI "
                                                    "(s3://...); default: DIR/ray")] = None,
     teacher_checkpoint: Annotated[Optional[Path], typer.Option(help="the teacher's weights (a state_dict file) "
@@ -203,7 +206,7 @@ def tune(
     """
     command_started = time.time()
     from .flags import Flags, study_source
-    from .pairs import load_studies, pair_name, plan_lines
+    from .pairs import load_studies, pair_name, plan_lines, teacher_text
     from .study import StudyError
 
     check_resources(concurrency, cpus_per_trial, gpus_per_trial)
@@ -216,10 +219,8 @@ def tune(
         for line in plan_lines(studies):
             out.print(line, highlight=False, soft_wrap=True)
         return
-    for s in studies:
-        if s.teacher_looked_for:  # an ImageNet teacher is days of training: say so before it starts
-            err.print(f"note: {s.name}: no teacher file at {s.teacher_looked_for}; {s.teacher} is trained if not cached "
-                      f"({s.teacher_recipe.epochs} epochs)", highlight=False, soft_wrap=True)
+    for s in (s for s in studies if s.teacher_looked_for):  # an ImageNet teacher is days of training: say so first
+        err.print(f"note: {s.name}: teacher {s.teacher}: {teacher_text(s)}", highlight=False, soft_wrap=True)
     base = out_dir or Path("results") / f"{Path(studies[0].path).stem if len(studies) > 1 else studies[0].name}-" \
         f"{time.strftime('%Y%m%d-%H%M%S')}"
     folders = [base] if len(studies) == 1 else [base / pair_name(s.teacher, s.student) for s in studies]

@@ -28,7 +28,7 @@ from .methods import METHODS
 from .settings import fields_dict
 from .study import Study, StudyError, parse_study, read_toml
 
-__all__ = ["load_studies", "pair_name", "plan_lines", "space_text"]
+__all__ = ["load_studies", "pair_name", "plan_lines", "space_text", "teacher_text"]
 
 
 def pair_name(teacher: str, student: str) -> str:
@@ -96,13 +96,18 @@ def space_text(space) -> str:
                      f"{p.name} {p.type} {p.low:g}..{p.high:g}{when(p)}" for p in space)
 
 
+def teacher_text(st: Study) -> str:
+    """Where a study's teacher comes from: its file, or training (and the [pairs] file looked for, where missing)."""
+    looked = f"no file at {st.teacher_looked_for}: " if st.teacher_looked_for else ""
+    return (f"read from {st.teacher_checkpoint}" if st.teacher_checkpoint else
+            f"{looked}trained if not cached: {st.teacher_recipe.epochs} epochs")
+
+
 def plan_lines(studies: list[Study]) -> list[str]:
     """What a run of ``studies`` would do, without data: per study its teacher, student, trials and trial-epochs."""
     lines, total = [], 0
     for st in studies:
-        looked = f"no file at {st.teacher_looked_for}: " if st.teacher_looked_for else ""
-        teacher = (f"read from {st.teacher_checkpoint}" if st.teacher_checkpoint else
-                   f"{looked}trained if not cached: {st.teacher_recipe.epochs} epochs")
+        teacher = teacher_text(st)
         values = len({v for _, _, v in st.grid.points}) if st.is_grid else 0
         n = lambda k, word: f"{k} {word}{'s' if k != 1 else ''}"  # noqa: E731
         kind = (f"grid of {n(len(st.grid.points), 'run')} ({n(len({m for m, _, _ in st.grid.points}), 'method')} × "
@@ -113,9 +118,11 @@ def plan_lines(studies: list[Study]) -> list[str]:
         total += epochs
         streamed = {True: " (streamed from disk)", "auto": ""}.get(st.data_options.get("stream", "auto"), " (in memory)") \
             if st.dataset.startswith("folder:") else ""
+        w = st.resources.workers_per_trial
+        workers = f"each trial {w} data-parallel workers (Ray Train, global batch {st.recipe.batch_size}) of " if w > 1 else ""
         lines.append(f"{st.name}: {st.dataset}{streamed}, teacher {st.teacher} ({teacher}), student {st.student} (lr "
                      f"{st.recipe.lr}, {st.recipe.epochs} epochs); {kind}; at most {epochs:,} trial-epochs; "
-                     f"{st.concurrency} at once, {st.resources.cpus_per_trial:g} CPU and "
+                     f"{st.concurrency} at once, {workers}{st.resources.cpus_per_trial:g} CPU and "
                      f"{'auto' if st.resources.gpus_per_trial is None else st.resources.gpus_per_trial} GPU each")
         if not st.is_grid:
             preset = METHODS.get(st.method)

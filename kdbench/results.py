@@ -33,7 +33,9 @@ __all__ = ["write_json", "write_text", "write_csv", "environment", "ResultsError
 # GPUs Ray assigned the trial (comma-separated, empty: none); ``started_at``, ``ended_at``: when it ran (Unix
 # seconds, the worker's clock); ``autocast``: the precision the training step ran in (bf16 | fp32, the recipe's
 # ``precision`` resolved on its device); ``peak_memory_mib``: its device's peak memory (CUDA: max allocated; CPU: the
-# worker process's peak RSS, which spans the earlier trials a reused worker ran).
+# worker process's peak RSS, which spans the earlier trials a reused worker ran); ``workers``: its data-parallel
+# workers (Ray Train; 1: one process), ``backend`` theirs (gloo | nccl), ``worker_batch``: each one's share of the
+# global batch.
 STAGES = ("search", "grid", "confirm", "train", "evaluate")
 # The results format's version, written into every study.json and result.json. A folder without one is schema 1;
 # migrate() brings any folder to this one as it is read, so nothing above it knows older formats. Schema 2: the
@@ -44,7 +46,7 @@ TRIAL_COLUMNS = ("trial_id", "config_id", "stage", "status", "fidelity", "method
                  *metric_columns(),
                  "best_test_top1", "last_test_top1", "params", "train_seconds", "images_per_second",
                  "seconds", "node", "host", "threads", "device", "resumed_from", "gpu_ids", "started_at", "ended_at",
-                 "peak_memory_mib", "autocast", "compile_seconds",
+                 "peak_memory_mib", "autocast", "compile_seconds", "workers", "backend", "worker_batch",
                  "failure")
 
 

@@ -205,10 +205,12 @@ class Asha:
 @dataclass(frozen=True)
 class Resources:
     """``[resources]``: per trial; ``gpus_per_trial`` None: one GPU shared by the concurrent trials where Ray has
-    GPUs."""
+    GPUs. ``workers_per_trial`` > 1: each trial a data-parallel Ray Train run of that many workers, CPUs and GPUs
+    per worker (plus a fraction of a CPU for the trial's driver)."""
 
     cpus_per_trial: float = 1.0
     gpus_per_trial: float | None = None
+    workers_per_trial: int = 1
 
 
 @dataclass(frozen=True)

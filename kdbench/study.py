@@ -331,14 +331,14 @@ def _asha(a: TableReader, has_search: bool, recipe: Recipe) -> Asha:
 
 
 def _resources(res: TableReader) -> Resources:
-    res.only({"cpus_per_trial", "gpus_per_trial"})
+    res.only({"cpus_per_trial", "gpus_per_trial", "workers_per_trial"})
     cpus = res.get("cpus_per_trial", 1.0, float)
     if cpus <= 0:
         res.fail("cpus_per_trial", cpus, "> 0")
     gpus = res.get("gpus_per_trial", None, float)
     if gpus is not None and gpus_allowed(gpus):
         res.fail("gpus_per_trial", gpus, gpus_allowed(gpus))
-    return Resources(cpus, gpus)
+    return Resources(cpus, gpus, res.get("workers_per_trial", 1, int, lo=1))
 
 
 def _evaluation(ev: TableReader, asha: Asha) -> Evaluation:

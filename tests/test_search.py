@@ -352,7 +352,7 @@ def test_quarter_gpus_pack_four_trials_on_the_one_declared_gpu_and_more_than_a_n
 
 def test_a_gpu_the_cluster_cannot_give_is_named_by_hand():
     """The rule check_gpus applies to the live nodes (its "at most 1 GPUs" branch runs on the tests' Ray above)."""
-    from kdbench.search.run import gpu_shortfall
+    from kdbench.search.resources import gpu_shortfall
 
     assert gpu_shortfall(0.5, [0, 0], 2) == ("the Ray cluster has no GPU (2 nodes, 2 CPUs); allowed: 0 here (the "
                                              "trials run on CPUs), or a cluster whose nodes have GPUs")

@@ -26,6 +26,7 @@ from ..train import resolve_device
 from ..trial import resolve_trial
 from .schedulers import make_scheduler
 from .searcher import grid_configs, make_searcher
+from .resources import DRIVER_CPUS, check_gpus, gpus_of, trials_at_once
 from .trainable import trainable
 from .writer import ResultsWriter, SearchState, _read_done
 
@@ -46,35 +47,6 @@ def init_ray(address: str | None, verbose: bool):
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
     return True
-
-
-def gpus_of(study: Study, given: float | None) -> float:
-    """GPUs per trial: ``--gpus-per-trial``, else the study's, else automatic — where the cluster has GPUs, one
-    shared by the concurrent trials (1/concurrency, rounded down to a fraction that divides it), else none."""
-    gpus = given if given is not None else study.resources.gpus_per_trial
-    if gpus is None:
-        gpus = 1.0 / min(study.concurrency, 8) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    return gpus
-
-
-def check_gpus(study: Study, given: float | None, flag: str = "--gpus-per-trial") -> None:
-    """A trial asking for more GPUs than any node of the cluster has would wait forever: one line now instead."""
-    gpus = gpus_of(study, given)
-    if gpus <= 0:
-        return
-    per_node = [n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")]
-    why = gpu_shortfall(gpus, per_node, ray.cluster_resources().get("CPU", 0))
-    if why:
-        raise StudyError(f"{flag} {gpus:g}: {why}")
-
-
-def gpu_shortfall(gpus: float, per_node: list[float], cpus: float) -> str | None:
-    """Why trials of ``gpus`` GPUs each cannot be placed on nodes with ``per_node`` GPUs (None: they can)."""
-    if max(per_node, default=0) >= gpus:
-        return None
-    what = "has no GPU" if not any(per_node) else f"has at most {max(per_node):g} GPUs on a node"
-    return (f"the Ray cluster {what} ({len(per_node)} nodes, {cpus:g} CPUs); allowed: 0 here (the trials run on "
-            f"CPUs), or a cluster whose nodes have GPUs")
 
 
 def _load(study: Study, data_root: str | None, download: bool, on_teacher, on_teacher_ready):
@@ -394,10 +366,12 @@ def _fit(f: _Run, state: SearchState, remaining: int, todo: list | None, asha: b
         # kdbench resumes from trials.csv and its own checkpoints, never from that state: not the user's error.
         logging.getLogger("ray.tune.execution.experiment_state").setLevel(logging.CRITICAL)
     gpus = gpus_of(study, f.gpus_per_trial)
+    data_parallel = study.resources.workers_per_trial > 1  # each trial a Ray Train run: its driver holds a little
     worker = tune.with_resources(
         tune.with_parameters(trainable, study=study, teacher=f.teacher, data=f.data,
-                             threads=int(study.resources.cpus_per_trial), resume_from=f.resume_from),
-        {"cpu": study.resources.cpus_per_trial, "gpu": gpus})
+                             threads=int(study.resources.cpus_per_trial), resume_from=f.resume_from, gpus=gpus,
+                             storage=f.storage),
+        {"cpu": DRIVER_CPUS, "gpu": 0} if data_parallel else {"cpu": study.resources.cpus_per_trial, "gpu": gpus})
     if todo is not None:
         searcher, param_space, num_samples = None, {"trial": tune.grid_search(todo)}, 1
     else:
@@ -408,7 +382,7 @@ def _fit(f: _Run, state: SearchState, remaining: int, todo: list | None, asha: b
         worker, param_space=param_space,
         # reuse_actors: a finished trial's worker process (torch imported, data in memory) runs the next one
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
-                                    max_concurrent_trials=study.concurrency, reuse_actors=True),
+                                    max_concurrent_trials=trials_at_once(study, gpus), reuse_actors=not data_parallel),
         run_config=tune.RunConfig(name=f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{next(_FITS)}", storage_path=f.storage,
                                   verbose=1 if f.verbose else 0,
                                   callbacks=[ResultsWriter(study, f.out, state, f.rows, f.epochs, f.on_update,

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from ray import tune
 
 from .. import checkpoints, matrices, results
@@ -155,11 +156,14 @@ class ResultsWriter(tune.Callback):
         results.write_csv(self.out / "epochs.csv", list(history.values()))
         results.write_csv(self.out / "trials.csv", self.rows, results.TRIAL_COLUMNS)
         if status == "completed" and r.get(MATRICES):  # the class geometry, beside the row (see kdbench.matrices)
-            matrices.write_run(self.out, trial.trial_id, r[MATRICES])
+            mats = {k: np.asarray(v, dtype=np.float32) for k, v in r[MATRICES].items()}  # (lists from Ray Train)
+            matrices.write_run(self.out, trial.trial_id, mats)
             if not (self.out / matrices.MATRICES / "teacher.npz").exists():
-                matrices.write_teacher(self.out / matrices.MATRICES / "teacher.npz", r[MATRICES], self.class_names)
-        if status == "completed" and self.study.keep_students != "none" and trial.checkpoint is not None:
-            student = checkpoints.read_student(trial.checkpoint)
+                matrices.write_teacher(self.out / matrices.MATRICES / "teacher.npz", mats, self.class_names)
+        # A multi-worker trial's checkpoints are Ray Train's: Tune hears only their paths (``checkpoint_path``).
+        ckpt = trial.checkpoint or (tune.Checkpoint(r["checkpoint_path"]) if r.get("checkpoint_path") else None)
+        if status == "completed" and self.study.keep_students != "none" and ckpt is not None:
+            student = checkpoints.read_student(ckpt)
             if student is not None:  # its final metrics are the row's
                 student["metrics"] = results.final_metrics(row)
                 results.write_student(self.out / results.STUDENTS / f"{trial.trial_id}.pt", student)
