@@ -43,7 +43,7 @@ def trainable(config: dict, study: Study, teacher: dict, data, threads: int, res
     ``storage``: where Train keeps the workers' checkpoints (the search's storage: a resume finds them there)."""
     if study.resources.workers_per_trial == 1:
         return run_trial(config, study, teacher, data, threads, resume_from, _TuneSession())
-    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -56,6 +56,7 @@ def trainable(config: dict, study: Study, teacher: dict, data, threads: int, res
                                      resources_per_worker={"CPU": res.cpus_per_trial, **({"GPU": gpus} if gpus else {})}),
         run_config=RunConfig(name=f"train-{trial_config_id(study, method, recipe)}-{seed}", storage_path=storage,
                              failure_config=FailureConfig(max_failures=study.checkpoint.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),  # the latest only, as Tune keeps
                              callbacks=[TuneReportCallback()]))
     try:
         trainer.fit()
