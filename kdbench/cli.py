@@ -9,9 +9,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .console import (DatasetName, Device, EvalWhen, ImageSize, LiveView, SkipBad, Stream, ValFraction, check_resources,
+from .console import (DatasetName, Device, EvalWhen, ImageSize, LiveView, Log, SkipBad, Stream, ValFraction, check_resources,
                       check_model_flag, data_options, device_or_error, epoch_progress, err, errors, out, summary_table,
-                      teacher_table, teacher_with_progress, stream_value, threads_now)
+                      teacher_table, teacher_with_progress, stream_value, threads_now, trackers_value)
 from .methods import METHODS
 from .metrics import METRICS
 from .settings import SAMPLERS, StudyKey
@@ -178,6 +178,7 @@ def tune(
                        StudyKey("asha.enabled", lambda v: not v)] = False,
     image_size: Annotated[ImageSize, StudyKey("data.image_size")] = None,
     stream: Annotated[Stream, StudyKey("data.stream", stream_value)] = None,
+    log: Annotated[Log, StudyKey("logging.trackers", trackers_value)] = None,
     val_fraction: Annotated[ValFraction, StudyKey("data.val_fraction")] = None,
     concurrency: Annotated[Optional[int], typer.Option(help="trials running at once"), StudyKey("search.concurrency")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="results folder (default results/<study>-<time>)")] = None,

@@ -65,6 +65,15 @@ SkipBad = Annotated[bool, typer.Option(help="image folders: leave unreadable ima
 ValFraction = Annotated[Optional[float], typer.Option(help="share of train held out as val (default: the data set's)")]
 Stream = Annotated[Optional[str], typer.Option(help="image folders: auto (stream from disk what would not fit in "
                                                     "memory; the default), true or false")]
+Log = Annotated[Optional[str], typer.Option("--log", help="experiment trackers to log to besides the folder: tensorboard "
+                                                          "(DIR/tensorboard; comma-separated)")]
+
+
+def trackers_value(text: str) -> list:
+    """``--log``'s text as the study's ``[logging] trackers``, checked (one line naming the trackers otherwise)."""
+    from .trackers import check_trackers
+
+    return list(check_trackers(text, "--log"))
 
 
 def stream_value(text: str):

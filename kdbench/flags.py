@@ -215,7 +215,7 @@ def study_source(study: str | None, flags, resume_from: Path | None) -> tuple:
 # What a resume may change: where and how much runs, not what a trial is (anything else would mix two studies'
 # trials in one table). Dotted keys of the study record; a table's name covers its keys.
 RESUMABLE = ("path", "description", "source", "data_root", "search.samples", "search.concurrency", "grid.concurrency",
-             "resources", "checkpoint", "confirm", "keep_students")
+             "resources", "checkpoint", "confirm", "keep_students", "trackers")
 
 
 def differences(recorded: dict, study: Study) -> list[str]:

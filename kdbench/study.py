@@ -21,6 +21,7 @@ else:  # pragma: no cover
 from .data import DataError, canonical, check_data
 from .metrics import DEFAULT_OBJECTIVES, METRICS
 from .tables import TableReader
+from .trackers import check_trackers
 from .results import KEEP_STUDENTS, migrate_study
 from .models import check_model
 from .methods import METHODS, Method
@@ -91,6 +92,7 @@ class Study:
     teacher_checkpoint: str = ""  # read the teacher from this file (absolute) instead of training it
     teacher_looked_for: str = ""  # [pairs]: the teacher_checkpoint file its template names, not found (trained instead)
     keep_students: str = "full"  # [results]: the trained students kept under students/ (results.KEEP_STUDENTS)
+    trackers: tuple[str, ...] = ()  # [logging]: where curves go besides the folder (kdbench.trackers)
     source: dict = field(default_factory=dict)  # the TOML table it was read from, flags applied
 
     @property
@@ -123,7 +125,7 @@ class Study:
 
 _TOP_KEYS = {"name", "description", "dataset", "data", "data_root", "split_seed", "teacher", "teacher_seed", "teacher_checkpoint",
              "student", "method", "seed", "recipe", "teacher_recipe", "methods", "search", "grid", "asha",
-             "resources", "reference", "confirm", "checkpoint", "evaluation", "results"}
+             "resources", "reference", "confirm", "checkpoint", "evaluation", "results", "logging"}
 
 
 def _model(r: TableReader, key: str, default: str) -> str:
@@ -255,6 +257,8 @@ def parse_study(raw: dict, path: str | Path | None, where: str | None = None, or
     ref = r.sub("reference")
     res_table = r.sub("results")
     res_table.only({"keep_students"})
+    log = r.sub("logging")
+    log.only({"trackers"})
     confirm = None
     if "confirm" in raw:
         c = r.sub("confirm")
@@ -272,7 +276,8 @@ def parse_study(raw: dict, path: str | Path | None, where: str | None = None, or
         student=student, recipe=recipe, methods=methods, method=method, seed=seed, search=search, grid=grid, asha=asha,
         resources=_resources(r.sub("resources")), checkpoint=_checkpointing(r.sub("checkpoint")),
         evaluation=_evaluation(r.sub("evaluation"), asha), reference=tuple((k, ref.get(k, 0.0, float)) for k in ref.table),
-        confirm=confirm, keep_students=res_table.get("keep_students", "full", str, choices=KEEP_STUDENTS))
+        confirm=confirm, keep_students=res_table.get("keep_students", "full", str, choices=KEEP_STUDENTS),
+        trackers=check_trackers(log.get("trackers", [], list, item=str), f"{file}: logging.trackers"))
 
 
 def _search(s: TableReader, methods: dict) -> Search:
@@ -371,6 +376,7 @@ def study_from_dict(d: dict) -> Study:
     for key, cls in (("asha", Asha), ("resources", Resources), ("checkpoint", Checkpointing), ("evaluation", Evaluation)):
         d[key] = cls(**(d.get(key) or {}))  # a table an earlier version did not record: its defaults
     d["reference"] = tuple(tuple(kv) for kv in d.get("reference", ()))
+    d["trackers"] = tuple(d.get("trackers", ()))
     c = d.get("confirm")
     d["confirm"] = Confirm(**{**c, "with_": tuple(c["with_"])}) if c else None
     return Study(**d)

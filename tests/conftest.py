@@ -148,7 +148,7 @@ def one_line_error(result, *fragments):
         assert f in text, text
 
 
-SEARCHED = ["tune", "quick"]  # the bundled study studies/quick.toml, as the README's tour runs it
+SEARCHED = ["tune", "quick", "--log", "tensorboard"]  # the bundled studies/quick.toml, as the README's tour runs it
 
 
 @pytest.fixture(scope="session")

@@ -132,6 +132,9 @@ def run_study(study: Study, out: Path, *, resume: bool = False, address: str | N
             raise StudyError(f"--resume {out}: the study differs from the one this folder ran: {changed[0]}{more}; "
                              f"allowed: the same study (a resume may change {', '.join(RESUMABLE[3:])})")
         _check_unlocked(out)
+        # a resume logs where the folder logged, and where it is asked to besides
+        study = dataclasses.replace(study, trackers=tuple(dict.fromkeys((*previous["study"].get("trackers", ()),
+                                                                         *study.trackers))))
     elif out.exists() and any(out.iterdir()):
         raise StudyError(f"--out {out}: folder exists and is not empty; pass --resume to continue it, or another --out")
     root, recorded = _storage(study, out, storage or previous.get("storage"))

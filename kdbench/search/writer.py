@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from ray import tune
 from .. import checkpoints, matrices, results
 from ..metrics import DEFAULT_OBJECTIVES, better
 from ..records import TrialRow
+from ..trackers import open_trackers
 from ..study import Study
 from ..trial import resolve_trial, trial_config_id
 from ..settings import trial_values
@@ -99,10 +101,11 @@ class ResultsWriter(tune.Callback):
         self.study, self.out, self.state, self.rows, self.epochs = study, out, state, rows, epochs
         self.on_update, self.starts, self.resume_from, self.running = on_update, {}, resume_from, set()
         self.last = {}  # trial_id -> its last report with a row or a failure (a mid-epoch checkpoint's report has neither)
+        self.trackers = open_trackers(study.trackers, out, lambda line: print(line, file=sys.stderr))
         self.class_names = class_names
 
     def __getstate__(self):  # Ray pickles its run config; the live view's hook holds locks and stays here
-        return {**self.__dict__, "on_update": None}
+        return {**self.__dict__, "on_update": None, "trackers": []}
 
     def _update(self):
         if self.on_update is not None:
@@ -131,6 +134,8 @@ class ResultsWriter(tune.Callback):
             history = [h for h in earlier.get("history", []) if h["epoch"] <= result["resumed_from"]] + history
         for r in history:
             self.epochs.append({"trial_id": trial.trial_id, **r})
+            for t in self.trackers:
+                t.epoch(trial.trial_id, r)
         a = self.state.active.get(trial.trial_id)
         if a is not None:
             self.state.epochs_done += 1
@@ -147,7 +152,8 @@ class ResultsWriter(tune.Callback):
             status = "completed" if r.get("epoch", 0) >= self.study.max_epochs else "stopped"
         died = status == "failed" and not r.get("failure")  # Ray gave it up: its worker died, retries spent
         why = f"{_reason(trial)} (after {self.study.checkpoint.max_failures} retries)" if died else ""
-        row = _trial_row(self.study, trial, r, status, time.time() - self.starts.get(trial.trial_id, time.time()), why).as_row()
+        tr = _trial_row(self.study, trial, r, status, time.time() - self.starts.get(trial.trial_id, time.time()), why)
+        row = tr.as_row()
         self.rows.append(row)
         # History first, so a trials row never lacks it; only finished trials (an interrupted one reruns).
         # A retried trial reports again the epochs after its checkpoint: the last report of an epoch wins.
@@ -167,6 +173,8 @@ class ResultsWriter(tune.Callback):
             if student is not None:  # its final metrics are the row's
                 student["metrics"] = results.final_metrics(row)
                 results.write_student(self.out / results.STUDENTS / f"{trial.trial_id}.pt", student)
+        for t in self.trackers:  # after the folder: a tracker never delays or loses a row
+            t.end(trial.trial_id, {**tr.values, "seed": tr.seed, "stage": tr.stage, "status": status}, results.final_metrics(row))
         # A finished trial needs no checkpoint: neither its own nor the one it resumed from.
         if trial.checkpoint is not None:
             checkpoints.remove(trial.checkpoint)
@@ -186,6 +194,10 @@ class ResultsWriter(tune.Callback):
         state.finished.append({"trial_id": trial.trial_id, "status": status, "epochs": row.get("epochs", 0),
                                **{f"val_{o}": row.get(f"val_{o}") for o in self.study.objectives}})
         self._update()
+
+    def on_experiment_end(self, trials, **info):
+        for t in self.trackers:
+            t.close()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, "completed")
