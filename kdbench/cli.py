@@ -189,7 +189,7 @@ def tune(
     gpus_per_trial: Annotated[Optional[float], typer.Option(help="GPUs per trial; fractions share a GPU")] = None,
     cpus_per_trial: Annotated[Optional[float], typer.Option(help="CPUs per trial"), StudyKey("resources.cpus_per_trial")] = None,
     workers_per_trial: Annotated[Optional[int], typer.Option(help="data-parallel workers per trial (Ray Train, DDP); "
-                                                             "CPUs and GPUs are then per worker", min=1),
+                                                             "CPUs and GPUs are then per worker"),
                                  StudyKey("resources.workers_per_trial")] = None,
     storage: Annotated[Optional[str], typer.Option(help="where trials keep checkpoints: a shared folder or a URI "
                                                    "(s3://...); default: DIR/ray")] = None,

@@ -27,6 +27,8 @@ _one_line_error = one_line_error
     (["tune", "--gpus-per-trial", "0.3", "--plan"], ["--gpus-per-trial 0.3: allowed: a fraction that divides one GPU",
                                                      "1/3 = 0.3333"]),
     (["tune", "--gpus-per-trial", "1.5", "--plan"], ["allowed: whole GPUs above one"]),
+    (["tune", "--workers-per-trial", "0", "--plan"], ["--workers-per-trial 0: workers_per_trial = 0; allowed: >= 1"]),
+    (["tune", "--log", "mlflw", "--plan"], ["--log = 'mlflw'; allowed: tensorboard"]),
     (["train", "--dataset", "cifar100", "--data-root", "/nonexistent"], ["no cifar-100-python/ folder"]),
     (["tune", "no-such-study"], ["no such study file or bundled study"]),
     (["tune", "digits-paper", "--samples", "3"], ["grid study"]),
