@@ -57,6 +57,9 @@ def rerun_trial(path: str | Path, trial_id: str, threads: int | None = None, dev
     if row.get("status") == "failed":
         raise ResultsError(f"{path}: trial {trial_id} failed ({row.get('failure', 'no reason recorded')}); "
                            f"allowed: a completed or stopped trial")
+    if int(row.get("workers", 1)) > 1:  # one process computes what N workers did only with sync_bn, and not bit for bit
+        raise ResultsError(f"{path}: trial {trial_id} ran on {int(row['workers'])} data-parallel workers; allowed: a "
+                           f"trial of one process (rerun a multi-worker one with kdbench tune --workers-per-trial)")
     study = study_from_dict(folder.study["study"])
     method, recipe, seed = resolve_trial(study, row_config(row))
     if "config_id" in row and trial_config_id(study, method, recipe) != row["config_id"]:

@@ -250,6 +250,8 @@ def test_a_search_of_two_worker_trials_with_asha_on_a_streamed_folder_writes_a_c
     assert f.trials[["workers", "backend", "worker_batch"]].drop_duplicates().values.tolist() == [[2, "gloo", 3]]
     done = f.trials[f.trials["status"] == "completed"]["trial_id"]
     assert all((out / "students" / f"{t}.pt").is_file() for t in done)  # rank 0's student, through Train's storage
+    one_line_error(CliRunner().invoke(app, ["rerun", str(out), done.iloc[0]]),
+                   f"trial {done.iloc[0]} ran on 2 data-parallel workers; allowed: a trial of one process")
 
 
 def test_the_imagenet_study_runs_end_to_end_on_a_tiny_jpeg_folder(tmp_path, monkeypatch, ray_session):
