@@ -216,12 +216,13 @@ def test_a_fixed_model_measures_the_same_streamed_or_resident(tree):
 
 
 def test_a_search_of_two_worker_trials_with_asha_on_a_streamed_folder_writes_a_complete_folder(tree, tmp_path, monkeypatch,
-                                                                                              ray_session):
-    """`kdbench tune` on a study that streams, each trial a Ray Train run of two gloo workers (issue 32) that decode
-    their halves of each batch in DataLoader workers: rank 0's rows reach two-objective ASHA (grace 1) and the
-    folder, which is whole, rank 0's student too, and the row says how it ran. One trial: a Train run costs ~25 s
-    to start here (two concurrent trials, one stopped by ASHA through its driver, were run by hand: 48 s). More
-    workers than the tests' Ray has (4 CPUs) is one line before anything is written."""
+                                                                                              two_nodes):
+    """`kdbench tune` on the two-node cluster (one CPU a node) on a study that streams, its trial a Ray Train run of
+    two gloo workers (issue 32), one on each node (0.9 CPU each), that decode their halves of each batch in
+    DataLoader workers: rank 0's rows reach two-objective ASHA (grace 1) and the folder, which is whole, rank 0's
+    student too, and the row says how and where it ran. One trial: a Train run costs ~25 s to start here (two
+    concurrent trials, one stopped by ASHA through its driver, were run by hand: 48 s). More workers than the
+    cluster has is one line before anything is written; so is a rerun of the trial."""
     import json
 
     from typer.testing import CliRunner
@@ -236,11 +237,13 @@ def test_a_search_of_two_worker_trials_with_asha_on_a_streamed_folder_writes_a_c
                      '[recipe]\nepochs = 2\nbatch_size = 6\n[teacher_recipe]\nepochs = 1\nbatch_size = 6\n'
                      '[search]\nsamples = 1\nconcurrency = 2\n[search.space.geometry]\ntype = "loguniform"\n'
                      'low = 1.0\nhigh = 100.0\n[asha]\ngrace_period = 1\nreduction_factor = 2\n'
-                     '[resources]\nworkers_per_trial = 2\ncpus_per_trial = 0.5\n')
-    one_line_error(CliRunner().invoke(app, ["tune", str(study), "--out", str(out), "--workers-per-trial", "8"]),
-                   "workers_per_trial = 8: 8 workers × (0.5 CPU, 0.5 GPU) and the driver's 0.1 CPU do not fit")
+                     '[resources]\nworkers_per_trial = 2\ncpus_per_trial = 0.9\n')
+    address = ["--address", two_nodes.address]
+    one_line_error(CliRunner().invoke(app, ["tune", str(study), "--out", str(out), "--workers-per-trial", "3", *address]),
+                   "workers_per_trial = 3: 3 workers × (0.9 CPU) and the driver's 0.1 CPU do not fit on the Ray cluster "
+                   "(2 CPUs, 0 GPUs)")
     assert not out.exists()
-    r = CliRunner().invoke(app, ["tune", str(study), "--out", str(out), "--gpus-per-trial", "0"])
+    r = CliRunner().invoke(app, ["tune", str(study), "--out", str(out), *address])
     assert r.exit_code == 0, r.output
     meta = json.loads((out / "study.json").read_text())
     assert meta["data"]["streamed"] and meta["study"]["asha"]["enabled"] and meta["study"]["resources"]["workers_per_trial"] == 2
@@ -248,6 +251,8 @@ def test_a_search_of_two_worker_trials_with_asha_on_a_streamed_folder_writes_a_c
     assert f.trials["status"].tolist() == ["completed"], f.trials.to_dict("records")
     assert f.epochs.groupby("trial_id")["epoch"].max().to_dict() == f.trials.set_index("trial_id")["epochs"].to_dict()
     assert f.trials[["workers", "backend", "worker_batch"]].drop_duplicates().values.tolist() == [[2, "gloo", 3]]
+    nodes = f.trials["node"].iloc[0].split(",")
+    assert len(nodes) == 2 and nodes[0] != nodes[1]  # one worker on each node
     done = f.trials[f.trials["status"] == "completed"]["trial_id"]
     assert all((out / "students" / f"{t}.pt").is_file() for t in done)  # rank 0's student, through Train's storage
     one_line_error(CliRunner().invoke(app, ["rerun", str(out), done.iloc[0]]),

@@ -126,8 +126,12 @@ def run_trial(config: dict, study: Study, teacher: dict, data, threads: int, res
             # unreadable (cut short, removed, corrupt): start over rather than fail the trial
             print(f"kdbench: checkpoint {ckpt.path} unreadable ({type(e).__name__}: {e}); the trial starts over")
     # Where and how it ran: what `kdbench rerun` needs to reproduce it, and proof of a cluster's spread.
-    dp = parallel.world()
-    where = {"node": ray.get_runtime_context().get_node_id()[:12], "host": socket.gethostname(),
+    dp, node = parallel.world(), ray.get_runtime_context().get_node_id()[:12]
+    if dp.size > 1:  # every worker's node, in rank order (one collective, at the start)
+        nodes = [None] * dp.size
+        torch.distributed.all_gather_object(nodes, node)
+        node = ",".join(nodes)
+    where = {"node": node, "host": socket.gethostname(),
              "threads": torch.get_num_threads(), "device": str(device), "resumed_from": state.epoch if state else 0,
              "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()), "started_at": started_at,
              "workers": dp.size, "backend": torch.distributed.get_backend() if dp.size > 1 else "",
