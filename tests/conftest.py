@@ -19,9 +19,16 @@ import torch  # noqa: E402
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
+# Module fixtures that cost seconds: their tests run in one worker, so that the fixture is made once.
+SHARED = ("two_workers", "trained")  # tests/test_parallel.py's gloo workers, tests/test_evaluate.py's students
+
+
 def _group(item):
-    """The Ray instance a test needs: "cluster" (the two-node cluster), "ray" (this process's), or None."""
+    """The Ray instance a test needs: "cluster" (the two-node cluster), "ray" (this process's), or None; or the
+    costly module fixture (SHARED) it shares with its neighbours."""
     names = set(item.fixturenames)
+    if names & set(SHARED):
+        return next(n for n in SHARED if n in names)
     return "cluster" if "two_nodes" in names else "ray" if names & {"ray_session", "searched_run"} else None
 
 
@@ -31,7 +38,7 @@ def pytest_collection_modifyitems(config, items):
     marked slow run first among the others, so that under xdist the longest one never runs alone at the end.
     In an xdist worker, tell the controller each test's group (it sees only test ids): see
     pytest_xdist_make_scheduler."""
-    items.sort(key=lambda item: ({None: 0, "cluster": 1, "ray": 2}[_group(item)], item.get_closest_marker("slow") is None))
+    items.sort(key=lambda item: ({"cluster": 1, "ray": 2}.get(_group(item), 0), item.get_closest_marker("slow") is None))
     if hasattr(config, "workerinput"):
         path = os.path.join(os.environ["KDBENCH_TEST_CACHE"], f"groups-{config.workerinput['workerid']}.json")
         with open(path + ".tmp", "w") as f:
