@@ -274,7 +274,7 @@ def parse_study(raw: dict, path: str | Path | None, where: str | None = None, or
         data_options=data_options, teacher=teacher, teacher_recipe=teacher_recipe,
         teacher_seed=r.get("teacher_seed", 0, int, lo=0), teacher_checkpoint=_path(r.get("teacher_checkpoint", "", str)),
         student=student, recipe=recipe, methods=methods, method=method, seed=seed, search=search, grid=grid, asha=asha,
-        resources=_resources(r.sub("resources")), checkpoint=_checkpointing(r.sub("checkpoint")),
+        resources=_resources(r.sub("resources"), recipe), checkpoint=_checkpointing(r.sub("checkpoint")),
         evaluation=_evaluation(r.sub("evaluation"), asha), reference=tuple((k, ref.get(k, 0.0, float)) for k in ref.table),
         confirm=confirm, keep_students=res_table.get("keep_students", "full", str, choices=KEEP_STUDENTS),
         trackers=check_trackers(log.get("trackers", [], list, item=str), f"{file}: logging.trackers"))
@@ -335,15 +335,20 @@ def _asha(a: TableReader, has_search: bool, recipe: Recipe) -> Asha:
                 rank=a.get("rank", "pareto" if has_search else "top1", str, ("top1", "pareto")))  # searches: 2 objectives
 
 
-def _resources(res: TableReader) -> Resources:
+def _resources(res: TableReader, recipe: Recipe) -> Resources:
     res.only({"cpus_per_trial", "gpus_per_trial", "workers_per_trial"})
+    n = res.get("workers_per_trial", 1, int, lo=1)
+    if n > 1 and recipe.batch_size % n:  # the global batch, split evenly (checked here: a trial would fail on it)
+        res.fail("workers_per_trial", n, f"a divisor of the recipe's batch_size {recipe.batch_size} (the global batch)")
+    if n > 1 and recipe.compile:
+        res.fail("workers_per_trial", n, "1 with [recipe] compile = true (compiled data-parallel trials: not yet)")
     cpus = res.get("cpus_per_trial", 1.0, float)
     if cpus <= 0:
         res.fail("cpus_per_trial", cpus, "> 0")
     gpus = res.get("gpus_per_trial", None, float)
     if gpus is not None and gpus_allowed(gpus):
         res.fail("gpus_per_trial", gpus, gpus_allowed(gpus))
-    return Resources(cpus, gpus, res.get("workers_per_trial", 1, int, lo=1))
+    return Resources(cpus, gpus, n)
 
 
 def _evaluation(ev: TableReader, asha: Asha) -> Evaluation:
