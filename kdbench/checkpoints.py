@@ -73,9 +73,11 @@ def experiment_root(storage: str, default: bool, out: Path, name: str) -> str:
 
 
 def find(root: str) -> dict[tuple[str, int], dict]:
-    """The latest checkpoint of each (config_id, seed) under ``root``: ``{"uri", "epoch", "batch", "history", "pid"}``
+    """The latest checkpoint of each (config_id, seed) under ``root``: ``{"uri", "epoch", "batch", "history", "pid",
+    "trial_id", "lineage"}``
     (``epoch``: epochs done; ``batch``: batches of the next one done, where the checkpoint is mid-epoch;
-    ``history``: the per-epoch metrics up to that epoch; ``pid``: the process that wrote it)."""
+    ``history``: the per-epoch metrics up to that epoch; ``pid``: the process that wrote it; ``trial_id``: its trial's;
+    ``lineage``: see :func:`lineage`)."""
     try:
         fs, path = _fs(root)
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
@@ -100,8 +102,14 @@ def find(root: str) -> dict[tuple[str, int], dict]:
         if key not in latest or at > (latest[key]["epoch"], latest[key]["batch"]):
             uri = folder if "://" not in root else root.split("://")[0] + "://" + folder
             latest[key] = {"uri": uri, "epoch": at[0], "batch": at[1], "history": meta.get("history", []),
-                           "pid": meta.get("pid")}
+                           "pid": meta.get("pid"), "trial_id": meta.get("trial_id", ""), "lineage": meta.get("lineage", "")}
     return latest
+
+
+def lineage(earlier: dict, trial_id: str) -> str:
+    """The id of the first trial of a chain of resumes, which a trial resumed from ``earlier`` (a checkpoint
+    :func:`find` found, or ``{}``) continues: its tracker runs are that trial's (see :mod:`kdbench.trackers`)."""
+    return earlier.get("lineage") or earlier.get("trial_id") or trial_id
 
 
 def remove(where) -> bool:

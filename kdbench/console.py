@@ -65,8 +65,9 @@ SkipBad = Annotated[bool, typer.Option(help="image folders: leave unreadable ima
 ValFraction = Annotated[Optional[float], typer.Option(help="share of train held out as val (default: the data set's)")]
 Stream = Annotated[Optional[str], typer.Option(help="image folders: auto (stream from disk what would not fit in "
                                                     "memory; the default), true or false")]
-Log = Annotated[Optional[str], typer.Option("--log", help="experiment trackers to log to besides the folder: tensorboard "
-                                                          "(DIR/tensorboard; comma-separated)")]
+Log = Annotated[Optional[str], typer.Option("--log", help="experiment trackers to log to besides the folder, comma-"
+                                                          "separated: tensorboard (DIR/tensorboard), mlflow "
+                                                          "($MLFLOW_TRACKING_URI, else DIR/mlflow.db), wandb")]
 
 
 def trackers_value(text: str) -> list:

@@ -12,7 +12,7 @@ from rich.live import Live
 
 from .console import LiveView, epoch_progress, err, finished_lines, out, preload_report
 
-__all__ = ["tune_one", "show_progress", "live_view", "compare_folders"]
+__all__ = ["tune_one", "show_progress", "live_view", "compare_folders", "publish_report"]
 
 
 def tune_one(s, again: str, folder: Path, resume: bool, address, data_root, download, gpus_per_trial, storage,
@@ -80,6 +80,7 @@ def tune_one(s, again: str, folder: Path, resume: bool, address, data_root, down
     compare_folders([Path(summary["out"])], ("config",), None, "table", False, top=10, save=complete)
     if not complete:
         raise typer.Exit(130)
+    publish_report(Path(summary["out"]))
     from .results import read_study, write_json
 
     # Where the wall time went (the speed benchmark reads it): the run's phases, the report, and when
@@ -87,6 +88,15 @@ def tune_one(s, again: str, folder: Path, resume: bool, address, data_root, down
     meta = read_study(Path(summary["out"]))
     write_json(Path(summary["out"]) / "study.json", meta | {"timings": summary.get("timings", {}) | {
         "report": time.time() - t0, "command_started": command_started, "command_ended": time.time()}})
+
+
+def publish_report(folder: Path) -> None:
+    """A search or confirmation has ended and written its report: the trackers the folder logs to get it."""
+    from .results import read_study
+    from .trackers import publish
+
+    meta = read_study(folder)
+    publish(meta["study"].get("trackers", ()), folder.resolve(), meta["name"], lambda line: err.print(line, highlight=False))
 
 
 def live_view(view) -> Live:

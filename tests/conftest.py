@@ -155,6 +155,55 @@ def one_line_error(result, *fragments):
         assert f in text, text
 
 
+def wandb_runs(folder) -> dict:
+    """The W&B runs a folder's offline logs hold, read without W&B's client: run id -> one dict per offline run
+    directory (a resumed run has one per process), in order: its name, group, config, history rows and summary.
+    Each ``run-<id>.wandb`` is a LevelDB-format log (a 7-byte header, then records in 32 KiB blocks, each with a
+    7-byte header: CRC, length, kind: full, first, middle or last) of W&B's ``Record`` protocol buffers."""
+    import struct
+    from pathlib import Path
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    def records(data: bytes):
+        assert data[:4] == b":W&B" and struct.unpack("<H", data[4:6])[0] == 0xBEE1
+        pos, part = 7, b""
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+                pos += 32768 - pos % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if kind == 0:  # zeros to the block's end
+                pos += 32768 - pos % 32768
+                continue
+            part, pos = part + data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):
+                r = pb.Record()
+                r.ParseFromString(part)
+                part = b""
+                yield r
+
+    def items(updates):
+        return {u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in updates}
+
+    runs = {}
+    for d in sorted(p for p in (Path(folder) / "wandb").glob("offline-run-*") if not p.is_symlink()):
+        (f,) = d.glob("run-*.wandb")
+        run = {"history": [], "summary": {}}
+        for r in records(f.read_bytes()):
+            kind = r.WhichOneof("record_type")
+            if kind == "run":
+                run |= {"id": r.run.run_id, "name": r.run.display_name, "group": r.run.run_group,
+                        "config": {k: v for k, v in items(r.run.config.update).items() if k != "_wandb"}}
+            elif kind == "history":
+                run["history"].append(items(r.history.item))
+            elif kind == "summary":
+                run["summary"] |= items(r.summary.update)
+        if "id" in run:  # (a process killed before W&B wrote its first records leaves the header alone)
+            runs.setdefault(run["id"], []).append(run)
+    return runs
+
+
 SEARCHED = ["tune", "quick", "--log", "tensorboard"]  # the bundled studies/quick.toml, as the README's tour runs it
 
 

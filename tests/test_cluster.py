@@ -1,6 +1,6 @@
 """A real two-node Ray cluster on 127.0.0.1: `kdbench tune --address` spreads the trials over both nodes,
 a search whose driver is killed (kill -9) mid-trial resumes there from its checkpoints, and a confirmation
-killed there runs only its missing runs again."""
+killed there runs only its missing runs again. (Its trackers, through the same kill: tests/test_trackers.py.)"""
 
 import os
 import shutil
@@ -37,13 +37,15 @@ low = 1.0
 high = 1000.0
 [asha]
 enabled = false
+[logging]
+trackers = ["tensorboard", "mlflow", "wandb"]  # a kill and a resume must not duplicate their runs (test_trackers)
 """
 
 
 def _kdbench(*args):
     # Ray maps 127.0.0.1 to the machine's other address unless told this is a loopback-only cluster:
     # the setting lives in the test's environment, never in kdbench.
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "WANDB_MODE": "offline"}
     return [sys.executable, "-m", "kdbench.cli", *map(str, args)], env
 
 
@@ -148,3 +150,67 @@ def test_kill_9_during_confirm_on_the_cluster_then_rerun_runs_only_the_missing_p
     assert "1 runs added" in r.stderr, r.stderr[-2000:]  # only the missing pair ran
     assert len(confirm) == 2 and not confirm.duplicated(["config_id", "seed"]).any()
     pd.testing.assert_frame_equal(after.head(len(before))[before.columns], before)
+
+
+def _same_curve(got: list, want: list, rel: float):
+    """The same epochs in the same order, with values equal to ``rel``."""
+    assert [int(e) for e, _ in got] == [int(e) for e, _ in want]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=rel)
+
+
+def test_trackers_continue_a_killed_trials_runs_rather_than_duplicate_them(killed_search):
+    """The study logs to TensorBoard, MLflow and W&B (offline). After the kill -9 and --resume: one tracker run per
+    trials.csv row in each, with trials.csv's values and epochs.csv's curves, each epoch once; a resumed trial's
+    MLflow and W&B runs are the killed trial's, continued (its lineage), its TensorBoard folder replaces the killed
+    one's; MLflow's parent run of the folder holds the report."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import wandb_runs
+    from kdbench.settings import trial_values
+
+    _, out, _, _, r = killed_search
+    assert r.returncode == 0, r.stderr[-2000:]
+    trials, epochs = read_table(out / "trials.csv"), read_table(out / "epochs.csv")
+    curve = {t: g.sort_values("epoch")[["epoch", "train_loss"]].values.tolist() for t, g in epochs.groupby("trial_id")}
+    assert sorted(p.name for p in (out / "tensorboard").iterdir()) == sorted(trials["trial_id"])
+    for t in trials["trial_id"]:
+        ea = EventAccumulator(str(out / "tensorboard" / t))
+        ea.Reload()
+        _same_curve([[e.step, e.value] for e in ea.Scalars("train_loss")], curve[t], 1e-6)  # float32 in the file
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("k").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.`kdbench.role` = 'folder'")
+    assert parent.data.tags["kdbench.folder"] == str(out) and parent.info.status == "FINISHED"
+    assert {"leaderboard.md", "front.csv", "pareto.png", "trials.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    runs = {x.info.run_name: x for x in client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    assert sorted(runs) == sorted(trials["trial_id"])  # one per trial: none left over from the killed run
+    study = load_study(out.parent / "k.toml")
+    for row in trials.to_dict("records"):
+        run = runs[row["trial_id"]]
+        method, recipe, _ = resolve_trial(study, row_config(row))
+        assert run.data.params == {k: str(v) for k, v in trial_values(method, recipe).items()}
+        assert run.data.tags["config_id"] == row["config_id"] and run.data.tags["seed"] == str(row["seed"])
+        history = client.get_metric_history(run.info.run_id, "train_loss")
+        _same_curve([[m.step, m.value] for m in sorted(history, key=lambda m: m.step)], curve[row["trial_id"]], 1e-12)
+        assert run.data.metrics["final/test_top1"] == pytest.approx(row["test_top1"])
+        # resumed from the killed run's checkpoint: the killed trial's run, continued (else its own)
+        assert (run.data.tags["kdbench.lineage"] != row["trial_id"]) == (row["resumed_from"] > 0)
+
+    wandb = wandb_runs(out)
+    assert len(wandb) == len(trials)  # one run id per trial; a resumed one has a directory per process
+    by_name = {parts[-1]["name"]: parts for parts in wandb.values()}
+    assert sorted(by_name) == sorted(trials["trial_id"])
+    for row in trials.to_dict("records"):
+        parts = by_name[row["trial_id"]]
+        logged = [[h["epoch"], h["train_loss"]] for p in parts for h in p["history"]]
+        if row["resumed_from"] > 0:  # offline, W&B writes its file every second: the kill may take the last epoch
+            want = {e: v for e, v in curve[row["trial_id"]]}
+            assert sorted(e for e, _ in logged) == [e for e, _ in logged] and logged[-1][0] == 6
+            _same_curve(logged, [[e, want[e]] for e, _ in logged], 1e-12)  # each epoch at most once
+        else:
+            _same_curve(logged, curve[row["trial_id"]], 1e-12)  # each epoch once, in order
+        assert parts[-1]["group"] == "k" and parts[-1]["config"]["seed"] == row["seed"]
+        assert parts[-1]["summary"]["final/test_top1"] == pytest.approx(row["test_top1"])
+        assert len(parts) == 1 or row["resumed_from"] > 0

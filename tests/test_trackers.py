@@ -1,12 +1,18 @@
 """Experiment trackers (issue 33): the README's search logs to TensorBoard; TensorBoard's own event reader reads
-every trial's curves back equal to epochs.csv, and its hparams view holds trials.csv's values and final metrics."""
+every trial's curves back equal to epochs.csv, and its hparams view holds trials.csv's values and final metrics.
+`kdbench train --log` logs its one run to each tracker, read back with its own client (W&B's offline log with a
+reader of its format); a tracker that fails is one warning; a missing client or W&B login is one line, exit 2.
+(TensorBoard, MLflow and W&B through a kill -9 and --resume on the two-node cluster: tests/test_cluster.py.)"""
 
+import json
 import math
 
 import pytest
+from typer.testing import CliRunner
 
-from conftest import one_line_error
-from kdbench.results import read_folder
+from conftest import one_line_error, wandb_runs
+from kdbench.cli import app
+from kdbench.results import read_folder, read_table
 
 
 def test_tensorboard_reads_back_every_trials_epochs_and_values(searched):
@@ -38,11 +44,80 @@ def test_tensorboard_reads_back_every_trials_epochs_and_values(searched):
             assert e.value == pytest.approx(trial[metric], rel=1e-6), metric
 
 
-def test_an_unknown_tracker_is_one_line(tmp_path):
-    from typer.testing import CliRunner
-
-    from kdbench.cli import app
+def test_an_unknown_tracker_a_missing_client_or_no_wandb_login_is_one_line(tmp_path, monkeypatch):
+    import importlib.util
 
     one_line_error(CliRunner().invoke(app, ["tune", "quick", "--log", "tensorboard,mlflw", "--out", str(tmp_path / "o")]),
-                   "--log = 'mlflw'; allowed: tensorboard (comma-separated)")
+                   "--log = 'mlflw'; allowed: tensorboard, mlflow, wandb (comma-separated)")
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "NETRC"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: never logged in
+    one_line_error(CliRunner().invoke(app, ["tune", "quick", "--log", "wandb", "--out", str(tmp_path / "o")]),
+                   "wandb has no credentials for api.wandb.ai", "WANDB_MODE=offline")
+    one_line_error(CliRunner().invoke(app, ["train", "--log", "wandb", "--out", str(tmp_path / "o")]), "wandb login")
+    one_line_error(CliRunner().invoke(app, ["train", "--log", "tensorboard"]), "--log tensorboard: needs --out DIR")
+    find = importlib.util.find_spec  # as on a machine without the extra: its module is not found
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else find(name, *a))
+    one_line_error(CliRunner().invoke(app, ["tune", "quick", "--log", "mlflow", "--out", str(tmp_path / "o")]),
+                   "mlflow needs its client, which is not installed; allowed: pip install 'kdbench[mlflow]'")
     assert not (tmp_path / "o").exists()
+
+
+def test_train_logs_its_run_to_tensorboard_mlflow_and_wandb(tmp_path, monkeypatch, digits_teacher):
+    """One `kdbench train --log`: each tracker's own reader gives back epochs.csv's curves, the run's values and its
+    final metrics (result.json's)."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from kdbench.methods import METHODS
+    from kdbench.settings import dataset_defaults, trial_values
+    from kdbench.study import apply_overrides
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["train", "--epochs", "2", "--seed", "3", "--log", "tensorboard,mlflow,wandb", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "warning" not in r.output
+    epochs, final = read_table(out / "epochs.csv"), json.loads((out / "result.json").read_text())["metrics"]
+    method, recipe = apply_overrides(METHODS["geometry"], dataset_defaults("digits")["recipe"], {"epochs": 2}, "--set")
+    values = trial_values(method, recipe)
+    # (a number a row lacks, val_* at an epoch without evaluation, is not logged)
+    want = {k: [[int(e), v] for e, v in zip(epochs["epoch"], epochs[k]) if v == v] for k in ("train_loss", "val_top1", "test_cka")}
+    assert [len(v) for v in want.values()] == [2, 1, 1]
+
+    ea = EventAccumulator(str(out / "tensorboard" / "cnn_student-geometry-seed3"))
+    ea.Reload()
+    for k, v in want.items():
+        _same(ea.Scalars(k), v, lambda e: (e.step, e.value), 1e-6)  # float32 in the file
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("kdbench-train-digits").experiment_id])
+    assert run.info.run_name == "cnn_student-geometry-seed3" and run.info.status == "FINISHED"
+    assert run.data.params == {k: str(v) for k, v in values.items()} and run.data.tags["seed"] == "3"
+    for k, v in want.items():
+        _same(sorted(client.get_metric_history(run.info.run_id, k), key=lambda m: m.step), v, lambda m: (m.step, m.value))
+    assert run.data.metrics["final/test_top1"] == pytest.approx(final["test_top1"])
+
+    ((wb,),) = wandb_runs(out).values()
+    assert wb["name"] == "cnn_student-geometry-seed3" and wb["config"]["geometry"] == values["geometry"]
+    for k, v in want.items():
+        _same([h for h in wb["history"] if k in h], v, lambda h: (h["epoch"], h[k]))
+    assert wb["summary"]["final/test_top1"] == pytest.approx(final["test_top1"]) and wb["summary"]["status"] == "completed"
+
+
+def _same(logged, want: list, point, rel: float = 1e-12):
+    """``logged`` (as ``point`` reads each) holds ``want``'s [epoch, value] pairs, in order, each once."""
+    got = [point(x) for x in logged]
+    assert [int(e) for e, _ in got] == [e for e, _ in want]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=rel)
+
+
+def test_a_tracker_that_fails_is_one_warning_and_the_run_goes_on(tmp_path, monkeypatch, digits_teacher):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    r = CliRunner().invoke(app, ["train", "--epochs", "1", "--log", "mlflow", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    warnings = [line for line in r.output.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: MLflow logging stopped (MlflowException: "), r.output
+    assert (tmp_path / "run" / "result.json").exists() and "Traceback" not in r.output

@@ -22,6 +22,7 @@ from ..flags import RESUMABLE, differences
 from ..study import Confirm, Study, StudyError, study_from_dict
 from ..teacher import study_data
 from ..terms import check_method
+from ..trackers import check_clients
 from ..train import resolve_device
 from ..trial import resolve_trial
 from .schedulers import make_scheduler
@@ -137,6 +138,7 @@ def run_study(study: Study, out: Path, *, resume: bool = False, address: str | N
                                                                          *study.trackers))))
     elif out.exists() and any(out.iterdir()):
         raise StudyError(f"--out {out}: folder exists and is not empty; pass --resume to continue it, or another --out")
+    check_clients(study.trackers, f"{study.path or 'the study'}: logging.trackers")
     root, recorded = _storage(study, out, storage or previous.get("storage"))
     timings, t0 = {}, time.time()
     rows, epochs = _read_done(out) if resume else ([], [])
@@ -241,7 +243,8 @@ def _done_points(rows) -> set:
 
 def run_confirm(out: Path, confirm: Confirm, *, concurrency: int | None = None, cpus_per_trial: float | None = None,
                 gpus_per_trial: float | None = None, address: str | None = None, data_root: str | None = None,
-                storage: str | None = None, verbose: bool = False, on_update: Callable[[SearchState], None] = lambda s: None,
+                storage: str | None = None, verbose: bool = False, trackers: tuple = (),
+                on_update: Callable[[SearchState], None] = lambda s: None,
                 on_teacher: Callable[[dict], None] | None = None, on_teacher_ready=lambda meta, hit: None,
                 on_plan=lambda picked, todo: None) -> dict:
     """Retrain a finished search's candidates and the presets on fresh seeds; append them to ``out``.
@@ -264,6 +267,9 @@ def run_confirm(out: Path, confirm: Confirm, *, concurrency: int | None = None, 
         study = dataclasses.replace(study, search=dataclasses.replace(study.search, concurrency=concurrency))
     if cpus_per_trial is not None:
         study = dataclasses.replace(study, resources=dataclasses.replace(study.resources, cpus_per_trial=cpus_per_trial))
+    if trackers:  # logged where the search logged, and where this confirmation is asked to (recorded for the next)
+        study = dataclasses.replace(study, trackers=tuple(dict.fromkeys((*study.trackers, *trackers))))
+    check_clients(study.trackers, f"{out / 'study.json'}: logging.trackers")
     folder = results.read_folder(out)
     plan, picked = plan_confirm(study, folder.trials, confirm, str(out))
     todo, _, _ = pending(study, folder.trials, confirm, meta.get("confirm") or {}, str(out))
@@ -310,6 +316,7 @@ def _prune_students(out: Path, study: Study) -> None:
 def _confirm(f: _Run, confirm: Confirm) -> dict:
     started, out = time.time(), f.out
     meta = results.read_study(out)
+    meta["study"]["trackers"] = list(f.study.trackers)  # a confirmation's --log is where the next one logs too
     previous = meta.get("confirm") or {}
     trials = results.read_folder(out).trials
     plan, picked = plan_confirm(f.study, trials, confirm, str(out))

@@ -41,8 +41,9 @@ def trainable(config: dict, study: Study, teacher: dict, data, threads: int, res
     GPUs, and forwards rank 0's reports to Tune; Train restarts its workers from the last checkpoint when one dies
     (``max_failures``), and a failure it gives up on is the trial's, with its reason. ``gpus``: each worker's;
     ``storage``: where Train keeps the workers' checkpoints (the search's storage: a resume finds them there)."""
+    trial_id = tune.get_context().get_trial_id()
     if study.resources.workers_per_trial == 1:
-        return run_trial(config, study, teacher, data, threads, resume_from, _TuneSession())
+        return run_trial(config, study, teacher, data, threads, resume_from, _TuneSession(), trial_id)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -51,7 +52,7 @@ def trainable(config: dict, study: Study, teacher: dict, data, threads: int, res
     res = study.resources
     trainer = TorchTrainer(
         _worker, train_loop_config={"config": config, "study": study, "teacher": ray.put(teacher), "data": ray.put(data),
-                                    "threads": threads, "resume_from": resume_from},
+                                    "threads": threads, "resume_from": resume_from, "trial_id": trial_id},
         scaling_config=ScalingConfig(num_workers=res.workers_per_trial, use_gpu=gpus > 0,
                                      resources_per_worker={"CPU": res.cpus_per_trial, **({"GPU": gpus} if gpus else {})}),
         run_config=RunConfig(name=f"train-{trial_config_id(study, method, recipe)}-{seed}", storage_path=storage,
@@ -68,7 +69,7 @@ def trainable(config: dict, study: Study, teacher: dict, data, threads: int, res
 def _worker(cfg: dict):
     """A Ray Train worker of a multi-worker trial: the same trial, on its share of each batch."""
     run_trial(cfg["config"], cfg["study"], ray.get(cfg["teacher"]), ray.get(cfg["data"]), cfg["threads"],
-              cfg["resume_from"], _TrainSession())
+              cfg["resume_from"], _TrainSession(), cfg["trial_id"])
 
 
 class _TuneSession:
@@ -103,9 +104,9 @@ class _TrainSession:
                           checkpoint=self.train.Checkpoint.from_directory(folder) if folder else None)
 
 
-def run_trial(config: dict, study: Study, teacher: dict, data, threads: int, resume_from: dict, session):
+def run_trial(config: dict, study: Study, teacher: dict, data, threads: int, resume_from: dict, session, trial_id: str = ""):
     """One trial's training, in a Tune trial's worker or in each Ray Train worker of one (``session``: where its
-    reports and checkpoints go)."""
+    reports and checkpoints go; ``trial_id``: Tune's, which its checkpoints record with the trial it continues)."""
     started_at = time.time()
     torch.set_num_threads(max(1, threads))
     method, recipe, seed = resolve_trial(study, config.get("trial", config))  # grids nest their point
@@ -137,6 +138,7 @@ def run_trial(config: dict, study: Study, teacher: dict, data, threads: int, res
              "workers": dp.size, "backend": torch.distributed.get_backend() if dp.size > 1 else "",
              "worker_batch": recipe.batch_size // dp.size}
     last_epoch, last_saved = 0, time.monotonic()
+    lineage = checkpoints.lineage(resume_from.get((cid, seed)) or {}, trial_id)
 
     def due(epoch: int, within: bool) -> bool:
         every, minutes = study.checkpoint.every, study.checkpoint.minutes
@@ -148,7 +150,8 @@ def run_trial(config: dict, study: Study, teacher: dict, data, threads: int, res
         with tempfile.TemporaryDirectory(prefix="kdbench-ckpt-") as d:
             checkpoints.save(Path(d), state.state_dict(), {"config_id": cid, "seed": seed, "epoch": state.epoch,
                                                            "batch": state.batch, "pid": os.getpid(),
-                                                           "history": state.history})
+                                                           "history": state.history, "trial_id": trial_id,
+                                                           "lineage": lineage})
             session.report(result, d)
 
     def report(e: Epoch):

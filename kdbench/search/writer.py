@@ -14,7 +14,7 @@ from ray import tune
 from .. import checkpoints, matrices, results
 from ..metrics import DEFAULT_OBJECTIVES, better
 from ..records import TrialRow
-from ..trackers import open_trackers
+from ..trackers import Run, open_trackers
 from ..study import Study
 from ..trial import resolve_trial, trial_config_id
 from ..settings import trial_values
@@ -101,11 +101,25 @@ class ResultsWriter(tune.Callback):
         self.study, self.out, self.state, self.rows, self.epochs = study, out, state, rows, epochs
         self.on_update, self.starts, self.resume_from, self.running = on_update, {}, resume_from, set()
         self.last = {}  # trial_id -> its last report with a row or a failure (a mid-epoch checkpoint's report has neither)
-        self.trackers = open_trackers(study.trackers, out, lambda line: print(line, file=sys.stderr))
+        self.trackers = open_trackers(study.trackers, out, study.name, lambda line: print(line, file=sys.stderr))
+        self.tracked = {}  # trial_id -> its Run for the trackers
         self.class_names = class_names
 
     def __getstate__(self):  # Ray pickles its run config; the live view's hook holds locks and stays here
         return {**self.__dict__, "on_update": None, "trackers": []}
+
+    def _tracked(self, trial) -> Run:
+        """The trial as the trackers see it: a trial resumed from an earlier run's checkpoint continues its runs."""
+        if trial.trial_id not in self.tracked:
+            config = trial.config.get("trial", trial.config)
+            method, recipe, seed = resolve_trial(self.study, config)
+            cid = trial_config_id(self.study, method, recipe)
+            earlier = self.resume_from.get((cid, seed)) or {}
+            self.tracked[trial.trial_id] = Run(
+                trial.trial_id, trial_values(method, recipe),
+                {"config_id": cid, "seed": seed, "stage": config.get("stage", "grid" if self.study.is_grid else "search"),
+                 "method": method.name}, checkpoints.lineage(earlier, trial.trial_id), earlier.get("trial_id", ""))
+        return self.tracked[trial.trial_id]
 
     def _update(self):
         if self.on_update is not None:
@@ -135,7 +149,7 @@ class ResultsWriter(tune.Callback):
         for r in history:
             self.epochs.append({"trial_id": trial.trial_id, **r})
             for t in self.trackers:
-                t.epoch(trial.trial_id, r)
+                t.epoch(self._tracked(trial), r)
         a = self.state.active.get(trial.trial_id)
         if a is not None:
             self.state.epochs_done += 1
@@ -154,6 +168,11 @@ class ResultsWriter(tune.Callback):
         why = f"{_reason(trial)} (after {self.study.checkpoint.max_failures} retries)" if died else ""
         tr = _trial_row(self.study, trial, r, status, time.time() - self.starts.get(trial.trial_id, time.time()), why)
         row = tr.as_row()
+        # The trackers' runs end before the row is written: a kill in between reruns the trial, whose runs continue
+        # (ended after the row, a kill in between would leave them open for good). A tracker's failure is a warning.
+        for t in self.trackers:
+            t.end(self._tracked(trial), results.final_metrics(row), status)
+        self.tracked.pop(trial.trial_id, None)
         self.rows.append(row)
         # History first, so a trials row never lacks it; only finished trials (an interrupted one reruns).
         # A retried trial reports again the epochs after its checkpoint: the last report of an epoch wins.
@@ -173,8 +192,6 @@ class ResultsWriter(tune.Callback):
             if student is not None:  # its final metrics are the row's
                 student["metrics"] = results.final_metrics(row)
                 results.write_student(self.out / results.STUDENTS / f"{trial.trial_id}.pt", student)
-        for t in self.trackers:  # after the folder: a tracker never delays or loses a row
-            t.end(trial.trial_id, {**tr.values, "seed": tr.seed, "stage": tr.stage, "status": status}, results.final_metrics(row))
         # A finished trial needs no checkpoint: neither its own nor the one it resumed from.
         if trial.checkpoint is not None:
             checkpoints.remove(trial.checkpoint)
