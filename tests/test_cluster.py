@@ -150,6 +150,16 @@ def test_kill_9_during_confirm_on_the_cluster_then_rerun_runs_only_the_missing_p
     assert "1 runs added" in r.stderr, r.stderr[-2000:]  # only the missing pair ran
     assert len(confirm) == 2 and not confirm.duplicated(["config_id", "seed"]).any()
     pd.testing.assert_frame_equal(after.head(len(before))[before.columns], before)
+    # The study logs to MLflow: the confirmation's runs join the folder's parent run, which gets the new report.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("k").experiment_id
+    (parent,) = client.search_runs([experiment], f"tags.`kdbench.folder` = '{out.resolve()}'")
+    runs = client.search_runs([experiment], "tags.stage = 'confirm'")
+    assert sorted(x.info.run_name for x in runs) == sorted(confirm["trial_id"])
+    assert {x.data.tags["mlflow.parentRunId"] for x in runs} == {parent.info.run_id}
+    assert "leaderboard.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
 def _same_curve(got: list, want: list, rel: float):
