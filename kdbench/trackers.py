@@ -5,7 +5,7 @@ in study.json, so a resume and a confirmation log where the search logged). A tr
 
 - **TensorBoard**: ``DIR/tensorboard/<trial_id>``: every epoch's row (losses, val and test metrics, lr, throughput)
   as scalars at ``step = epoch``; when the trial ends, its values (method, seed, every term weight and recipe field
-  that defines it) against its final metrics in the hparams view (``DIR/tensorboard/<trial_id>/hparams``).
+  that defines it) against its final metrics (``final/<metric>``) in the hparams view, one session per trial.
 - **MLflow**: one parent run per results folder (tag ``kdbench.folder``) in the experiment named after the study,
   one nested run per trial: params = the trial's values, tags = trial_id, config_id, seed, stage, method, status;
   metrics per epoch at ``step = epoch``, ``final/<metric>`` when it ends. When the search (or a confirmation, whose
@@ -180,10 +180,17 @@ class TensorBoard(_Tracker):
                 w.add_scalar(k, v, int(row["epoch"]))
 
     def _end(self, run: Run, metrics: dict, status: str) -> None:
+        from tensorboardX.summary import hparams
+
         hp = {k: v for k, v in {**run.values, **run.tags, "status": status}.items()
               if isinstance(v, (str, int, float, bool)) and v == v and k != "config_id"}
+        final = {f"final/{k}": v for k, v in numbers(metrics).items()}
         w = self._writer(run)
-        w.add_hparams(hp, {f"final/{k}": v for k, v in numbers(metrics).items()}, name="hparams")
+        # the hparams session in the trial's own folder (tensorboardX's add_hparams would make it a second run)
+        for summary in hparams(hp, final):
+            w.file_writer.add_summary(summary)
+        for k, v in final.items():
+            w.add_scalar(k, v, 0)
         w.close()
         self.runs.pop(run.id, None)
 

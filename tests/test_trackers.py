@@ -32,8 +32,7 @@ def test_tensorboard_reads_back_every_trials_epochs_and_values(searched):
             assert [s for s, _ in got] == [s for s, _ in want], column
             assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6), column  # float32 in the file
         # The hparams view: the trial's values (as trials.csv has them) and its final metrics.
-        hp = EventAccumulator(str(searched / "tensorboard" / trial["trial_id"] / "hparams"))
-        hp.Reload()
+        hp = events  # the hparams session is the trial's own run
         content = hp.PluginTagToContent("hparams")
         start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
         values = {k: (v.number_value if v.HasField("number_value") else v.string_value) for k, v in start.hparams.items()}
