@@ -4,8 +4,8 @@
 in study.json, so a resume and a confirmation log where the search logged). A trial is one tracker run:
 
 - **TensorBoard**: ``DIR/tensorboard/<trial_id>``: every epoch's row (losses, val and test metrics, lr, throughput)
-  as scalars at ``step = epoch``; when the trial ends, its values (method, seed, every term weight and recipe field
-  that defines it) against its final metrics (``final/<metric>``) in the hparams view, one session per trial.
+  as scalars at ``step = epoch``; when the trial ends, its values (method, seed, stage, status and the searched values)
+  against its final metrics (``final/<metric>``) in the hparams view, one session per trial.
 - **MLflow**: one parent run per results folder (tag ``kdbench.folder``) in the experiment named after the study,
   one nested run per trial: params = the trial's values, tags = trial_id, config_id, seed, stage, method, status;
   metrics per epoch at ``step = epoch``, ``final/<metric>`` when it ends. When the search (or a confirmation, whose
@@ -95,6 +95,7 @@ class Run:
     tags: dict  # config_id, seed, stage, method (what a tracker filters by)
     lineage: str = ""  # the id of the first trial of a chain of resumes (its tracker runs continue); id when empty
     previous: str = ""  # the trial a resumed one continues ('' for a new one)
+    shown: tuple = ()  # the values that tell its study's trials apart (the searched ones; every value when empty)
 
     @property
     def key(self) -> str:
@@ -182,7 +183,8 @@ class TensorBoard(_Tracker):
     def _end(self, run: Run, metrics: dict, status: str) -> None:
         from tensorboardX.summary import hparams
 
-        hp = {k: v for k, v in {**run.values, **run.tags, "status": status}.items()
+        values = {k: run.values[k] for k in run.shown or run.values if k in run.values}  # a readable hparams table
+        hp = {k: v for k, v in {**values, **run.tags, "status": status}.items()
               if isinstance(v, (str, int, float, bool)) and v == v and k != "config_id"}
         final = {f"final/{k}": v for k, v in numbers(metrics).items()}
         w = self._writer(run)

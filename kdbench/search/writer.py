@@ -118,7 +118,8 @@ class ResultsWriter(tune.Callback):
             self.tracked[trial.trial_id] = Run(
                 trial.trial_id, trial_values(method, recipe),
                 {"config_id": cid, "seed": seed, "stage": config.get("stage", "grid" if self.study.is_grid else "search"),
-                 "method": method.name}, checkpoints.lineage(earlier, trial.trial_id), earlier.get("trial_id", ""))
+                 "method": method.name}, checkpoints.lineage(earlier, trial.trial_id), earlier.get("trial_id", ""),
+                tuple(_shown(self.study, config)))
         return self.tracked[trial.trial_id]
 
     def _update(self):
