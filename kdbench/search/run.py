@@ -396,7 +396,7 @@ def _fit(f: _Run, state: SearchState, remaining: int, todo: list | None, asha: b
         run_config=tune.RunConfig(name=f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{next(_FITS)}", storage_path=f.storage,
                                   verbose=1 if f.verbose else 0,
                                   callbacks=[ResultsWriter(study, f.out, state, f.rows, f.epochs, f.on_update,
-                                                           f.resume_from, f.data.class_names)],
+                                                           f.resume_from, f.data.class_names, f.storage)],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=study.checkpoint.max_failures)))
     tuner.fit()

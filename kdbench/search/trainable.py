@@ -55,7 +55,7 @@ def trainable(config: dict, study: Study, teacher: dict, data, threads: int, res
                                     "threads": threads, "resume_from": resume_from, "trial_id": trial_id},
         scaling_config=ScalingConfig(num_workers=res.workers_per_trial, use_gpu=gpus > 0,
                                      resources_per_worker={"CPU": res.cpus_per_trial, **({"GPU": gpus} if gpus else {})}),
-        run_config=RunConfig(name=f"train-{trial_config_id(study, method, recipe)}-{seed}", storage_path=storage,
+        run_config=RunConfig(name=train_run(trial_config_id(study, method, recipe), seed), storage_path=storage,
                              failure_config=FailureConfig(max_failures=study.checkpoint.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),  # the latest only, as Tune keeps
                              callbacks=[TuneReportCallback()]))
@@ -64,6 +64,12 @@ def trainable(config: dict, study: Study, teacher: dict, data, threads: int, res
     except TrainingFailedError as e:  # Train gave up: the trial fails with the first line of why
         why = next((line.strip() for line in str(e).splitlines() if "Error" in line), str(e).splitlines()[0])
         tune.report({"epoch": 0, "failure": f"TrainingFailedError: {why[:200]}", "ended_at": time.time()})
+
+
+def train_run(config_id: str, seed: int) -> str:
+    """The folder of a multi-worker trial's Ray Train run in the storage (its checkpoints): one per configuration and
+    seed, so that a resumed trial's Train run finds the interrupted one's."""
+    return f"train-{config_id}-{seed}"
 
 
 def _worker(cfg: dict):

@@ -18,7 +18,7 @@ from ..trackers import Run, open_trackers
 from ..study import Study
 from ..trial import resolve_trial, trial_config_id
 from ..settings import trial_values
-from .trainable import MATRICES, ROW
+from .trainable import MATRICES, ROW, train_run
 
 
 @dataclass
@@ -97,13 +97,13 @@ class ResultsWriter(tune.Callback):
     """Driver side: one epochs.csv row per report; one trials.csv row per finished trial, written at once."""
 
     def __init__(self, study: Study, out: Path, state: SearchState, rows: list, epochs: list, on_update,
-                 resume_from: dict, class_names: tuple = ()):
+                 resume_from: dict, class_names: tuple = (), storage: str = ""):
         self.study, self.out, self.state, self.rows, self.epochs = study, out, state, rows, epochs
         self.on_update, self.starts, self.resume_from, self.running = on_update, {}, resume_from, set()
         self.last = {}  # trial_id -> its last report with a row or a failure (a mid-epoch checkpoint's report has neither)
         self.trackers = open_trackers(study.trackers, out, study.name, lambda line: print(line, file=sys.stderr))
         self.tracked = {}  # trial_id -> its Run for the trackers
-        self.class_names = class_names
+        self.class_names, self.storage = class_names, storage  # storage: the folder's checkpoint root
 
     def __getstate__(self):  # Ray pickles its run config; the live view's hook holds locks and stays here
         return {**self.__dict__, "on_update": None, "trackers": []}
@@ -199,6 +199,8 @@ class ResultsWriter(tune.Callback):
         earlier = self.resume_from.pop((row["config_id"], int(row["seed"])), None)
         if earlier:
             checkpoints.remove(earlier["uri"])
+        if self.study.resources.workers_per_trial > 1 and self.storage:  # its Ray Train run's folder, checkpoints and all
+            checkpoints.remove(f"{self.storage}/{train_run(row['config_id'], int(row['seed']))}")
         self.running.discard(trial.trial_id)
         state.active.pop(trial.trial_id, None)
         state.running = len(self.running)
