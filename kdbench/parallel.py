@@ -58,6 +58,16 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return funcol.wait_tensor(funcol.all_reduce(t, "sum", dist.group.WORLD))
 
 
+def agree(flag: bool, device) -> bool:
+    """Whether any worker says ``flag``: a decision every worker must take together (rank 0's clock asks for a
+    mid-epoch checkpoint; every worker reports it). One one-element all-reduce and one host sync."""
+    if world().size == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def all_rows(t: torch.Tensor) -> torch.Tensor:
     """Every worker's ``t`` (equal shapes) concatenated along dim 0 in rank order; not differentiable."""
     w = world()

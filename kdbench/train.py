@@ -27,6 +27,8 @@ from . import parallel
 from .records import Batch, Epoch, Final, Run, TrainState
 from .state import get_rng, set_rng, to_cpu
 
+AGREE_EVERY = 8  # with several workers, the steps between their agreeing on a mid-epoch state (one host sync each)
+
 __all__ = ["TrainConfig", "Teacher", "distill", "get_lr", "DivergedError", "resolve_device"]
 
 
@@ -119,7 +121,9 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
             report carries ``Epoch.state``, everything an exact continuation needs, on the CPU;
             ``state_when(epoch, True)`` true after a step inside an epoch (asked after every step but an epoch's
             last; cheap: no device sync): ``report`` is called then too, with an empty row and the state (a
-            streamed ImageNet epoch is an hour on one GPU: a checkpoint by time lands mid-epoch).
+            streamed ImageNet epoch is an hour on one GPU: a checkpoint by time lands mid-epoch). With several
+            workers they all report it together, every ``AGREE_EVERY`` steps where any worker's ``state_when``
+            asks (rank 0's, in a search); only rank 0's report carries the state (the others: ``state`` None).
         final_weights: the last epoch's report carries the trained student's state_dict on the CPU (what a
             search keeps of a finished trial).
 
@@ -218,7 +222,7 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         batches = data.train_batches(bs, gen, skip, dp.share(bs))
         if skip:
             gen.set_state(resume.generator)
-            sums, t0 = resume.sums.to(device, copy=True), t0 - resume.epoch_seconds
+            sums, t0 = resume.sums.to(device, copy=True) * (dp.rank == 0), t0 - resume.epoch_seconds
         for i, (images, y, idx) in enumerate(batches, start=skip):
             x = prepare(images, data)  # (B, C, H, W) float
             if channels_last:
@@ -266,10 +270,13 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
                 compile_seconds = time.perf_counter() - t_first
                 t0 += compile_seconds
                 untimed += bs
-            if report is not None and state_when is not None and i + 1 < steps_per_epoch and dp.size == 1 and \
-                    state_when(epoch, True):
-                state = snapshot(batch=i + 1, epoch_generator=to_cpu(epoch_generator), sums=to_cpu(sums))
-                report(Epoch({}, dataclasses.replace(state, epoch_seconds=time.perf_counter() - t0)))
+            if report is not None and i + 1 < steps_per_epoch and (  # a mid-epoch state: workers decide together
+                    state_when is not None and state_when(epoch, True) if dp.size == 1 else (i + 1) % AGREE_EVERY == 0
+                    and parallel.agree(state_when is not None and state_when(epoch, True), device)):
+                done = parallel.all_sum(sums)  # the workers' sums so far: rank 0 resumes with them, the others with 0
+                state = snapshot(batch=i + 1, epoch_generator=to_cpu(epoch_generator), sums=to_cpu(done)) \
+                    if dp.rank == 0 else None
+                report(Epoch({}, state and dataclasses.replace(state, epoch_seconds=time.perf_counter() - t0)))
         skip = 0
         if device.type == "cuda":
             torch.cuda.synchronize()

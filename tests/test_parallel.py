@@ -38,13 +38,35 @@ def _run(options, cfg, teacher_blob):
     return {"student": run.model.state_dict(), "state": states[0].modules if states else None, "metrics": run.metrics}
 
 
+def _mid_epoch(rank, teacher_blob):
+    """Two workers checkpoint inside epoch 1 (rank 0 asks, at step 8 of 9: where they agree) and resume from rank
+    0's state: the workers' reports, and the resumed run's student, metrics and losses beside the whole run's."""
+    import torch.distributed as dist
+
+    from kdbench.data import load_data
+    from kdbench.teacher import load_teacher
+
+    data = load_data("digits", options={"train_per_class": 60})  # 600 images: 9 steps of 64 an epoch
+    teacher = load_teacher(teacher_blob, data)
+    cfg = TrainConfig("cnn_student", METHODS["geometry"], Recipe(epochs=2, batch_size=64, sync_bn=True), 3)
+    reports = []
+    whole = distill(cfg, data, teacher, reports.append, state_when=lambda epoch, within: within and epoch == 1 and rank == 0)
+    mid = [e.state for e in reports if not e.row]
+    shared = [mid[0]]
+    dist.broadcast_object_list(shared, src=0)  # as Train hands every worker rank 0's checkpoint
+    resumed = distill(cfg, data, teacher, resume=shared[0])
+    return {"reports": [(bool(e.row), e.state is not None) for e in reports], "batch": shared[0].batch,
+            "whole": (whole.model.state_dict(), whole.metrics), "resumed": (resumed.model.state_dict(), resumed.metrics),
+            "losses": [[h["train_loss"] for h in run.history] for run in (whole, resumed)]}
+
+
 def _worker(rank, size, init, teacher_blob, out):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
     try:
-        torch.save([_run(o, cfg, teacher_blob) for o, cfg in _jobs()], f"{out}/{rank}.pt")
+        torch.save([_run(o, cfg, teacher_blob) for o, cfg in _jobs()] + [_mid_epoch(rank, teacher_blob)], f"{out}/{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -116,3 +138,24 @@ def test_a_workers_share_of_an_epoch_is_its_rows_of_the_one_process_batches(digi
         (x0, y0, i0), (x1, y1, i1) = halves[0][b], halves[1][b]
         assert len(y0) == len(y1) == 32
         assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y) and torch.equal(torch.cat([i0, i1]), i)
+
+
+def test_workers_checkpoint_together_inside_an_epoch_and_resume_exactly(two_workers):
+    """Rank 0's clock asks for a state inside epoch 1; the workers agree at step 8 and both report (rank 0 with the
+    state, rank 1 without: Train's reports are a barrier); resumed from it on two workers, the run ends with the
+    whole run's student and metrics bit for bit, its losses within float noise (rank 0 resumes with every worker's
+    sums so far)."""
+    (rank0, rank1), _ = two_workers
+    r0, r1 = rank0[-1], rank1[-1]
+    assert r0["reports"] == [(False, True), (True, False), (True, False)]  # mid-epoch, epoch 1, epoch 2
+    assert r1["reports"] == [(False, False), (True, False), (True, False)]
+    assert r0["batch"] == 8
+    for r in (r0, r1):
+        (whole, _), (resumed, _) = r["whole"], r["resumed"]
+        assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    (_, a), (_, b) = r0["whole"], r0["resumed"]
+    assert {k: v for k, v in a.items() if "loss" not in k and "seconds" not in k and k != "images_per_second"} == \
+        pytest.approx({k: v for k, v in b.items() if "loss" not in k and "seconds" not in k and k != "images_per_second"},
+                      rel=0, abs=0, nan_ok=True)
+    whole_losses, resumed_losses = r0["losses"]  # epoch 1's: the one resumed in its middle
+    assert resumed_losses == pytest.approx(whole_losses, rel=1e-6)

@@ -163,6 +163,8 @@ def run_trial(config: dict, study: Study, teacher: dict, data, threads: int, res
     def report(e: Epoch):
         nonlocal last_epoch
         if not e.row:  # a mid-epoch state: its checkpoint, with no row (ROW absent) for anyone to read
+            if e.state is None:  # another worker's turn of it (Train's reports are a barrier): no checkpoint
+                return session.report({})
             return save(e.state, {"epoch": e.state.epoch, "batch": e.state.batch, **where, "ended_at": time.time()})
         last_epoch = e.row["epoch"]
         # ROW names the epoch's row among what Tune carries (the writer's epochs.csv row); the run's numbers, where
