@@ -154,8 +154,7 @@ def test_workers_checkpoint_together_inside_an_epoch_and_resume_exactly(two_work
         (whole, _), (resumed, _) = r["whole"], r["resumed"]
         assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     (_, a), (_, b) = r0["whole"], r0["resumed"]
-    assert {k: v for k, v in a.items() if "loss" not in k and "seconds" not in k and k != "images_per_second"} == \
-        pytest.approx({k: v for k, v in b.items() if "loss" not in k and "seconds" not in k and k != "images_per_second"},
-                      rel=0, abs=0, nan_ok=True)
+    measured = [k for k in a if k.startswith(("val_", "test_", "last_")) or k == "train_top1"]
+    assert len(measured) >= 20 and {k: a[k] for k in measured} == pytest.approx({k: b[k] for k in measured}, rel=0, abs=0, nan_ok=True)
     whole_losses, resumed_losses = r0["losses"]  # epoch 1's: the one resumed in its middle
     assert resumed_losses == pytest.approx(whole_losses, rel=1e-6)
