@@ -340,8 +340,6 @@ def _resources(res: TableReader, recipe: Recipe) -> Resources:
     n = res.get("workers_per_trial", 1, int, lo=1)
     if n > 1 and recipe.batch_size % n:  # the global batch, split evenly (checked here: a trial would fail on it)
         res.fail("workers_per_trial", n, f"a divisor of the recipe's batch_size {recipe.batch_size} (the global batch)")
-    if n > 1 and recipe.compile:
-        res.fail("workers_per_trial", n, "1 with [recipe] compile = true (compiled data-parallel trials: not yet)")
     cpus = res.get("cpus_per_trial", 1.0, float)
     if cpus <= 0:
         res.fail("cpus_per_trial", cpus, "> 0")

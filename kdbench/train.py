@@ -159,18 +159,19 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
                           lr=recipe.lr, momentum=recipe.sgd_momentum, nesterov=True)
     compiled = cfg.compile or recipe.compile
     mode = None if recipe.compile_mode == "default" else recipe.compile_mode
-    net = torch.compile(student, backend=recipe.compile_backend, mode=mode) if compiled else student
-    compile_seconds = 0.0  # the first compiled step (tracing, compilation), kept out of train_seconds
+    net = student
     if dp.size > 1:  # DDP averages the student's and the parts' gradients, all-reduced as the backward pass runs
-        if compiled:
-            raise ValueError("compile = true with data-parallel workers: not supported; allowed: compile = false")
-        replica = nn.parallel.DistributedDataParallel(_Replica(student, extras), forward_sync_buffers=False,
-                                                      device_ids=[device] if device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(_Replica(student, extras), forward_sync_buffers=False,
+                                                  device_ids=[device] if device.type == "cuda" else None)
+    replica = net
+    # compiled around DDP where it wraps the student (torch's DDPOptimizer splits the graph at DDP's buckets)
+    net = torch.compile(net, backend=recipe.compile_backend, mode=mode) if compiled else net
+    compile_seconds = 0.0  # the first compiled step (tracing, compilation), kept out of train_seconds
 
     def forward(x: torch.Tensor, stages: bool = False):  # the student's outputs, through DDP where it wraps it
-        if dp.size > 1:
-            return replica(x, stages)
-        return student.forward_stages(x) if stages else net(x)
+        if stages:  # stage maps run eagerly
+            return replica(x, True) if dp.size > 1 else student.forward_stages(x)
+        return net(x)
 
     # --- 2. the teacher's fixed views: eval-split features and similarity matrices, once -------
     views = teacher_views(teacher.model, data) if teacher is not None and dp.rank == 0 else {}  # rank 0 measures

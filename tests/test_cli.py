@@ -29,7 +29,6 @@ _one_line_error = one_line_error
     (["tune", "--gpus-per-trial", "1.5", "--plan"], ["allowed: whole GPUs above one"]),
     (["tune", "--workers-per-trial", "0", "--plan"], ["--workers-per-trial 0: workers_per_trial = 0; allowed: >= 1"]),
     (["tune", "--workers-per-trial", "3", "--plan"], ["workers_per_trial = 3; allowed: a divisor of the recipe's batch_size 64"]),
-    (["tune", "--workers-per-trial", "2", "--set", "compile=true", "--plan"], ["allowed: 1 with [recipe] compile = true"]),
     (["tune", "--log", "mlflw", "--plan"], ["--log = 'mlflw'; allowed: tensorboard, mlflow, wandb"]),
     (["train", "--dataset", "cifar100", "--data-root", "/nonexistent"], ["no cifar-100-python/ folder"]),
     (["tune", "no-such-study"], ["no such study file or bundled study"]),
