@@ -154,10 +154,8 @@ class _Tracker:
         self._guard(self._end, run, metrics, status)
 
     def close(self) -> None:
+        """The run or search is over: what is still open is released (each tracker's ``_close``)."""
         self._guard(self._close)
-
-    def _close(self) -> None:
-        pass
 
 
 class TensorBoard(_Tracker):
@@ -275,6 +273,9 @@ class MLflow(_Tracker):
         self.client.set_tag(rid, "status", status)
         self.client.set_terminated(rid, "FAILED" if status == "failed" else "FINISHED")
         self.runs.pop(run.id, None)
+
+    def _close(self) -> None:  # an open run's trial was interrupted: it stays RUNNING, and a resume continues it
+        self.runs.clear()
 
     def publish(self) -> None:
         def go():

@@ -120,3 +120,17 @@ def test_a_tracker_that_fails_is_one_warning_and_the_run_goes_on(tmp_path, monke
     warnings = [line for line in r.output.splitlines() if "warning" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: MLflow logging stopped (MlflowException: "), r.output
     assert (tmp_path / "run" / "result.json").exists() and "Traceback" not in r.output
+
+
+def test_the_docs_logging_table_is_a_studys(tmp_path):
+    """docs/trackers.md's `[logging]` block, added to a bundled study, is read as its trackers."""
+    import re
+    from pathlib import Path
+
+    from kdbench.study import find_study, load_study
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "trackers.md").read_text()
+    (block,) = re.findall(r"```toml\n(.*?)```", page, re.S)
+    study = tmp_path / "s.toml"
+    study.write_text(Path(find_study("quick")).read_text() + "\n" + block)
+    assert load_study(study).trackers == ("tensorboard", "mlflow")
