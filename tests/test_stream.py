@@ -220,11 +220,18 @@ def test_a_search_of_two_worker_trials_with_asha_on_a_streamed_folder_writes_a_c
     """`kdbench tune` on the two-node cluster (one CPU a node) on a study that streams, its trial a Ray Train run of
     two gloo workers (issue 32), one on each node (0.9 CPU each), that decode their halves of each batch in
     DataLoader workers: rank 0's rows reach two-objective ASHA (grace 1) and the folder, which is whole, rank 0's
-    student too, and the row says how and where it ran. One trial: a Train run costs ~25 s to start here (two
-    concurrent trials, one stopped by ASHA through its driver, were run by hand: 48 s). More workers than the
-    cluster has is one line before anything is written; so is a rerun of the trial."""
+    student too, and the row says how and where it ran. Rank 0's worker is killed (-9) once Train has registered a
+    checkpoint: Train restarts the two workers from it and the folder has every epoch once. One trial: a
+    Train run costs ~25 s to start here (two concurrent trials, one stopped by ASHA through its driver, were run by
+    hand: 48 s). More workers than the cluster has is one line before anything is written; so is a rerun of the
+    trial."""
     import json
+    import os
+    import signal
+    import threading
+    import time
 
+    from test_search import _wait_for_checkpoint
     from typer.testing import CliRunner
 
     from kdbench.cli import app
@@ -234,7 +241,7 @@ def test_a_search_of_two_worker_trials_with_asha_on_a_streamed_folder_writes_a_c
     out, study = tmp_path / "out", tmp_path / "s.toml"
     study.write_text(f'name = "s"\ndataset = "folder:{tree}"\nteacher = "cnn_teacher"\nstudent = "cnn_student"\n'
                      'method = "geometry"\n[data]\nstream = true\nimage_size = 16\nloader_workers = 1\n'
-                     '[recipe]\nepochs = 2\nbatch_size = 6\n[teacher_recipe]\nepochs = 1\nbatch_size = 6\n'
+                     '[recipe]\nepochs = 6\nbatch_size = 6\n[teacher_recipe]\nepochs = 1\nbatch_size = 6\n'
                      '[search]\nsamples = 1\nconcurrency = 2\n[search.space.geometry]\ntype = "loguniform"\n'
                      'low = 1.0\nhigh = 100.0\n[asha]\ngrace_period = 1\nreduction_factor = 2\n'
                      '[resources]\nworkers_per_trial = 2\ncpus_per_trial = 0.9\n')
@@ -243,13 +250,24 @@ def test_a_search_of_two_worker_trials_with_asha_on_a_streamed_folder_writes_a_c
                    "workers_per_trial = 3: 3 workers × (0.9 CPU) and the driver's 0.1 CPU do not fit on the Ray cluster "
                    "(2 CPUs, 0 GPUs)")
     assert not out.exists()
-    r = CliRunner().invoke(app, ["tune", str(study), "--out", str(out), *address])
-    assert r.exit_code == 0, r.output
+    done = []
+    run = threading.Thread(target=lambda: done.append(CliRunner().invoke(app, ["tune", str(study), "--out", str(out), *address])))
+    run.start()
+    # Once Train's controller has registered a checkpoint (it polls the workers every 2 s; a worker killed before
+    # then is restarted from the one before), rank 0's worker dies, as on a lost node.
+    deadline = time.time() + 150
+    while not list((out / "ray").glob("train-*/checkpoint_manager_snapshot.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    ck = _wait_for_checkpoint(out / "ray", 0, 1)
+    os.kill(ck["pid"], signal.SIGKILL)
+    run.join(timeout=240)
+    assert done and done[0].exit_code == 0, done[0].output if done else "tune did not end"
     meta = json.loads((out / "study.json").read_text())
     assert meta["data"]["streamed"] and meta["study"]["asha"]["enabled"] and meta["study"]["resources"]["workers_per_trial"] == 2
     f = read_folder(out)
     assert f.trials["status"].tolist() == ["completed"], f.trials.to_dict("records")
-    assert f.epochs.groupby("trial_id")["epoch"].max().to_dict() == f.trials.set_index("trial_id")["epochs"].to_dict()
+    assert f.epochs["epoch"].tolist() == list(range(1, 7)) and f.trials["epochs"].tolist() == [6]  # each epoch once
+    assert f.trials["resumed_from"].iloc[0] >= 1  # continued from the killed workers' checkpoint, not from scratch
     assert f.trials[["workers", "backend", "worker_batch"]].drop_duplicates().values.tolist() == [[2, "gloo", 3]]
     nodes = f.trials["node"].iloc[0].split(",")
     assert len(nodes) == 2 and nodes[0] != nodes[1]  # one worker on each node
