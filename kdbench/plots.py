@@ -214,12 +214,14 @@ def plot_geometry(folder: Folder, shown, path: str | Path) -> bool:
                              squeeze=False, layout="constrained")
     font = max(3.0, min(8.0, 360.0 / n))
 
-    def show(ax, a, title, **kw):
+    def show(ax, a, title, x=True, y=True, **kw):
+        """One matrix; its class names only where no neighbour in the same row (y) or column (x) shows them: the
+        classes are in one order everywhere (and a CIFAR-100 figure measured 2,200 tick labels in 8.7 s)."""
         im = ax.imshow(a[np.ix_(order, order)], interpolation="nearest", **kw)
         ax.set_title(title, fontsize=9)
         ticks = np.arange(n) if n <= 120 else np.arange(0, n, max(1, n // 40))
-        ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90, fontsize=font)
-        ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=font)
+        ax.set_xticks(ticks if x else [], [names[i] for i in ticks] if x else [], rotation=90, fontsize=font)
+        ax.set_yticks(ticks if y else [], [names[i] for i in ticks] if y else [], fontsize=font)
         return im
 
     im = show(axes[0][0], teacher, f"teacher ({split})", cmap="viridis", vmin=low, vmax=1.0)
@@ -228,8 +230,8 @@ def plot_geometry(folder: Folder, shown, path: str | Path) -> bool:
                               "minus the teacher's\n(red: closer than the teacher has them,\nblue: further apart)",
                     ha="center", va="center", fontsize=8, transform=axes[1][0].transAxes)
     for j, ((label, s, _, _runs), d) in enumerate(zip(students, diffs), start=1):
-        show(axes[0][j], s, label, cmap="viridis", vmin=low, vmax=1.0)
-        dm = show(axes[1][j], d, "minus the teacher's", cmap="RdBu_r", vmin=-span, vmax=span)
+        show(axes[0][j], s, label, x=False, y=False, cmap="viridis", vmin=low, vmax=1.0)
+        dm = show(axes[1][j], d, "minus the teacher's", y=j == 1, cmap="RdBu_r", vmin=-span, vmax=span)
     fig.colorbar(im, ax=list(axes[0]), fraction=0.02, pad=0.01, label="cosine similarity of class centroids")
     fig.colorbar(dm, ax=list(axes[1][1:]), fraction=0.02, pad=0.01, label="student - teacher")
     fig.suptitle(f"{folder.name}: class-centroid similarity ({split} split)\nclasses ordered by a clustering of the "

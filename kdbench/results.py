@@ -26,16 +26,16 @@ __all__ = ["write_json", "write_text", "write_csv", "environment", "ResultsError
            "migrate_study", "search_of", "student_file", "write_student", "write_train_run", "final_metrics", "jsonable",
            "STUDENTS", "KEEP_STUDENTS", "most_at_once", "SCHEMA", "migrate"]
 
-# Every trials.csv column has its owner here. ``config_id`` names a configuration (everything but the
-# seed, see :func:`config_id`); ``stage`` says which step produced the row; ``node`` (Ray node id; a multi-worker
-# trial's: every worker's, in rank order), ``host``, ``threads`` and ``device`` say where and how it ran (``kdbench
-# rerun`` reads them); ``resumed_from``: the epoch of the checkpoint an interrupted trial continued from (0: none);
-# ``gpu_ids``: the GPUs Ray assigned the trial (comma-separated, empty: none); ``started_at``, ``ended_at``: when it
-# ran (Unix seconds, the worker's clock); ``autocast``: the precision the training step ran in (bf16 | fp32, the
-# recipe's ``precision`` resolved on its device); ``peak_memory_mib``: its device's peak memory (CUDA: max allocated; CPU: the
-# worker process's peak RSS, which spans the earlier trials a reused worker ran); ``workers``: its data-parallel
-# workers (Ray Train; 1: one process), ``backend`` theirs (gloo | nccl), ``worker_batch``: each one's share of the
-# global batch.
+# Every trials.csv column has its owner here. ``config_id`` names a configuration (everything but the seed, see
+# :func:`config_id`); ``stage`` says which step produced the row; ``node`` (Ray node id; a multi-worker trial's: every
+# worker's, in rank order), ``host``, ``threads`` and ``device`` say where and how it ran (``kdbench rerun`` reads
+# them); ``resumed_from``: the epochs finished in the checkpoint an interrupted trial continued from (0: none, or one
+# inside the first epoch); ``gpu_ids``: the GPUs Ray assigned the trial (comma-separated, empty: none); ``started_at``,
+# ``ended_at``: when it ran (Unix seconds, the worker's clock); ``autocast``: the precision the training step ran in
+# (bf16 | fp32, the recipe's ``precision`` resolved on its device); ``peak_memory_mib``: its device's peak memory (CUDA:
+# max allocated; CPU: the worker process's peak RSS, which spans the earlier trials a reused worker ran); ``workers``:
+# its data-parallel workers (Ray Train; 1: one process), ``backend`` theirs (gloo | nccl), ``worker_batch``: each one's
+# share of the global batch.
 STAGES = ("search", "grid", "confirm", "train", "evaluate")
 # The results format's version, written into every study.json and result.json. A folder without one is schema 1;
 # migrate() brings any folder to this one as it is read, so nothing above it knows older formats. Schema 2: the
