@@ -12,6 +12,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
+from . import parallel
 from .data import Data, normalize
 from .downstream import clustering, retrieval
 from .geometry import class_centroids, similarity_matrix
@@ -56,9 +57,17 @@ def prepare(x: torch.Tensor, data: Data) -> torch.Tensor:
 
 @torch.inference_mode()
 def forward_all(model: nn.Module, source: str | torch.Tensor, data: Data, batch_size: int = 1000,
-                rows: torch.Tensor | None = None):
+                rows: torch.Tensor | None = None, spread: bool = False):
     """Features ``(N, d)`` and logits ``(N, C)`` of ``model`` in eval mode over split ``source`` of ``data`` (in
-    the split's order, or its ``rows``; not augmented: :meth:`Data.chunks`), or over a tensor of uint8 images."""
+    the split's order, or its ``rows``; not augmented: :meth:`Data.chunks`), or over a tensor of uint8 images.
+    ``spread``: every data-parallel worker calls it together; each forwards its contiguous share of the rows and
+    all of them get every row back, in order (one process: the same pass)."""
+    w = parallel.world() if spread and isinstance(source, str) else parallel.World()
+    if w.size > 1:
+        shares = torch.tensor_split(torch.arange(data.size(source)) if rows is None else rows, w.size)
+        f, z = forward_all(model, source, data, batch_size, shares[w.rank])
+        n = [len(s) for s in shares]
+        return parallel.all_rows(f, n), parallel.all_rows(z, n)
     was_training = model.training
     model.eval()
     feats, logits = [], []
@@ -108,15 +117,17 @@ class DivergedError(RuntimeError):
     """The training loss, or the student's outputs on a split, became NaN or infinite."""
 
 
-def reference(model: nn.Module, data: Data, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def reference(model: nn.Module, data: Data, rows: torch.Tensor | None = None, spread: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """kNN's and retrieval's reference set: ``model``'s features on the training split (or its ``rows``, see
-    :func:`kdbench.data.reference_rows`) and their labels."""
+    :func:`kdbench.data.reference_rows`) and their labels. ``spread``: see :func:`forward_all`."""
     labels = data.labels("train")
-    return forward_all(model, "train", data, rows=rows)[0], labels if rows is None else labels[rows]
+    return forward_all(model, "train", data, rows=rows, spread=spread)[0], labels if rows is None else labels[rows]
 
 
 def evaluate(model: nn.Module, data: Data, split: str, teacher_view: dict | None = None,
-             knn: bool | tuple[torch.Tensor, torch.Tensor] = False, keep: dict | None = None) -> dict[str, float]:
+             knn: bool | tuple[torch.Tensor, torch.Tensor] = False, keep: dict | None = None, spread: bool = False
+             ) -> dict[str, float]:
     """Every metric of :data:`kdbench.metrics.METRICS` on ``split`` without augmentation, prefixed ``<split>_``.
 
     ``teacher_view`` holds the teacher's features and similarity matrix on the same split; without it the metrics
@@ -124,8 +135,9 @@ def evaluate(model: nn.Module, data: Data, split: str, teacher_view: dict | None
     (:func:`reference`) when the caller already has it (one pass serves every split): then the ``final`` metrics too
     (kNN, retrieval, clustering).
     ``keep``: a dict that receives the student's centroid-similarity matrix of the split (float32, on the CPU).
+    ``spread``: every data-parallel worker calls it together and gets the metrics (see :func:`forward_all`).
     """
-    f, z = forward_all(model, split, data)
+    f, z = forward_all(model, split, data, spread=spread)
     if not (torch.isfinite(f).all() and torch.isfinite(z).all()):  # one check a pass: k-means and the rest need numbers
         raise DivergedError(f"the model's features or logits on {split} are not finite")
     o = SplitOutputs(f, z, data.labels(split), data.num_classes)
@@ -134,21 +146,21 @@ def evaluate(model: nn.Module, data: Data, split: str, teacher_view: dict | None
         if keep is not None:
             keep[split] = o.similarity.float().cpu().numpy()
     if knn is not False:
-        o.reference_features, o.reference_labels = knn if isinstance(knn, tuple) else reference(model, data)
+        o.reference_features, o.reference_labels = knn if isinstance(knn, tuple) else reference(model, data, spread=spread)
     return {f"{split}_{name}": float(m.compute(o)) for name, m in METRICS.items()
             if (teacher_view is not None or not m.teacher) and (knn is not False or not m.final)}
 
 
-def teacher_views(teacher: nn.Module, data: Data) -> dict:
+def teacher_views(teacher: nn.Module, data: Data, spread: bool = False) -> dict:
     """The teacher's fixed views of the evaluation splits: ``{split: {"features", "S"}}`` (its features and its
     centroid-similarity matrix), what every student's geometry is measured against. Splits without images
-    (``val_fraction = 0``) are left out."""
+    (``val_fraction = 0``) are left out. ``spread``: see :func:`forward_all`."""
     teacher.eval()
     views = {}
     for split in ("val", "test"):
         if data.size(split) == 0:
             continue
-        f, _ = forward_all(teacher, split, data)
+        f, _ = forward_all(teacher, split, data, spread=spread)
         views[split] = {"features": f.clone(),
                         "S": similarity_matrix(class_centroids(f, data.labels(split), data.num_classes)).clone()}
     return views

@@ -10,6 +10,9 @@ Ray Train starts the workers and their process group (NCCL on GPUs, gloo on CPUs
 - every term that keeps state across samples sees the global batch: the geometry memory's class sums and counts,
   CRD's memory banks, its normalisation constants and its negatives (drawn for the global batch) -- through
   :func:`all_sum` and :func:`all_rows`;
+- a measuring pass (the teacher's views, the geometry memory's first centroids, every evaluation) is spread: each
+  worker forwards its contiguous share of the split and every worker gets all the features back (:func:`all_rows`),
+  then computes every metric from them, as one process would (rank 0 reports them);
 - BatchNorm normalises with each worker's own batch statistics, as DDP does by default (what mdistiller's
   DataParallel and torchvision's reference scripts do), or with the global batch's where ``[recipe] sync_bn = true``
   (:class:`SyncBatchNorm`: the same numbers as one process; torch's own runs on GPUs only, this one on gloo too).
@@ -68,14 +71,18 @@ def agree(flag: bool, device) -> bool:
     return bool(t.item())
 
 
-def all_rows(t: torch.Tensor) -> torch.Tensor:
-    """Every worker's ``t`` (equal shapes) concatenated along dim 0 in rank order; not differentiable."""
+def all_rows(t: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+    """Every worker's ``t`` concatenated along dim 0 in rank order; not differentiable. ``rows``: how many rows each
+    worker holds, where they differ (the collective moves equal shapes: the shorter ones travel padded)."""
     w = world()
     if w.size == 1:
         return t
+    longest = max(rows) if rows else t.shape[0]
+    if t.shape[0] < longest:
+        t = torch.cat([t, t.new_zeros((longest - t.shape[0], *t.shape[1:]))])
     out = [torch.empty_like(t) for _ in range(w.size)]
     dist.all_gather(out, t.contiguous())
-    return torch.cat(out)
+    return torch.cat([o[:n] for o, n in zip(out, rows)] if rows else out)
 
 
 class SyncBatchNorm(nn.BatchNorm2d):

@@ -174,12 +174,13 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         return net(x)
 
     # --- 2. the teacher's fixed views: eval-split features and similarity matrices, once -------
-    views = teacher_views(teacher.model, data) if teacher is not None and dp.rank == 0 else {}  # rank 0 measures
+    # every measuring pass is spread over the data-parallel workers, and each of them computes the metrics
+    views = teacher_views(teacher.model, data, spread=True) if teacher is not None else {}
     memory, t_centroids = None, None
     if "geometry" in terms:
         memory = CentroidMemory(data.num_classes, student.feature_dim, method.momentum).to(device)
         # every slot starts at the initial student's centroid
-        memory.fill(forward_all(student, "train", data)[0], data.labels("train"))
+        memory.fill(forward_all(student, "train", data, spread=True)[0], data.labels("train"))
         t_centroids = teacher.centroids.to(device).clone()
 
     # --- 3. the loop -------------------------------------------------------------------------
@@ -301,13 +302,14 @@ def distill(cfg: TrainConfig, data: Data, teacher: Teacher | None = None,
         if not math.isfinite(row["train_loss"]):
             raise DivergedError(f"training loss is {row['train_loss']} at epoch {epoch}")
         evaluated = [split for split, when in (("val", cfg.eval_val), ("test", cfg.eval_test))
-                     if (last or when == "every_epoch") and data.size(split) and dp.rank == 0]  # val_fraction = 0: no val
+                     if (last or when == "every_epoch") and data.size(split)]  # val_fraction = 0: no val
         # kNN's and retrieval's reference: the train split's features, once for every split evaluated
         measure_final = last or (cfg.final_every_epoch and evaluated)
-        train_features = reference(student, data, reference_at) if measure_final else False
+        train_features = reference(student, data, reference_at, spread=True) if measure_final else False
         matrices = {}  # the last epoch's student centroid-similarity matrices, per split
         for split in evaluated:
-            row |= evaluate(student, data, split, views.get(split), knn=train_features, keep=matrices if last else None)
+            row |= evaluate(student, data, split, views.get(split), knn=train_features, keep=matrices if last else None,
+                            spread=True)
         if cfg.eval_test == "every_epoch" and "test_top1" in row:
             best_test = max(best_test, row["test_top1"])
             row["best_test_top1"] = best_test

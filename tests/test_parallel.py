@@ -1,10 +1,10 @@
 """Data-parallel training (issue 32): two gloo workers started here without Ray (Ray Train starts them in a search)
 compute what one process computes -- the same student after the first step, the same geometry memory and CRD banks
 after an epoch, the same final metrics within float noise -- for kd, geometry and crd, with `sync_bn = true`
-(each worker's own BatchNorm statistics, DDP's default, are checked against their own formulation)."""
+(each worker's own BatchNorm statistics, DDP's default, are checked against their own formulation); a measuring
+pass spread over the workers gives one process's metrics."""
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -76,14 +76,30 @@ def _compiled(teacher_blob):
     return run.model.state_dict(), counters["stats"]["unique_graphs"] - before
 
 
+def _measured(teacher_blob, spread):
+    """Every metric of a fixed student (seeded, untrained) on val (179 images) and test (359), kNN included, with
+    the teacher's views: each worker measuring its share of every pass (``spread``), or one process."""
+    from kdbench.data import load_data
+    from kdbench.measure import evaluate, reference, teacher_views
+    from kdbench.models import build_model
+    from kdbench.teacher import load_teacher
+
+    data = load_data("digits", options=SHORT)
+    views = teacher_views(load_teacher(teacher_blob, data).model, data, spread=spread)
+    torch.manual_seed(11)
+    model = build_model("cnn_student", 10, 1)
+    ref = reference(model, data, spread=spread)
+    return {k: v for split in ("val", "test") for k, v in evaluate(model, data, split, views[split], knn=ref, spread=spread).items()}
+
+
 def _worker(rank, size, init, teacher_blob, out):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
     try:
-        torch.save([_run(o, cfg, teacher_blob) for o, cfg in _jobs()] + [_compiled(teacher_blob), _mid_epoch(rank, teacher_blob)],
-                   f"{out}/{rank}.pt")
+        torch.save([_run(o, cfg, teacher_blob) for o, cfg in _jobs()] + [_measured(teacher_blob, True), _compiled(teacher_blob),
+                                                                          _mid_epoch(rank, teacher_blob)], f"{out}/{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -97,7 +113,7 @@ def two_workers(tmp_path_factory, digits_teacher):
                                           start_method="spawn")
     ranks = [torch.load(out / f"{r}.pt", weights_only=False) for r in range(2)]
     torch.set_num_threads(1)
-    return ranks, [_run(o, cfg, blob) for o, cfg in _jobs()]
+    return ranks, [_run(o, cfg, blob) for o, cfg in _jobs()] + [_measured(blob, False)]
 
 
 def _close(a: dict, b: dict, rtol: float, atol: float) -> bool:
@@ -131,7 +147,19 @@ def test_two_workers_keep_the_memory_one_process_keeps_and_end_with_its_metrics(
     a, b = rank0[job]["metrics"], single[job]["metrics"]
     assert abs(a["test_top1"] - b["test_top1"]) <= 1.0 and abs(a["test_geom_corr"] - b["test_geom_corr"]) <= 0.01
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
-    assert math.isnan(rank1[job]["metrics"]["last_test_top1"])  # rank 0 measures; the others train
+    measured = {k: v for k, v in a.items() if k.startswith(("val_", "test_", "last_"))}
+    assert len(measured) >= 15  # and every worker measures them, the same
+    assert {k: rank1[job]["metrics"][k] for k in measured} == pytest.approx(measured, rel=0, abs=0, nan_ok=True)
+
+
+def test_two_workers_measure_their_shares_and_get_one_process_metrics(two_workers):
+    """A measuring pass spread over two workers (179 and 359 images: unequal shares travel padded): every metric,
+    kNN, retrieval and clustering included, is one process's, on both workers alike (features within float noise:
+    the batches differ)."""
+    (rank0, rank1), single = two_workers
+    a, b = rank0[7], single[7]
+    assert {"test_knn_top1", "test_cka", "test_geom_corr"} <= a.keys() and rank1[7] == pytest.approx(a, rel=0, abs=0, nan_ok=True)
+    assert a == pytest.approx(b, rel=1e-5, abs=1e-5, nan_ok=True)
 
 
 def test_each_workers_own_batchnorm_statistics_train_as_ddp_gives_them(two_workers):
