@@ -48,9 +48,9 @@ def main(argv=None) -> int:
     p.add_argument("--search-epochs", type=int, help="search comparison: epochs per trial (default: the study's)")
     p.add_argument("--replay-seeds", type=int, default=50, help="search replay: replays per strategy and table")
     args = p.parse_args(argv)
-    if args.device == "cuda":
-        import torch
+    import torch
 
+    if args.device == "cuda":
         if not torch.cuda.is_available():
             console.print("error: --device cuda: CUDA is not available on this machine")
             return 2
@@ -72,10 +72,10 @@ def main(argv=None) -> int:
         ("compile", lambda: bench.compile_check(args.device)),
         ("downstream", lambda: downstream.downstream_cost(args.device, max(2, repeats // 2))),
         ("stream", lambda: stream.stream_costs(max(2, repeats // 2))),
-        ("ddp", lambda: ddp.ddp_cost(max(3, repeats // 2))),
     ]
-    if args.device == "cpu":  # the default study on the CPU; on a GPU, the GPU check below instead
-        plan.append(("ray_overhead", lambda: bench.ray_overhead(quick=args.quick)))
+    if args.device == "cpu":  # CPU figures (~4 minutes each on 2 cores); on a GPU, the GPU check below instead
+        plan += [("ddp", lambda: ddp.ddp_cost(max(3, repeats // 2))),
+                 ("ray_overhead", lambda: bench.ray_overhead(quick=args.quick))]
     if not args.quick:
         options = {"val_fraction": args.val_fraction} if args.val_fraction else None
         plan.append(("search", lambda: bench.search_comparison(
@@ -88,20 +88,38 @@ def main(argv=None) -> int:
     if args.device == "cuda":
         from . import gpu
 
-        plan += [("gpu_images_per_second", gpu.paper_pair_throughput), ("gpu_packed", gpu.packed_trials),
-                 ("gpu_tune", gpu.tune_end_to_end)]
+        plan[:0] = [("gpu_images_per_second", gpu.paper_pair_throughput), ("gpu_packed", gpu.packed_trials),
+                    ("gpu_tune", gpu.tune_end_to_end)]  # first: on a lent GPU, what only a GPU can measure
     if args.only:
         wanted = {w.strip() for w in args.only.split(",")}
         plan = [(n, f) for n, f in plan if n.split("_")[0] in wanted or n in wanted]
     started = time.time()
+
+    def meta() -> dict:
+        return {"device": args.device, "quick": args.quick, "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
+                "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "seconds": time.time() - started, "torch": torch.__version__,
+                "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
+
+    def save():  # after every figure: a run cut short (a device lease, a timeout) keeps what it measured
+        if args.json_path:
+            with open(args.json_path, "w") as f:
+                json.dump({**figures, "meta": meta()}, f, indent=2)
+
+    failed = []
     for name, fn in plan:
         console.print(f"[bold]{name}[/bold] …")
         t0 = time.time()
-        out = fn()
+        try:
+            out = fn()
+        except Exception as e:  # one figure's failure is reported, and the others are still measured
+            failed.append(name)
+            out = {f"{name}_error": f"{type(e).__name__}: {e}"[-2000:]}
+            console.print_exception(max_frames=8)
         for key, value in out.items():
             numbers = isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value)
             figures[key] = summarise(value) if numbers else value
         console.print(f"  done in {time.time() - t0:.0f} s")
+        save()
 
     table = Table(title=f"kdbench benchmarks ({args.device}{', quick' if args.quick else ''})")
     for c in ("figure", "median", "95% CI of the median", "min – max", "n", "goal"):
@@ -113,13 +131,12 @@ def main(argv=None) -> int:
         elif isinstance(v, (int, float)):
             table.add_row(key, f"{v:.3f}", "", "", "1", goals.get(key, ""))
     Console().print(table)
-    meta = {"device": args.device, "quick": args.quick, "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "seconds": time.time() - started}
+    save()
     if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump({**figures, "meta": meta}, f, indent=2)
         console.print(f"wrote {args.json_path}")
-    return 0
+    if failed:
+        console.print(f"error: {len(failed)} figure(s) failed: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def tune_end_to_end() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         study, out = Path(tmp) / "synthetic-search.toml", Path(tmp) / "run"
         study.write_text(text)
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, "-m", "kdbench.cli", "tune", str(study), "--out", str(out), "--samples", "4",
                             "--concurrency", "4", "--gpus-per-trial", "0.25"], env=env, capture_output=True, text=True)
