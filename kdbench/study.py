@@ -344,8 +344,8 @@ def _resources(res: TableReader, recipe: Recipe) -> Resources:
     if cpus <= 0:
         res.fail("cpus_per_trial", cpus, "> 0")
     gpus = res.get("gpus_per_trial", None, float)
-    if gpus is not None and gpus_allowed(gpus):
-        res.fail("gpus_per_trial", gpus, gpus_allowed(gpus))
+    if gpus is not None and gpus_allowed(gpus, n):
+        res.fail("gpus_per_trial", gpus, gpus_allowed(gpus, n))
     return Resources(cpus, gpus, n)
 
 

@@ -17,11 +17,15 @@ class StudyError(ValueError):
     """Bad configuration: names the file, the key, the value and what is allowed."""
 
 
-def gpus_allowed(value: float) -> str | None:
-    """Why ``value`` GPUs per trial cannot be packed (None: it can): 0..8, a fraction that divides one GPU
-    (1/2, 1/3, ...: Ray would leave the rest of each GPU idle), or whole GPUs."""
+def gpus_allowed(value: float, workers: int = 1) -> str | None:
+    """Why ``value`` GPUs per trial (per worker of ``workers``) cannot be placed (None: it can): 0..8, a fraction that
+    divides one GPU (1/2, 1/3, ...: Ray would leave the rest of each GPU idle), or whole GPUs; whole GPUs for a
+    multi-worker trial (Ray packs fractions on one GPU, and NCCL refuses two ranks of one communicator there)."""
     if not 0 <= value <= 8:
         return "0..8 (fractions share a GPU)"
+    if workers > 1 and 0 < value < 1:
+        return (f"whole GPUs with workers_per_trial = {workers}: each worker needs its own GPU (Ray would pack the "
+                f"fractions on one GPU, where NCCL refuses two workers of a trial)")
     if 0 < value < 1 and abs(1 / value - round(1 / value)) > 1e-6:
         n = int(1 / value)
         return (f"a fraction that divides one GPU ({value:g} packs {n} trials and leaves {1 - n * value:.2g} of each GPU "

@@ -119,7 +119,7 @@ def digits_teacher(digits):
 def ray_session():
     """One local Ray instance for every test that needs it (start-up costs seconds). It declares one GPU (and
     four logical CPUs), as a GPU machine's Ray would: every search here takes the GPU path of the scheduling —
-    the automatic 1/concurrency of a GPU per trial, the GPU ids in each row — while torch, which sees no CUDA,
+    the automatic share of the one GPU per trial, the GPU ids in each row — while torch, which sees no CUDA,
     trains on the CPU."""
     import logging
 

@@ -332,7 +332,7 @@ def test_quarter_gpus_pack_four_trials_on_the_one_declared_gpu_and_more_than_a_n
                                                                                                  digits_teacher):
     """ray_session declares 1 GPU: 0.25 per trial runs the 4 trials on GPU 0 at once, never more than fit; each
     chose its device from what it was given (torch sees no CUDA here: the CPU). The searches of the other tests
-    take the automatic rule (1/concurrency)."""
+    take the automatic rule (one GPU shared by their trials: automatic_gpus)."""
     from kdbench.study import StudyError
 
     p = tmp_path / "packed.toml"
@@ -347,7 +347,24 @@ def test_quarter_gpus_pack_four_trials_on_the_one_declared_gpu_and_more_than_a_n
     assert 3 <= most_at_once(rows) <= 4, rows
     with pytest.raises(StudyError, match=r"--gpus-per-trial 2: the Ray cluster has at most 1 GPUs on a node"):
         run_study(study, tmp_path / "two", gpus_per_trial=2)
-    assert not (tmp_path / "two").exists()
+    (tmp_path / "workers.toml").write_text(PACKED.replace("gpus_per_trial = 0.25", "workers_per_trial = 2"))
+    workers = load_study(tmp_path / "workers.toml")
+    with pytest.raises(StudyError, match=r"--gpus-per-trial 0.5: allowed: whole GPUs with workers_per_trial = 2"):
+        run_study(workers, tmp_path / "half", gpus_per_trial=0.5)
+    assert not (tmp_path / "two").exists() and not (tmp_path / "half").exists()
+
+
+def test_automatic_gpus_spread_trials_over_the_gpus_before_packing_them_by_hand():
+    """Ray puts a fraction on the first GPU with room (checked by hand on Ray 2.60: 4 tasks of 0.25 on 4 declared GPUs
+    all got GPU 0, 4 of 0.5 got 0, 0, 1, 1), so the automatic share is 1/k for k trials a GPU, k as small as the
+    GPUs allow; a multi-worker trial's workers get a GPU each."""
+    from kdbench.search.resources import automatic_gpus
+
+    assert automatic_gpus(2, 0) == 0.0 and automatic_gpus(2, 1) == 0.5 and automatic_gpus(8, 1) == 0.125
+    assert automatic_gpus(32, 1) == 0.125  # at most 8 a GPU: the others wait
+    assert automatic_gpus(4, 4) == 1.0 and automatic_gpus(2, 8) == 1.0  # a GPU each, never more automatically
+    assert automatic_gpus(8, 2) == 0.25 and automatic_gpus(8, 3) == pytest.approx(1 / 3)  # 3 + 3 + 2 trials
+    assert automatic_gpus(4, 1, workers=2) == 1.0 and automatic_gpus(4, 0, workers=2) == 0.0
 
 
 def test_a_gpu_the_cluster_cannot_give_is_named_by_hand():

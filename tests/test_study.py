@@ -118,6 +118,8 @@ def test_find_study_by_name_and_path(tmp_path):
     ("[search]", "[data]\nzoom = 2\n[search]", r"data: data option 'zoom' is unknown; allowed: val_fraction"),
     ('dataset = "digits"', 'dataset = "folder:"', r"dataset = 'folder:' is unknown; allowed: .*folder:PATH"),
     ("[search]", "[grid]\n[search]", r"needs exactly one of \[search\]"),
+    ("[search]", "[resources]\nworkers_per_trial = 2\ngpus_per_trial = 0.5\n[search]",
+     r"s.toml: resources.gpus_per_trial = 0.5; allowed: whole GPUs with workers_per_trial = 2: each worker needs its own"),
 ])
 def test_bad_values_name_file_key_value_and_what_is_allowed(tmp_path, old, new, match):
     assert old in BASE
