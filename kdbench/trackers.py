@@ -21,7 +21,9 @@ runs rather than starting new ones, each epoch logged once: MLflow's run (found 
 id of the chain's first trial) gets the epochs it lacks; W&B's run id is derived from the lineage (``resume="allow"``)
 and ``DIR/wandb/kdbench-epochs.json`` records the epochs each run has logged (an offline run cannot be asked; W&B
 writes its offline file every second, so an epoch logged in the second before a kill -9 may be missing there); the
-killed trial's TensorBoard folder is replaced by the resumed trial's, which holds every epoch. A trial's tracker runs
+killed trial's TensorBoard folder is replaced by the resumed trial's, which holds every epoch. A trial killed before
+its first checkpoint reruns from scratch as a new trial (epochs.csv never held its rows): at the resume its runs go
+(its TensorBoard folder, its MLflow run, its offline W&B run; an online W&B run stays, crashed). A trial's tracker runs
 end before its trials.csv row is written: a kill in between reruns the trial, and its runs are ended then.
 
 Written on the driver by the search's results writer from the rows it writes to epochs.csv and trials.csv, so they
@@ -115,6 +117,13 @@ def publish(names, out: Path, name: str, warn) -> None:
         t.publish()
 
 
+def discard(trackers, keep: set) -> None:
+    """A resumed folder: every tracker run that is not a finished trial's nor a continued one's (``keep``: their trial
+    ids and lineages) was a trial's killed before its first checkpoint, rerun from scratch: it goes."""
+    for t in trackers:
+        t._guard(t._discard, keep)
+
+
 def numbers(row: dict) -> dict:
     """The finite numbers of a row (what the trackers plot)."""
     return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -157,6 +166,9 @@ class _Tracker:
         """The run or search is over: what is still open is released (each tracker's ``_close``)."""
         self._guard(self._close)
 
+    def _discard(self, keep: set) -> None:  # see discard()
+        raise NotImplementedError
+
 
 class TensorBoard(_Tracker):
     """One event-file folder per trial under ``out/tensorboard`` (see the module's docstring)."""
@@ -198,6 +210,12 @@ class TensorBoard(_Tracker):
         for w in self.runs.values():
             w.close()
         self.runs.clear()
+
+    def _discard(self, keep: set) -> None:
+        root = self.out / "tensorboard"
+        for d in root.iterdir() if root.is_dir() else ():
+            if d.is_dir() and d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
 
 
 class MLflow(_Tracker):
@@ -277,6 +295,15 @@ class MLflow(_Tracker):
     def _close(self) -> None:  # an open run's trial was interrupted: it stays RUNNING, and a resume continues it
         self.runs.clear()
 
+    def _discard(self, keep: set) -> None:
+        if not self.parent or not (os.environ.get("MLFLOW_TRACKING_URI") or (self.out / "mlflow.db").is_file()):
+            return  # nothing logged here yet
+        client = self._open()
+        for r in client.search_runs([self.experiment], _filter({"mlflow.parentRunId": self.parent_id}) +
+                                    " and attributes.status = 'RUNNING'"):
+            if not {r.data.tags.get("trial_id"), r.data.tags.get("kdbench.lineage")} & keep:
+                client.delete_run(r.info.run_id)
+
     def publish(self) -> None:
         def go():
             client = self._open()
@@ -310,23 +337,41 @@ class WandB(_Tracker):
                                x_transaction_log_flush_interval=1.0))  # offline: a kill -9 loses at most 1 s of it
             r.define_metric("*", step_metric="epoch")
             # what a continued run holds: the ledger's count (offline runs cannot be asked), or the server's
-            held = self._ledger().get(r.id, 0) if run.previous else 0
+            ledger = self._ledger()
+            held = ledger.get(r.id, 0) if run.previous else 0
             self.runs[run.id] = [r, max(held, int(r.summary.get("epoch", 0) or 0) if run.previous else 0)]
+            trials = ledger.get("trials", {})
+            self._write({**ledger, "trials": {**trials, r.id: list(dict.fromkeys([*trials.get(r.id, []), run.id]))}})
         return self.runs[run.id]
 
     def _ledger(self) -> dict:
-        """``DIR/wandb/kdbench-epochs.json``: the epochs each run of the folder has logged (run id -> the last)."""
+        """``DIR/wandb/kdbench-epochs.json``: the epochs each run of the folder has logged (W&B run id -> the last),
+        and under ``trials`` the trials that opened each run (W&B run id -> trial ids)."""
         path = self.out / "wandb" / "kdbench-epochs.json"
         return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _write(self, ledger: dict) -> None:
+        path = self.out / "wandb" / "kdbench-epochs.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".tmp").write_text(json.dumps(ledger))
+        path.with_suffix(".tmp").replace(path)
 
     def _epoch(self, run: Run, row: dict) -> None:
         handle, epoch = self._run(run), int(row["epoch"])
         if epoch > handle[1]:
             handle[0].log(numbers(row))
             handle[1] = epoch
-            path = self.out / "wandb" / "kdbench-epochs.json"
-            path.with_suffix(".tmp").write_text(json.dumps(self._ledger() | {handle[0].id: epoch}))
-            path.with_suffix(".tmp").replace(path)
+            self._write(self._ledger() | {handle[0].id: epoch})
+
+    def _discard(self, keep: set) -> None:
+        ledger = self._ledger()
+        gone = {w for w, ids in ledger.get("trials", {}).items() if not set(ids) & keep}
+        if gone:
+            for w in gone:  # an online run's local files go too; the server's run stays (crashed)
+                for d in (self.out / "wandb").glob(f"*run-*-{w}"):
+                    shutil.rmtree(d, ignore_errors=True)
+            self._write({k: v for k, v in ledger.items() if k not in gone} |
+                        {"trials": {w: ids for w, ids in ledger["trials"].items() if w not in gone}})
 
     def _end(self, run: Run, metrics: dict, status: str) -> None:
         r = self._run(run)[0]

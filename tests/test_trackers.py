@@ -134,3 +134,48 @@ def test_the_docs_logging_table_is_a_studys(tmp_path):
     study = tmp_path / "s.toml"
     study.write_text(Path(find_study("quick")).read_text() + "\n" + block)
     assert load_study(study).trackers == ("tensorboard", "mlflow")
+
+
+def test_a_resume_discards_the_runs_of_trials_killed_before_their_first_checkpoint(tmp_path, monkeypatch):
+    """Three trials logged to each tracker, then killed: a finished, b interrupted before any checkpoint (it reruns
+    from scratch as a new trial), c interrupted after one (continued by d, with c's lineage). The resume discards b's
+    runs everywhere and keeps a's and c's; each tracker read back with its own reader."""
+    from mlflow.tracking import MlflowClient
+
+    from kdbench.trackers import Run, discard, open_trackers
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out, names = tmp_path / "out", ("tensorboard", "mlflow", "wandb")
+    trackers = open_trackers(names, out, "s", pytest.fail)
+    runs = {t: Run(t, {"geometry": 1.0}, {"config_id": f"cfg-{t}", "seed": 0}) for t in "abc"}
+    for run in runs.values():
+        for tr in trackers:
+            tr.epoch(run, {"epoch": 1, "train_loss": 0.5})
+    for tr in trackers:
+        tr.end(runs["a"], {"test_top1": 50.0}, "completed")
+        tr.close()  # b and c stay open: the kill
+    wandb_ids = {v[-1]["name"]: k for k, v in wandb_runs(out).items()}
+    assert sorted(p.name for p in (out / "tensorboard").iterdir()) == ["a", "b", "c"] and sorted(wandb_ids) == ["a", "b", "c"]
+
+    resumed = open_trackers(names, out, "s", pytest.fail)
+    discard(resumed, {"a", "c"})  # a finished; c's checkpoint continues it (its trial id and lineage)
+    assert sorted(p.name for p in (out / "tensorboard").iterdir()) == ["a", "c"]
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("s").experiment_id
+    (parent,) = client.search_runs([exp], "tags.`kdbench.role` = 'folder'")
+    kids = lambda: sorted((r.info.run_name, r.info.status)
+                          for r in client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"))
+    assert kids() == [("a", "FINISHED"), ("c", "RUNNING")]
+    assert sorted(v[-1]["name"] for v in wandb_runs(out).values()) == ["a", "c"]
+    ledger = json.loads((out / "wandb" / "kdbench-epochs.json").read_text())
+    assert wandb_ids["b"] not in ledger and set(ledger["trials"]) == {wandb_ids["a"], wandb_ids["c"]}
+    d = Run("d", {"geometry": 1.0}, {"config_id": "cfg-c", "seed": 0}, lineage="c", previous="c")
+    for tr in resumed:  # d continues c's runs, then a second resume keeps them (d finished)
+        tr.epoch(d, {"epoch": 1, "train_loss": 0.5})
+        tr.epoch(d, {"epoch": 2, "train_loss": 0.4})
+        tr.end(d, {"test_top1": 51.0}, "completed")
+        tr.close()
+    discard(open_trackers(names, out, "s", pytest.fail), {"a", "d"})
+    assert sorted(p.name for p in (out / "tensorboard").iterdir()) == ["a", "d"]
+    assert sorted(v[-1]["name"] for v in wandb_runs(out).values()) == ["a", "d"]
+    assert kids() == [("a", "FINISHED"), ("d", "FINISHED")]

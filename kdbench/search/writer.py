@@ -14,7 +14,7 @@ from ray import tune
 from .. import checkpoints, matrices, results
 from ..metrics import DEFAULT_OBJECTIVES, better
 from ..records import TrialRow
-from ..trackers import Run, open_trackers
+from ..trackers import Run, discard, open_trackers
 from ..study import Study
 from ..trial import resolve_trial, trial_config_id
 from ..settings import trial_values
@@ -102,6 +102,9 @@ class ResultsWriter(tune.Callback):
         self.on_update, self.starts, self.resume_from, self.running = on_update, {}, resume_from, set()
         self.last = {}  # trial_id -> its last report with a row or a failure (a mid-epoch checkpoint's report has neither)
         self.trackers = open_trackers(study.trackers, out, study.name, lambda line: print(line, file=sys.stderr))
+        if rows or resume_from:  # a resumed folder: the runs of trials killed before their first checkpoint go
+            discard(self.trackers, {str(r["trial_id"]) for r in rows} |
+                    {str(c[k]) for c in resume_from.values() for k in ("trial_id", "lineage") if c.get(k)})
         self.tracked = {}  # trial_id -> its Run for the trackers
         self.class_names, self.storage = class_names, storage  # storage: the folder's checkpoint root
 
