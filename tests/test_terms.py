@@ -1,6 +1,7 @@
 """One contract over every registered term (kdbench.terms.TERMS): given a batch of exactly the fields it declares it
 reads, it is a finite scalar whose gradient reaches the student and its own trainable parts, never the teacher."""
 
+import copy
 import dataclasses
 import math
 
@@ -64,3 +65,31 @@ def test_every_term_is_finite_and_trains_the_student_and_its_own_parts_only(term
     if term in parts and any(True for _ in parts[term].parameters()):
         assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in parts[term].parameters()), \
             f"{term}: its own parts get no gradient"
+
+
+def test_every_term_runs_on_the_meta_device_so_a_gpu_step_never_waits_for_the_host(digits, digits_teacher):
+    """A shape that depends on the data (a boolean-mask index, nonzero, unique, .item()) makes the GPU report to the
+    host before the next kernel is queued: a sync a step, which a launch-bound GPU step pays for (the geometry term
+    had one: measured on an H200, that term cost 1.27x a KD step). The meta device has no data, so such an op raises:
+    every term's loss and backward, with its parts and the geometry memory, run there."""
+    meta = torch.device("meta")
+    x = torch.empty(16, digits.in_channels, *digits.train_x.shape[-2:], device=meta)
+    y, idx = (torch.empty(16, dtype=torch.long, device=meta) for _ in range(2))
+    teacher = copy.deepcopy(digits_teacher.model).to(meta)
+    with torch.no_grad():
+        t = teacher.forward_stages(x)
+    for term in sorted(TERMS):
+        method = dataclasses.replace(next(m for m in METHODS.values() if getattr(m, term)), crd_negatives=64)
+        student = build_model("cnn_student", digits.num_classes, digits.in_channels)
+        parts = build_parts([term], method, shapes_of([term], student, digits_teacher, digits))
+        student = student.to(meta)
+        s = student.forward_stages(x)
+        every = {"logits": s.logits, "features": s.features, "maps": list(s.maps), "preact": list(s.preact),
+                 "t_logits": t.logits, "t_features": t.features, "t_maps": list(t.maps), "t_preact": list(t.preact),
+                 "t_centroids": digits_teacher.centroids.to(meta), "target": y, "index": idx, "epoch": 3, "epochs": 30,
+                 "generator": torch.Generator().manual_seed(0),
+                 "memory": CentroidMemory(digits.num_classes, student.feature_dim, method.momentum).to(meta)}
+        b = Batch(**{k: v for k, v in every.items() if k in TERMS[term].reads})
+        loss = TERMS[term].compute(b, method, parts[term].to(meta) if term in parts else None)
+        assert loss.shape == () and loss.is_meta, term
+        loss.backward()
