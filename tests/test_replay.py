@@ -162,8 +162,9 @@ def test_the_sweep_leaves_out_a_grace_period_with_no_rung():
     assert {s.grace for s in sweep(replay_study("synthetic"), "tpe")} == {3, 6}  # 10 epochs: grace 10 stops nothing
 
 
-def test_many_replays_on_a_pool_come_back_in_the_order_asked_and_equal_one_at_a_time():
-    """The pool runs the Gaussian process's jobs first; the answers still line up with the jobs."""
+def test_many_replays_on_a_pool_come_back_in_the_order_asked_and_equal_one_at_a_time(ray_session):
+    """The pool runs the Gaussian process's jobs first; the answers still line up with the jobs. With Ray running in
+    this process (as in the xdist worker that holds the tests' Ray): a forked pool worker hung there for good."""
     random, gp = (Strategy(n, n, "none") for n in ("random", "gp"))
     jobs = [("synthetic", None, random, 0, 4, 30), ("synthetic", None, gp, 1, 4, 30), ("synthetic", None, random, 2, 4, 30)]
     with pool(1) as workers:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import multiprocessing
 import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -119,8 +120,11 @@ def _one_thread() -> None:
 
 def pool(processes: int | None = None) -> ProcessPoolExecutor:
     """Worker processes for :func:`run_many` (default: one per core), each on one thread. One pool serves a whole
-    run: a worker's start (importing Ray, Optuna and torch) costs ~3 s."""
-    return ProcessPoolExecutor(processes or os.cpu_count() or 1, initializer=_one_thread)
+    run: a worker's start (importing Ray, Optuna and torch) costs ~3 s. Spawned, not forked: a child forked from a
+    process connected to Ray inherits its connection, and the searcher's first call on it (Ray's usage tag, as
+    OptunaSearch starts) never returns (seen: the suite hung when this test ran after Ray's in one xdist worker)."""
+    return ProcessPoolExecutor(processes or os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_one_thread)
 
 
 def run_many(jobs: list[tuple], workers: ProcessPoolExecutor | None = None) -> list[tuple]:
