@@ -359,9 +359,11 @@ class WandB(_Tracker):
     def _epoch(self, run: Run, row: dict) -> None:
         handle, epoch = self._run(run), int(row["epoch"])
         if epoch > handle[1]:
+            # The ledger first: a kill between the two then loses the epoch (as W&B's last second may) rather than
+            # log it twice (W&B's service, a process of its own, wrote an epoch the ledger had not counted: seen).
+            self._write(self._ledger() | {handle[0].id: epoch})
             handle[0].log(numbers(row))
             handle[1] = epoch
-            self._write(self._ledger() | {handle[0].id: epoch})
 
     def _discard(self, keep: set) -> None:
         ledger = self._ledger()
