@@ -166,9 +166,6 @@ class _Tracker:
         """The run or search is over: what is still open is released (each tracker's ``_close``)."""
         self._guard(self._close)
 
-    def _discard(self, keep: set) -> None:  # see discard()
-        raise NotImplementedError
-
 
 class TensorBoard(_Tracker):
     """One event-file folder per trial under ``out/tensorboard`` (see the module's docstring)."""
